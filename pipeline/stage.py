@@ -1,0 +1,227 @@
+"""The stage API: what every pipeline element is.
+
+A stage declares its properties, the batch formats it consumes and produces
+("caps"), how its input is split among workers (``shard_key``), and lifecycle
+hooks. It never touches sockets or processes: the executors (inline and
+process) drive the same stage code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator
+
+from .batch import ANY, Batch, Flag
+from .errors import ConfigError
+from .units import parse_duration, parse_size
+
+PROPERTY_TYPES = ("int", "float", "bool", "str", "size", "duration", "choice", "object")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class Property:
+    """A typed, documented stage property, parsed from launch strings.
+
+    ``type`` is one of PROPERTY_TYPES: ``size`` accepts ``32MiB``, ``duration``
+    accepts ``25ms`` (stored in seconds), ``choice`` one of ``choices``,
+    ``object`` any Python value (Python API only, not from a launch string).
+    """
+
+    def __init__(self, type: str, default: Any, doc: str, *, minimum: float | None = None,
+                 maximum: float | None = None, choices: Iterable[str] | None = None):
+        if type not in PROPERTY_TYPES:
+            raise ValueError(f"unknown property type {type!r}")
+        self.type = type
+        self.default = default
+        self.doc = doc
+        self.minimum = minimum
+        self.maximum = maximum
+        self.choices = tuple(choices) if choices is not None else None
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name.replace("_", "-")
+        self.attribute = name
+        self.default = self.parse(self.default)
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return instance._properties.get(self.attribute, self.default)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        instance._properties[self.attribute] = self.parse(value)
+
+    def parse(self, value: Any) -> Any:
+        """Convert a launch-string (or Python) value; raise ConfigError saying what is allowed."""
+        try:
+            parsed = self._convert(value)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError):
+            raise ConfigError(f"property {self.name}: {value!r} is not a valid {self.type}") from None
+        if self.type in ("int", "float", "size", "duration") and parsed is not None:
+            if self.minimum is not None and parsed < self.minimum:
+                raise ConfigError(f"property {self.name}: {value!r} is below the minimum {self.minimum}")
+            if self.maximum is not None and parsed > self.maximum:
+                raise ConfigError(f"property {self.name}: {value!r} is above the maximum {self.maximum}")
+        return parsed
+
+    def _convert(self, value: Any) -> Any:
+        if self.type == "object" or value is None:
+            return value
+        if self.type == "int":
+            return int(value) if not isinstance(value, str) else int(value, 0)
+        if self.type == "float":
+            return float(value)
+        if self.type == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in _TRUE | _FALSE:
+                return text in _TRUE
+            raise ConfigError(f"property {self.name}: {value!r} is not a bool (true/false)")
+        if self.type == "size":
+            return parse_size(value)
+        if self.type == "duration":
+            return parse_duration(value)
+        if self.type == "choice":
+            if str(value) not in self.choices:
+                raise ConfigError(f"property {self.name}: {value!r} is not one of {', '.join(self.choices)}")
+            return str(value)
+        return str(value)
+
+    def describe_range(self) -> str:
+        """Allowed values, for ``pagepipe inspect``."""
+        if self.choices is not None:
+            return " | ".join(self.choices)
+        if self.minimum is not None or self.maximum is not None:
+            low = "-inf" if self.minimum is None else self.minimum
+            high = "inf" if self.maximum is None else self.maximum
+            return f"{low} .. {high}"
+        return ""
+
+
+@dataclass
+class StageContext:
+    """What the executor tells a stage when it starts in its worker."""
+
+    stage_name: str
+    worker_index: int = 0
+    worker_count: int = 1
+    post: Callable[..., None] = field(default=lambda kind, **fields: None)
+    """``post("warning", message=...)`` sends a message to the bus."""
+
+    def warn(self, message: str) -> None:
+        self.post("warning", message=message)
+
+
+class Stage:
+    """Base class of every pipeline element.
+
+    Subclasses set ``factory_name``, ``description``, ``input_caps`` (formats
+    accepted; empty for sources) and ``output_caps`` (format produced; None for
+    sinks), declare ``Property`` attributes, and implement ``process`` (or
+    ``produce`` for sources).
+    """
+
+    factory_name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    input_caps: ClassVar[tuple[str, ...]] = ()
+    output_caps: ClassVar[str | None] = None
+    shard_key: ClassVar[str | None] = None  # None: round-robin; "page": by page number
+    max_workers: ClassVar[int] = 64
+    runs_in_caller: ClassVar[bool] = False  # must run in the process that owns its memory
+
+    name = Property("str", "", "Element name, for references (t.) and messages")
+    workers = Property("int", 1, "Worker processes running this stage side by side", minimum=1, maximum=64)
+
+    def __init__(self, **properties: Any):
+        self._properties: dict[str, Any] = {}
+        self.counters: dict[str, int | float] = {}
+        """Stage-specific statistics (hits, misses, ...), reported on the bus."""
+        self.context = StageContext(stage_name=self.factory_name)
+        known = self.properties()
+        for key, value in properties.items():
+            prop = known.get(key.replace("_", "-"))
+            if prop is None:
+                raise ConfigError(
+                    f"{self.factory_name}: unknown property {key!r}; known: {', '.join(sorted(known))}")
+            prop.__set__(self, value)
+        if self.workers > self.max_workers:
+            raise ConfigError(f"{self.factory_name}: workers={self.workers} but at most {self.max_workers} allowed")
+
+    @classmethod
+    def properties(cls) -> dict[str, Property]:
+        """Every property of this stage, by launch name (``max-inflight``)."""
+        found: dict[str, Property] = {}
+        for klass in reversed(cls.__mro__):
+            for value in vars(klass).values():
+                if isinstance(value, Property):
+                    found[value.name] = value
+        return found
+
+    def property_values(self) -> dict[str, Any]:
+        """The values set explicitly, by attribute name; enough to rebuild the stage elsewhere."""
+        return dict(self._properties)
+
+    @property
+    def is_source(self) -> bool:
+        return not self.input_caps
+
+    @property
+    def is_sink(self) -> bool:
+        return self.output_caps is None
+
+    def accepts(self, fmt: str) -> bool:
+        return ANY in self.input_caps or fmt in self.input_caps or fmt == ANY
+
+    def output_format(self, input_format: str | None) -> str | None:
+        """The format this stage emits given what it receives (pass-through stages override)."""
+        return self.output_caps
+
+    def fuse(self, downstream: "Stage") -> "Stage | None":
+        """A single stage doing this stage's and ``downstream``'s work, or None.
+
+        The executors use it to run, for example, xor-delta and rle as one
+        fused kernel when they would otherwise sit side by side.
+        """
+        return None
+
+    # ---- lifecycle, called in the worker --------------------------------
+    def start(self, context: StageContext) -> None:
+        """Called once in the worker before any batch."""
+        self.context = context
+
+    def produce(self) -> Iterator[Batch]:
+        """Sources: yield batches until the stream ends (the executor adds nothing)."""
+        raise NotImplementedError(f"{self.factory_name} is not a source")
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        """Transform one batch of pages into zero or more batches."""
+        raise NotImplementedError(f"{self.factory_name} does not implement process()")
+
+    def control(self, batch: Batch) -> Iterable[Batch]:
+        """A control batch (layout, epoch end, end of stream); forwarded by default."""
+        yield batch
+
+    def flush(self, marker: Batch) -> Iterable[Batch]:
+        """Emit what is held back, at each epoch end and at end of stream."""
+        return ()
+
+    def stop(self) -> None:
+        """Called once in the worker after the last batch, also on failure."""
+
+    # ---- what the executors call ----------------------------------------
+    def handle(self, batch: Batch) -> Iterator[Batch]:
+        """Route one incoming batch to process(), or to flush() + control()."""
+        if batch.is_control:
+            if batch.flags & (Flag.EPOCH_END | Flag.END_OF_STREAM):
+                yield from self.flush(batch)
+            yield from self.control(batch)
+        else:
+            yield from self.process(batch)
+
+    def __repr__(self) -> str:
+        props = " ".join(f"{k.replace('_', '-')}={v!r}" for k, v in self._properties.items())
+        return f"<{self.factory_name} {props}>".replace(" >", ">")
