@@ -1,0 +1,294 @@
+"""Sender-chain benchmark: dirty-page throughput and compression ratio over real memory.
+
+``pagepipe bench sender`` or ``python -m benchmarks.sender``. Over a recorded
+trace (the memcached corpus by default; its first epoch is every tracked page)
+it measures, medians over repeats:
+
+- ``direct``: classify ! xor-delta ! rle ! zstd driven by hand in this process
+  (classify, xor-delta and rle fused, as the runtime runs them), per codec chain:
+  GB/s of dirty-page input per second of this process's CPU time (robust on a
+  shared machine; it is what the 2-core budget is spent in) and compression
+  ratio (page bytes in / payload bytes out), also without the first
+  (whole-memory) epoch;
+- ``inline`` and ``process``: the real chain
+  ``trace-src ! classify ! xor-delta ! rle ! zstd ! frame ! null-sink`` through
+  the runtime over the trace replayed as a trace file (its recorded epochs
+  repeated ``--rounds`` times after the whole-memory epoch, so the run is long
+  enough to measure). Throughput counts the page bytes trace-src emits over the
+  time from the first to the last batch reaching the sink (process start-up
+  excluded; the wall time including it is reported beside). Baselines in the
+  same run: trace-src alone, and trace-src ! identity (one process hop).
+
+Targets (issue 4): process mode >= 1 GB/s of dirty-page input, and >= 60% of
+the same chain's inline throughput; native+zstd ratio >= 1.35 x xbzrle's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from benchmarks.realmemory import find_corpus
+from pipeline.batch import Batch, Flag
+from pipeline.pipeline import Pipeline
+from pipeline.stage import Stage, StageContext
+from stages.basic import Identity, NullSink
+from stages.classify import Classify
+from stages.entropy import Lz4, Zstd
+from stages.framer import Frame
+from stages.rle import RunLengthEncode
+from stages.transport import TraceSource, write_trace_from_npz
+from stages.xor_delta import XorDelta
+
+GB = 1e9
+CHAINS = ("native+zstd", "native+lz4", "native", "xbzrle", "xbzrle+zstd", "xen")
+RATIO_TARGET = 1.35
+THROUGHPUT_TARGET_GBPS = 1.0
+PROCESS_SHARE_TARGET = 0.6
+
+
+@dataclass
+class Epoch:
+    page_numbers: np.ndarray
+    data: np.ndarray
+
+
+@dataclass
+class ChainResult:
+    chain: str
+    gbps: float
+    gbps_after_first_epoch: float
+    ratio: float
+    ratio_after_first_epoch: float
+    bytes_in: int
+    bytes_out: int
+
+
+def load_epochs(path: Path, max_epochs: int | None = None) -> list[Epoch]:
+    """The trace as epochs: first every tracked page (``base``), then each recorded epoch's dirty pages."""
+    with np.load(path, allow_pickle=False) as trace:
+        base = trace["base"]
+        epochs = [Epoch(np.arange(base.shape[0], dtype=np.uint64), base)]
+        numbers = sorted(int(key[5:8]) for key in trace.files if key.startswith("epoch") and key.endswith("_pages"))
+        for number in numbers[:max_epochs]:
+            epochs.append(Epoch(trace[f"epoch{number:03d}_pages"].astype(np.uint64), trace[f"epoch{number:03d}_data"]))
+    return epochs
+
+
+def epoch_batches(epochs: Sequence[Epoch], batch_pages: int) -> Iterator[tuple[int, Batch]]:
+    """(epoch index, batch): PAGES batches of ``batch_pages`` pages, each epoch closed by its EPOCH_END."""
+    for index, epoch in enumerate(epochs):
+        for start in range(0, epoch.page_numbers.shape[0], batch_pages):
+            numbers = epoch.page_numbers[start:start + batch_pages]
+            yield index, Batch(epoch=index + 1, page_numbers=numbers, kinds=np.zeros(numbers.shape[0], np.uint8),
+                               data=epoch.data[start:start + batch_pages])
+        yield index, Batch.control(Flag.EPOCH_END, epoch=index + 1, pages=int(epoch.page_numbers.shape[0]))
+
+
+def direct_chain(chain: str, cache: str) -> list[Stage]:
+    """classify+xor-delta+rle (fused, as the runtime runs them) [! zstd|lz4], started as one worker each."""
+    run_format, *entropy = chain.split("+")
+    stages: list[Stage] = [Classify().fuse(XorDelta(cache=cache)).fuse(RunLengthEncode(format=run_format))]
+    stages += [{"zstd": Zstd, "lz4": Lz4}[name]() for name in entropy]
+    for stage in stages:
+        stage.start(StageContext(stage.factory_name))
+    return stages
+
+
+@dataclass
+class DirectRun:
+    """One pass of a direct chain; index 0 = the first (whole-memory) epoch, 1 = the others."""
+
+    seconds: np.ndarray
+    bytes_in: np.ndarray
+    bytes_out: np.ndarray
+
+
+def run_direct(chain: str, epochs: Sequence[Epoch], batch_pages: int, cache: str) -> DirectRun:
+    stages = direct_chain(chain, cache)
+    run = DirectRun(np.zeros(2), np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64))
+    for index, batch in epoch_batches(epochs, batch_pages):
+        part = int(index > 0)
+        started = time.process_time()
+        outputs = [batch]
+        for stage in stages:
+            outputs = [out for item in outputs for out in stage.handle(item)]
+        run.seconds[part] += time.process_time() - started
+        if not batch.is_control:
+            run.bytes_in[part] += batch.data.nbytes
+            run.bytes_out[part] += sum(int(out.payload.shape[0]) for out in outputs if not out.is_control)
+    return run
+
+
+def measure_direct(chain: str, epochs: Sequence[Epoch], batch_pages: int, cache: str, repeats: int) -> ChainResult:
+    runs = [run_direct(chain, epochs, batch_pages, cache) for _ in range(repeats)]
+    seconds = statistics.median(run.seconds.sum() for run in runs)
+    later_seconds = statistics.median(run.seconds[1] for run in runs)
+    bytes_in, bytes_out = runs[0].bytes_in, runs[0].bytes_out
+    return ChainResult(chain, bytes_in.sum() / seconds / GB, bytes_in[1] / later_seconds / GB,
+                       bytes_in.sum() / max(bytes_out.sum(), 1), bytes_in[1] / max(bytes_out[1], 1),
+                       int(bytes_in.sum()), int(bytes_out.sum()))
+
+
+class TimedNullSink(NullSink):
+    """null-sink that also notes (wall clock) when the first and the last batch arrived."""
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self.counters.update(first_batch=0.0, last_batch=0.0)
+
+    def handle(self, batch: Batch) -> Iterator[Batch]:
+        now = time.time()
+        self.counters["first_batch"] = self.counters["first_batch"] or now
+        self.counters["last_batch"] = now
+        return super().handle(batch)
+
+
+def write_repeated_trace(npz_path: Path, rounds: int, directory: Path, max_epochs: int | None = None) -> Path:
+    """A trace file: the whole memory, then the recorded epochs ``rounds`` times over."""
+    with np.load(npz_path, allow_pickle=False) as trace:
+        arrays = {name: trace[name] for name in ("base", "region_starts", "region_npages")}
+        recorded = sorted(name[:-len("_pages")] for name in trace.files if name.endswith("_pages"))[:max_epochs]
+        count = 0
+        for _ in range(rounds):
+            for name in recorded:
+                arrays[f"epoch{count:03d}_pages"] = trace[f"{name}_pages"]
+                arrays[f"epoch{count:03d}_data"] = trace[f"{name}_data"]
+                count += 1
+    repeated = directory / "repeated.npz"
+    np.savez(repeated, **arrays)
+    trace_file = directory / "trace.pp"
+    write_trace_from_npz(repeated, trace_file)
+    repeated.unlink()
+    return trace_file
+
+
+SENDER_CHAIN = "sender chain"
+RUNTIME_CHAINS: dict[str, Callable[[str], list[Stage]]] = {
+    SENDER_CHAIN: lambda cache: [Classify(), XorDelta(cache=cache), RunLengthEncode(), Zstd(), Frame()],
+    "baseline: one hop": lambda cache: [Identity()],
+    "baseline: source": lambda cache: [],
+}
+"""What runs between trace-src and the sink; the baselines show what the source and one process hop cost."""
+
+
+@dataclass
+class RuntimeResult:
+    chain: str
+    mode: str
+    gbps: float
+    window_seconds: float
+    wall_seconds: float
+    dirty_bytes: int
+
+
+def run_runtime(trace_file: Path, chain: str, mode: str, cache: str, batch_pages: int,
+                page_size: int) -> tuple[float, float, int]:
+    """One run: (seconds from first to last batch at the sink, wall seconds, page bytes trace-src emitted)."""
+    source = TraceSource(path=str(trace_file), batch_pages=batch_pages)
+    pipeline = Pipeline.chain(source, *RUNTIME_CHAINS[chain](cache), TimedNullSink())
+    started = time.perf_counter()
+    result = pipeline.run(mode=mode, timeout=600)
+    wall = time.perf_counter() - started
+    stats = {stage: values for (stage, _), values in result.statistics.items()}
+    sink = stats["null-sink0"]["counters"]
+    dirty = stats["trace-src0"]["pages_out"] * page_size
+    return sink["last_batch"] - sink["first_batch"], wall, dirty
+
+
+def measure_runtime(trace_file: Path, chain: str, mode: str, cache: str, batch_pages: int, page_size: int,
+                    repeats: int) -> RuntimeResult:
+    runs = [run_runtime(trace_file, chain, mode, cache, batch_pages, page_size) for _ in range(repeats)]
+    window = statistics.median(run[0] for run in runs)
+    wall = statistics.median(run[1] for run in runs)
+    return RuntimeResult(chain, mode, runs[0][2] / window / GB, window, wall, runs[0][2])
+
+
+def report_runtime(trace: Path, modes: list[str], page_size: int, args: argparse.Namespace, figures: dict) -> bool:
+    """Measure the real chain (and the baselines) in each mode, print them, check the targets; True if one missed."""
+    with tempfile.TemporaryDirectory(prefix="pagepipe-bench-") as directory:
+        trace_file = write_repeated_trace(trace, args.rounds, Path(directory), args.epochs)
+        results = [measure_runtime(trace_file, chain, mode, args.cache, args.batch_pages, page_size, args.repeats)
+                   for chain in RUNTIME_CHAINS for mode in modes]
+    figures["runtime"] = [asdict(result) for result in results]
+    print(f"\n{'trace-src ! ... ! null-sink':<28} {'mode':<8} {'GB/s':>6} {'window s':>9} {'wall s':>7}  "
+          f"({results[0].dirty_bytes / 1e6:.0f} MB of dirty pages)")
+    for result in results:
+        print(f"{result.chain:<28} {result.mode:<8} {result.gbps:6.2f} {result.window_seconds:9.2f} "
+              f"{result.wall_seconds:7.2f}")
+    speed = {result.mode: result.gbps for result in results if result.chain == SENDER_CHAIN}
+    missed = False
+    if "process" in speed:
+        missed |= speed["process"] < THROUGHPUT_TARGET_GBPS
+        print(f"sender chain, process mode: {speed['process']:.2f} GB/s (target >= {THROUGHPUT_TARGET_GBPS}: "
+              f"{'met' if speed['process'] >= THROUGHPUT_TARGET_GBPS else 'MISSED'})")
+    if "process" in speed and "inline" in speed:
+        share = speed["process"] / speed["inline"]
+        figures["process_share_of_inline"] = share
+        missed |= share < PROCESS_SHARE_TARGET
+        print(f"sender chain, process / inline throughput: {share:.2f} (target >= {PROCESS_SHARE_TARGET}: "
+              f"{'met' if share >= PROCESS_SHARE_TARGET else 'MISSED'})")
+    return missed
+
+
+def report_direct(epochs: Sequence[Epoch], chains: list[str], args: argparse.Namespace, figures: dict) -> bool:
+    """Measure each codec chain driven by hand, print speed and ratio, check the ratio target; True if missed."""
+    results = {chain: measure_direct(chain, epochs, args.batch_pages, args.cache, args.repeats) for chain in chains}
+    figures["direct"] = {chain: asdict(result) for chain, result in results.items()}
+    print(f"\n{'direct chain':<14} {'GB/cpu-s':>8} {'ratio':>8}   without epoch 1: {'GB/cpu-s':>8} {'ratio':>7}")
+    for result in results.values():
+        print(f"{result.chain:<14} {result.gbps:8.2f} {result.ratio:8.2f}   {'':>16} "
+              f"{result.gbps_after_first_epoch:8.2f} {result.ratio_after_first_epoch:7.2f}")
+    if "native+zstd" not in results or "xbzrle" not in results:
+        return False
+    gain = results["native+zstd"].ratio / results["xbzrle"].ratio
+    gain_later = results["native+zstd"].ratio_after_first_epoch / results["xbzrle"].ratio_after_first_epoch
+    figures["ratio_gain"] = {"whole_trace": gain, "after_first_epoch": gain_later}
+    print(f"\nnative+zstd ratio / xbzrle ratio: {gain:.2f} over the trace, {gain_later:.2f} without epoch 1 "
+          f"(target >= {RATIO_TARGET}: {'met' if gain >= RATIO_TARGET else 'MISSED'})")
+    return gain < RATIO_TARGET
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pagepipe bench sender", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", type=Path, default=None, help="trace .npz (default: the memcached corpus)")
+    parser.add_argument("--epochs", type=int, default=None, help="use only the first N recorded epochs")
+    parser.add_argument("--batch-pages", type=int, default=256, help="pages per batch (default 256)")
+    parser.add_argument("--cache", default="128MiB", help="xor-delta cache size (default 128MiB: the whole corpus)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per measurement; medians reported")
+    parser.add_argument("--chains", default=",".join(CHAINS), help="codec chains for the direct measurement")
+    parser.add_argument("--rounds", type=int, default=4, help="times the recorded epochs repeat in the runtime trace")
+    parser.add_argument("--modes", default="inline,process", help="runtime modes to measure ('' for none)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+
+    trace = args.trace or find_corpus()
+    if trace is None:
+        print("sender benchmark: no trace given and the corpus is not available", file=sys.stderr)
+        return 2
+    epochs = load_epochs(trace, args.epochs)
+    dirty = sum(epoch.data.nbytes for epoch in epochs)
+    print(f"trace {trace}: {len(epochs)} epochs, {dirty / 1e6:.0f} MB of dirty pages "
+          f"({epochs[0].data.nbytes / 1e6:.0f} MB in the first, whole-memory epoch)")
+
+    figures: dict = {"trace": str(trace)}
+    chains = [chain for chain in args.chains.split(",") if chain]
+    failed = report_direct(epochs, chains, args, figures)
+    modes = [mode for mode in args.modes.split(",") if mode]
+    if modes:
+        failed |= report_runtime(trace, modes, epochs[0].data.shape[1], args, figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

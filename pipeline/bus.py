@@ -1,0 +1,140 @@
+"""The bus: what stages tell the supervisor, and the statistics they keep.
+
+Every worker posts ``Message``s: ``stats`` about once a second and once at the
+end, ``warning``, ``error`` (with exception and traceback), ``eos`` when its
+stream has ended and ``done`` when it is about to exit. Messages are plain
+JSON-able dicts on the wire so the bus never unpickles anything.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+from .batch import Batch
+
+STATS_INTERVAL = 1.0
+"""Seconds between statistics messages of one worker."""
+
+MESSAGE_KINDS = ("stats", "warning", "error", "eos", "done")
+
+
+@dataclass
+class Message:
+    """One bus message: what happened, in which stage and worker."""
+
+    kind: str
+    stage: str
+    worker: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "stage": self.stage, "worker": self.worker, "fields": self.fields}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Message":
+        return cls(str(data["kind"]), str(data["stage"]), int(data["worker"]), dict(data.get("fields") or {}))
+
+    def __str__(self) -> str:
+        where = f"{self.stage}[{self.worker}]"
+        if self.kind == "warning":
+            return f"warning from {where}: {self.fields.get('message', '')}"
+        if self.kind == "error":
+            return f"error in {where}: {self.fields.get('reason', '')}"
+        return f"{self.kind} from {where}"
+
+
+@dataclass
+class WorkerStatistics:
+    """Counts one worker keeps: what came in, what went out, time spent in stage code."""
+
+    stage: str
+    worker: int
+    batches_in: int = 0
+    pages_in: int = 0
+    bytes_in: int = 0
+    batches_out: int = 0
+    pages_out: int = 0
+    bytes_out: int = 0
+    busy_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    """CPU time of the worker's process (process mode; 0 for workers sharing a process)."""
+    queue_bytes: int = 0
+    counters: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    elapsed_seconds: float = 0.0
+
+    def count_in(self, batch: Batch) -> None:
+        self.batches_in += 1
+        self.pages_in += batch.npages
+        self.bytes_in += batch.nbytes
+
+    def count_out(self, batch: Batch) -> None:
+        self.batches_out += 1
+        self.pages_out += batch.npages
+        self.bytes_out += batch.nbytes
+
+    def snapshot(self, counters: dict[str, Any]) -> dict[str, Any]:
+        """The statistics as a bus message body (JSON-able)."""
+        self.elapsed_seconds = time.monotonic() - self.started
+        self.counters = {str(k): v for k, v in counters.items() if isinstance(v, (int, float, str, bool))}
+        values = asdict(self)
+        del values["started"]
+        return values
+
+
+def stage_totals(statistics: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-stage sums of per-worker statistics, in first-seen order, with a ``workers`` count."""
+    totals: dict[str, dict[str, Any]] = {}
+    for (stage, _), stats in statistics.items():
+        total = totals.setdefault(stage, {"workers": 0})
+        total["workers"] += 1
+        for key, value in stats.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "worker":
+                total[key] = total.get(key, 0) + value
+    return totals
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves: final statistics per (stage, worker), warnings, wall time."""
+
+    statistics: dict[tuple[str, int], dict[str, Any]]
+    warnings: list[Message]
+    elapsed_seconds: float
+
+    def totals(self, stage: str) -> dict[str, Any]:
+        """Statistics of one stage summed over its workers (empty if it reported none)."""
+        return stage_totals(self.statistics).get(stage, {})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "elapsed_seconds": self.elapsed_seconds,
+            "workers": [stats for stats in self.statistics.values()],
+            "stages": stage_totals(self.statistics),
+            "warnings": [m.to_dict() for m in self.warnings],
+        }
+
+
+class Collector:
+    """Keeps the latest statistics and the warnings while forwarding every message to listeners."""
+
+    def __init__(self, listeners: Iterable[Callable[[Message], None]] = (), stage_order: Iterable[str] = ()):
+        self.stage_order = {name: index for index, name in enumerate(stage_order)}
+        self.listeners = [listener for listener in listeners if listener is not None]
+        self.statistics: dict[tuple[str, int], dict[str, Any]] = {}
+        self.warnings: list[Message] = []
+        self.started = time.monotonic()
+
+    def post(self, message: Message) -> None:
+        if message.kind == "stats":
+            self.statistics[(message.stage, message.worker)] = message.fields
+        elif message.kind == "warning":
+            self.warnings.append(message)
+        for listener in self.listeners:
+            listener(message)
+
+    def result(self) -> RunResult:
+        last = len(self.stage_order)
+        ordered = dict(sorted(self.statistics.items(), key=lambda item: (self.stage_order.get(item[0][0], last), item[0])))
+        return RunResult(ordered, list(self.warnings), time.monotonic() - self.started)

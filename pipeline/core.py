@@ -1,0 +1,89 @@
+"""One worker's engine: feeds a stage through its fan-in, stamps and counts what it emits.
+
+Both executors wrap a ``WorkerCore`` around each stage instance; they only
+differ in how batches reach ``feed`` and where ``emit`` sends them (a direct
+call inline, ZeroMQ sockets in processes), so the same stage code sees the
+same batches in both modes.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+from .batch import Batch, Flag
+from .bus import WorkerStatistics
+from .routing import EpochPageCounter, FanIn
+from .stage import Stage, StageContext
+
+
+class WorkerCore:
+    """Drive one stage instance: fan-in barrier, ``handle``, epoch-end stamping, statistics."""
+
+    def __init__(self, stage: Stage, context: StageContext, inputs: int, output_format: str | None,
+                 emit: Callable[[Batch], None], stamp_pages: bool):
+        self.stage = stage
+        self.context = context
+        self.fan_in = FanIn(max(inputs, 1))
+        self.output_format = output_format
+        self.emit = emit
+        self.page_counter = EpochPageCounter() if stamp_pages else None
+        self.stats = WorkerStatistics(context.stage_name, context.worker_index)
+        self.finished = False
+        self._last_epoch = 0
+
+    def start(self) -> None:
+        self.stage.start(self.context)
+
+    def stop(self) -> None:
+        self.stage.stop()
+
+    def statistics(self) -> dict:
+        return self.stats.snapshot(self.stage.counters)
+
+    def feed(self, input_index: int, batch: Batch) -> bool:
+        """Give the stage one batch from upstream worker ``input_index``; True once the stream has ended."""
+        self.stats.count_in(batch)
+        for released in self.fan_in.push(input_index, batch):
+            self._drive(self.stage.handle(released))
+            if released.is_control and released.flags & Flag.END_OF_STREAM:
+                self.finished = True
+        return self.finished
+
+    def produce(self) -> Iterator[None]:
+        """Run a source; yields after each emitted batch so the executor can check for stop requests.
+
+        A source that ends without an end-of-stream marker gets one, so
+        downstream workers always learn that the stream is over.
+        """
+        outputs = iter(self.stage.produce())
+        ended = False
+        while True:
+            batch = self._next(outputs)
+            if batch is None:
+                break
+            ended = bool(batch.is_control and batch.flags & Flag.END_OF_STREAM)
+            self._emit(batch)
+            yield
+        if not ended:
+            self._emit(Batch.control(Flag.END_OF_STREAM, self._last_epoch, format=self.output_format or "any"))
+        self.finished = True
+
+    def _drive(self, outputs: Iterator[Batch]) -> None:
+        while (batch := self._next(outputs)) is not None:
+            self._emit(batch)
+
+    def _next(self, outputs: Iterator[Batch]) -> Batch | None:
+        began = time.perf_counter()
+        try:
+            return next(outputs)
+        except StopIteration:
+            return None
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - began
+
+    def _emit(self, batch: Batch) -> None:
+        if self.page_counter is not None:
+            batch = self.page_counter.stamp(batch)
+        self._last_epoch = batch.epoch
+        self.stats.count_out(batch)
+        self.emit(batch)

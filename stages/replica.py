@@ -1,0 +1,324 @@
+"""replica-sink: reconstructs each epoch, verifies it, and commits it atomically to the replica.
+
+Policy (docs/FORMAT.md, section replica):
+- An epoch is held (its encodings, and the digests of its pages decoded onto
+  copies of the committed pages they touch) until its EPOCH_END arrives; it is
+  committed only if its page count and its digest (the
+  sender's order-independent digest, recomputed over the reconstructed pages)
+  check out, and only in order: epoch e follows the committed epoch e-1.
+- A *baseline* epoch (every page of the layout, none encoded against the
+  previous copy: the first epoch of a stream, or a resync) is committed over
+  whatever the replica holds.
+- A torn epoch (the next epoch or end of stream arrives before its commit
+  record), a digest or count mismatch, or a gap in epoch numbers is discarded
+  with a warning on the bus; the replica stays at its last committed epoch and
+  the sink is *out of sync*: it asks the sender for a resync (ack channel) and
+  discards epochs until a baseline epoch arrives. An empty replica starts out
+  of sync, so a receiver joining mid-stream asks for a resync by itself.
+- Malformed pages (a page number outside the layout, an unknown codec, a
+  payload that does not decode, an epoch over ``max-epoch``) raise CorruptData
+  (``on-error=fail``, the default) or are treated like a torn epoch
+  (``on-error=resync``). Nothing is ever written outside a commit.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import numpy as np
+
+from pipeline.batch import ENCODED, PAGES, Batch, Flag, PageKind
+from pipeline.errors import ConfigError, CorruptData, ReplicaError
+from pipeline.stage import Property, Stage, StageContext
+from stages.acks import AckSender
+from stages.codecs import ChainCodec, Encoded, get_codec
+from stages.pages import combine_digests, digest_pages
+from stages.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, clear_replica, verify_replica,
+                                  whole_pages)
+
+
+def _kind_table(*kinds: PageKind) -> np.ndarray:
+    """A lookup table over every uint8 kind value: True for ``kinds`` (faster than np.isin)."""
+    table = np.zeros(256, dtype=bool)
+    table[list(kinds)] = True
+    return table
+
+
+_PAGES_KINDS = _kind_table(PageKind.NORMAL, PageKind.ZERO, PageKind.RAW, PageKind.FULL)
+_ENCODED_KINDS = _kind_table(PageKind.ZERO, PageKind.RAW, PageKind.FULL, PageKind.DELTA, PageKind.UNCHANGED)
+_USES_PREVIOUS = _kind_table(PageKind.DELTA, PageKind.UNCHANGED)
+
+
+class EpochRejected(Exception):
+    """An epoch cannot be committed; the message says why (internal to the sink)."""
+
+
+class PendingEpoch:
+    """One epoch held until its commit record: per batch, its page numbers, its encodings
+    (plain run format) and the digests of the pages they reconstruct."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.page_numbers: list[np.ndarray] = []
+        self.encodings: list[Encoded] = []
+        self.digests: list[np.ndarray] = []
+        self.nbytes = 0              # encoded bytes held
+        self.page_bytes = 0          # bytes of the pages they make
+        self.self_contained = True   # no page needs the previous copy
+        self.doomed = ""             # why it will be discarded, once known
+
+    def add(self, page_numbers: np.ndarray, encoding: Encoded, pages: np.ndarray) -> None:
+        """Keep one batch; its reconstructed ``pages`` are digested now (while in cache), then dropped."""
+        self.page_numbers.append(page_numbers)
+        self.encodings.append(encoding)
+        self.digests.append(digest_pages(pages))
+        self.nbytes += encoding.payload.nbytes
+        self.page_bytes += pages.nbytes
+
+    def doom(self, reason: str) -> None:
+        self.doomed = self.doomed or reason
+        self.page_numbers, self.encodings, self.digests, self.nbytes = [], [], [], 0
+
+    def gathered(self) -> tuple[np.ndarray, np.ndarray]:
+        """All page numbers and digests of the epoch, in the order of ``encodings``."""
+        empty = np.empty(0, dtype=np.uint64)
+        return np.concatenate([empty, *self.page_numbers]), np.concatenate([empty, *self.digests])
+
+
+class ReplicaSink(Stage):
+    """Applies verified epochs atomically to a replica directory and acknowledges them."""
+
+    factory_name = "replica-sink"
+    description = "Keep a replica on disk: verify each epoch, commit it atomically, acknowledge it"
+    input_caps = (ENCODED, PAGES)
+    output_caps = None
+    max_workers = 1
+
+    path = Property("str", "", "Replica directory (created if missing)")
+    fsync = Property("bool", True, "fsync journal, image and manifest at every commit (power-loss safety)")
+    ack_endpoint = Property("str", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks)")
+    ack_bind = Property("bool", False, "Bind the ack socket instead of connecting it")
+    on_error = Property("choice", "fail", "Malformed pages: fail the pipeline, or discard the epoch and resync",
+                        choices=("fail", "resync"))
+    max_epoch = Property("size", "4GiB", "Largest epoch held until its commit record, in encoded bytes",
+                         minimum=4096)
+    max_pages = Property("int", DEFAULT_MAX_PAGES, "Largest layout accepted, in pages", minimum=1)
+    verify_on_start = Property("bool", True, "Check every page of an existing replica before resuming from it")
+    resync_interval = Property("duration", "2s", "Repeat an unanswered resync request after this long")
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        if not self.path:
+            raise ConfigError("replica-sink: property path is required")
+        self.counters.update(epochs_committed=0, epochs_discarded=0, pages_applied=0, bytes_applied=0,
+                             resyncs_requested=0, commit_seconds=0.0, last_epoch=0)
+        self.store = self._open_store()
+        self.layout: Layout | None = self.store.layout
+        self.in_sync = not self.store.is_empty
+        self.pending: PendingEpoch | None = None
+        self._last_resync_request = -float("inf")
+        self.acks = AckSender(self.ack_endpoint, bind=self.ack_bind) if self.ack_endpoint else None
+
+    def _open_store(self) -> ReplicaStore:
+        """Open the replica; an inconsistent one is cleared (and later resynchronised)."""
+        try:
+            store = ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages)
+            if store.recovered_journal != "none":
+                self.context.warn(f"replica-sink: {store.recovered_journal} an interrupted commit in {self.path}")
+            if not store.is_empty and self.verify_on_start:
+                report = verify_replica(self.path)
+                if not report.ok:
+                    raise ReplicaError("; ".join(report.problems))
+            return store
+        except ReplicaError as exc:
+            self.context.warn(f"replica-sink: replica {self.path} is inconsistent, starting empty: {exc}")
+            clear_replica(self.path)
+            return ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages)
+
+    # ---- data ----------------------------------------------------------
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        pending = self._pending_for(batch.epoch)
+        if pending.doomed:
+            return ()
+        try:
+            reconstructed = self._reconstruct(batch, pending)
+            if reconstructed is not None and pending.nbytes + reconstructed[1].payload.nbytes > self.max_epoch:
+                raise CorruptData(f"replica-sink: epoch {batch.epoch} exceeds max-epoch={self.max_epoch} bytes")
+        except CorruptData as exc:
+            if self.on_error == "fail":
+                raise
+            self._doom(pending, str(exc))
+            return ()
+        if reconstructed is None:
+            self._doom(pending, "replica out of sync; waiting for a full resync")
+            return ()
+        pending.add(*reconstructed)
+        return ()
+
+    def _pending_for(self, epoch: int) -> PendingEpoch:
+        if self.pending is not None and self.pending.epoch != epoch:
+            self._discard(self.pending, f"torn: epoch {epoch} began before its commit record")
+            self.pending = None
+        if self.pending is None:
+            self.pending = PendingEpoch(epoch)
+        return self.pending
+
+    def _reconstruct(self, batch: Batch, pending: PendingEpoch) -> tuple[np.ndarray, Encoded, np.ndarray] | None:
+        """Check a data batch and decode it onto copies of the committed pages it touches.
+
+        Returns (page numbers, plain encoding, reconstructed pages), or None when the
+        batch needs previous pages the out-of-sync replica does not have.
+        """
+        where = f"replica-sink: epoch {batch.epoch} sequence {batch.sequence}"
+        if self.layout is None:
+            raise CorruptData(f"{where}: pages before any layout record")
+        if batch.page_size != self.layout.page_size:
+            raise CorruptData(f"{where}: page size {batch.page_size} != layout page size {self.layout.page_size}")
+        page_numbers, kinds = batch.page_numbers.copy(), batch.kinds
+        if kinds.shape != page_numbers.shape:   # the rest is checked by Batch.from_frames and the codec
+            raise CorruptData(f"{where}: {kinds.shape[0]} kinds for {page_numbers.shape[0]} pages")
+        outside = self.layout.outside(page_numbers)
+        if outside.any():
+            index = int(np.argmax(outside))
+            raise CorruptData(f"{where}: page {index} has page number {int(page_numbers[index])} "
+                              f"outside the layout ({self.layout.total_pages} pages)")
+        allowed = _ENCODED_KINDS if batch.format == ENCODED else _PAGES_KINDS
+        bad_kind = ~allowed[kinds]
+        if bad_kind.any():
+            index = int(np.argmax(bad_kind))
+            raise CorruptData(f"{where}: page {index} has kind {int(kinds[index])}, invalid in a {batch.format} batch")
+        if batch.format == PAGES:
+            if batch.data is None or batch.data.shape != (batch.npages, batch.page_size):
+                raise CorruptData(f"{where}: pages batch without data for its {batch.npages} pages")
+            zero = kinds == PageKind.ZERO
+            pages = np.array(batch.data, dtype=np.uint8, copy=True)
+            pages[zero] = 0
+            return page_numbers, whole_pages(pages, zero), pages
+        uses_previous = _USES_PREVIOUS[kinds]
+        if uses_previous.any():
+            pending.self_contained = False
+            if not self.in_sync:
+                return None
+        encoding = self._plain_encoding(batch, where)
+        if uses_previous.all():
+            pages = self.store.read_pages(page_numbers, batch.page_size)
+        else:
+            pages = np.empty((batch.npages, batch.page_size), dtype=np.uint8)
+            if uses_previous.any():
+                pages[uses_previous] = self.store.read_pages(page_numbers[uses_previous], batch.page_size)
+        try:
+            get_codec(encoding.codec).decode(encoding, pages)
+        except (ValueError, TypeError) as exc:  # CorruptData is a ValueError
+            raise CorruptData(f"{where}: {exc}") from None
+        return page_numbers, encoding, pages
+
+    def _plain_encoding(self, batch: Batch, where: str) -> Encoded:
+        """The batch's encodings in its plain run format: entropy layers undone, RAW as FULL."""
+        chain = batch.meta.get("codec")
+        if not isinstance(chain, str):
+            raise CorruptData(f"{where}: encoded batch names no codec")
+        try:
+            codec = get_codec(chain)
+        except (ConfigError, KeyError, ValueError):
+            raise CorruptData(f"{where}: unknown codec {chain!r}") from None
+        if batch.payload is None or batch.offsets is None:
+            raise CorruptData(f"{where}: encoded batch without payload or offsets")
+        raw_size = batch.meta.get("raw_size", int(batch.offsets[-1]) if batch.npages else 0)
+        kinds = np.where(batch.kinds == PageKind.RAW, np.uint8(PageKind.FULL), batch.kinds).astype(np.uint8)
+        encoding = Encoded(payload=batch.payload, offsets=batch.offsets, kinds=kinds, codec=chain, raw_size=raw_size)
+        if isinstance(codec, ChainCodec):
+            try:
+                encoding = codec.decompressed(encoding, batch.page_size)
+            except (ValueError, TypeError) as exc:
+                raise CorruptData(f"{where}: {exc}") from None
+        return encoding
+
+    # ---- control ---------------------------------------------------------
+    def control(self, batch: Batch) -> Iterable[Batch]:
+        if batch.flags & Flag.LAYOUT:
+            self._set_layout(batch)
+        if batch.flags & Flag.EPOCH_END:
+            pending = self._pending_for(batch.epoch)
+            self.pending = None
+            try:
+                self._commit(pending, batch)
+            except EpochRejected as exc:
+                self._discard(pending, str(exc))
+        if batch.flags & Flag.END_OF_STREAM and self.pending is not None:
+            self._discard(self.pending, "torn: the stream ended before its commit record")
+            self.pending = None
+        return ()
+
+    def _set_layout(self, batch: Batch) -> None:
+        try:
+            layout = Layout.from_untrusted(batch.page_size, batch.meta.get("regions"), max_pages=self.max_pages)
+        except ReplicaError as exc:
+            raise CorruptData(f"replica-sink: epoch {batch.epoch} layout record: {exc}") from None
+        if self.layout is not None and layout.page_size != self.layout.page_size:
+            self.in_sync = False
+        self.layout = layout
+
+    def _commit(self, pending: PendingEpoch, marker: Batch) -> None:
+        epoch = pending.epoch
+        if pending.doomed:
+            raise EpochRejected(pending.doomed)
+        page_numbers, digests = pending.gathered()
+        expected, digest = marker.meta.get("pages"), marker.meta.get("digest")
+        if expected != page_numbers.shape[0]:
+            raise EpochRejected(f"torn: commit record says {expected!r} pages, {page_numbers.shape[0]} arrived")
+        if not isinstance(digest, int):
+            raise EpochRejected(f"commit record carries no digest ({digest!r})")
+        ordered = np.sort(page_numbers)
+        if ordered.size and (ordered[1:] == ordered[:-1]).any():
+            raise EpochRejected("a page number appears twice")
+        if self.layout is None:
+            raise EpochRejected("no layout record before the commit record")
+        baseline = pending.self_contained and page_numbers.shape[0] == self.layout.page_count
+        if not baseline and not self.in_sync:
+            raise EpochRejected("replica out of sync; waiting for a full resync")
+        if not baseline and epoch != self.store.epoch + 1:
+            raise EpochRejected(f"gap: replica is at epoch {self.store.epoch}")
+        actual = combine_digests(page_numbers, digests)
+        if actual != digest & 0xFFFFFFFFFFFFFFFF:
+            raise EpochRejected(f"digest mismatch: reconstructed {actual:#018x}, sender {digest:#018x}")
+        started = time.perf_counter()
+        self.store.commit(epoch, self.layout, page_numbers, pending.encodings, digests, digest,
+                          stream=marker.stream, resync=bool(marker.flags & Flag.RESYNC))
+        self.in_sync = True
+        self.counters["commit_seconds"] += time.perf_counter() - started
+        self.counters["epochs_committed"] += 1
+        self.counters["pages_applied"] += page_numbers.shape[0]
+        self.counters["bytes_applied"] += pending.page_bytes
+        self.counters["last_epoch"] = epoch
+        if self.acks is not None:
+            self.acks.ack(epoch, stream=marker.stream)
+
+    def _doom(self, pending: PendingEpoch, reason: str) -> None:
+        pending.doom(reason)
+        self._ask_resync(reason)
+
+    def _discard(self, pending: PendingEpoch, reason: str) -> None:
+        """Drop an epoch that cannot be committed; the replica keeps its last committed epoch."""
+        self.counters["epochs_discarded"] += 1
+        self.context.warn(f"replica-sink: epoch {pending.epoch} discarded ({reason}); "
+                          f"replica stays at epoch {self.store.epoch}")
+        self.in_sync = False
+        self._ask_resync(reason)
+
+    def _ask_resync(self, reason: str) -> None:
+        now = time.monotonic()
+        if self.acks is None or now - self._last_resync_request < self.resync_interval:
+            return
+        self._last_resync_request = now
+        self.counters["resyncs_requested"] += 1
+        self.acks.request_resync(reason, epoch=self.store.epoch)
+
+    def stop(self) -> None:
+        if getattr(self, "pending", None) is not None:
+            self._discard(self.pending, "torn: the pipeline stopped before its commit record")
+            self.pending = None
+        if getattr(self, "acks", None) is not None:
+            self.acks.close()
+            self.acks = None
+        if getattr(self, "store", None) is not None:
+            self.store.close()

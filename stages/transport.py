@@ -1,0 +1,433 @@
+"""Transport stages: move the wire stream over ZeroMQ or to/from a file, and replay recorded streams.
+
+- ``zmq-sink`` / ``zmq-src``: PUSH/PULL, one message per STREAM batch (large
+  payloads sent without copying); an empty message marks the end of stream.
+  The receiver's acknowledgements travel on a separate socket (stages.acks).
+- ``file-sink`` / ``file-src``: the stream as a file (a *trace*), the same
+  bytes as on the wire.
+- ``trace-src``: replays a trace as the tracker stream it was made from:
+  decodes each epoch onto a page image and emits the touched pages whole.
+- ``write_trace_from_npz``: turns the recorded corpus (.npz) into a trace.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zmq
+
+from pipeline.batch import ENCODED, PAGES, STREAM, Batch, Flag, PageKind
+from pipeline.errors import CorruptData, TransportError
+from pipeline.stage import Property, Stage, StageContext
+
+from .codecs import Encoded, get_codec
+from .framer import Frame, deframe_stream
+from .pages import combine_digests, digest_pages, find_zero_pages
+
+_ZERO_COPY_BYTES = 64 << 10
+_END_MESSAGE = b""
+
+
+def _payload_of(batch: Batch) -> np.ndarray | None:
+    return batch.payload if batch.payload is not None and batch.payload.size else None
+
+
+# ---- ZeroMQ ---------------------------------------------------------------------
+
+class _ZmqStage(Stage):
+    """Shared socket set-up of zmq-sink and zmq-src: one socket, bound or connected."""
+
+    socket_type: int = zmq.PUSH
+    endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path")
+
+    def _open(self) -> zmq.Socket:
+        if not self.endpoint:
+            raise TransportError(f"{self.factory_name}: no endpoint= given")
+        self._zmq = zmq.Context()
+        sock = self._zmq.socket(self.socket_type)
+        self._configure(sock)
+        try:
+            (sock.bind if self.bind else sock.connect)(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            self._zmq.term()
+            verb = "bind" if self.bind else "connect"
+            raise TransportError(f"{self.factory_name}: cannot {verb} {self.endpoint}: {exc}") from None
+        return sock
+
+    def _configure(self, sock: zmq.Socket) -> None:
+        """Socket options set before bind/connect."""
+
+    def stop(self) -> None:
+        sock = getattr(self, "_socket", None)
+        if sock is not None:
+            sock.close()
+            self._zmq.term()
+            self._socket = None
+
+
+class ZmqSink(_ZmqStage):
+    factory_name = "zmq-sink"
+    description = "Send the wire stream over ZeroMQ (PUSH), one message per batch"
+    input_caps = (STREAM,)
+    output_caps = None
+    max_workers = 1
+    socket_type = zmq.PUSH
+
+    bind = Property("bool", False, "Bind the endpoint (default: connect to a receiver that binds)")
+    timeout = Property("duration", "10s", "Longest wait for a receiver to take a message; then TransportError",
+                       minimum=0.001)
+    hwm = Property("int", 8, "Messages queued towards the receiver before sending blocks", minimum=1)
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self._socket = self._open()
+        self.counters.update(messages=0, bytes_out=0)
+
+    def _configure(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.SNDHWM, self.hwm)
+        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
+        sock.setsockopt(zmq.LINGER, int(self.timeout * 1000))     # flush what is queued at stop, for a while
+        sock.setsockopt(zmq.IMMEDIATE, 1)       # queue only to completed connections: an absent peer blocks
+
+    def process(self, batch: Batch) -> Iterator[Batch]:
+        payload = _payload_of(batch)
+        if payload is not None:
+            self._send(payload)
+        return iter(())
+
+    def control(self, batch: Batch) -> Iterator[Batch]:
+        yield from self.process(batch)
+        if batch.flags & Flag.END_OF_STREAM:
+            self._send(_END_MESSAGE)
+
+    def _send(self, data) -> None:
+        size = len(data)
+        try:
+            self._socket.send(data, copy=size < _ZERO_COPY_BYTES)
+        except zmq.Again:
+            raise TransportError(f"{self.factory_name}: no receiver took data at {self.endpoint} "
+                                 f"within {self.timeout:g} s (unreachable or not running)") from None
+        except zmq.ZMQError as exc:
+            raise TransportError(f"{self.factory_name}: sending to {self.endpoint} failed: {exc}") from None
+        self.counters["messages"] += 1
+        self.counters["bytes_out"] += size
+
+
+class ZmqSource(_ZmqStage):
+    factory_name = "zmq-src"
+    description = "Receive the wire stream over ZeroMQ (PULL), one batch per message"
+    output_caps = STREAM
+    max_workers = 1
+    socket_type = zmq.PULL
+
+    bind = Property("bool", True, "Bind the endpoint (default; false: connect to a sender that binds)")
+    timeout = Property("duration", 0, "Longest wait for the next message before TransportError; 0 waits forever",
+                       minimum=0)
+    max_message = Property("size", "256MiB", "Messages larger than this are refused by ZeroMQ (peer dropped)",
+                           minimum=1 << 16)
+    hwm = Property("int", 8, "Messages queued from the sender before it blocks", minimum=1)
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self._socket = self._open()
+        self.counters.update(messages=0, bytes_in=0)
+
+    def _configure(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+
+    def produce(self) -> Iterator[Batch]:
+        poll_ms = int(self.timeout * 1000) if self.timeout else None
+        sequence = 0
+        while True:
+            if not self._socket.poll(poll_ms, zmq.POLLIN):
+                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
+                                     f"for {self.timeout:g} s")
+            message = self._socket.recv(copy=False)
+            self.counters["messages"] += 1
+            if len(message) == 0:
+                yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
+                return
+            self.counters["bytes_in"] += len(message)
+            payload = np.frombuffer(message.buffer, dtype=np.uint8)
+            yield Batch(format=STREAM, sequence=sequence, payload=payload)
+            sequence += 1
+
+
+# ---- files ----------------------------------------------------------------------
+
+class FileSink(Stage):
+    factory_name = "file-sink"
+    description = "Write the wire stream to a file (a trace); flushed at every epoch commit"
+    input_caps = (STREAM,)
+    output_caps = None
+    max_workers = 1
+
+    path = Property("str", "", "File to write (created, or truncated if it exists)")
+    fsync = Property("bool", False, "fsync the file at every epoch commit (durable, slower)")
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        if not self.path:
+            raise TransportError(f"{self.factory_name}: no path= given")
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise TransportError(f"{self.factory_name}: cannot create {self.path}: {exc.strerror}") from None
+        self._written = 0
+        self._committed = 0
+        self.counters.update(bytes_out=0, commits=0)
+
+    def process(self, batch: Batch) -> Iterator[Batch]:
+        payload = _payload_of(batch)
+        if payload is not None:
+            self._write(memoryview(payload).cast("B"))
+        return iter(())
+
+    def control(self, batch: Batch) -> Iterator[Batch]:
+        yield from self.process(batch)
+        if batch.flags & (Flag.EPOCH_END | Flag.END_OF_STREAM):
+            self._commit()
+
+    def _write(self, data: memoryview) -> None:
+        try:
+            while data:
+                done = os.write(self._fd, data)
+                data = data[done:]
+                self._written += done
+        except OSError as exc:
+            self._fail("write", exc)
+        self.counters["bytes_out"] = self._written
+
+    def _commit(self) -> None:
+        if self.fsync:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._fail("fsync", exc)
+        self._committed = self._written
+        self.counters["commits"] += 1
+
+    def _fail(self, action: str, exc: OSError):
+        """Cut the file back to its last committed epoch, then raise TransportError."""
+        try:
+            os.ftruncate(self._fd, self._committed)
+            kept = f"kept the first {self._committed} bytes (every committed epoch)"
+        except OSError:
+            kept = f"could not cut it back to the {self._committed} committed bytes"
+        raise TransportError(f"{self.factory_name}: cannot {action} {self.path}: {exc.strerror} "
+                             f"(errno {exc.errno}); {kept}") from None
+
+    def stop(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
+
+
+class FileSource(Stage):
+    factory_name = "file-src"
+    description = "Read a recorded wire stream (a trace file) in chunks"
+    output_caps = STREAM
+    max_workers = 1
+
+    path = Property("str", "", "Trace file to read")
+    chunk_size = Property("size", "1MiB", "Bytes per emitted batch", minimum=4096)
+
+    def produce(self) -> Iterator[Batch]:
+        sequence = 0
+        for chunk in _read_chunks(self.path, self.chunk_size, self.factory_name):
+            yield Batch(format=STREAM, sequence=sequence, payload=np.frombuffer(chunk, dtype=np.uint8))
+            sequence += 1
+        yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
+
+
+def _read_chunks(path: str, chunk_size: int, stage: str) -> Iterator[bytes]:
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(chunk_size):
+                yield chunk
+    except OSError as exc:
+        raise TransportError(f"{stage}: cannot read {path}: {exc.strerror}") from None
+
+
+@contextmanager
+def _mapped(path: str, stage: str) -> Iterator[np.ndarray]:
+    """The whole file as a read-only array backed by the page cache (no copies)."""
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            yield np.memmap(file, dtype=np.uint8, mode="r") if size else np.empty(0, np.uint8)
+    except OSError as exc:
+        raise TransportError(f"{stage}: cannot read {path}: {exc.strerror}") from None
+
+
+# ---- trace replay ---------------------------------------------------------------
+
+class TraceSource(Stage):
+    factory_name = "trace-src"
+    description = "Replay a recorded trace as the tracker stream: touched pages whole, per epoch"
+    output_caps = PAGES
+    max_workers = 1
+
+    path = Property("str", "", "Trace file written by file-sink (any codec chain)")
+    pace = Property("choice", "fast", "fast: as fast as possible; recorded: at the recorded checkpoint times",
+                    choices=("fast", "recorded"))
+    batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1)
+    max_record = Property("size", "16MiB", "Records with a bigger body are refused as corrupt", minimum=1 << 16)
+    max_image = Property("size", "64GiB", "Largest page image a trace's layout may ask for", minimum=1 << 16)
+
+    def produce(self) -> Iterator[Batch]:
+        self._image = np.zeros((0, 4096), dtype=np.uint8)
+        self._touched: list[np.ndarray] = []
+        self._codecs: dict[str, object] = {}
+        self._sequence = 0
+        self._clock: tuple[float, float] | None = None   # (recorded time, wall time) of the first epoch
+        context = StageContext(stage_name=self.factory_name, post=self.context.post)
+        with _mapped(self.path, self.factory_name) as trace:
+            for batch in deframe_stream([trace], self.max_record, context):
+                yield from self._replay(batch)
+
+    def _replay(self, batch: Batch) -> Iterator[Batch]:
+        if batch.flags & Flag.LAYOUT:
+            self._resize(batch)
+            yield self._numbered(batch.with_(format=PAGES))
+        elif batch.flags & Flag.EPOCH_END:
+            yield from self._emit_epoch(batch)
+        elif batch.flags & Flag.END_OF_STREAM:
+            yield self._numbered(batch.with_(format=PAGES))
+        else:
+            self._apply(batch)
+
+    def _resize(self, layout: Batch) -> None:
+        """A page image covering the layout; pages of surviving numbers keep their contents."""
+        regions = layout.meta["regions"]
+        npages = max((r["first_page"] + r["npages"] for r in regions), default=0)
+        if npages * layout.page_size > self.max_image:
+            raise CorruptData(f"{self.factory_name}: {self.path}: layout of {npages} pages exceeds "
+                              f"max-image={self.max_image} bytes")
+        if any(int(touched.max()) >= npages for touched in self._touched if touched.size):
+            raise CorruptData(f"{self.factory_name}: {self.path}: layout of epoch {layout.epoch} drops pages "
+                              f"the open epoch touched")
+        image = np.zeros((npages, layout.page_size), dtype=np.uint8)
+        if self._image.shape[1] == layout.page_size:
+            keep = min(npages, self._image.shape[0])
+            image[:keep] = self._image[:keep]
+        self._image = image
+
+    def _apply(self, batch: Batch) -> None:
+        if batch.format == ENCODED:
+            chain = batch.meta["codec"]
+            if chain not in self._codecs:
+                self._codecs[chain] = get_codec(chain)
+            encoded = Encoded(batch.payload, batch.offsets, batch.kinds, chain, batch.meta["raw_size"])
+            self._codecs[chain].decode(encoded, self._image, rows=batch.page_numbers)
+        else:
+            self._image[batch.page_numbers] = batch.data
+        self._touched.append(batch.page_numbers)
+
+    def _emit_epoch(self, marker: Batch) -> Iterator[Batch]:
+        touched = np.unique(np.concatenate(self._touched)) if self._touched else np.empty(0, np.uint64)
+        self._touched = []
+        self._wait_for(marker.meta.get("time"))
+        resync = marker.flags & Flag.RESYNC
+        for start in range(0, len(touched), self.batch_pages):
+            numbers = touched[start:start + self.batch_pages]
+            yield self._numbered(Batch(format=PAGES, epoch=marker.epoch, flags=resync, page_size=marker.page_size,
+                                       stream=marker.stream, page_numbers=numbers,
+                                       kinds=np.full(len(numbers), PageKind.NORMAL, dtype=np.uint8),
+                                       data=self._image[numbers]))
+        yield self._numbered(marker.with_(format=PAGES, meta={**marker.meta, "pages": len(touched)}))
+
+    def _wait_for(self, recorded: float | None) -> None:
+        if self.pace != "recorded" or recorded is None:
+            return
+        if self._clock is None:
+            self._clock = (recorded, time.monotonic())
+            return
+        delay = (recorded - self._clock[0]) - (time.monotonic() - self._clock[1])
+        if delay > 0:
+            time.sleep(delay)
+
+    def _numbered(self, batch: Batch) -> Batch:
+        batch.sequence = self._sequence
+        self._sequence += 1
+        return batch
+
+
+def write_trace_from_npz(npz_path: str | Path, trace_path: str | Path, *, epochs: int | None = None,
+                         batch_pages: int = 256, interval: float = 0.025) -> int:
+    """Convert a recorded memory trace (.npz, see the corpus README) into a trace file; return its epoch count.
+
+    Epoch 1 carries every page of ``base``; epoch k+2 the pages of ``epochNNN`` k.
+    Pages travel whole (no codec), zero pages as ZERO entries; each epoch end carries
+    the digest the trackers compute and a checkpoint time (seconds from the first
+    checkpoint, ``interval`` apart). ``epochs`` limits how many recorded epochs
+    after the base are converted. A malformed .npz raises CorruptData.
+    """
+    with np.load(npz_path) as npz:
+        base = _npz_array(npz, "base")
+        if base.ndim != 2 or base.dtype != np.uint8:
+            raise CorruptData(f"{npz_path}: 'base' is {base.dtype} {base.shape}, expected uint8 (pages, page_size)")
+        starts, sizes = _npz_array(npz, "region_starts"), _npz_array(npz, "region_npages")
+        if starts.shape != sizes.shape or int(sizes.sum()) != base.shape[0]:
+            raise CorruptData(f"{npz_path}: regions of {int(sizes.sum())} pages for {base.shape[0]} base pages")
+        first_pages = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+        regions = [{"name": f"region{index}", "start": int(start), "first_page": int(first), "npages": int(size)}
+                   for index, (start, first, size) in enumerate(zip(starts, first_pages, sizes))]
+        recorded = sorted(name[:-len("_pages")] for name in npz.files if name.endswith("_pages"))[:epochs]
+        with _TraceWriter(trace_path, base.shape[1], batch_pages) as writer:
+            writer.send(Batch.control(Flag.LAYOUT, 1, page_size=base.shape[1], regions=regions))
+            writer.epoch(1, np.arange(base.shape[0], dtype=np.uint64), base, time=0.0)
+            for epoch, name in enumerate(recorded, start=2):
+                writer.epoch(epoch, _npz_array(npz, f"{name}_pages").astype(np.uint64),
+                             _npz_array(npz, f"{name}_data"), time=(epoch - 1) * interval)
+            writer.send(Batch.control(Flag.END_OF_STREAM, len(recorded) + 1, page_size=base.shape[1]))
+    return len(recorded) + 1
+
+
+def _npz_array(npz, name: str) -> np.ndarray:
+    try:
+        return npz[name]
+    except KeyError:
+        raise CorruptData(f"recorded trace has no array {name!r}") from None
+
+
+class _TraceWriter:
+    """Tracker-style batches -> frame -> file-sink, in this process."""
+
+    def __init__(self, path: str | Path, page_size: int, batch_pages: int):
+        self.page_size, self.batch_pages = page_size, batch_pages
+        self.frame, self.sink = Frame(), FileSink(path=str(path))
+
+    def __enter__(self) -> "_TraceWriter":
+        context = StageContext(stage_name="write-trace")
+        self.frame.start(context)
+        self.sink.start(context)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.sink.stop()
+        self.frame.stop()
+
+    def send(self, batch: Batch) -> None:
+        for framed in self.frame.handle(batch):
+            list(self.sink.handle(framed))
+
+    def epoch(self, epoch: int, page_numbers: np.ndarray, data: np.ndarray, *, time: float) -> None:
+        if data.shape != (len(page_numbers), self.page_size):
+            raise CorruptData(f"trace epoch {epoch}: data shape {data.shape} for {len(page_numbers)} pages")
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        for start in range(0, len(page_numbers), self.batch_pages):
+            rows = data[start:start + self.batch_pages]
+            kinds = np.where(find_zero_pages(rows), PageKind.ZERO, PageKind.NORMAL).astype(np.uint8)
+            self.send(Batch(format=PAGES, epoch=epoch, page_size=self.page_size, kinds=kinds, data=rows,
+                            page_numbers=page_numbers[start:start + self.batch_pages]))
+        self.send(Batch.control(Flag.EPOCH_END, epoch, page_size=self.page_size, pages=len(page_numbers),
+                                digest=combine_digests(page_numbers, digest_pages(data)), time=time))

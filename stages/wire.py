@@ -1,0 +1,511 @@
+"""The pagepipe wire stream, version 1: the one module that knows its bytes.
+
+A stream is a stream header followed by records. Every record is a 32-byte
+header (type, flags, body length, epoch, sequence, xxh3-64 checksum) and a
+body. docs/FORMAT.md (section wire-stream) specifies every field; this module
+writes and parses them and checks everything a byte-level reader can check:
+magic, version, lengths against the record limit, checksums, sequence
+continuity, known record types, and the internal consistency of each body.
+A stream header may recur at a record boundary to start a new segment.
+Epoch bookkeeping and page-number bounds live in ``stages.framer``.
+
+Everything read is untrusted: parsers raise ``CorruptData`` naming the record
+(sequence number) and its byte offset in the stream, and never read past a
+checked length.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import Any, Iterator
+
+import numpy as np
+import xxhash
+
+from pipeline.batch import PageKind
+from pipeline.errors import CorruptData
+
+from .pages import check_page_size
+
+MAGIC = b"PAGEPIPE"
+VERSION = 1
+MAX_HEADER_BYTES = 4096
+MAX_CHAIN_BYTES = 64
+MAX_EXTRA_BYTES = 1 << 16
+MAX_REGIONS = 1 << 16
+MAX_PAGE_NUMBER = 1 << 40
+DEFAULT_RECORD_LIMIT = 16 << 20
+
+_HEADER_FIXED = struct.Struct("<8sHHIIIB")      # magic, version, header size, page size, record limit, stream, chain length
+_RECORD_HEADER = struct.Struct("<HHIQQQ")       # type, flags, body length, epoch, sequence, checksum
+RECORD_HEADER_SIZE = _RECORD_HEADER.size        # 32
+_CHECKED_HEADER_BYTES = 24                      # the checksum covers header bytes [0, 24) and the body
+_PAGES_HEAD = struct.Struct("<II")              # entries, entries carrying data
+_ENCODED_HEAD = struct.Struct("<IB3xQQ")        # entries, chain length, raw size, payload length
+PAGES_ENTRY_SIZE = 9                            # per entry of a PAGES body: page number, kind (+ its page)
+ENCODED_ENTRY_SIZE = 13                         # per entry of an ENCODED body: page number, kind, length
+_REGION = struct.Struct("<QQQH")                # start, first page, page count, name length
+_COMMIT = struct.Struct("<QQQB7xQdd")           # pages, records, stream digest, has digest, digest, time, pause ms
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class RecordType(IntEnum):
+    """Record types. Bit 0x8000 marks an optional record a reader may skip."""
+
+    LAYOUT = 0x0001
+    PAGES = 0x0002
+    ENCODED = 0x0003
+    EPOCH_COMMIT = 0x0004
+    END_OF_STREAM = 0x0005
+
+
+OPTIONAL_RECORD = 0x8000
+
+
+class RecordFlag(IntFlag):
+    NONE = 0
+    RESYNC = 1
+
+
+_KNOWN_FLAGS = int(RecordFlag.RESYNC)
+_MAX_KIND = max(PageKind)
+_WHOLE_PAGE_KINDS = (PageKind.FULL, PageKind.RAW)
+
+
+def corrupt(message: str, *, offset: int | None = None, sequence: int | None = None,
+            epoch: int | None = None) -> CorruptData:
+    """A CorruptData saying where: record sequence, byte offset, epoch (also as attributes)."""
+    where = []
+    if sequence is not None:
+        where.append(f"record #{sequence}")
+    if offset is not None:
+        where.append(f"byte offset {offset}")
+    if epoch is not None:
+        where.append(f"epoch {epoch}")
+    error = CorruptData(f"wire stream, {', '.join(where)}: {message}" if where else f"wire stream: {message}")
+    error.offset, error.sequence, error.epoch = offset, sequence, epoch
+    return error
+
+
+# ---- stream header ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StreamHeader:
+    page_size: int
+    record_limit: int
+    stream: int
+    chain: str          # codec chain the stream declares; "" = pages travel whole
+
+
+def encode_stream_header(header: StreamHeader) -> bytes:
+    chain = _encode_chain(header.chain)
+    fixed_size = _HEADER_FIXED.size + len(chain)
+    size = -(-fixed_size // 8) * 8 + 8
+    head = _HEADER_FIXED.pack(MAGIC, VERSION, size, header.page_size, header.record_limit,
+                              header.stream, len(chain)) + chain
+    head += bytes(size - 8 - len(head))
+    return head + _U64.pack(xxhash.xxh3_64_intdigest(head))
+
+
+def parse_stream_header(data: memoryview) -> tuple[StreamHeader, int] | None:
+    """(header, its size) from the stream's first bytes, or None if more bytes are needed."""
+    if len(data) < 12:
+        if bytes(data[:len(MAGIC)]) != MAGIC[:len(data)]:
+            raise corrupt("not a pagepipe stream (bad magic)", offset=0)
+        return None
+    magic, version, size = struct.unpack_from("<8sHH", data)
+    if magic != MAGIC:
+        raise corrupt(f"not a pagepipe stream (magic {magic!r})", offset=0)
+    if version != VERSION:
+        raise corrupt(f"unsupported stream version {version} (this reader knows {VERSION})", offset=8)
+    if not _HEADER_FIXED.size + 8 <= size <= MAX_HEADER_BYTES or size % 8:
+        raise corrupt(f"stream header size {size} is invalid", offset=10)
+    if len(data) < size:
+        return None
+    stored = _U64.unpack_from(data, size - 8)[0]
+    if xxhash.xxh3_64_intdigest(data[:size - 8]) != stored:
+        raise corrupt("stream header checksum mismatch", offset=size - 8)
+    _, _, _, page_size, record_limit, stream, chain_len = _HEADER_FIXED.unpack_from(data)
+    if _HEADER_FIXED.size + chain_len > size - 8:
+        raise corrupt(f"stream header codec chain of {chain_len} bytes overruns the header", offset=24)
+    try:
+        check_page_size(page_size)
+    except ValueError as exc:
+        raise corrupt(f"stream header: {exc}", offset=12) from None
+    chain = _decode_chain(data[_HEADER_FIXED.size:_HEADER_FIXED.size + chain_len], offset=_HEADER_FIXED.size)
+    return StreamHeader(page_size, record_limit, stream, chain), size
+
+
+def _encode_chain(chain: str) -> bytes:
+    raw = chain.encode("ascii")
+    if len(raw) > MAX_CHAIN_BYTES:
+        raise ValueError(f"codec chain {chain!r} is longer than {MAX_CHAIN_BYTES} bytes")
+    return raw
+
+
+def _decode_chain(raw: memoryview, *, offset: int, sequence: int | None = None) -> str:
+    text = bytes(raw)
+    if not all(0x21 <= c < 0x7F for c in text):
+        raise corrupt(f"codec chain {text!r} is not printable ASCII", offset=offset, sequence=sequence)
+    return text.decode("ascii")
+
+
+# ---- records: writing -----------------------------------------------------------
+
+def encode_record(record_type: int, flags: int, epoch: int, sequence: int, body: list) -> tuple[list, int]:
+    """The parts (header, then body buffers) of one record, and its checksum.
+
+    ``body`` is a list of bytes-like parts, written back to back without copying here.
+    """
+    length = sum(memoryview(part).nbytes for part in body)
+    head = struct.pack("<HHIQQ", record_type, flags, length, epoch, sequence)
+    hasher = xxhash.xxh3_64(head)
+    for part in body:
+        hasher.update(part)
+    checksum = hasher.intdigest()
+    return [head + _U64.pack(checksum), *body], checksum
+
+
+def layout_body(regions: list[dict], extra: dict[str, Any]) -> list:
+    parts = [_U32.pack(len(regions)) + bytes(4)]
+    for region in regions:
+        name = str(region["name"]).encode("utf-8")
+        if len(name) > 0xFFFF:
+            raise ValueError(f"region name of {len(name)} bytes is too long")
+        parts.append(_REGION.pack(int(region["start"]), int(region["first_page"]), int(region["npages"]), len(name)))
+        parts.append(name)
+    parts.append(_extra_bytes(extra))
+    return parts
+
+
+def pages_body_size(entries: int, pages_with_data: int, page_size: int) -> int:
+    return _PAGES_HEAD.size + PAGES_ENTRY_SIZE * entries + pages_with_data * page_size
+
+
+def encoded_body_size(entries: int, payload_len: int, chain: str) -> int:
+    return _ENCODED_HEAD.size + len(chain) + ENCODED_ENTRY_SIZE * entries + payload_len
+
+
+def pages_body(page_numbers: np.ndarray, kinds: np.ndarray, data: np.ndarray | None) -> list:
+    """Whole pages: entries of kind ZERO carry no bytes, every other entry its page."""
+    carries = kinds != PageKind.ZERO
+    stored = int(np.count_nonzero(carries))
+    parts = [_PAGES_HEAD.pack(len(page_numbers), stored),
+             np.ascontiguousarray(page_numbers, dtype="<u8"), np.ascontiguousarray(kinds, dtype=np.uint8)]
+    if stored:
+        rows = data if stored == len(kinds) else data[carries]
+        parts.append(np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1))
+    return parts
+
+
+def encoded_body(page_numbers: np.ndarray, kinds: np.ndarray, offsets: np.ndarray, payload: np.ndarray,
+                 chain: str, raw_size: int) -> list:
+    """Encoded pages: per-entry lengths index into the payload as it is before entropy coding."""
+    chain_bytes = _encode_chain(chain)
+    lengths = np.diff(np.asarray(offsets, dtype=np.uint64)).astype("<u4")
+    return [_ENCODED_HEAD.pack(len(page_numbers), len(chain_bytes), raw_size, len(payload)) + chain_bytes,
+            np.ascontiguousarray(page_numbers, dtype="<u8"), np.ascontiguousarray(kinds, dtype=np.uint8),
+            lengths, np.ascontiguousarray(payload, dtype=np.uint8)]
+
+
+@dataclass(frozen=True)
+class Commit:
+    """An epoch-commit record's body."""
+
+    pages: int              # page entries the epoch's page records carried
+    records: int            # page records the epoch had
+    stream_digest: int      # xxh3-64 over the checksums of those records, in sequence order
+    digest: int | None      # the tracker's order-independent content digest
+    time: float | None      # unix time of the checkpoint
+    pause_ms: float | None
+    extra: dict[str, Any]   # other end-of-epoch meta, as JSON
+
+
+def commit_body(commit: Commit) -> list:
+    has_digest = commit.digest is not None
+    body = _COMMIT.pack(commit.pages, commit.records, commit.stream_digest, int(has_digest),
+                        commit.digest if has_digest else 0, _or_nan(commit.time), _or_nan(commit.pause_ms))
+    return [body, _extra_bytes(commit.extra)]
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _extra_bytes(extra: dict[str, Any]) -> bytes:
+    raw = json.dumps(extra, separators=(",", ":"), sort_keys=True, default=_json_scalar).encode() if extra else b""
+    if len(raw) > MAX_EXTRA_BYTES:
+        raise ValueError(f"record metadata of {len(raw)} bytes exceeds {MAX_EXTRA_BYTES}")
+    return _U32.pack(len(raw)) + raw
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy scalars and arrays in metadata become plain JSON values."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"record metadata value {value!r} of type {type(value).__name__} is not JSON-serializable")
+
+
+def stream_digest(checksums: list[int]) -> int:
+    """The epoch's stream digest: xxh3-64 over its page records' checksums (u64 little endian)."""
+    return xxhash.xxh3_64_intdigest(np.asarray(checksums, dtype="<u8").tobytes())
+
+
+# ---- records: reading -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Record:
+    type: int
+    flags: RecordFlag
+    epoch: int
+    sequence: int
+    checksum: int
+    offset: int             # byte offset of the record header in the stream
+    body: memoryview
+
+    def error(self, message: str) -> CorruptData:
+        return corrupt(message, offset=self.offset, sequence=self.sequence, epoch=self.epoch)
+
+
+def starts_segment(data) -> bool:
+    """Whether bytes at a record boundary begin a stream header (no record type can start so)."""
+    head = bytes(data[:len(MAGIC)])
+    return head == MAGIC[:len(head)]
+
+
+class RecordReader:
+    """Splits a byte stream, fed in chunks of any size, into checked records.
+
+    Whole records inside one chunk are returned as views of it (no copy);
+    only a record that straddles chunks is reassembled, with one copy. Chunks
+    are referenced until used, so they must not change after being fed. A
+    stream header may recur at a record boundary: it starts a new *segment*
+    (sequence from 0).
+    """
+
+    def __init__(self, record_limit: int = DEFAULT_RECORD_LIMIT):
+        self.record_limit = record_limit
+        self.header: StreamHeader | None = None
+        self.offset = 0                 # stream offset of the first unconsumed byte
+        self.next_sequence = 0
+        self._pending: list[memoryview] = []    # an incomplete header or record, chunk by chunk
+        self._pending_bytes = 0
+        self._needed = 0                # bytes the pending header or record needs in all
+
+    def feed(self, chunk) -> Iterator[Record | StreamHeader]:
+        """Records, and each stream header (the first, and any that starts a new segment)."""
+        view = memoryview(chunk).cast("B")
+        if self._pending:
+            self._pending.append(view)
+            self._pending_bytes += len(view)
+            if self._pending_bytes < self._needed:
+                return
+            view = memoryview(b"".join(self._pending))
+            self._pending, self._pending_bytes = [], 0
+        position = 0
+        while position < len(view):
+            rest = view[position:]
+            if self.header is None or starts_segment(rest):
+                parsed = parse_stream_header(rest)
+                if parsed is None:
+                    self._keep(rest, _HEADER_FIXED.size + 8)
+                    return
+                self.header, size = parsed
+                self.next_sequence = 0
+                position += size
+                self.offset += size
+                yield self.header
+                continue
+            needed = self._record_size(rest)
+            if needed is None or len(rest) < needed:
+                self._keep(rest, needed or RECORD_HEADER_SIZE)
+                return
+            yield self._check(rest[:needed])
+            position += needed
+            self.offset += needed
+
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of an incomplete header or record held back (non-zero at the end = truncated)."""
+        return self._pending_bytes
+
+    def _keep(self, rest: memoryview, needed: int) -> None:
+        self._pending, self._pending_bytes, self._needed = [rest], len(rest), needed
+
+    def _record_size(self, data: memoryview) -> int | None:
+        if len(data) < RECORD_HEADER_SIZE:
+            return None
+        length = _U32.unpack_from(data, 4)[0]
+        if length > self.record_limit:
+            sequence = _U64.unpack_from(data, 16)[0]
+            raise corrupt(f"record body of {length} bytes exceeds the record limit of {self.record_limit}",
+                          offset=self.offset, sequence=sequence)
+        return RECORD_HEADER_SIZE + length
+
+    def _check(self, data: memoryview) -> Record:
+        record_type, flags, length, epoch, sequence, checksum = _RECORD_HEADER.unpack_from(data)
+        hasher = xxhash.xxh3_64(data[:_CHECKED_HEADER_BYTES])
+        hasher.update(data[RECORD_HEADER_SIZE:])
+        if hasher.intdigest() != checksum:
+            raise corrupt("record checksum mismatch", offset=self.offset, sequence=self.next_sequence)
+        if sequence != self.next_sequence:
+            raise corrupt(f"sequence gap: expected record #{self.next_sequence}, found #{sequence}",
+                          offset=self.offset, sequence=sequence, epoch=epoch)
+        if flags & ~_KNOWN_FLAGS:
+            raise corrupt(f"unknown record flags {flags:#x}", offset=self.offset, sequence=sequence, epoch=epoch)
+        self.next_sequence += 1
+        if record_type not in RecordType._value2member_map_ and not record_type & OPTIONAL_RECORD:
+            raise corrupt(f"unknown mandatory record type {record_type:#06x}",
+                          offset=self.offset, sequence=sequence, epoch=epoch)
+        return Record(record_type, RecordFlag(flags), epoch, sequence, checksum, self.offset,
+                      data[RECORD_HEADER_SIZE:])
+
+
+class _BodyCursor:
+    """Reads fixed fields from a record body, never past its end."""
+
+    def __init__(self, record: Record):
+        self.record = record
+        self.body = record.body
+        self.position = 0
+
+    def take(self, size: int, what: str) -> memoryview:
+        if size < 0 or self.position + size > len(self.body):
+            raise self.record.error(f"{what}: needs {size} bytes at body offset {self.position}, "
+                                    f"body has {len(self.body)}")
+        part = self.body[self.position:self.position + size]
+        self.position += size
+        return part
+
+    def unpack(self, layout: struct.Struct, what: str) -> tuple:
+        return layout.unpack(self.take(layout.size, what))
+
+    def array(self, dtype: str, count: int, what: str) -> np.ndarray:
+        itemsize = np.dtype(dtype).itemsize
+        return np.frombuffer(self.take(count * itemsize, what), dtype=dtype)
+
+    def extra(self) -> dict[str, Any]:
+        (size,) = self.unpack(_U32, "metadata length")
+        if size > MAX_EXTRA_BYTES:
+            raise self.record.error(f"metadata of {size} bytes exceeds {MAX_EXTRA_BYTES}")
+        raw = bytes(self.take(size, "metadata"))
+        try:
+            extra = json.loads(raw) if raw else {}
+        except (ValueError, RecursionError) as exc:       # RecursionError: absurdly nested JSON
+            raise self.record.error(f"metadata is not JSON ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(extra, dict):
+            raise self.record.error("metadata is not a JSON object")
+        return extra
+
+    def end(self) -> None:
+        if self.position != len(self.body):
+            raise self.record.error(f"{len(self.body) - self.position} unexpected bytes after the body's fields")
+
+
+def parse_layout(record: Record) -> tuple[list[dict], dict[str, Any]]:
+    """Regions ({"name","start","first_page","npages"}) sorted by first page, checked not to overlap."""
+    cursor = _BodyCursor(record)
+    count, reserved = cursor.unpack(_PAGES_HEAD, "layout head")
+    if count > MAX_REGIONS or reserved:
+        raise record.error(f"layout with {count} regions (limit {MAX_REGIONS}) or reserved field {reserved}")
+    regions = []
+    for index in range(count):
+        start, first_page, npages, name_len = cursor.unpack(_REGION, f"layout region {index}")
+        try:
+            name = bytes(cursor.take(name_len, f"layout region {index} name")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise record.error(f"layout region {index}: name is not UTF-8") from None
+        if first_page + npages > MAX_PAGE_NUMBER:
+            raise record.error(f"layout region {index} ({name!r}): pages {first_page}+{npages} beyond the "
+                               f"page-number limit {MAX_PAGE_NUMBER}")
+        regions.append({"name": name, "start": start, "first_page": first_page, "npages": npages})
+    extra = cursor.extra()
+    cursor.end()
+    ordered = sorted(regions, key=lambda region: region["first_page"])
+    for before, after in zip(ordered, ordered[1:]):
+        if before["first_page"] + before["npages"] > after["first_page"]:
+            raise record.error(f"layout regions {before['name']!r} and {after['name']!r} overlap")
+    return regions, extra
+
+
+def _check_kinds(record: Record, kinds: np.ndarray) -> None:
+    if kinds.size and int(kinds.max()) > _MAX_KIND:
+        index = int(np.argmax(kinds > _MAX_KIND))
+        raise record.error(f"page entry {index}: unknown page kind {int(kinds[index])}")
+
+
+def parse_pages(record: Record, page_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(page numbers, kinds, data (n, page_size)); ZERO entries come back as zero pages."""
+    cursor = _BodyCursor(record)
+    count, stored = cursor.unpack(_PAGES_HEAD, "pages head")
+    page_numbers = cursor.array("<u8", count, "page numbers")
+    kinds = cursor.array("u1", count, "page kinds")
+    _check_kinds(record, kinds)
+    carries = kinds != PageKind.ZERO
+    if int(np.count_nonzero(carries)) != stored:
+        raise record.error(f"{stored} pages with data announced, kinds say {int(np.count_nonzero(carries))}")
+    rows = cursor.array("u1", stored * page_size, "page data").reshape(stored, page_size)
+    cursor.end()
+    if stored == count:
+        data = rows
+    else:
+        data = np.zeros((count, page_size), dtype=np.uint8)
+        data[carries] = rows
+    return page_numbers.astype(np.uint64), kinds, data
+
+
+@dataclass(frozen=True)
+class EncodedPages:
+    page_numbers: np.ndarray
+    kinds: np.ndarray
+    offsets: np.ndarray     # uint64 n+1 into the payload before entropy coding
+    payload: np.ndarray
+    chain: str
+    raw_size: int
+
+
+def parse_encoded(record: Record, page_size: int) -> EncodedPages:
+    """Encoded entries, checked: lengths sum to raw_size, whole-page kinds are one page long."""
+    cursor = _BodyCursor(record)
+    count, chain_len, raw_size, payload_len = cursor.unpack(_ENCODED_HEAD, "encoded head")
+    chain = _decode_chain(cursor.take(chain_len, "codec chain"), offset=record.offset, sequence=record.sequence)
+    page_numbers = cursor.array("<u8", count, "page numbers")
+    kinds = cursor.array("u1", count, "page kinds")
+    lengths = cursor.array("<u4", count, "entry lengths")
+    payload = cursor.array("u1", payload_len, "payload")
+    cursor.end()
+    _check_kinds(record, kinds)
+    whole = np.isin(kinds, _WHOLE_PAGE_KINDS)
+    if np.any(lengths[whole] != page_size):
+        index = int(np.flatnonzero(whole & (lengths != page_size))[0])
+        raise record.error(f"page entry {index}: kind {PageKind(int(kinds[index])).name} is "
+                           f"{int(lengths[index])} bytes, not one page of {page_size}")
+    if np.any(lengths > 2 * page_size):
+        raise record.error(f"page entry {int(np.argmax(lengths > 2 * page_size))}: longer than two pages")
+    offsets = np.zeros(count + 1, dtype=np.uint64)
+    np.cumsum(lengths, out=offsets[1:])
+    if int(offsets[-1]) != raw_size:
+        raise record.error(f"entry lengths sum to {int(offsets[-1])}, raw size says {raw_size}")
+    if "+" not in chain and payload_len != raw_size:
+        raise record.error(f"chain {chain!r} has no entropy layer but payload is {payload_len} bytes, "
+                           f"raw size {raw_size}")
+    return EncodedPages(page_numbers.astype(np.uint64), kinds, offsets, payload, chain, raw_size)
+
+
+def parse_commit(record: Record) -> Commit:
+    cursor = _BodyCursor(record)
+    pages, records, digest_of_stream, has_digest, digest, time, pause_ms = cursor.unpack(_COMMIT, "commit")
+    extra = cursor.extra()
+    cursor.end()
+    if has_digest not in (0, 1):
+        raise record.error(f"commit digest flag {has_digest} is not 0 or 1")
+    return Commit(pages, records, digest_of_stream, digest if has_digest else None,
+                  None if math.isnan(time) else time, None if math.isnan(pause_ms) else pause_ms, extra)
+
+
+def parse_end_of_stream(record: Record) -> None:
+    _BodyCursor(record).end()

@@ -1,0 +1,378 @@
+"""xor-delta: the least-recently-used cache of last-sent page copies.
+
+A NORMAL page found in the cache (hit) goes out as DELTA with its cached copy
+as ``reference``; a miss goes out FULL and enters the cache, evicting the least
+recently used copy; a RAW page drops its cache entry and goes out as-is; a ZERO
+page goes out as a marker and its cached copy becomes zeros (a page not cached
+yet enters the cache as zeros, so its next writes travel as small deltas).
+Every cached copy is then exactly the receiver's copy (invariant 2).
+
+Sharded by page number (``shard_key = "page"``; the runtime sends page p to
+worker ``p % workers``): each worker owns ``1/workers`` of the cache and sees
+every version of its pages in order. Counters: hits, misses, evictions,
+bytes_in (page bytes received), bytes_out (page bytes still to send, or the
+fused stage's payload bytes) and overflows (deltas not smaller than the page:
+counted where they are encoded, i.e. by the fused stage, or by ``rle``).
+Next to ``rle`` it fuses into ``XorDeltaRle``, which encodes hits straight
+against the cache slots (one pass: XOR, run-length encode, cache update); a
+``classify`` in front of it fuses in too (see ``Classify.fuse``).
+
+Forgetting: a LAYOUT drops the copies of pages outside its regions or in its
+``vanished`` ranges; the first batch (or marker) of a RESYNC epoch drops all.
+
+The cache's copies live in one preallocated ``(slots, page_size)`` array so the
+codec kernels can encode against them in place; lookups, LRU updates and
+evictions are a handful of numpy operations per batch, never a Python loop per
+page (except in the sparse page-number fallback of ``SlotIndex``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from pipeline.batch import DEFAULT_PAGE_SIZE, DELTAS, ENCODED, PAGES, Batch, Flag, PageKind
+from pipeline.errors import CorruptData
+from pipeline.stage import Property, Stage, StageContext
+from stages.classify import Classify, check_pages_batch, in_ranges, layout_regions, page_ranges
+from stages.codecs import get_codec
+from stages.rle import RUN_FORMATS, RunLengthEncode, assemble_encoded, check_format_page_size
+
+DENSE_PAGE_LIMIT = 1 << 24
+"""Page numbers below this (64 GiB of 4 KiB pages) use a dense numpy map, 4 bytes per number; above it, a dict."""
+
+
+class SlotIndex:
+    """Map page number -> cache slot (-1 = not cached).
+
+    Dense (a numpy array grown to the largest page number seen) while page
+    numbers stay below DENSE_PAGE_LIMIT, as they do with a LAYOUT's dense page
+    numbering; a dict once a larger page number appears.
+    """
+
+    def __init__(self) -> None:
+        self._dense = np.full(0, -1, dtype=np.int32)
+        self._sparse: dict[int, int] | None = None
+
+    def lookup(self, page_numbers: np.ndarray) -> np.ndarray:
+        """Slot of each page number as int64, -1 where not cached."""
+        if self._sparse is not None:
+            get = self._sparse.get
+            return np.fromiter((get(p, -1) for p in page_numbers.tolist()), dtype=np.int64, count=page_numbers.shape[0])
+        slots = np.full(page_numbers.shape[0], -1, dtype=np.int64)
+        inside = page_numbers < self._dense.shape[0]
+        slots[inside] = self._dense[page_numbers[inside].astype(np.intp)]
+        return slots
+
+    def assign(self, page_numbers: np.ndarray, slots: np.ndarray) -> None:
+        if not page_numbers.shape[0]:
+            return
+        highest = int(page_numbers.max())
+        if self._sparse is None and highest >= DENSE_PAGE_LIMIT:
+            cached = np.flatnonzero(self._dense >= 0)
+            self._sparse = dict(zip(cached.tolist(), self._dense[cached].tolist()))
+            self._dense = np.full(0, -1, dtype=np.int32)
+        if self._sparse is not None:
+            self._sparse.update(zip(page_numbers.tolist(), slots.tolist()))
+            return
+        if highest >= self._dense.shape[0]:
+            grown = np.full(max(highest + 1, 2 * self._dense.shape[0]), -1, dtype=np.int32)
+            grown[: self._dense.shape[0]] = self._dense
+            self._dense = grown
+        self._dense[page_numbers.astype(np.intp)] = slots
+
+    def remove(self, page_numbers: np.ndarray) -> None:
+        if self._sparse is not None:
+            for page in page_numbers.tolist():
+                self._sparse.pop(page, None)
+            return
+        inside = page_numbers < self._dense.shape[0]
+        self._dense[page_numbers[inside].astype(np.intp)] = -1
+
+    def clear(self) -> None:
+        self._dense = np.full(0, -1, dtype=np.int32)
+        self._sparse = None
+
+
+class PageCache:
+    """``slots`` page copies with least-recently-used replacement.
+
+    ``pages[slot]`` is the copy of page ``page_of_slot[slot]`` last sent
+    (-1 = free slot). ``begin_batch()`` advances the LRU clock; slots touched
+    or allocated in the current batch are never evicted by it.
+    """
+
+    def __init__(self, slots: int, page_size: int):
+        self.page_size = page_size
+        self.pages = np.empty((slots, page_size), dtype=np.uint8)
+        self.pages.fill(0)  # touch every page now, so the first checkpoint does not pay the page faults
+        self.page_of_slot = np.full(slots, -1, dtype=np.int64)
+        self._last_used = np.zeros(slots, dtype=np.uint64)
+        self._index = SlotIndex()
+        self._clock = 0
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.page_of_slot >= 0))
+
+    def begin_batch(self) -> None:
+        self._clock += 1
+
+    def lookup(self, page_numbers: np.ndarray) -> np.ndarray:
+        """Slot of each page (int64), -1 for pages not cached."""
+        return self._index.lookup(page_numbers)
+
+    def touch(self, slots: np.ndarray) -> None:
+        """Mark slots as used by the current batch."""
+        self._last_used[slots] = self._clock
+
+    def allocate(self, page_numbers: np.ndarray) -> tuple[np.ndarray, int]:
+        """Slots for pages not cached yet, evicting least recently used ones.
+
+        Returns (slots, evictions); a page gets -1 when every slot is taken by
+        the current batch (a batch larger than the cache): it is sent whole and
+        not cached.
+        """
+        wanted = page_numbers.shape[0]
+        free = np.flatnonzero(self.page_of_slot < 0)[:wanted]
+        evicted = np.empty(0, dtype=np.int64)
+        shortfall = wanted - free.shape[0]
+        if shortfall > 0:
+            candidates = np.flatnonzero((self.page_of_slot >= 0) & (self._last_used < self._clock))
+            if candidates.shape[0] > shortfall:
+                oldest = np.argpartition(self._last_used[candidates], shortfall - 1)[:shortfall]
+                candidates = candidates[oldest]
+            evicted = candidates
+            self._index.remove(self.page_of_slot[evicted].astype(np.uint64))
+        granted = np.concatenate([free, evicted])
+        slots = np.full(wanted, -1, dtype=np.int64)
+        slots[: granted.shape[0]] = granted
+        placed = page_numbers[: granted.shape[0]]
+        self.page_of_slot[granted] = placed.astype(np.int64)
+        self._last_used[granted] = self._clock
+        self._index.assign(placed, granted)
+        return slots, int(evicted.shape[0])
+
+    def release(self, slots: np.ndarray) -> None:
+        """Forget the pages held in ``slots``."""
+        self._index.remove(self.page_of_slot[slots].astype(np.uint64))
+        self.page_of_slot[slots] = -1
+        self._last_used[slots] = 0
+
+    def release_where(self, doomed: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Forget every cached page for which ``doomed(page_numbers)`` is True."""
+        occupied = np.flatnonzero(self.page_of_slot >= 0)
+        self.release(occupied[doomed(self.page_of_slot[occupied].astype(np.uint64))])
+
+    def clear(self) -> None:
+        self.page_of_slot[:] = -1
+        self._last_used[:] = 0
+        self._index.clear()
+
+
+def vanished_ranges(batch: Batch, where: str) -> np.ndarray:
+    """[first, end) rows of a LAYOUT's ``meta["vanished"]`` page ranges (page numbers that no longer exist)."""
+    rows = []
+    for entry in batch.meta.get("vanished") or []:
+        try:
+            first, npages = int(entry["first_page"]), int(entry["npages"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptData(f"{where}: LAYOUT of epoch {batch.epoch} has a malformed vanished range "
+                              f"{entry!r}") from None
+        rows.append((first, first + npages))
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
+
+
+@dataclass
+class CachePlan:
+    """What one batch does to the cache: per page its outgoing kind and cache slot (-1: not cached)."""
+
+    kinds: np.ndarray
+    slots: np.ndarray
+
+    def rows(self, kind: PageKind) -> np.ndarray:
+        return np.flatnonzero(self.kinds == kind)
+
+    def cached_rows(self, kind: PageKind) -> np.ndarray:
+        return np.flatnonzero((self.kinds == kind) & (self.slots >= 0))
+
+
+class XorDelta(Stage):
+    factory_name = "xor-delta"
+    description = "LRU cache of last-sent page copies: hits become deltas against the cached copy, misses go whole"
+    input_caps = (PAGES,)
+    output_caps = DELTAS
+    shard_key = "page"
+
+    cache = Property("size", "32MiB", "Cache size in bytes, shared among the workers (each owns a slice)", minimum=1)
+    cache_pages = Property("int", 0, "Cache size in pages (overrides cache when > 0)", minimum=0)
+    classify = Property("object", None, "Set by fusing classify ! xor-delta: classify's properties, run first")
+
+    def __init__(self, **properties: Any):
+        super().__init__(**properties)
+        self._cache: PageCache | None = None
+        self._resync_epoch: int | None = None
+        self._classifier = None if self.classify is None else Classify(**self.classify)
+        self.counters.update(hits=0, misses=0, evictions=0, overflows=0, bytes_in=0, bytes_out=0)
+
+    def fuse(self, downstream: Stage) -> Stage | None:
+        if type(self) is XorDelta and isinstance(downstream, RunLengthEncode):
+            return XorDeltaRle(**self.property_values(), format=downstream.format)
+        return None
+
+    def with_classify(self, classify: Classify) -> "XorDelta":
+        """This stage classifying pages first (``Classify.fuse``): the same work, one process hop fewer."""
+        return type(self)(**self.property_values(), classify=classify.property_values())
+
+    def start(self, context: StageContext) -> None:
+        """Allocate this worker's cache slice (for the default page size; resized if the stream differs)."""
+        super().start(context)
+        self._cache = PageCache(self.cache_slots(DEFAULT_PAGE_SIZE), DEFAULT_PAGE_SIZE)
+        self._resync_epoch = None
+        if self._classifier is not None:
+            self._classifier.start(context)
+
+    @property
+    def cached_pages(self) -> int:
+        """How many page copies the cache holds."""
+        return 0 if self._cache is None else len(self._cache)
+
+    def cache_slots(self, page_size: int) -> int:
+        """Slots of this worker's slice of the cache."""
+        total = self.cache_pages or self.cache // page_size
+        return max(1, total // self.context.worker_count)
+
+    # ---- control ---------------------------------------------------------
+    def control(self, batch: Batch) -> Iterable[Batch]:
+        if self._classifier is not None:
+            (batch,) = self._classifier.control(batch)
+        self._apply_resync(batch)
+        if batch.flags & Flag.LAYOUT:
+            self._apply_layout(batch)
+        yield batch
+
+    def _apply_resync(self, batch: Batch) -> None:
+        """Drop every copy when a RESYNC epoch starts (all its batches carry the flag, so clear only at the first)."""
+        if not batch.flags & Flag.RESYNC:
+            self._resync_epoch = None
+        elif self._resync_epoch != batch.epoch:
+            self._resync_epoch = batch.epoch
+            if self._cache is not None:
+                self._cache.clear()
+
+    def _apply_layout(self, batch: Batch) -> None:
+        """Drop the copies of pages outside the new layout or listed in its ``vanished`` ranges."""
+        inside = page_ranges(layout_regions(batch, self.factory_name))
+        vanished = vanished_ranges(batch, self.factory_name)
+        if self._cache is not None:
+            self._cache.release_where(lambda pages: ~in_ranges(pages, inside) | in_ranges(pages, vanished))
+
+    # ---- data --------------------------------------------------------------
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        if self._classifier is not None:
+            (batch,) = self._classifier.process(batch)
+            self.counters.update(self._classifier.counters)
+        check_pages_batch(batch, self.factory_name)
+        self._apply_resync(batch)
+        plan = self._plan(batch)
+        yield self._emit(batch, plan)
+
+    def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
+        """DELTAS: ``reference`` rows of DELTA pages hold the copies before this batch; then the cache is updated."""
+        cache = self._cache
+        hits = plan.rows(PageKind.DELTA)
+        reference = np.zeros_like(batch.data)  # rows of other pages travel as zeros, never as stale memory
+        reference[hits] = cache.pages[plan.slots[hits]]
+        stored = np.flatnonzero(((plan.kinds == PageKind.FULL) | (plan.kinds == PageKind.DELTA)) & (plan.slots >= 0))
+        cache.pages[plan.slots[stored]] = batch.data[stored]
+        cache.pages[plan.slots[plan.cached_rows(PageKind.ZERO)]] = 0
+        sent = np.count_nonzero(plan.kinds != PageKind.ZERO)
+        self.counters["bytes_out"] += int(sent) * batch.page_size
+        return batch.with_(format=DELTAS, kinds=plan.kinds, reference=reference)
+
+    def _plan(self, batch: Batch) -> CachePlan:
+        """Look every page up, apply LRU, RAW drops and evictions; count hits, misses and evictions."""
+        cache = self._cache_for(batch)
+        pages, kinds_in = batch.page_numbers, batch.kinds
+        ordered = np.sort(pages)
+        if (ordered[1:] == ordered[:-1]).any():
+            raise CorruptData(f"{self.factory_name}: batch of epoch {batch.epoch} repeats a page number")
+        cache.begin_batch()
+        slots = cache.lookup(pages)
+        raw = kinds_in == PageKind.RAW
+        if raw.any():
+            cache.release(slots[raw & (slots >= 0)])
+            slots[raw] = -1
+        found = slots >= 0
+        cache.touch(slots[found])
+        normal = kinds_in == PageKind.NORMAL
+        hit = normal & found
+        needs_slot = np.flatnonzero(~raw & ~found)
+        evictions = 0
+        if needs_slot.shape[0]:
+            slots[needs_slot], evictions = cache.allocate(pages[needs_slot])
+        kinds = kinds_in.copy()
+        kinds[hit] = PageKind.DELTA
+        kinds[normal & ~hit] = PageKind.FULL
+        n_hits = int(hit.sum())
+        self.counters["hits"] += n_hits
+        self.counters["misses"] += int(normal.sum()) - n_hits
+        self.counters["evictions"] += evictions
+        self.counters["bytes_in"] += batch.npages * batch.page_size
+        return CachePlan(kinds=kinds, slots=slots)
+
+    def _cache_for(self, batch: Batch) -> PageCache:
+        if self._cache is None or (self._cache.page_size != batch.page_size and not len(self._cache)):
+            self._cache = PageCache(self.cache_slots(batch.page_size), batch.page_size)
+        elif self._cache.page_size != batch.page_size:
+            raise CorruptData(f"{self.factory_name}: batch of epoch {batch.epoch} has page size {batch.page_size}, "
+                              f"the stream started with {self._cache.page_size}")
+        return self._cache
+
+
+class XorDeltaRle(XorDelta):
+    """xor-delta fused with rle: hits are XOR + run-length encoded straight against the cache slots."""
+
+    factory_name = "xor-delta+rle"
+    description = "xor-delta and rle in one pass (the fused kernel): PAGES in, ENCODED out"
+    output_caps = ENCODED
+
+    format = Property("choice", "native", "Run-length format", choices=RUN_FORMATS)
+
+    def __init__(self, **properties: Any):
+        super().__init__(**properties)
+        self._codec = get_codec(self.format)
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        check_format_page_size(self._codec, batch, self.factory_name)
+        yield from super().process(batch)
+
+    def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
+        hits = plan.rows(PageKind.DELTA)
+        current = batch.data if hits.shape[0] == batch.npages else batch.data[hits]
+        encoded = self._codec.encode(current, self._cache.pages, slots=plan.slots[hits]) if hits.shape[0] else None
+        out = assemble_encoded(batch, plan.kinds, hits, encoded, self._codec.name)
+        self._store_from_payload(out, hits.shape[0], plan)
+        if encoded is not None:
+            self.counters["overflows"] += int(np.count_nonzero(encoded.kinds == PageKind.FULL))
+        self.counters["bytes_out"] += int(out.payload.shape[0])
+        return out
+
+    def _store_from_payload(self, out: Batch, encoded_pages: int, plan: CachePlan) -> None:
+        """Copy the batch's cached FULL pages into the cache from their (contiguous) payload slices; zero ZERO copies.
+
+        ``assemble_encoded`` put the whole pages (FULL, RAW) right after the
+        ``encoded_pages`` encoded ones, in row order: reading them from there
+        avoids gathering them from the batch a second time.
+        """
+        cache = self._cache
+        whole_rows = np.flatnonzero((plan.kinds == PageKind.FULL) | (plan.kinds == PageKind.RAW))
+        if whole_rows.shape[0]:
+            start = int(out.offsets[encoded_pages])
+            whole = out.payload[start:start + whole_rows.shape[0] * cache.page_size].reshape(-1, cache.page_size)
+            slots = plan.slots[whole_rows]
+            cached = slots >= 0  # RAW pages and FULL pages the cache had no room for have no slot
+            if not cached.all():
+                slots, whole = slots[cached], whole[cached]
+            cache.pages[slots] = whole
+        cache.pages[plan.slots[plan.cached_rows(PageKind.ZERO)]] = 0

@@ -1,0 +1,181 @@
+"""Small stages the runtime tests drive: recorders, failures, slow consumers, fusable pairs.
+
+They live in an importable module (not in a test file) so worker processes can rebuild them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+import xxhash
+
+from pipeline.batch import ANY, DELTAS, PAGES, Batch, Flag
+from pipeline.stage import Property, Stage, StageContext
+from stages.basic import Identity, TestSource
+
+
+class Recorder(Stage):
+    """Sink writing a canonical account of its input to ``path`` (one JSON line per event) at the end.
+
+    Data batches are recorded as (epoch, page, xxh3 of data) sorted per epoch,
+    since order inside an epoch is free; control markers in arrival order.
+    """
+
+    factory_name = "recorder"
+    description = "test sink: write what arrives to a JSON file"
+    input_caps = (ANY,)
+    output_caps = None
+    path = Property("str", "", "where to write the record")
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self.events: list = []
+        self.pages: list = []
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        for row, page in enumerate(batch.page_numbers.tolist()):
+            digest = xxhash.xxh3_64_hexdigest(batch.data[row]) if batch.data is not None else ""
+            self.pages.append((batch.epoch, page, int(batch.kinds[row]), digest))
+        self.events.append(["data", batch.epoch])
+        return ()
+
+    def control(self, batch: Batch) -> Iterable[Batch]:
+        self.events.append([Flag(batch.flags).name, batch.epoch, batch.meta.get("pages")])
+        if batch.flags & Flag.END_OF_STREAM:
+            with open(self.path, "w") as file:
+                json.dump({"events": self.events, "pages": sorted(self.pages)}, file)
+        return ()
+
+
+def read_record(path) -> dict:
+    with open(path) as file:
+        return json.load(file)
+
+
+class FailAt(Identity):
+    """Pass batches through; raise (or kill its own process) at data batch number ``at``."""
+
+    factory_name = "fail-at"
+    at = Property("int", 0, "data batch number that fails")
+    how = Property("choice", "raise", "how to fail", choices=("raise", "sigkill", "hang"))
+    worker = Property("int", -1, "only this worker fails (-1: every worker)")
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self.seen = 0
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        failing = self.worker in (-1, self.context.worker_index)
+        if failing and self.seen == self.at:
+            if self.how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "hang":
+                while True:
+                    time.sleep(0.05)
+            raise RuntimeError(f"planned failure at batch {self.at}")
+        self.seen += 1
+        yield batch
+
+
+class ShardChecker(Identity):
+    """Page-sharded pass-through that fails if it receives a page another worker owns."""
+
+    factory_name = "shard-checker"
+    shard_key = "page"
+    input_caps = (PAGES, DELTAS)
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        owners = batch.page_numbers % np.uint64(self.context.worker_count)
+        if np.any(owners != self.context.worker_index):
+            raise AssertionError(f"worker {self.context.worker_index} got pages of other workers")
+        self.counters["pages"] = self.counters.get("pages", 0) + batch.npages
+        yield batch
+
+
+class CountingSource(TestSource):
+    """test-src that writes how many data batches it has handed to the runtime into ``counter-file``."""
+
+    factory_name = "counting-src"
+    counter_file = Property("str", "", "file holding one int64: data batches emitted so far")
+
+    def produce(self) -> Iterator[Batch]:
+        counter = np.memmap(self.counter_file, dtype=np.int64, mode="r+", shape=(1,))
+        for batch in super().produce():
+            yield batch
+            if not batch.is_control:
+                counter[0] += 1
+
+
+class LaggingSink(Stage):
+    """Slow sink that records, per data batch, how far ahead the counting source is."""
+
+    factory_name = "lagging-sink"
+    input_caps = (ANY,)
+    output_caps = None
+    counter_file = Property("str", "", "the counting source's counter file")
+    delay = Property("duration", "2ms", "time spent per batch")
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self.counter = np.memmap(self.counter_file, dtype=np.int64, mode="r", shape=(1,))
+        self.counters["consumed"] = 0
+        self.counters["max_ahead"] = 0
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        self.counters["consumed"] += 1
+        ahead = int(self.counter[0]) - self.counters["consumed"]
+        self.counters["max_ahead"] = max(self.counters["max_ahead"], ahead)
+        time.sleep(self.delay)
+        return ()
+
+
+class Doubler(Identity):
+    """Pass-through that fuses with a following Doubler-or-Identity into one FusedPair."""
+
+    factory_name = "doubler"
+
+    def fuse(self, downstream: Stage) -> Stage | None:
+        if isinstance(downstream, Identity) and not isinstance(downstream, Doubler):
+            return FusedPair(**self.property_values())
+        return None
+
+
+class FusedPair(Identity):
+    factory_name = "fused-pair"
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        self.counters["fused"] = self.counters.get("fused", 0) + 1
+        yield batch
+
+
+class CallerSource(Stage):
+    """A runs_in_caller source: the application pushes epochs with ``checkpoint(pages)``."""
+
+    factory_name = "caller-src"
+    output_caps = PAGES
+    runs_in_caller = True
+
+    def __init__(self, **properties):
+        super().__init__(**properties)
+        self.requests: queue.Queue = queue.Queue()
+        self.pid_seen = 0
+
+    def checkpoint(self, pages: int | None) -> None:
+        """Queue one epoch of ``pages`` pages (None ends the stream)."""
+        self.requests.put(pages)
+
+    def produce(self) -> Iterator[Batch]:
+        self.pid_seen = os.getpid()
+        epoch = 0
+        while (pages := self.requests.get(timeout=10)) is not None:
+            numbers = np.arange(pages, dtype=np.uint64)
+            yield Batch(format=PAGES, epoch=epoch, page_numbers=numbers, kinds=np.zeros(pages, np.uint8),
+                        data=np.zeros((pages, 4096), np.uint8))
+            yield Batch.control(Flag.EPOCH_END, epoch, pages=pages)
+            epoch += 1
+        yield Batch.control(Flag.END_OF_STREAM, epoch)

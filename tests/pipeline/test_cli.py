@@ -1,0 +1,89 @@
+"""The pagepipe command: inspect, launch (exit codes, --stats-json), stage over tcp, bench dispatch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from pipeline.batch import Batch, Flag
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_inspect_lists_every_stage_with_a_description(capsys):
+    assert main(["inspect"]) == 0
+    listing = capsys.readouterr().out
+    assert "test-src" in listing and "Synthetic source of PAGES batches" in listing
+    assert "null-sink" in listing and "xor-delta" in listing
+
+
+def test_inspect_name_shows_formats_shard_key_and_every_property(capsys):
+    assert main(["inspect", "test-src"]) == 0
+    text = capsys.readouterr().out
+    assert "Output format   pages" in text and "Shard key       none (round-robin)" in text
+    assert "page-size" in text and "16 .. 16777216" in text and "counter | zeros | random" in text
+
+
+def test_inspect_unknown_name_exits_2(capsys):
+    assert main(["inspect", "nope"]) == 2
+    assert "unknown stage 'nope'" in capsys.readouterr().err
+
+
+def test_launch_writes_statistics_json_and_exits_0(tmp_path):
+    stats = tmp_path / "stats.json"
+    assert main(["launch", "--mode", "process", "--stats-json", str(stats),
+                 "test-src epochs=2 pages=64 ! identity workers=2 ! null-sink"]) == 0
+    data = json.loads(stats.read_text())
+    assert data["stages"]["null-sink0"]["pages_in"] == 128
+    assert data["stages"]["identity0"]["workers"] == 2
+    assert {w["stage"] for w in data["workers"]} == {"test-src0", "identity0", "null-sink0"}
+
+
+def test_launch_exit_codes_for_a_bad_description_and_a_failing_stage(capsys):
+    assert main(["launch", "test-src ! rle ! null-sink"]) == 2
+    assert "^" in capsys.readouterr().err
+    assert main(["launch", "--mode", "inline", "test-src ! fail-at at=1 ! null-sink"]) == 1
+    assert "stage 'fail-at0' worker 0 failed: RuntimeError" in capsys.readouterr().err
+
+
+def test_bench_dispatches_to_the_named_module_and_rejects_unknown_ones(capsys):
+    assert main(["bench", "no_such_benchmark"]) == 2
+    assert "no benchmark named" in capsys.readouterr().err
+
+
+def free_tcp_port() -> int:
+    with zmq.Context.instance().socket(zmq.PULL) as probe:
+        return probe.bind_to_random_port("tcp://127.0.0.1")
+
+
+def test_stage_subcommand_runs_one_stage_between_tcp_endpoints():
+    in_port, out_port = free_tcp_port(), free_tcp_port()
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push, context.socket(zmq.PULL) as pull:
+        push.linger = 1000
+        pull.bind(f"tcp://127.0.0.1:{out_port}")
+        stage = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stage", "identity", "--input",
+                                  f"tcp://127.0.0.1:{in_port}", "--output", f"tcp://127.0.0.1:{out_port}"],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            push.connect(f"tcp://127.0.0.1:{in_port}")
+            pages = np.arange(3, dtype=np.uint64)
+            sent = [Batch(epoch=0, page_size=64, page_numbers=pages, kinds=np.zeros(3, np.uint8),
+                          data=np.full((3, 64), 7, np.uint8)),
+                    Batch.control(Flag.EPOCH_END, 0, page_size=64, pages=3),
+                    Batch.control(Flag.END_OF_STREAM, 0, page_size=64)]
+            for batch in sent:
+                push.send_multipart(batch.to_frames())
+            assert pull.poll(20000)
+            received = [Batch.from_frames(pull.recv_multipart()) for _ in sent]
+            stage.wait(timeout=20)
+        finally:
+            stage.kill()
+            stage.wait()
+    assert stage.returncode == 0
+    assert np.array_equal(received[0].data, sent[0].data)
+    assert received[1].meta["pages"] == 3 and received[2].flags == Flag.END_OF_STREAM

@@ -1,0 +1,98 @@
+"""A failing stage, a killed worker, an interrupted supervisor: everything stops, the culprit is named."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests_pipeline_support import descendants, wait_until_gone
+from pipeline.errors import StageFailed
+from pipeline.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = "test-src epochs=4 pages=256 batch-pages=16 page-size=256"
+ENDLESS = "test-src epochs=100000000 pages=64 pattern=zeros ! identity ! null-sink"
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_a_raising_stage_fails_the_run_naming_stage_worker_and_exception(mode):
+    p = Pipeline.parse(f"{SOURCE} ! identity workers=2 ! fail-at at=3 workers=2 worker=1 ! null-sink")
+    with pytest.raises(StageFailed) as caught:
+        p.run(mode=mode, timeout=30)
+    failure = caught.value
+    assert (failure.stage, failure.worker) == ("fail-at0", 1)
+    assert "RuntimeError: planned failure at batch 3" in failure.reason
+    assert "RuntimeError" in failure.traceback
+
+
+def test_a_worker_killed_by_sigkill_fails_the_run_within_five_seconds():
+    p = Pipeline.parse(f"{SOURCE} ! fail-at at=2 how=sigkill ! null-sink")
+    began = time.monotonic()
+    with pytest.raises(StageFailed) as caught:
+        p.run(mode="process", timeout=30)
+    assert (caught.value.stage, caught.value.worker) == ("fail-at0", 0)
+    assert "SIGKILL" in caught.value.reason
+    assert time.monotonic() - began < 5
+
+
+def test_a_failure_also_stops_workers_stuck_in_stage_code():
+    p = Pipeline.parse(f"{SOURCE} ! fail-at at=3 ! fail-at how=hang ! null-sink")
+    with pytest.raises(StageFailed) as caught:
+        p.run(mode="process", timeout=30)
+    assert caught.value.stage == "fail-at0"
+
+
+def test_corrupt_bytes_on_an_input_socket_fail_that_stage_with_a_clear_error(tmp_path):
+    endpoint = f"ipc://{tmp_path}/in"
+    command = [sys.executable, "-m", "pipeline.cli", "stage", "identity", "--input", endpoint,
+               "--output", f"ipc://{tmp_path}/out"]
+    stage = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import zmq
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.linger = 1000
+        push.connect(endpoint)
+        push.send_multipart([b'{"v": 1, "arrays": {"page_numbers": [5]}}', b"\x00" * 3])
+        _, errors = stage.communicate(timeout=20)
+    assert stage.returncode == 1
+    assert "stage 'identity' worker 0 failed: CorruptData: batch header" in errors
+
+
+def start_cli(description: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch", description], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_workers(supervisor: subprocess.Popen, count: int) -> set[int]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        below = descendants(supervisor.pid)
+        if len(below) >= count:
+            return below
+        time.sleep(0.05)
+    supervisor.kill()
+    raise AssertionError("the pipeline's workers did not start")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_launch_stops_every_worker_and_exits_non_zero(signal_number):
+    supervisor = start_cli(ENDLESS)
+    workers = wait_for_workers(supervisor, 4)  # forkserver + 3 workers (and maybe the resource tracker)
+    time.sleep(0.3)
+    os.kill(supervisor.pid, signal_number)
+    _, errors = supervisor.communicate(timeout=10)
+    assert supervisor.returncode == 130
+    assert "interrupted" in errors
+    assert not wait_until_gone(workers)
+
+
+def test_workers_end_when_the_supervisor_is_killed():
+    supervisor = start_cli(ENDLESS)
+    workers = wait_for_workers(supervisor, 4)
+    supervisor.kill()
+    supervisor.wait(timeout=10)
+    assert not wait_until_gone(workers)

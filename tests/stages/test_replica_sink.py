@@ -1,0 +1,368 @@
+"""replica-sink fed by hand: atomic, ordered, verified epochs; discards, resync and acknowledgements."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from pipeline.batch import PAGES, Batch, Flag, PageKind
+from pipeline.errors import ConfigError, CorruptData
+from pipeline.stage import StageContext
+from stages.acks import AckListener
+from stages.classify import Classify
+from stages.entropy import Zstd
+from stages.pages import combine_digests, digest_pages
+from stages.replica import ReplicaSink
+from stages.replica_store import IMAGE, load_replica, read_manifest
+from stages.rle import RunLengthEncode
+from stages.trackers.epochs import EpochStream
+from stages.xor_delta import XorDelta
+
+PAGE = 4096
+NPAGES = 24
+REGIONS = [{"name": "heap", "start": 0x7F0000000000, "first_page": 0, "npages": 16},
+           {"name": "data", "start": 0x600000, "first_page": 16, "npages": 8}]
+
+
+class Sender:
+    """The sender side in miniature: its memory, and the real sender stages it runs through."""
+
+    def __init__(self, codec: str = "native", seed: int = 1):
+        self.rng = np.random.default_rng(seed)
+        self.memory = self.rng.integers(0, 256, (NPAGES, PAGE), dtype=np.uint8)
+        self.memory[3] = 0
+        self.stream = EpochStream(PAGE, batch_pages=5)
+        run_format, *entropy = codec.split("+")
+        self.stages = [Classify(), XorDelta(cache_pages=NPAGES), RunLengthEncode(format=run_format)]
+        self.stages += [Zstd() for _ in entropy]
+        for stage in self.stages:
+            stage.start(StageContext(stage.factory_name))
+        self.epoch = 0
+
+    def run(self, batches: list[Batch]) -> list[Batch]:
+        for stage in self.stages:
+            batches = [out for batch in batches for out in stage.handle(batch)]
+        return batches
+
+    def layout(self) -> Batch:
+        return self.run([Batch.control(Flag.LAYOUT, self.epoch + 1, page_size=PAGE, regions=REGIONS)])[0]
+
+    def dirty(self, count: int) -> np.ndarray:
+        page_numbers = np.sort(self.rng.choice(NPAGES, count, replace=False)).astype(np.uint64)
+        for page in page_numbers:
+            offset = int(self.rng.integers(0, PAGE - 64))
+            self.memory[page, offset:offset + 64] = self.rng.integers(0, 256, 64, dtype=np.uint8)
+        return page_numbers
+
+    def epoch_batches(self, page_numbers: np.ndarray, *, resync: bool = False) -> list[Batch]:
+        """Encoded data batches of the next epoch plus its EPOCH_END (count and digest)."""
+        self.epoch += 1
+        data = self.memory[page_numbers.astype(np.intp)]
+        tracker_batches = list(self.stream.pages(self.epoch, page_numbers, data, resync))
+        tracker_batches.append(self.stream.end(self.epoch, pause=0.0, resync=resync))
+        return self.run(tracker_batches)
+
+    def full_epoch(self, **kwargs) -> list[Batch]:
+        return self.epoch_batches(np.arange(NPAGES, dtype=np.uint64), **kwargs)
+
+
+class Bus:
+    def __init__(self):
+        self.messages: list[tuple[str, dict]] = []
+
+    def post(self, kind: str, **fields) -> None:
+        self.messages.append((kind, fields))
+
+    def warnings(self) -> list[str]:
+        return [fields["message"] for kind, fields in self.messages if kind == "warning"]
+
+
+def started_sink(path, bus: Bus | None = None, **properties) -> ReplicaSink:
+    sink = ReplicaSink(path=str(path), fsync=False, **properties)
+    sink.start(StageContext("replica-sink", post=(bus or Bus()).post))
+    return sink
+
+
+def feed(sink: ReplicaSink, batches: list[Batch]) -> None:
+    for batch in batches:
+        assert list(sink.handle(batch)) == []
+
+
+def replica_memory(path) -> np.ndarray:
+    regions = load_replica(path)
+    return np.concatenate([regions["heap"], regions["data"]]).reshape(NPAGES, PAGE)
+
+
+def test_epochs_are_committed_and_replica_equals_sender(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    for _ in range(4):
+        feed(sink, sender.epoch_batches(sender.dirty(7)))
+        np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    assert read_manifest(tmp_path)["epoch"] == 5
+    assert sink.counters["epochs_committed"] == 5
+    sink.stop()
+
+
+@pytest.mark.parametrize("codec", ["xbzrle", "xen", "native+zstd"])
+def test_every_codec_chain_is_applied(tmp_path, codec):
+    sender = Sender(codec)
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    feed(sink, sender.epoch_batches(sender.dirty(9)))
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    sink.stop()
+
+
+def test_unencoded_pages_stream_is_applied(tmp_path):
+    sender = Sender()
+    page_numbers = np.arange(NPAGES, dtype=np.uint64)
+    kinds = np.full(NPAGES, PageKind.NORMAL, dtype=np.uint8)
+    kinds[3] = PageKind.ZERO
+    data = sender.memory.copy()
+    data[3] = 0xAA  # data of a ZERO page is meaningless
+    digest = combine_digests(page_numbers, digest_pages(sender.memory))
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout(),
+                Batch(format=PAGES, epoch=1, page_size=PAGE, page_numbers=page_numbers, kinds=kinds, data=data),
+                Batch.control(Flag.EPOCH_END, 1, page_size=PAGE, pages=NPAGES, digest=int(digest))])
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    sink.stop()
+
+
+def test_nothing_is_written_before_the_commit_record(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    *data, end = sender.full_epoch()
+    feed(sink, [sender.layout()] + data)
+    assert not (tmp_path / IMAGE).exists()
+    feed(sink, [end])
+    assert (tmp_path / IMAGE).exists()
+    sink.stop()
+
+
+def test_digest_mismatch_discards_epoch_and_keeps_last_commit(tmp_path):
+    sender, bus = Sender(), Bus()
+    sink = started_sink(tmp_path, bus)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    before = sender.memory.copy()
+    *data, end = sender.epoch_batches(sender.dirty(5))
+    end.meta["digest"] ^= 1
+    feed(sink, data + [end])
+    np.testing.assert_array_equal(replica_memory(tmp_path), before)
+    assert read_manifest(tmp_path)["epoch"] == 1
+    assert any("epoch 2 discarded (digest mismatch" in w for w in bus.warnings())
+    sink.stop()
+
+
+def test_torn_epoch_is_discarded_at_end_of_stream(tmp_path):
+    sender, bus = Sender(), Bus()
+    sink = started_sink(tmp_path, bus)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    *data, _ = sender.epoch_batches(sender.dirty(5))
+    feed(sink, data[:1] + [Batch.control(Flag.END_OF_STREAM, 2)])
+    assert read_manifest(tmp_path)["epoch"] == 1
+    assert any("torn" in w for w in bus.warnings())
+    sink.stop()
+
+
+def test_torn_epoch_followed_by_next_epoch_is_discarded(tmp_path):
+    sender, bus = Sender(), Bus()
+    sink = started_sink(tmp_path, bus)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    torn = sender.epoch_batches(sender.dirty(8))[:1]
+    feed(sink, torn + sender.epoch_batches(sender.dirty(3)))
+    assert read_manifest(tmp_path)["epoch"] == 1
+    assert any("epoch 2 discarded (torn" in w for w in bus.warnings())
+    assert sink.counters["epochs_discarded"] == 2  # epoch 3 follows a gap
+    sink.stop()
+
+
+def test_page_count_mismatch_is_torn(tmp_path):
+    sender, bus = Sender(), Bus()
+    sink = started_sink(tmp_path, bus)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    batches = sender.epoch_batches(sender.dirty(8))
+    feed(sink, batches[1:])
+    assert read_manifest(tmp_path)["epoch"] == 1
+    assert any("commit record says 8 pages, 3 arrived" in w for w in bus.warnings())
+    sink.stop()
+
+
+def test_gap_discards_until_resync_epoch_arrives(tmp_path):
+    sender, bus = Sender(), Bus()
+    sink = started_sink(tmp_path, bus)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    sender.epoch_batches(sender.dirty(4))          # epoch 2 lost on the way
+    feed(sink, sender.epoch_batches(sender.dirty(4)))
+    feed(sink, sender.epoch_batches(sender.dirty(4)))
+    assert read_manifest(tmp_path)["epoch"] == 1
+    assert any("gap: replica is at epoch 1" in w for w in bus.warnings())
+    feed(sink, sender.full_epoch(resync=True))
+    feed(sink, sender.epoch_batches(sender.dirty(6)))
+    assert read_manifest(tmp_path)["epoch"] == 6
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    sink.stop()
+
+
+def test_restarted_sink_resumes_from_committed_epoch(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()] + sender.full_epoch() + sender.epoch_batches(sender.dirty(5)))
+    sink.stop()
+    resumed = started_sink(tmp_path)
+    assert resumed.in_sync and resumed.store.epoch == 2
+    feed(resumed, [sender.layout()] + sender.epoch_batches(sender.dirty(5)))
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    resumed.stop()
+
+
+def test_restarted_sender_baseline_replaces_replica(tmp_path):
+    old_sender = Sender(seed=1)
+    sink = started_sink(tmp_path)
+    feed(sink, [old_sender.layout()] + old_sender.full_epoch() + old_sender.epoch_batches(old_sender.dirty(5)))
+    new_sender = Sender(seed=2)                     # counts epochs from 1 again
+    feed(sink, [new_sender.layout()] + new_sender.full_epoch() + new_sender.epoch_batches(new_sender.dirty(4)))
+    assert read_manifest(tmp_path)["epoch"] == 2
+    np.testing.assert_array_equal(replica_memory(tmp_path), new_sender.memory)
+    sink.stop()
+
+
+def test_damaged_replica_on_start_is_cleared_and_resynced(tmp_path):
+    sender, bus = Sender(), Bus()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    sink.stop()
+    with open(tmp_path / IMAGE, "r+b") as image:
+        image.write(b"\x01\x02\x03")
+    restarted = started_sink(tmp_path, bus)
+    assert restarted.store.is_empty and not restarted.in_sync
+    assert any("inconsistent" in w for w in bus.warnings())
+    feed(restarted, [sender.layout()] + sender.epoch_batches(sender.dirty(3)))   # a delta: cannot apply
+    feed(restarted, sender.full_epoch(resync=True))
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    restarted.stop()
+
+
+def test_page_number_outside_layout_is_refused(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    bad = sender.epoch_batches(sender.dirty(3))[0]
+    bad.page_numbers = bad.page_numbers.copy()
+    bad.page_numbers[1] = NPAGES + 7
+    with pytest.raises(CorruptData, match=f"page 1 has page number {NPAGES + 7} outside the layout"):
+        feed(sink, [bad])
+    sink.stop()
+    assert read_manifest(tmp_path)["epoch"] == 1
+
+
+def test_unknown_codec_is_refused(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()])
+    bad = sender.full_epoch()[0]
+    bad.meta["codec"] = "brotli"
+    with pytest.raises(CorruptData, match="unknown codec 'brotli'"):
+        feed(sink, [bad])
+    sink.stop()
+
+
+def test_corrupt_payload_is_refused(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    batch = next(b for b in sender.epoch_batches(sender.dirty(8)) if (b.kinds == PageKind.DELTA).any())
+    batch.payload = batch.payload[: batch.payload.size // 2].copy()
+    batch.offsets = np.minimum(batch.offsets, batch.payload.size).astype(np.uint64)
+    with pytest.raises(CorruptData, match="replica-sink: epoch 2"):
+        feed(sink, [batch])
+    sink.stop()
+
+
+def test_oversized_epoch_is_refused(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path, max_epoch=8 * PAGE)
+    feed(sink, [sender.layout()])
+    with pytest.raises(CorruptData, match="exceeds max-epoch"):
+        feed(sink, sender.full_epoch())
+    sink.stop()
+
+
+def test_missing_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="path is required"):
+        ReplicaSink().start(StageContext("replica-sink"))
+
+
+def test_acks_and_resync_requests_reach_the_sender(tmp_path):
+    reasons: list[str] = []
+    requested = threading.Event()
+    listener = AckListener(f"ipc://{tmp_path}/acks", on_resync=lambda reason: (reasons.append(reason), requested.set()))
+    try:
+        sender = Sender()
+        sink = started_sink(tmp_path / "replica", ack_endpoint=listener.endpoint, on_error="resync")
+        feed(sink, [sender.layout()] + sender.full_epoch() + sender.epoch_batches(sender.dirty(4)))
+        assert listener.wait_for(2, timeout=10)
+        bad = sender.epoch_batches(sender.dirty(3))
+        bad[0].page_numbers = np.full_like(bad[0].page_numbers, NPAGES + 1)
+        feed(sink, bad)                                 # refused, discarded, resync asked
+        sink.stop()
+        assert requested.wait(timeout=10)
+        assert "outside the layout" in reasons[0]
+        assert listener.acked_epoch == 2
+    finally:
+        listener.close()
+
+
+def test_empty_epoch_is_committed(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()] + sender.full_epoch() + sender.epoch_batches(np.empty(0, dtype=np.uint64)))
+    assert read_manifest(tmp_path)["epoch"] == 2
+    feed(sink, sender.epoch_batches(sender.dirty(2)))
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    sink.stop()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda batch: batch.with_(kinds=batch.kinds[:-1]), "kinds for"),
+    (lambda batch: batch.with_(kinds=np.full_like(batch.kinds, 9)), "has kind 9"),
+    (lambda batch: batch.with_(page_size=8192), "page size 8192"),
+    (lambda batch: batch.with_(meta={}), "names no codec"),
+    (lambda batch: batch.with_(payload=None), "without payload"),
+])
+def test_inconsistent_batches_are_refused(tmp_path, damage, message):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()])
+    with pytest.raises(CorruptData, match=message):
+        feed(sink, [damage(sender.full_epoch()[0])])
+    sink.stop()
+
+
+def test_pages_before_layout_are_refused(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    sender.layout()
+    with pytest.raises(CorruptData, match="before any layout"):
+        feed(sink, sender.full_epoch()[:1])
+    sink.stop()
+
+
+def test_layout_change_mid_stream_is_followed(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    grown = REGIONS + [{"name": "mmap", "start": 0x900000, "first_page": NPAGES, "npages": 2}]
+    extra = np.full((2, PAGE), 0x5A, dtype=np.uint8)
+    stream = EpochStream(PAGE, batch_pages=5)
+    stream.sequence = 1000
+    layout = Batch.control(Flag.LAYOUT, 2, page_size=PAGE, regions=grown)
+    pages = list(stream.pages(2, np.array([NPAGES, NPAGES + 1], dtype=np.uint64), extra, resync=False))
+    feed(sink, sender.run([layout] + pages + [stream.end(2, pause=0.0)]))
+    assert read_manifest(tmp_path)["regions"][-1]["name"] == "mmap"
+    np.testing.assert_array_equal(load_replica(tmp_path)["mmap"].reshape(2, PAGE), extra)
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    sink.stop()

@@ -1,0 +1,332 @@
+"""The replica on disk: atomic commits, journal recovery, loading and verification."""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from pipeline.batch import PageKind
+from pipeline.errors import ReplicaError
+from stages.codecs import get_codec
+from stages.pages import combine_digests, digest_pages
+from stages.replica_store import (DIGESTS, IMAGE, JOURNAL, MANIFEST, Layout, ReplicaStore, add_command_arguments,
+                                  load_replica, read_manifest, run_command, verify_replica, whole_pages)
+
+PAGE = 4096
+REGIONS = [{"name": "heap", "start": 0x10000, "first_page": 0, "npages": 6},
+           {"name": "stack", "start": 0x90000, "first_page": 8, "npages": 2}]
+
+
+def layout(regions=REGIONS, page_size=PAGE) -> Layout:
+    return Layout.from_untrusted(page_size, regions, max_pages=1 << 20)
+
+
+def filled(page_numbers, value: int, page_size=PAGE) -> np.ndarray:
+    pages = np.empty((len(page_numbers), page_size), dtype=np.uint8)
+    pages[:] = (np.arange(page_size) + value)[None, :] % 251
+    pages[:, 0] = np.asarray(page_numbers) % 256
+    return pages
+
+
+def commit(store: ReplicaStore, epoch: int, page_numbers, value: int, the_layout=None) -> np.ndarray:
+    page_numbers = np.asarray(page_numbers, dtype=np.uint64)
+    pages = filled(page_numbers, value)
+    digests = digest_pages(pages)
+    store.commit(epoch, the_layout or layout(), page_numbers, [whole_pages(pages)], digests,
+                 combine_digests(page_numbers, digests))
+    return pages
+
+
+ALL_PAGES = [0, 1, 2, 3, 4, 5, 8, 9]
+
+
+def test_committed_epoch_loads_back_per_region(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=True)
+    assert store.is_empty
+    first = commit(store, 1, ALL_PAGES, 7)
+    second = commit(store, 2, [1, 9], 9)
+    store.close()
+
+    regions = load_replica(tmp_path)
+    assert sorted(regions) == ["heap", "stack"]
+    heap = regions["heap"].reshape(6, PAGE)
+    np.testing.assert_array_equal(heap[[0, 2, 3, 4, 5]], first[[0, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(heap[1], second[0])
+    stack = regions["stack"].reshape(2, PAGE)
+    np.testing.assert_array_equal(stack[0], first[6])
+    np.testing.assert_array_equal(stack[1], second[1])
+    manifest = read_manifest(tmp_path)
+    assert manifest["epoch"] == 2 and manifest["page_size"] == PAGE
+    assert not (tmp_path / JOURNAL).exists()
+
+
+def test_reopened_store_resumes_at_last_epoch(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    commit(store, 2, [3], 2)
+    store.close()
+    reopened = ReplicaStore(tmp_path)
+    assert reopened.epoch == 2 and reopened.layout == layout()
+    np.testing.assert_array_equal(reopened.read_pages(np.array([3], dtype=np.uint64), PAGE), filled([3], 2))
+
+
+def test_verify_accepts_intact_replica_and_names_a_damaged_page(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 3)
+    store.close()
+    report = verify_replica(tmp_path)
+    assert report.ok and report.epoch == 1 and report.pages == 8
+
+    with open(tmp_path / IMAGE, "r+b") as image:
+        image.seek(4 * PAGE + 100)
+        image.write(b"\xff")
+    damaged = verify_replica(tmp_path)
+    assert not damaged.ok
+    assert damaged.bad_pages == [4]
+
+
+def test_verify_detects_tampered_digest_file(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 3)
+    store.close()
+    digests = np.fromfile(tmp_path / DIGESTS, dtype="<u8")
+    digests[5] ^= 1
+    digests.tofile(tmp_path / DIGESTS)
+    report = verify_replica(tmp_path)
+    assert not report.ok and 5 in report.bad_pages
+
+
+def test_verify_reports_missing_image(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 3)
+    store.close()
+    (tmp_path / IMAGE).unlink()
+    report = verify_replica(tmp_path)
+    assert not report.ok and IMAGE in report.problems[0]
+
+
+def test_crash_during_first_commit_leaves_an_empty_replica(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 3)
+    store.close()
+    (tmp_path / MANIFEST).unlink()      # died before the first manifest was written
+    reopened = ReplicaStore(tmp_path)
+    assert reopened.is_empty and reopened.recovered_journal == "none"
+    with pytest.raises(ReplicaError, match="nothing committed"):
+        load_replica(tmp_path)
+    commit(reopened, 1, ALL_PAGES, 4)
+    np.testing.assert_array_equal(reopened.read_pages(np.array([0, 9], dtype=np.uint64), PAGE),
+                                  filled([0, 9], 4))
+
+
+def test_complete_journal_is_replayed_on_open(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    pages = filled([2, 8], 5)
+    digests = digest_pages(pages)
+    page_numbers = np.array([2, 8], dtype=np.uint64)
+    manifest = dict(read_manifest(tmp_path), epoch=2)
+    # The receiver died right after writing the journal, before applying it.
+    store._write_journal(manifest, page_numbers, [whole_pages(pages)], digests)
+    store.close()
+
+    reopened = ReplicaStore(tmp_path)
+    assert reopened.recovered_journal == "replayed"
+    assert reopened.epoch == 2
+    np.testing.assert_array_equal(reopened.read_pages(page_numbers, PAGE), pages)
+    assert not (tmp_path / JOURNAL).exists()
+
+
+def test_delta_journal_replays_over_a_half_applied_image(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    before = commit(store, 1, ALL_PAGES, 1)
+    page_numbers = np.array([0, 4, 8], dtype=np.uint64)
+    cached = before[[0, 4, 6]].copy()
+    after = cached.copy()
+    after[:, 10:20] = 0xAB
+    encoding = get_codec("native").encode(after, cached)
+    assert (encoding.kinds == PageKind.DELTA).all()
+    image_digest = store._next_image_digest(layout(), page_numbers, digest_pages(after))
+    manifest = dict(read_manifest(tmp_path), epoch=2, image_digest=f"{image_digest:#018x}")
+    store._write_journal(manifest, page_numbers, [encoding], digest_pages(after))
+    # The receiver died while applying: the first page got its new bytes, the others not yet.
+    with open(tmp_path / IMAGE, "r+b") as image:
+        image.seek(0)
+        image.write(after[0].tobytes())
+    store.close()
+
+    reopened = ReplicaStore(tmp_path)
+    assert reopened.recovered_journal == "replayed" and reopened.epoch == 2
+    np.testing.assert_array_equal(reopened.read_pages(page_numbers, PAGE), after)
+    assert verify_replica(tmp_path).ok
+
+
+def test_readers_see_a_pending_commit_without_touching_the_files(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    pages = filled([2, 8], 5)
+    digests = digest_pages(pages)
+    page_numbers = np.array([2, 8], dtype=np.uint64)
+    image_digest = store._next_image_digest(layout(), page_numbers, digests)
+    manifest = dict(read_manifest(tmp_path), epoch=2, image_digest=f"{image_digest:#018x}")
+    store._write_journal(manifest, page_numbers, [whole_pages(pages)], digests)   # being applied now
+    store.close()
+
+    regions = load_replica(tmp_path)
+    np.testing.assert_array_equal(regions["heap"].reshape(6, PAGE)[2], pages[0])
+    np.testing.assert_array_equal(regions["stack"].reshape(2, PAGE)[0], pages[1])
+    report = verify_replica(tmp_path)
+    assert not report.ok and "epoch 2 was interrupted" in report.problems[0]
+    assert (tmp_path / JOURNAL).exists() and read_manifest(tmp_path)["epoch"] == 1   # untouched
+
+
+def test_truncated_journal_is_discarded_and_replica_unchanged(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    before = commit(store, 1, ALL_PAGES, 1)
+    pages = filled([2], 5)
+    store._write_journal(dict(read_manifest(tmp_path), epoch=2), np.array([2], dtype=np.uint64),
+                         [whole_pages(pages)], digest_pages(pages))
+    store.close()
+    size = os.path.getsize(tmp_path / JOURNAL)
+    with open(tmp_path / JOURNAL, "r+b") as journal:
+        journal.truncate(size - 5)
+
+    reopened = ReplicaStore(tmp_path)
+    assert reopened.recovered_journal == "discarded"
+    assert reopened.epoch == 1
+    np.testing.assert_array_equal(reopened.read_pages(np.array([2], dtype=np.uint64), PAGE), before[[2]])
+
+
+def test_flipped_byte_in_journal_is_discarded(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    pages = filled([2], 5)
+    store._write_journal(dict(read_manifest(tmp_path), epoch=2), np.array([2], dtype=np.uint64),
+                         [whole_pages(pages)], digest_pages(pages))
+    store.close()
+    with open(tmp_path / JOURNAL, "r+b") as journal:
+        journal.seek(200)
+        byte = journal.read(1)
+        journal.seek(200)
+        journal.write(bytes([byte[0] ^ 0x10]))
+    assert ReplicaStore(tmp_path).recovered_journal == "discarded"
+    assert verify_replica(tmp_path).ok
+
+
+def test_layout_growth_extends_image(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    grown = layout(REGIONS + [{"name": "mmap", "start": 0xA0000, "first_page": 10, "npages": 3}])
+    pages = commit(store, 2, [10, 11, 12], 4, the_layout=grown)
+    store.close()
+    regions = load_replica(tmp_path)
+    np.testing.assert_array_equal(regions["mmap"].reshape(3, PAGE), pages)
+    assert verify_replica(tmp_path).ok
+
+
+@pytest.mark.parametrize("regions, message", [
+    ([{"name": "a", "start": 0, "first_page": 0, "npages": 4},
+      {"name": "b", "start": 0, "first_page": 3, "npages": 4}], "overlap"),
+    ([{"name": "a", "start": 0, "first_page": -1, "npages": 4}], "negative"),
+    ([{"name": "a", "first_page": 0, "npages": 4}], "malformed"),
+    ("not a list", "must be a list"),
+    ([{"name": "a", "start": 0, "first_page": 0, "npages": 1 << 40}], "exceed the limit"),
+])
+def test_bad_layout_is_refused(regions, message):
+    with pytest.raises(ReplicaError, match=message):
+        Layout.from_untrusted(PAGE, regions, max_pages=1 << 20)
+
+
+@pytest.mark.parametrize("page_size", [0, 1000, 3 * 4096, 1 << 20, "4096"])
+def test_bad_page_size_is_refused(page_size):
+    with pytest.raises(ReplicaError, match="page size"):
+        Layout.from_untrusted(page_size, REGIONS, max_pages=1 << 20)
+
+
+def test_layout_flags_page_numbers_in_holes_and_beyond():
+    mask = layout().outside(np.array([0, 5, 6, 7, 8, 9, 10, 1 << 60], dtype=np.uint64))
+    assert mask.tolist() == [False, False, True, True, False, False, True, True]
+
+
+def test_duplicate_region_names_get_unique_keys(tmp_path):
+    twins = [{"name": "[anon]", "start": 0x1000, "first_page": 0, "npages": 1},
+             {"name": "[anon]", "start": 0x8000, "first_page": 1, "npages": 1}]
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, [0, 1], 2, the_layout=layout(twins))
+    store.close()
+    assert sorted(load_replica(tmp_path)) == ["[anon]@0x1000", "[anon]@0x8000"]
+
+
+def test_empty_or_foreign_directory_is_refused(tmp_path):
+    with pytest.raises(ReplicaError, match="nothing committed"):
+        load_replica(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ReplicaError, match="not a pagepipe-replica manifest"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text("{truncated")
+    with pytest.raises(ReplicaError, match="unreadable"):
+        read_manifest(tmp_path)
+
+
+def _commit_forever(path: str, npages: int) -> None:
+    """Child process: commit baseline epochs 1, 2, 3, ... where every byte of epoch k is k % 256."""
+    store = ReplicaStore(path, fsync=False)
+    the_layout = Layout.from_untrusted(PAGE, [{"name": "all", "start": 0, "first_page": 0, "npages": npages}],
+                                       max_pages=npages)
+    page_numbers = np.arange(npages, dtype=np.uint64)
+    epoch = store.epoch
+    while True:
+        epoch += 1
+        pages = np.full((npages, PAGE), epoch % 256, dtype=np.uint8)
+        digests = digest_pages(pages)
+        store.commit(epoch, the_layout, page_numbers, [whole_pages(pages)], digests,
+                     combine_digests(page_numbers, digests))
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.17, 0.31])
+def test_store_killed_mid_commit_restarts_at_one_committed_epoch(tmp_path, delay):
+    npages = 512
+    child = multiprocessing.get_context("spawn").Process(target=_commit_forever, args=(str(tmp_path), npages))
+    child.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / MANIFEST).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    store = ReplicaStore(tmp_path)
+    assert store.epoch >= 1
+    image = store.read_pages(np.arange(npages, dtype=np.uint64), PAGE)
+    assert np.all(image == store.epoch % 256), "replica mixes two epochs"
+    store.close()
+    assert verify_replica(tmp_path).ok
+
+
+def _verify_command(path) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    add_command_arguments(parser)
+    console = Console(record=True, width=200)
+    code = run_command(parser.parse_args(["verify", str(path)]), console)
+    return code, console.export_text()
+
+
+def test_verify_command_reports_consistent_and_damaged_replicas(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 3)
+    store.close()
+    code, text = _verify_command(tmp_path)
+    assert code == 0 and "epoch 1, 8 pages, consistent" in text
+    with open(tmp_path / IMAGE, "r+b") as image:
+        image.seek(9 * PAGE)
+        image.write(b"\x00\x01")
+    code, text = _verify_command(tmp_path)
+    assert code == 1 and "damaged pages: 9" in text

@@ -1,0 +1,433 @@
+"""Transport stages over real files, real ZeroMQ sockets and real processes; trace replay and conversion."""
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from pipeline.batch import PAGES, STREAM, Batch, Flag, PageKind
+from pipeline.errors import CorruptData, TransportError
+from pipeline.pipeline import Pipeline
+from pipeline.stage import StageContext
+from stages.framer import Frame, deframe_stream
+from stages.pages import combine_digests, digest_pages
+from stages.transport import FileSink, FileSource, TraceSource, ZmqSink, ZmqSource, write_trace_from_npz
+
+PAGE = 4096
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = Path(__file__).parent / "fixtures" / "stream-v1.pagepipe"
+CORPUS = ROOT.parent / "shared" / "corpus" / "memcached-trace.npz"
+
+
+def started(stage):
+    stage.start(StageContext(stage.factory_name))
+    return stage
+
+
+def feed(stage, batches) -> list[Batch]:
+    return [out for batch in batches for out in stage.handle(batch)]
+
+
+def stream_batches(data: bytes, chunk: int = 5000) -> list[Batch]:
+    """The stream as STREAM batches, then the end-of-stream marker, as a byte source emits it."""
+    batches = [Batch(format=STREAM, payload=np.frombuffer(data[i:i + chunk], np.uint8))
+               for i in range(0, len(data), chunk)]
+    return batches + [Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)]
+
+
+def framed_epochs(epochs: int, pages: int = 4) -> list[Batch]:
+    """frame's output for a small synthetic tracker stream."""
+    frame = started(Frame())
+    batches = [Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])]
+    for epoch in range(1, epochs + 1):
+        numbers = np.arange(pages, dtype=np.uint64) + epoch
+        data = np.full((pages, PAGE), epoch, dtype=np.uint8)
+        batches.append(Batch(format=PAGES, epoch=epoch, page_numbers=numbers,
+                             kinds=np.zeros(pages, np.uint8), data=data))
+        batches.append(Batch.control(Flag.EPOCH_END, epoch, pages=pages))
+    batches.append(Batch.control(Flag.END_OF_STREAM, epochs))
+    return feed(frame, batches)
+
+
+def payload_bytes(batches) -> bytes:
+    return b"".join(b.payload.tobytes() for b in batches if b.payload is not None)
+
+
+def free_tcp_endpoint() -> str:
+    with zmq.Context() as context, context.socket(zmq.PULL) as probe:
+        port = probe.bind_to_random_port("tcp://127.0.0.1")
+    return f"tcp://127.0.0.1:{port}"
+
+
+# ---- files ------------------------------------------------------------------------
+
+def test_file_sink_writes_the_stream_that_file_src_reads_back(tmp_path):
+    framed = framed_epochs(3)
+    sink = started(FileSink(path=str(tmp_path / "trace")))
+    assert feed(sink, framed) == []
+    sink.stop()
+    assert (tmp_path / "trace").read_bytes() == payload_bytes(framed)
+    assert sink.counters["commits"] == 4          # three epoch ends and the end of stream
+    source = started(FileSource(path=str(tmp_path / "trace"), chunk_size=4096))
+    read = list(source.produce())
+    assert read[-1].flags == Flag.END_OF_STREAM and all(b.format == STREAM for b in read)
+    assert payload_bytes(read) == payload_bytes(framed)
+    assert [b.sequence for b in read] == list(range(len(read)))
+
+
+def test_file_sink_on_a_full_device_names_the_stage_and_file():
+    sink = started(FileSink(path="/dev/full"))
+    try:
+        with pytest.raises(TransportError, match="file-sink: cannot write /dev/full: No space left on device"):
+            feed(sink, framed_epochs(1))
+    finally:
+        sink.stop()
+
+
+def test_file_sink_into_a_missing_directory_is_a_transport_error(tmp_path):
+    with pytest.raises(TransportError, match="file-sink: cannot create .*/missing/trace"):
+        started(FileSink(path=str(tmp_path / "missing" / "trace")))
+
+
+def test_file_src_of_a_missing_file_is_a_transport_error(tmp_path):
+    source = started(FileSource(path=str(tmp_path / "absent")))
+    with pytest.raises(TransportError, match="file-src: cannot read .*absent: No such file"):
+        list(source.produce())
+
+
+FILL_TINY_TMPFS = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from pipeline.errors import TransportError
+    from pipeline.stage import StageContext
+    from stages.transport import FileSink
+    sys.path.insert(0, {tests!r})
+    from test_transport import framed_epochs, feed
+    sink = FileSink(path=sys.argv[1])
+    sink.start(StageContext("file-sink"))
+    try:
+        feed(sink, framed_epochs(40, pages=16))
+    except TransportError as error:
+        print(error)
+    finally:
+        sink.stop()
+""")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare to mount a private tmpfs")
+def test_file_sink_on_a_full_tmpfs_keeps_every_committed_epoch(tmp_path):
+    mount, kept = tmp_path / "tiny", tmp_path / "kept"
+    mount.mkdir()
+    script = tmp_path / "fill.py"
+    script.write_text(FILL_TINY_TMPFS.format(root=str(ROOT), tests=str(Path(__file__).parent)))
+    shell = (f"mount -t tmpfs -o size=256k tmpfs {mount} || exit 77; "
+             f"{sys.executable} {script} {mount}/trace; cp {mount}/trace {kept}")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True, text=True, timeout=60)
+    if result.returncode == 77:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert "file-sink: cannot write" in result.stdout and "No space left on device" in result.stdout
+    assert "kept the first" in result.stdout
+    warnings = []
+    context = StageContext("deframe", post=lambda kind, **fields: warnings.append(fields["message"]))
+    got = list(deframe_stream([kept.read_bytes()], context=context))
+    committed = [b.epoch for b in got if b.flags & Flag.EPOCH_END]
+    assert 0 < len(committed) < 40 and committed == list(range(1, len(committed) + 1))
+    assert warnings and "without its end-of-stream record" in warnings[0]
+
+
+# ---- ZeroMQ -------------------------------------------------------------------------
+
+def send_stream(endpoint: str, data: bytes) -> None:
+    """Child process: zmq-sink sends the stream in 5000-byte batches."""
+    sink = ZmqSink(endpoint=endpoint, timeout="10s")
+    sink.start(StageContext("zmq-sink"))
+    try:
+        feed(sink, stream_batches(data))
+    finally:
+        sink.stop()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_zmq_sink_in_another_process_delivers_the_stream_to_zmq_src(tmp_path, transport):
+    endpoint = free_tcp_endpoint() if transport == "tcp" else f"ipc://{tmp_path}/stream.ipc"
+    data = FIXTURE.read_bytes()
+    source = started(ZmqSource(endpoint=endpoint, timeout="20s"))
+    sender = multiprocessing.get_context("spawn").Process(target=send_stream, args=(endpoint, data))
+    sender.start()
+    try:
+        received = list(source.produce())
+    finally:
+        sender.join(20)
+        if sender.is_alive():
+            sender.kill()
+        source.stop()
+    assert sender.exitcode == 0
+    assert received[-1].flags == Flag.END_OF_STREAM
+    assert payload_bytes(received) == data
+    assert [b.payload.nbytes for b in received[:-1]] == [len(data[i:i + 5000]) for i in range(0, len(data), 5000)]
+
+
+def receive_until(source: ZmqSource, deframe, epoch: int) -> list[Batch]:
+    """Deframed batches from the source until the end of ``epoch``."""
+    got = []
+    for message in source.produce():
+        got.extend(deframe.handle(message))
+        if any(b.flags & Flag.EPOCH_END and b.epoch == epoch for b in got):
+            return got
+    return got
+
+
+def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_path):
+    from stages.framer import Deframe
+    endpoint = f"ipc://{tmp_path}/restart.ipc"
+    frame, sink = started(Frame()), started(ZmqSink(endpoint=endpoint, timeout="10s"))
+    layout = Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])
+
+    def send_epoch(epoch: int, flags: Flag = Flag.NONE) -> None:
+        numbers = np.arange(4, dtype=np.uint64) + epoch
+        pages = Batch(format=PAGES, epoch=epoch, flags=flags, page_numbers=numbers, kinds=np.zeros(4, np.uint8),
+                      data=np.full((4, PAGE), epoch, np.uint8))
+        feed(sink, feed(frame, [pages, Batch.control(Flag.EPOCH_END | flags, epoch, pages=4)]))
+
+    first, first_deframe = started(ZmqSource(endpoint=endpoint, timeout="10s")), started(Deframe())
+    try:
+        feed(sink, feed(frame, [layout]))
+        send_epoch(1)
+        assert [b.epoch for b in receive_until(first, first_deframe, 1) if b.flags & Flag.EPOCH_END] == [1]
+    finally:
+        first.stop()
+    second, second_deframe = started(ZmqSource(endpoint=endpoint, timeout="10s")), started(Deframe(resume=True))
+    try:
+        send_epoch(2)       # lost with the old connection, or skipped by the new receiver: no header, no layout
+        send_epoch(3, Flag.RESYNC)                      # a new segment: header, layout, whole pages
+        got = receive_until(second, second_deframe, 3)
+    finally:
+        second.stop()
+        sink.stop()
+    assert [(b.epoch, b.flags) for b in got] == [(1, Flag.LAYOUT), (3, Flag.RESYNC), (3, Flag.EPOCH_END | Flag.RESYNC)]
+    assert (got[1].data == 3).all() and got[0].meta["regions"][0]["npages"] == 64
+
+
+def test_zmq_sink_to_an_unreachable_endpoint_is_a_transport_error():
+    sink = started(ZmqSink(endpoint=free_tcp_endpoint(), timeout="300ms"))
+    try:
+        with pytest.raises(TransportError, match=r"zmq-sink: no receiver took data at tcp://127\.0\.0\.1:\d+"):
+            feed(sink, framed_epochs(1))
+    finally:
+        sink.stop()
+
+
+def test_zmq_sink_bound_with_no_receiver_is_a_transport_error(tmp_path):
+    sink = started(ZmqSink(endpoint=f"ipc://{tmp_path}/nobody.ipc", bind=True, timeout="200ms"))
+    try:
+        with pytest.raises(TransportError, match="within 0.2 s"):
+            feed(sink, framed_epochs(1))
+    finally:
+        sink.stop()
+
+
+def test_zmq_src_waiting_past_its_timeout_is_a_transport_error(tmp_path):
+    source = started(ZmqSource(endpoint=f"ipc://{tmp_path}/quiet.ipc", timeout="200ms"))
+    try:
+        with pytest.raises(TransportError, match="zmq-src: nothing received on ipc://.* for 0.2 s"):
+            list(source.produce())
+    finally:
+        source.stop()
+
+
+def test_zmq_src_on_an_endpoint_in_use_is_a_transport_error():
+    endpoint = free_tcp_endpoint()
+    first = started(ZmqSource(endpoint=endpoint, timeout="1s"))
+    try:
+        with pytest.raises(TransportError, match=f"zmq-src: cannot bind {endpoint}"):
+            started(ZmqSource(endpoint=endpoint))
+    finally:
+        first.stop()
+
+
+def test_zmq_src_drops_a_sender_whose_message_exceeds_the_limit(tmp_path):
+    endpoint = f"ipc://{tmp_path}/big.ipc"
+    source = started(ZmqSource(endpoint=endpoint, timeout="500ms", max_message=1 << 16))
+    sink = started(ZmqSink(endpoint=endpoint, timeout="2s"))
+    try:
+        feed(sink, [Batch(format=STREAM, payload=np.zeros(1 << 17, np.uint8))])
+        with pytest.raises(TransportError, match="nothing received"):
+            list(source.produce())
+    finally:
+        sink.stop()
+        source.stop()
+
+
+def test_a_zmq_stage_without_endpoint_is_a_transport_error():
+    with pytest.raises(TransportError, match="zmq-sink: no endpoint= given"):
+        started(ZmqSink())
+
+
+# ---- trace replay -------------------------------------------------------------------
+
+def write_npz(path: Path, epochs: int = 3) -> dict:
+    """A small recorded trace in the corpus layout: base + epochNNN_pages/_data."""
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 256, (24, PAGE), dtype=np.uint8)
+    base[5] = 0
+    arrays = {"base": base, "region_starts": np.array([0x1000000, 0x7FF000000], np.uint64),
+              "region_npages": np.array([16, 8], np.uint64)}
+    for epoch in range(epochs):
+        numbers = np.sort(rng.choice(24, 4, replace=False)).astype(np.uint64)
+        data = rng.integers(0, 256, (4, PAGE), dtype=np.uint8)
+        data[0] = 0
+        arrays[f"epoch{epoch:03d}_pages"], arrays[f"epoch{epoch:03d}_data"] = numbers, data
+    np.savez(path, **arrays)
+    return arrays
+
+
+def replay(path: Path, **properties) -> list[Batch]:
+    return list(started(TraceSource(path=str(path), **properties)).produce())
+
+
+def epochs_of(batches: list[Batch]) -> dict[int, tuple[np.ndarray, np.ndarray, dict]]:
+    """epoch -> (page numbers, data, epoch-end meta) from a tracker-style stream."""
+    result, pages = {}, []
+    for batch in batches:
+        if batch.flags & Flag.EPOCH_END:
+            numbers = np.concatenate([b.page_numbers for b in pages]) if pages else np.empty(0, np.uint64)
+            data = np.concatenate([b.data for b in pages]) if pages else np.empty((0, PAGE), np.uint8)
+            result[batch.epoch] = (numbers, data, batch.meta)
+            pages = []
+        elif not batch.is_control:
+            pages.append(batch)
+    return result
+
+
+def test_trace_from_npz_replays_as_the_tracker_stream_it_was_recorded_from(tmp_path):
+    arrays = write_npz(tmp_path / "rec.npz")
+    assert write_trace_from_npz(tmp_path / "rec.npz", tmp_path / "rec.trace") == 4
+    out = replay(tmp_path / "rec.trace", batch_pages=10)
+    assert out[0].flags == Flag.LAYOUT and out[-1].flags == Flag.END_OF_STREAM
+    assert [r["npages"] for r in out[0].meta["regions"]] == [16, 8]
+    assert [r["first_page"] for r in out[0].meta["regions"]] == [0, 16]
+    assert [b.sequence for b in out] == list(range(len(out)))
+    assert all(b.npages <= 10 and (b.kinds == PageKind.NORMAL).all() for b in out if not b.is_control)
+    epochs = epochs_of(out)
+    assert sorted(epochs) == [1, 2, 3, 4]
+    numbers, data, meta = epochs[1]
+    assert numbers.tolist() == list(range(24)) and np.array_equal(data, arrays["base"])
+    assert meta["pages"] == 24 and meta["time"] == 0.0
+    for epoch in (2, 3, 4):
+        numbers, data, meta = epochs[epoch]
+        assert numbers.tolist() == arrays[f"epoch{epoch - 2:03d}_pages"].tolist()
+        assert np.array_equal(data, arrays[f"epoch{epoch - 2:03d}_data"])
+        assert meta["digest"] == combine_digests(numbers, digest_pages(data))
+        assert meta["time"] == pytest.approx((epoch - 1) * 0.025)
+
+
+def test_trace_src_decodes_encoded_epochs_to_the_pages_their_digests_name():
+    epochs = epochs_of(replay(FIXTURE))
+    assert sorted(epochs) == [1, 2, 3, 4]
+    for epoch, (numbers, data, meta) in epochs.items():
+        assert meta["digest"] == combine_digests(numbers, digest_pages(data)), f"epoch {epoch}"
+    assert len(epochs[3][0]) == 12 and len(epochs[4][0]) == 0
+
+
+def test_trace_src_at_the_recorded_pace_emits_the_same_stream():
+    fast, paced = replay(FIXTURE), replay(FIXTURE, pace="recorded")
+    assert [(b.epoch, b.flags, b.page_numbers.tolist()) for b in paced] == \
+           [(b.epoch, b.flags, b.page_numbers.tolist()) for b in fast]
+
+
+def test_trace_src_of_a_corrupt_trace_is_corrupt_data(tmp_path):
+    damaged = bytearray(FIXTURE.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (tmp_path / "bad").write_bytes(damaged)
+    with pytest.raises(CorruptData, match="checksum mismatch"):
+        replay(tmp_path / "bad")
+
+
+def test_trace_src_refuses_a_layout_larger_than_its_image_limit(tmp_path):
+    (tmp_path / "trace").write_bytes(payload_bytes(framed_epochs(1)))       # a layout of 64 pages
+    with pytest.raises(CorruptData, match="layout of 64 pages exceeds max-image=131072"):
+        list(started(TraceSource(path=str(tmp_path / "trace"), max_image="128KiB")).produce())
+
+
+def test_write_trace_refuses_epoch_data_of_the_wrong_shape(tmp_path):
+    arrays = write_npz(tmp_path / "rec.npz", epochs=1)
+    arrays["epoch000_data"] = arrays["epoch000_data"][:3]
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(CorruptData, match=r"trace epoch 2: data shape \(3, 4096\) for 4 pages"):
+        write_trace_from_npz(tmp_path / "bad.npz", tmp_path / "bad.trace")
+
+
+def test_write_trace_refuses_an_npz_without_the_recorded_arrays(tmp_path):
+    np.savez(tmp_path / "empty.npz", other=np.zeros(3))
+    with pytest.raises(CorruptData, match="recorded trace has no array 'base'"):
+        write_trace_from_npz(tmp_path / "empty.npz", tmp_path / "empty.trace")
+
+
+def test_write_trace_refuses_regions_that_do_not_cover_the_base(tmp_path):
+    arrays = write_npz(tmp_path / "rec.npz", epochs=1)
+    arrays["region_npages"] = np.array([16, 9], np.uint64)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(CorruptData, match="regions of 25 pages for 24 base pages"):
+        write_trace_from_npz(tmp_path / "bad.npz", tmp_path / "bad.trace")
+
+
+@pytest.mark.skipif(not CORPUS.exists(), reason="the recorded corpus is not available")
+def test_the_recorded_memcached_corpus_converts_and_replays_with_matching_digests(tmp_path):
+    assert write_trace_from_npz(CORPUS, tmp_path / "memcached.trace", epochs=2) == 3
+    epochs = epochs_of(replay(tmp_path / "memcached.trace"))
+    assert len(epochs[1][0]) == 21583
+    for numbers, data, meta in epochs.values():
+        assert meta["digest"] == combine_digests(numbers, digest_pages(data))
+
+
+# ---- in pipelines -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_file_src_deframe_frame_file_sink_copies_a_stream_byte_for_byte(tmp_path, mode):
+    out = tmp_path / "copy"
+    Pipeline.parse(f"file-src path={FIXTURE} chunk-size=4096 ! deframe ! frame ! file-sink path={out}") \
+        .run(mode=mode, timeout=60)
+    assert out.read_bytes() == FIXTURE.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_trace_src_frame_file_sink_records_a_replayable_trace(tmp_path, mode):
+    out = tmp_path / "replayed"
+    Pipeline.parse(f"trace-src path={FIXTURE} batch-pages=5 ! frame ! file-sink path={out}").run(mode=mode, timeout=60)
+    again = epochs_of(replay(out))
+    original = epochs_of(replay(FIXTURE))
+    assert sorted(again) == sorted(original)
+    for epoch, (numbers, data, meta) in original.items():
+        assert again[epoch][0].tolist() == numbers.tolist() and np.array_equal(again[epoch][1], data)
+        assert again[epoch][2]["digest"] == meta["digest"]
+
+
+def test_a_stream_crosses_two_pipelines_over_zmq(tmp_path):
+    endpoint, out = free_tcp_endpoint(), tmp_path / "received"
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} timeout=20s ! deframe ! frame ! file-sink path={out}")
+    sender = Pipeline.parse(f"file-src path={FIXTURE} chunk-size=8192 ! zmq-sink endpoint={endpoint}")
+    with receiver.start(mode="process") as handle:
+        sender.run(mode="process", timeout=60)
+        handle.wait(timeout=60)
+    assert out.read_bytes() == FIXTURE.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_the_sender_chain_output_replays_to_the_same_checkpoints(tmp_path, mode):
+    write_npz(tmp_path / "rec.npz", epochs=4)
+    write_trace_from_npz(tmp_path / "rec.npz", tmp_path / "raw.trace")
+    encoded = tmp_path / "encoded.trace"
+    Pipeline.parse(f"trace-src path={tmp_path / 'raw.trace'} ! classify ! xor-delta ! rle ! zstd ! frame "
+                   f"! file-sink path={encoded}").run(mode=mode, timeout=60)
+    original, replayed = epochs_of(replay(tmp_path / "raw.trace")), epochs_of(replay(encoded))
+    assert sorted(replayed) == sorted(original) == [1, 2, 3, 4, 5]
+    for epoch, (numbers, data, meta) in original.items():
+        assert replayed[epoch][0].tolist() == numbers.tolist() and np.array_equal(replayed[epoch][1], data)
+        assert replayed[epoch][2]["digest"] == meta["digest"]
