@@ -1,13 +1,15 @@
 """Capture a trace of a live process's writable memory, for the codec benchmark.
 
 ``python -m benchmarks.capture_memory --spawn memcached --out /work/captures/mc.npz``
-takes snapshots a fixed interval apart of every writable private mapping of a
-process while it works. For each snapshot the process is stopped (SIGSTOP),
-its mappings are read through ``/proc/PID/mem``, and it is resumed (SIGCONT,
-always, also on error). The trace is saved in the corpus layout (see
-``benchmarks/realmemory.py``): ``base``, ``region_starts``, ``region_npages``
-and, per later snapshot, ``epochNNN_pages``/``epochNNN_data`` with the pages
-that changed. The mappings are those present at the first snapshot.
+takes snapshots a fixed interval apart of every writable mapping of a process
+that process-src tracks, while the process works. For each snapshot the
+process is stopped (SIGSTOP, every thread), its mappings are read and it is
+resumed (SIGCONT, always, also on error); finding and reading the mappings is
+``stages.trackers.procmem``'s, the same as process-src's. The trace is saved
+in the corpus layout (see ``benchmarks/realmemory.py``): ``base``,
+``region_starts``, ``region_npages`` and, per later snapshot,
+``epochNNN_pages``/``epochNNN_data`` with the pages that changed. The mappings
+are those present at the first snapshot.
 
 Targets: an existing process (``--pid``), Debian's memcached under a load
 generator written here (``--spawn memcached``; sets, gets and increments over
@@ -37,16 +39,16 @@ from rich.console import Console
 
 from pipeline.errors import ConfigError, PagepipeError, TrackerError, TransportError
 from pipeline.units import format_size, parse_duration, parse_size
+from stages.trackers.procmem import ProcessGone, read_pages, wait_stopped, writable_mappings
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_SPECIAL_MAPPINGS = ("[vvar]", "[vsyscall]", "[vdso]", "[vvar_vclock]")
 _STOP_WAIT_SECONDS = 5.0
 _VALUE_ALPHABET = b"abcdefghijklmnopqrstuvwxyz0123456789"  # no uppercase: "END" in a reply ends a get
 _VALUE_POOL_BYTES = 1 << 16  # values are slices of one random pool of this size
 _MAX_REPLY_BYTES = 64 << 20
 
 
-# ---- reading a stopped process -----------------------------------------------
+# ---- reading a stopped process (stages.trackers.procmem) ------------------------
 
 @dataclass(frozen=True)
 class Region:
@@ -57,64 +59,32 @@ class Region:
 
 
 def writable_regions(pid: int) -> list[Region]:
-    """The writable private mappings of ``pid`` (heap, stacks, anonymous memory, .data), in address order."""
+    """The writable mappings of ``pid`` that process-src tracks (heap, stacks, anonymous memory, .data)."""
     try:
-        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    except OSError as exc:
-        raise TrackerError(f"process {pid}: cannot read its mappings ({exc})") from None
-    regions = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        address, perms = fields[0], fields[1]
-        name = fields[5].strip() if len(fields) > 5 else ""
-        if perms[0] != "r" or perms[1] != "w" or perms[3] != "p" or name in _SPECIAL_MAPPINGS:
-            continue
-        start, end = (int(part, 16) for part in address.split("-"))
-        regions.append(Region(start, (end - start) // PAGE_SIZE))
-    return regions
+        mappings = writable_mappings(pid)
+    except ProcessGone:
+        raise TrackerError(f"process {pid}: no such process") from None
+    return [Region(mapping.start, (mapping.end - mapping.start) // PAGE_SIZE) for mapping in mappings]
 
 
 @contextlib.contextmanager
 def stopped(pid: int) -> Iterator[None]:
-    """Keep ``pid`` stopped (SIGSTOP) inside the block; it is resumed (SIGCONT) however the block ends."""
+    """Keep ``pid`` stopped (SIGSTOP) inside the block; it is resumed (SIGCONT) however the block ends.
+
+    The block starts once every thread has stopped, so none writes while it is read.
+    """
     try:
         os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
         raise TrackerError(f"process {pid}: no such process") from None
     try:
-        _wait_until_stopped(pid)
+        wait_stopped(pid, _STOP_WAIT_SECONDS)
         yield
+    except ProcessGone:
+        raise TrackerError(f"process {pid}: exited during the capture") from None
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-
-
-def process_state(pid: int) -> str:
-    """The one-letter state of ``pid`` from /proc/PID/stat (R, S, T, ...)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        raise TrackerError(f"process {pid}: no such process") from None
-    return stat[stat.rindex(")") + 2]
-
-
-def _thread_states(pid: int) -> list[str]:
-    states = [process_state(pid)]
-    with contextlib.suppress(OSError):  # threads come and go while we look
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
-                states.append(stat[stat.rindex(")") + 2])
-    return states
-
-
-def _wait_until_stopped(pid: int) -> None:
-    """Wait until every thread of ``pid`` has stopped, so none writes while it is read."""
-    deadline = time.monotonic() + _STOP_WAIT_SECONDS
-    while not all(state in "TtZX" for state in _thread_states(pid)):  # stopped, or exited
-        if time.monotonic() > deadline:
-            raise TrackerError(f"process {pid}: did not stop within {_STOP_WAIT_SECONDS:.0f} s of SIGSTOP")
-        time.sleep(0.0002)
 
 
 def read_regions(pid: int, regions: list[Region], out: np.ndarray) -> int:
@@ -123,35 +93,9 @@ def read_regions(pid: int, regions: list[Region], out: np.ndarray) -> int:
     Pages that cannot be read (unmapped since the layout was taken) read as
     zeros; returns how many there were.
     """
-    unreadable = 0
-    row = 0
-    try:
-        memory = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-    except OSError as exc:
-        raise TrackerError(f"process {pid}: cannot open its memory ({exc})") from None
-    try:
-        for region in regions:
-            unreadable += _read_region(memory, region, out[row: row + region.npages])
-            row += region.npages
-    finally:
-        os.close(memory)
-    return unreadable
-
-
-def _read_region(memory: int, region: Region, out: np.ndarray) -> int:
-    target = memoryview(out.reshape(-1))
-    done, unreadable, total = 0, 0, out.nbytes
-    while done < total:
-        try:
-            count = os.preadv(memory, [target[done:]], region.start + done)
-        except OSError:
-            count = 0
-        if count <= 0:  # an unreadable page: zero the rest of it and go on with the next one
-            count = min(PAGE_SIZE - done % PAGE_SIZE, total - done)
-            target[done: done + count] = bytes(count)
-            unreadable += 1
-        done += count
-    return unreadable
+    first_rows = np.cumsum([0] + [region.npages for region in regions])
+    runs = [(region.start, region.npages, int(row)) for region, row in zip(regions, first_rows) if region.npages]
+    return read_pages(pid, runs, PAGE_SIZE, out)
 
 
 def changed_pages(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
@@ -263,8 +207,6 @@ class MemcachedLoad:
         if not all(1 <= size < _VALUE_POOL_BYTES for size in sizes) or self.keys < 1:
             raise ConfigError(f"memcached load: value sizes {sizes} must be 1..{_VALUE_POOL_BYTES - 1} bytes "
                               f"and keys ({self.keys}) at least 1")
-
-
 
 
 def run_memcached_load(load: MemcachedLoad, filled: "multiprocessing.synchronize.Event",

@@ -5,7 +5,7 @@
 from libc.stdint cimport uint8_t
 
 from cython_kernels.run_scan cimport (
-    BAD_RUN, EMPTY_DELTA, OVERRUN, TRUNCATED, VALID, SpanScanner, copy_payload, copy_run, next_run, scanner_init,
+    BAD_RUN, EMPTY_DELTA, OVERRUN, TRUNCATED, VALID, SpanScanner, copy_payload, next_run, scanner_init, take_literal,
     uleb_read, uleb_size, uleb_write,
 )
 
@@ -39,7 +39,7 @@ cdef inline Py_ssize_t native_encode_page(const uint8_t *cur, uint8_t *cache, Py
 cdef inline int native_walk_page(const uint8_t *src, Py_ssize_t slen, uint8_t *page,
                                  Py_ssize_t size, bint apply, Py_ssize_t *where) noexcept nogil:
     """Check (and if ``apply``, apply) one DELTA slice; return a Reason, ``where`` = slice offset."""
-    cdef Py_ssize_t i = 0, position = 0, skip, length, run_at
+    cdef Py_ssize_t i = 0, position = 0, skip, length, run_at, after
     cdef int n
     if slen == 0:
         where[0] = 0
@@ -61,11 +61,10 @@ cdef inline int native_walk_page(const uint8_t *src, Py_ssize_t slen, uint8_t *p
             where[0] = run_at
             return OVERRUN
         position += skip
-        if length > slen - i:
+        after = take_literal(src, slen, i, page + position, length, apply)
+        if after < 0:
             where[0] = i
             return TRUNCATED
-        if apply:
-            copy_run(page + position, src + i, length)
-        i += length
+        i = after
         position += length
     return VALID

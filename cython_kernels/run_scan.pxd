@@ -187,6 +187,17 @@ cdef inline void copy_payload(uint8_t *dst, const uint8_t *page, Py_ssize_t star
         copy_run(dst, page + start, length)
 
 
+cdef inline Py_ssize_t take_literal(const uint8_t *src, Py_ssize_t slen, Py_ssize_t i, uint8_t *dst,
+                                    Py_ssize_t length, bint apply) noexcept nogil:
+    """The offset after the ``length`` new bytes at ``src[i]`` of a DELTA slice of ``slen`` bytes, which are
+    copied to ``dst`` if ``apply``; -1 when fewer remain (the slice is truncated at ``i``)."""
+    if length > slen - i:
+        return -1
+    if apply:
+        copy_run(dst, src + i, length)
+    return i + length
+
+
 cdef inline int uleb_write(uint8_t *dst, Py_ssize_t value) noexcept nogil:
     """Write ``value`` (< 2**21) as ULEB128; return the bytes written."""
     if value < 0x80:

@@ -5,8 +5,8 @@
 from libc.stdint cimport uint8_t
 
 from cython_kernels.run_scan cimport (
-    BAD_RUN, EMPTY_DELTA, OVERRUN, TRAILING, TRUNCATED, VALID, SpanScanner, copy_payload, copy_run, next_run, scanner_init,
-    uleb_read, uleb_write,
+    BAD_RUN, EMPTY_DELTA, OVERRUN, TRAILING, TRUNCATED, VALID, SpanScanner, copy_payload, next_run, scanner_init,
+    take_literal, uleb_read, uleb_write,
 )
 
 cdef enum:
@@ -43,7 +43,7 @@ cdef inline Py_ssize_t xbzrle_encode_page(const uint8_t *cur, uint8_t *cache, Py
 cdef inline int xbzrle_walk_page(const uint8_t *src, Py_ssize_t slen, uint8_t *page,
                                  Py_ssize_t size, bint apply, Py_ssize_t *where) noexcept nogil:
     """Check (and if ``apply``, apply) one DELTA slice with QEMU's decoder rules."""
-    cdef Py_ssize_t i = 0, position = 0, count
+    cdef Py_ssize_t i = 0, position = 0, count, after
     cdef int n
     if slen == 0:
         where[0] = 0
@@ -75,11 +75,10 @@ cdef inline int xbzrle_walk_page(const uint8_t *src, Py_ssize_t slen, uint8_t *p
             where[0] = i
             return OVERRUN
         i += n
-        if count > slen - i:
+        after = take_literal(src, slen, i, page + position, count, apply)
+        if after < 0:
             where[0] = i
             return TRUNCATED
-        if apply:
-            copy_run(page + position, src + i, count)
+        i = after
         position += count
-        i += count
     return VALID

@@ -3,7 +3,8 @@
 Every worker posts ``Message``s: ``stats`` about once a second and once at the
 end, ``warning``, ``error`` (with exception and traceback), ``eos`` when its
 stream has ended and ``done`` when it is about to exit. Messages are plain
-JSON-able dicts on the wire so the bus never unpickles anything.
+JSON-able dicts on the wire so the bus never unpickles anything. Stages may
+post other kinds through ``StageContext.post``; they reach listeners as they are.
 """
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 from .batch import Batch
+from .errors import CorruptData
 
 STATS_INTERVAL = 1.0
 """Seconds between statistics messages of one worker."""
 
-MESSAGE_KINDS = ("stats", "warning", "error", "eos", "done")
+
+def json_default(value: Any) -> Any:
+    """JSON for values stages put in message fields: numpy scalars and arrays as numbers and lists, else text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 @dataclass
@@ -29,11 +36,17 @@ class Message:
     fields: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The wire form (JSON-able; see ``json_default`` for numpy values in fields)."""
         return {"kind": self.kind, "stage": self.stage, "worker": self.worker, "fields": self.fields}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Message":
-        return cls(str(data["kind"]), str(data["stage"]), int(data["worker"]), dict(data.get("fields") or {}))
+    def from_dict(cls, data: Any) -> "Message":
+        """A message from its wire form; CorruptData if it is not one."""
+        try:
+            message = cls(str(data["kind"]), str(data["stage"]), int(data["worker"]), dict(data.get("fields") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptData(f"bus message malformed ({exc!r}): {str(data)[:200]}") from None
+        return message
 
     def __str__(self) -> str:
         where = f"{self.stage}[{self.worker}]"
@@ -58,7 +71,7 @@ class WorkerStatistics:
     bytes_out: int = 0
     busy_seconds: float = 0.0
     cpu_seconds: float = 0.0
-    """CPU time of the worker's process (process mode; 0 for workers sharing a process)."""
+    """CPU time of the worker's process since its stage started (process mode; 0 for workers sharing a process)."""
     queue_bytes: int = 0
     counters: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -77,7 +90,8 @@ class WorkerStatistics:
     def snapshot(self, counters: dict[str, Any]) -> dict[str, Any]:
         """The statistics as a bus message body (JSON-able)."""
         self.elapsed_seconds = time.monotonic() - self.started
-        self.counters = {str(k): v for k, v in counters.items() if isinstance(v, (int, float, str, bool))}
+        self.counters = {str(k): v.item() if isinstance(v, np.generic) else v for k, v in counters.items()
+                         if isinstance(v, (int, float, str, bool, np.generic))}
         values = asdict(self)
         del values["started"]
         return values
@@ -136,5 +150,6 @@ class Collector:
 
     def result(self) -> RunResult:
         last = len(self.stage_order)
-        ordered = dict(sorted(self.statistics.items(), key=lambda item: (self.stage_order.get(item[0][0], last), item[0])))
+        ordered = dict(sorted(self.statistics.items(),
+                              key=lambda item: (self.stage_order.get(item[0][0], last), item[0])))
         return RunResult(ordered, list(self.warnings), time.monotonic() - self.started)

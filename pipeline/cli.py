@@ -180,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pagepipe`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 120)  # keep tables on one line in logs
     errors = Console(stderr=True)
     previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:

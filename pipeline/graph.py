@@ -7,6 +7,7 @@ agrees on its batch format, and fuses neighbours whose stages offer it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .batch import ANY
 from .errors import CapsError, ConfigError
@@ -95,8 +96,9 @@ def build_plan(elements: list[Stage], links: list[tuple[Stage, Stage]], fuse: bo
             if input_format is None:
                 raise fail(CapsError, stage, f"cannot link {parent.name} to {stage.name}: {parent.name} is a sink")
             if not stage.accepts(input_format):
-                raise fail(CapsError, stage, f"cannot link {parent.name} ({parent.factory_name}, produces {input_format}) "
-                                             f"to {stage.name} ({stage.factory_name}, accepts {_caps_text(stage)})")
+                raise fail(CapsError, stage,
+                           f"cannot link {parent.name} ({parent.factory_name}, produces {input_format}) "
+                           f"to {stage.name} ({stage.factory_name}, accepts {_caps_text(stage)})")
         output_format = stage.output_format(input_format)
         formats[id(stage)] = output_format
         if output_format is not None and not downstream[id(stage)]:
@@ -112,9 +114,11 @@ def build_plan(elements: list[Stage], links: list[tuple[Stage, Stage]], fuse: bo
     return fuse_neighbours(plan) if fuse else plan
 
 
-def _check_workers(stage: Stage, input_format: str | None, fail) -> None:
+def _check_workers(stage: Stage, input_format: str | None,
+                   fail: Callable[[type[ConfigError], Stage, str], ConfigError]) -> None:
     if stage.workers > 1 and stage.runs_in_caller:
-        raise fail(ConfigError, stage, f"{stage.name} runs in the calling process and cannot have workers={stage.workers}")
+        raise fail(ConfigError, stage,
+                   f"{stage.name} runs in the calling process and cannot have workers={stage.workers}")
     if stage.workers > 1 and stage.shard_key == "page" and input_format not in SHARDABLE_FORMATS + (ANY,):
         raise fail(ConfigError, stage, f"{stage.name} shards by page but receives {input_format} batches, "
                                        f"which cannot be split by page (only {', '.join(SHARDABLE_FORMATS)})")

@@ -64,7 +64,8 @@ class InlineExecution:
                 context = StageContext(node.name, worker, node.workers, post=self._poster(node.name, worker))
                 inputs = nodes[node.upstream].workers if node.upstream is not None else 1
                 emit = self._emitter(node, worker)
-                self.cores[index].append(WorkerCore(stage, context, inputs, node.output_format, emit, node.stamps_pages))
+                self.cores[index].append(
+                    WorkerCore(stage, context, inputs, node.output_format, emit, node.stamps_pages))
 
     def _poster(self, stage: str, worker: int) -> Callable[..., None]:
         return lambda kind, **fields: self._post(Message(kind, stage, worker, fields))

@@ -7,6 +7,11 @@ Build::
     p = Pipeline(); src = p.add(TestSource()); sink = p.add(NullSink()); p.link(src, sink)
     p.stage("identity0")          # an element by name (names are given as elements are added)
 
+Elements are templates: workers are rebuilt from their class and property
+values (in their own processes, or as N instances for workers=N), except a
+single-worker element run inline and a ``runs_in_caller`` stage, which run as
+the very object added.
+
 Run (blocking)::
 
     result = p.run(mode="process", on_message=print, timeout=60)   # RunResult; StageFailed on failure
@@ -206,7 +211,7 @@ class PipelineHandle:
     def stop(self) -> None:
         """Stop every worker now (idempotent); messages() then ends."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def __enter__(self) -> "PipelineHandle":

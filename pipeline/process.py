@@ -1,12 +1,14 @@
 """The process executor: one process per stage worker, linked by ZeroMQ PUSH/PULL over ipc://.
 
 The supervisor (this module, in the calling process) creates a private
-directory for the ipc endpoints, starts every worker (forkserver, or spawn;
-never plain fork), collects bus messages, and watches every process. When a
-stage fails or a process dies, it terminates all workers (SIGTERM, then
-SIGKILL after a grace period) and raises StageFailed naming the stage and
-worker. Stages with ``runs_in_caller`` run as threads of this process, linked
-by ZeroMQ like any other worker, so the application can call their methods.
+directory for the ipc endpoints and shared-memory rings (in /dev/shm, named
+with its pid so that a later run removes what a killed supervisor left),
+starts every worker (forkserver, or spawn; never plain fork), collects bus
+messages, and watches every process. When a stage fails or a process dies,
+it terminates all workers (SIGTERM, then SIGKILL after a grace period) and
+raises StageFailed naming the stage and worker. Stages with
+``runs_in_caller`` run as threads of this process, linked by ZeroMQ like any
+other worker, so the application can call their methods.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import signal
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import zmq
@@ -33,6 +36,25 @@ TERMINATE_GRACE = 2.0
 EXIT_REPORT_GRACE = 1.0
 """Seconds to wait for a dead worker's last bus messages before judging its exit."""
 CALLER_THREAD_LINGER_MS = 5000
+SHARED_MEMORY_DIR = "/dev/shm"
+"""Where the endpoints and shared-memory rings of a run live (a private directory per run)."""
+
+
+DIRECTORY_PREFIX = "pagepipe-"
+
+
+def _remove_orphaned_directories(parent: str) -> None:
+    """Remove run directories (rings hold memory in /dev/shm) of supervisors that died without cleaning up."""
+    for entry in Path(parent).glob(f"{DIRECTORY_PREFIX}*-*"):
+        owner = entry.name[len(DIRECTORY_PREFIX):].split("-", 1)[0]
+        if not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def _describe_exit(code: int | None) -> str:
@@ -92,6 +114,9 @@ class ProcessExecution:
         def credit(node: int, worker: int) -> str:
             return f"ipc://{directory}/c{node}.{worker}"
 
+        def ring(node: int, worker: int, link: int, downstream_worker: int) -> str:
+            return f"{directory}/r{node}.{worker}.{link}.{downstream_worker}"
+
         result = []
         for index, node in enumerate(nodes):
             caller_side = node.stage.runs_in_caller
@@ -103,11 +128,12 @@ class ProcessExecution:
                 if node.upstream is not None:
                     parent = nodes[node.upstream]
                     link = parent.downstream.index(index)
-                    inputs = [InputSpec(data(index, worker, up), credit(node.upstream, up), link)
-                              for up in range(parent.workers)]
+                    inputs = [InputSpec(data(index, worker, up), credit(node.upstream, up), link,
+                                        ring(node.upstream, up, link, worker)) for up in range(parent.workers)]
                 outputs = [OutputSpec([data(child, w, worker) for w in range(nodes[child].workers)],
-                                      nodes[child].stage.shard_key, credited=True)
-                           for child in node.downstream]
+                                      nodes[child].stage.shard_key, credited=True,
+                                      ring_paths=[ring(index, worker, link, w) for w in range(nodes[child].workers)])
+                           for link, child in enumerate(node.downstream)]
                 spec = WorkerSpec(
                     stage_target=class_path(type(node.stage)), properties=properties, stage_name=node.name,
                     worker_index=worker, worker_count=node.workers, output_format=node.output_format,
@@ -129,7 +155,9 @@ class ProcessExecution:
                                   f"sent to a worker process ({exc}); run inline or use a picklable value") from None
 
     def launch(self) -> None:
-        self._directory = tempfile.mkdtemp(prefix="pagepipe-")
+        parent = SHARED_MEMORY_DIR if os.path.isdir(SHARED_MEMORY_DIR) else tempfile.gettempdir()
+        _remove_orphaned_directories(parent)
+        self._directory = tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-", dir=parent)
         try:
             specs = self.specs(self._directory)
             self._context = zmq.Context()

@@ -95,7 +95,8 @@ def merge_markers(markers: list[Batch]) -> Batch:
         try:
             total += int(marker.meta["pages"])
         except (TypeError, ValueError):
-            raise CorruptData(f"fan-in: epoch {marker.epoch} end has a non-integer page count {marker.meta['pages']!r}") from None
+            raise CorruptData(f"fan-in: epoch {marker.epoch} end has a non-integer page count "
+                              f"{marker.meta['pages']!r}") from None
     return first.with_(meta={**first.meta, "pages": total})
 
 

@@ -8,7 +8,9 @@ Flow control is byte-counted credit: a sender keeps at most ``max_inflight``
 bytes unacknowledged per downstream worker and blocks (polling its credit
 socket) beyond that; a receiver returns credit for what it has taken off the
 socket. Links without a credit endpoint (``pagepipe stage`` over tcp) rely
-on ZeroMQ's high-water marks instead.
+on ZeroMQ's high-water marks instead. Large messages on process-mode links
+travel through a shared-memory ring of ``max_inflight`` bytes (pipeline.shm);
+released ring slots come back on the credit socket too.
 
 Endpoints bind or connect by default as their role says (inputs bind, outputs
 connect); a leading ``@`` forces bind and ``>`` forces connect (the czmq
@@ -30,15 +32,26 @@ from typing import Any, Callable
 import zmq
 
 from .batch import Batch
-from .bus import STATS_INTERVAL, Message
+from .bus import STATS_INTERVAL, Message, json_default
+from .errors import CorruptData
 from .core import WorkerCore
 from .registry import import_target
 from .routing import Router
+from .shm import SHM_THRESHOLD, ReceiveRing, SendRing, is_reference
 from .stage import Stage, StageContext
 
 POLL_MS = 100
+IDLE_ACK_MS = 2
+"""Credit is returned once a quarter of max-inflight was taken, or after inputs stay quiet this long."""
 DRAIN_LIMIT = 16
+# plain ints: pyzmq's enum flags cost microseconds per operation on the per-batch path
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+ZERO_COPY_MIN = 1 << 16
 CREDIT = struct.Struct("<IIQ")  # output link index, downstream worker index, bytes
+RELEASE = struct.Struct("<IIQQ")  # output link index, downstream worker index, ring slot offset, 0
 STANDALONE_BATCH_ESTIMATE = 1 << 20
 PR_SET_PDEATHSIG = 1
 
@@ -53,6 +66,8 @@ class InputSpec:
     credit_endpoint: str | None = None
     credit_link: int = 0
     """Index of this link among the upstream worker's outputs."""
+    ring_path: str | None = None
+    """The upstream worker's shared-memory ring for this link (see pipeline.shm), if any."""
 
 
 @dataclass
@@ -60,6 +75,8 @@ class OutputSpec:
     endpoints: list[str]
     shard_key: str | None = None
     credited: bool = False
+    ring_paths: list[str] | None = None
+    """One shared-memory ring per downstream worker (credited links only)."""
 
 
 @dataclass
@@ -90,8 +107,8 @@ def attach(socket: zmq.Socket, endpoint: str, bind_by_default: bool) -> None:
 
 
 def _frames_cost(frames: list) -> int:
-    """Bytes of a multipart message, whether built for sending or received as zmq Frames."""
-    return sum(len(frame) if isinstance(frame, zmq.Frame) else memoryview(frame).nbytes for frame in frames)
+    """Bytes of a multipart message: bytes, zmq Frames and Batch.to_frames' byte-cast memoryviews all have len = size."""
+    return sum(map(len, frames))
 
 
 class Worker:
@@ -107,16 +124,25 @@ class Worker:
         self._context = zmq.Context()
         self._sockets: list[zmq.Socket] = []
         self._bus: zmq.Socket | None = None
+        self._bus_lock = threading.Lock()  # a caller-side stage may post from the application's thread
         self._last_stats = time.monotonic()
         self._inflight: dict[tuple[int, int], int] = {}
         self._unacked: list[int] = [0] * len(spec.inputs)
+        self._cpu_at_start = 0.0
+        self._inputs: list[tuple[zmq.Socket, zmq.Socket | None, int]] = []
+        self._outputs: list[tuple[Router, list[zmq.Socket], bool]] = []
+        self._credit: zmq.Socket | None = None
+        self._receive_rings: list[ReceiveRing | None] = []
+        self._send_rings: list[list[SendRing] | None] = []
+        self._released: list[tuple[int, int]] = []  # (input index, slot offset), appended by ring finalizers
         self.core: WorkerCore | None = None
 
     # ---- bus -----------------------------------------------------------
     def post(self, kind: str, **fields: Any) -> None:
         message = Message(kind, self.spec.stage_name, self.spec.worker_index, fields)
         if self._bus is not None:
-            self._bus.send_json(message.to_dict())
+            with self._bus_lock:
+                self._bus.send_json(message.to_dict(), default=json_default)
         elif self.local_post is not None:
             self.local_post(message)
 
@@ -130,6 +156,7 @@ class Worker:
                 self._bus.connect(self.spec.bus_endpoint)
             self._check_alive()
             self._build()
+            self._cpu_at_start = time.process_time()
             self.core.start()
             if self.spec.inputs:
                 self._serve()
@@ -157,7 +184,6 @@ class Worker:
         context = StageContext(spec.stage_name, spec.worker_index, spec.worker_count, post=self.post)
         self.core = WorkerCore(self.stage, context, len(spec.inputs), spec.output_format,
                                self._emit, spec.stamp_pages)
-        self._inputs = []
         standalone_hwm = max(2, spec.max_inflight // STANDALONE_BATCH_ESTIMATE)
         for source in spec.inputs:
             socket = self._socket(zmq.PULL, hwm=0 if source.credit_endpoint else standalone_hwm)
@@ -165,9 +191,11 @@ class Worker:
             credit = None
             if source.credit_endpoint:
                 credit = self._socket(zmq.PUSH, hwm=0)
+                credit.linger = 0  # credit for an upstream worker that has finished is moot
                 attach(credit, source.credit_endpoint, bind_by_default=False)
             self._inputs.append((socket, credit, source.credit_link))
-        self._outputs = []
+            self._receive_rings.append(ReceiveRing(source.ring_path, self._releaser(len(self._receive_rings)))
+                                       if source.ring_path and credit is not None else None)
         for index, target in enumerate(spec.outputs):
             sockets = []
             for endpoint in target.endpoints:
@@ -175,9 +203,10 @@ class Worker:
                 attach(socket, endpoint, bind_by_default=False)
                 sockets.append(socket)
             self._outputs.append((Router(len(sockets), target.shard_key), sockets, target.credited))
+            self._send_rings.append([SendRing(path, spec.max_inflight) for path in target.ring_paths]
+                                    if target.ring_paths and target.credited else None)
             for worker in range(len(sockets)):
                 self._inflight[(index, worker)] = 0
-        self._credit = None
         if spec.credit_endpoint:
             self._credit = self._socket(zmq.PULL, hwm=0)
             attach(self._credit, spec.credit_endpoint, bind_by_default=True)
@@ -226,9 +255,10 @@ class Worker:
 
     def _post_statistics(self) -> None:
         stats = self.core.stats
+        self._collect_credit()
         stats.queue_bytes = sum(self._inflight.values())
         if self.stop_event is None:  # a process of its own
-            stats.cpu_seconds = time.process_time()
+            stats.cpu_seconds = time.process_time() - self._cpu_at_start
         self.post("stats", **self.core.statistics())
 
     # ---- receiving -----------------------------------------------------
@@ -251,28 +281,52 @@ class Worker:
                 elif not wanted and index in registered:
                     poller.unregister(socket)
                     registered.discard(index)
-            ready = dict(poller.poll(POLL_MS))
+            ready = dict(poller.poll(IDLE_ACK_MS if any(self._unacked) else POLL_MS))
             if not ready:
+                for index in range(len(self._inputs)):
+                    self._ack(index)
+                self._return_slots()
                 self._check_alive()
             for index, (socket, _, _) in enumerate(self._inputs):
                 if socket in ready and not core.finished:
                     self._drain(index, socket)
+            self._return_slots()
             self._tick()
+        for index in range(len(self._inputs)):
+            self._ack(index)
+        self._return_slots()
 
     def _drain(self, index: int, socket: zmq.Socket) -> None:
         core = self.core
+        threshold = self.spec.max_inflight // 4
         for _ in range(DRAIN_LIMIT):
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not socket.get(_EVENTS) & _POLLIN:
                 break
+            frames = [socket.recv(0, copy=False)]
+            while frames[-1].more:
+                frames.append(socket.recv(0, copy=False))
             self._unacked[index] += _frames_cost(frames)
-            if self._unacked[index] >= self.spec.max_inflight // 4:
+            ring = self._receive_rings[index]
+            if ring is not None and is_reference(frames[0]):
+                frames = ring.unpack(frames)
+            if self._unacked[index] >= threshold:
                 self._ack(index)
             core.feed(index, Batch.from_frames(frames))
             if core.finished or core.fan_in.blocked(index):
                 break
-        self._ack(index)
+
+    def _releaser(self, index: int) -> Callable[[int], None]:
+        """Ring finalizer: only queues the release (it may run inside any call); ``_return_slots`` sends it."""
+        return lambda offset: self._released.append((index, offset))
+
+    def _return_slots(self) -> None:
+        while self._released:
+            index, offset = self._released.pop()
+            _, credit, link = self._inputs[index]
+            try:
+                credit.send(RELEASE.pack(link, self.spec.worker_index, offset, 0), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the upstream worker has finished; its ring is gone
 
     def _ack(self, index: int) -> None:
         amount = self._unacked[index]
@@ -288,8 +342,13 @@ class Worker:
     # ---- sending -------------------------------------------------------
     def _emit(self, batch: Batch) -> None:
         for index, (router, sockets, credited) in enumerate(self._outputs):
+            rings = self._send_rings[index]
             for worker, part in router.route(batch):
                 frames = part.to_frames()
+                if rings is not None and part.nbytes >= SHM_THRESHOLD and rings[worker].fits(frames):
+                    self._collect_credit()
+                    # a full ring (a receiver still holding old slots) falls back to the socket: never a deadlock
+                    frames = rings[worker].pack(frames) or frames
                 if credited:
                     self._reserve(index, worker, _frames_cost(frames))
                 self._send(sockets[worker], frames)
@@ -297,29 +356,50 @@ class Worker:
     def _reserve(self, link: int, worker: int, cost: int) -> None:
         key = (link, worker)
         while self._inflight[key] > 0 and self._inflight[key] + cost > self.spec.max_inflight:
-            if self._credit.poll(POLL_MS, zmq.POLLIN):
-                while True:
-                    try:
-                        message = self._credit.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    returned_link, returned_worker, amount = CREDIT.unpack(message)
-                    returned = (returned_link, returned_worker)
-                    if returned in self._inflight:
-                        self._inflight[returned] = max(0, self._inflight[returned] - amount)
-            else:
-                self._check_alive()
-            self._tick()
+            self._await_credit()
         self._inflight[key] += cost
 
+    def _await_credit(self) -> None:
+        """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
+        if self._credit.poll(POLL_MS, zmq.POLLIN):
+            self._collect_credit()
+        else:
+            self._check_alive()
+        self._tick()
+
+    def _collect_credit(self) -> None:
+        """Take every credit message waiting: bytes downstream workers have taken off their sockets."""
+        while self._credit is not None and self._credit.get(_EVENTS) & _POLLIN:
+            message = self._credit.recv()
+            if len(message) == RELEASE.size:
+                link, worker, offset, _ = RELEASE.unpack(message)
+                if link >= len(self._send_rings) or self._send_rings[link] is None \
+                        or worker >= len(self._send_rings[link]):
+                    raise CorruptData(f"ring release for unknown link {link} worker {worker}")
+                self._send_rings[link][worker].release(offset)
+                continue
+            if len(message) != CREDIT.size:
+                raise CorruptData(f"credit message of {len(message)} bytes, expected {CREDIT.size} or {RELEASE.size}")
+            link, worker, amount = CREDIT.unpack(message)
+            if (link, worker) in self._inflight:
+                self._inflight[(link, worker)] = max(0, self._inflight[(link, worker)] - amount)
+
     def _send(self, socket: zmq.Socket, frames: list) -> None:
+        """Send one multipart message, waiting (and checking for stop) while the socket is full.
+
+        Small frames are copied (cheaper than tracking a zero-copy buffer), large ones are not.
+        """
+        last = len(frames) - 1
         while True:
             try:
-                socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                return
+                socket.send(frames[0], _MORE_NOBLOCK if last else _NOBLOCK, copy=len(frames[0]) < ZERO_COPY_MIN)
+                break
             except zmq.Again:
                 if not socket.poll(POLL_MS, zmq.POLLOUT):
                     self._check_alive()
+        for index in range(1, last + 1):  # once the first part is queued, ZeroMQ accepts the rest
+            frame = frames[index]
+            socket.send(frame, _MORE_NOBLOCK if index < last else _NOBLOCK, copy=len(frame) < ZERO_COPY_MIN)
 
 
 def _die_with_parent() -> None:

@@ -76,10 +76,14 @@ def parse_message(raw: bytes) -> dict[str, Any]:
     """Check one untrusted back-channel message; raise ValueError saying what is wrong."""
     if len(raw) > MAX_MESSAGE_BYTES:
         raise ValueError(f"{len(raw)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
-    message = json.loads(raw)
+    try:
+        message = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"nested too deeply: {raw[:80]!r}") from None
     if not isinstance(message, dict) or message.get("type") not in ("ack", "resync"):
         raise ValueError(f"not an ack or resync message: {raw[:80]!r}")
-    if message["type"] == "ack" and (not isinstance(message.get("epoch"), int) or message["epoch"] < 0):
+    epoch = message.get("epoch")
+    if message["type"] == "ack" and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
         raise ValueError(f"ack without a valid epoch: {raw[:80]!r}")
     return message
 

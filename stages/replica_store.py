@@ -31,6 +31,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -107,10 +108,14 @@ class Layout:
     def as_json(self) -> dict[str, Any]:
         return {"page_size": self.page_size, "regions": [dict(r) for r in self.regions]}
 
+    @cached_property
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        firsts = np.array([r["first_page"] for r in self.regions], dtype=np.uint64)
+        return firsts, firsts + np.array([r["npages"] for r in self.regions], dtype=np.uint64)
+
     def outside(self, page_numbers: np.ndarray) -> np.ndarray:
         """Boolean mask of the page numbers that fall in no region."""
-        firsts = np.array([r["first_page"] for r in self.regions], dtype=np.uint64)
-        ends = np.array([r["first_page"] + r["npages"] for r in self.regions], dtype=np.uint64)
+        firsts, ends = self._bounds
         index = np.searchsorted(firsts, page_numbers, side="right").astype(np.int64) - 1
         inside = index >= 0
         inside[inside] = page_numbers[inside] < ends[index[inside]]
@@ -344,7 +349,7 @@ class ReplicaStore:
                 self._digests.flush()
             temporary = self.path / (MANIFEST + ".tmp")
             with open(temporary, "w") as manifest_file:
-                json.dump(manifest, manifest_file)
+                manifest_file.write(json.dumps(manifest))
                 manifest_file.flush()
                 if self.fsync:
                     os.fsync(manifest_file.fileno())
@@ -473,14 +478,36 @@ def region_keys(regions: tuple[dict[str, Any], ...]) -> list[str]:
     return [name if names.count(name) == 1 else f"{name}@0x{r['start']:x}" for name, r in zip(names, regions)]
 
 
-def load_replica(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def _file_token(path: Path) -> tuple | None:
+    """Changes whenever the file is written, replaced or removed."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, np.ndarray]:
     """The committed memory of a replica: one uint8 array (npages * page_size bytes) per region.
 
     Keys are region names (``name@0xSTART`` where names repeat). Read-only, so it
-    may run while a receiver commits: a complete journal (a commit being applied,
-    or interrupted) is applied to the copy in memory, never to the files, so the
-    result is always exactly one committed epoch.
+    may run while a receiver commits: the image is only written while a complete
+    journal exists, and applying that journal (idempotent) to the copy in memory
+    gives its epoch; a copy during which another commit began is taken again. The
+    result is always exactly one committed epoch; the files are never written.
     """
+    path = Path(path)
+    for _ in range(attempts):
+        manifest_before, journal_before = _file_token(path / MANIFEST), _file_token(path / JOURNAL)
+        regions, journaled = _load_once(path)
+        if _file_token(path / JOURNAL) == journal_before and (
+                journaled or _file_token(path / MANIFEST) == manifest_before):
+            return regions
+    raise ReplicaError(f"replica {path}: a new commit began during each of {attempts} attempts to read it")
+
+
+def _load_once(path: Path) -> tuple[dict[str, np.ndarray], bool]:
+    """The regions as the image and a complete journal (if any) make them; and whether there was one."""
     store = ReplicaStore(path, fsync=False, writable=False)
     try:
         journal = store.pending_journal()
@@ -498,8 +525,9 @@ def load_replica(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if journal is not None:
             _, page_numbers, _, encodings = journal
             _apply_encodings(image, page_numbers, encodings)
-        return {key: image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1)
-                for key, r in zip(region_keys(layout.regions), layout.regions)}
+        regions = {key: image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1)
+                   for key, r in zip(region_keys(layout.regions), layout.regions)}
+        return regions, journal is not None
     finally:
         store.close()
 

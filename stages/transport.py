@@ -6,7 +6,10 @@
 - ``file-sink`` / ``file-src``: the stream as a file (a *trace*), the same
   bytes as on the wire.
 - ``trace-src``: replays a trace as the tracker stream it was made from:
-  decodes each epoch onto a page image and emits the touched pages whole.
+  decodes each epoch onto a page image and emits the touched pages whole
+  (``preload=true``: the whole trace decoded before the first batch). It
+  fuses with the single-worker stages after it that consume only pages
+  (``classify ! xor-delta ! rle``), so the pages stay in its process.
 - ``write_trace_from_npz``: turns the recorded corpus (.npz) into a trace.
 """
 from __future__ import annotations
@@ -15,13 +18,13 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import zmq
 
 from pipeline.batch import ENCODED, PAGES, STREAM, Batch, Flag, PageKind
-from pipeline.errors import CorruptData, TransportError
+from pipeline.errors import ConfigError, CorruptData, TransportError
 from pipeline.stage import Property, Stage, StageContext
 
 from .codecs import Encoded, get_codec
@@ -39,10 +42,16 @@ def _payload_of(batch: Batch) -> np.ndarray | None:
 # ---- ZeroMQ ---------------------------------------------------------------------
 
 class _ZmqStage(Stage):
-    """Shared socket set-up of zmq-sink and zmq-src: one socket, bound or connected."""
+    """Shared socket set-up of zmq-sink and zmq-src: one socket, bound or connected, and its counters."""
 
     socket_type: int = zmq.PUSH
+    bytes_counter = "bytes_out"     # counts the bytes this stage moves
     endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path")
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self._socket = self._open()
+        self.counters.update({"messages": 0, self.bytes_counter: 0})
 
     def _open(self) -> zmq.Socket:
         if not self.endpoint:
@@ -83,11 +92,6 @@ class ZmqSink(_ZmqStage):
                        minimum=0.001)
     hwm = Property("int", 8, "Messages queued towards the receiver before sending blocks", minimum=1)
 
-    def start(self, context: StageContext) -> None:
-        super().start(context)
-        self._socket = self._open()
-        self.counters.update(messages=0, bytes_out=0)
-
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.SNDHWM, self.hwm)
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
@@ -124,6 +128,7 @@ class ZmqSource(_ZmqStage):
     output_caps = STREAM
     max_workers = 1
     socket_type = zmq.PULL
+    bytes_counter = "bytes_in"
 
     bind = Property("bool", True, "Bind the endpoint (default; false: connect to a sender that binds)")
     timeout = Property("duration", 0, "Longest wait for the next message before TransportError; 0 waits forever",
@@ -131,11 +136,6 @@ class ZmqSource(_ZmqStage):
     max_message = Property("size", "256MiB", "Messages larger than this are refused by ZeroMQ (peer dropped)",
                            minimum=1 << 16)
     hwm = Property("int", 8, "Messages queued from the sender before it blocks", minimum=1)
-
-    def start(self, context: StageContext) -> None:
-        super().start(context)
-        self._socket = self._open()
-        self.counters.update(messages=0, bytes_in=0)
 
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
@@ -282,6 +282,14 @@ class TraceSource(Stage):
     batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1)
     max_record = Property("size", "16MiB", "Records with a bigger body are refused as corrupt", minimum=1 << 16)
     max_image = Property("size", "64GiB", "Largest page image a trace's layout may ask for", minimum=1 << 16)
+    preload = Property("bool", False, "Decode the whole trace before the first batch and replay it from memory "
+                       "(holds every epoch's pages; for benchmarks that time the chain, not the decoding)")
+
+    def fuse(self, downstream: Stage) -> Stage | None:
+        """Run a single-worker stage that consumes only pages in this process (``TraceSourceInto``)."""
+        if downstream.input_caps != (PAGES,) or downstream.workers != 1 or downstream.runs_in_caller:
+            return None
+        return TraceSourceInto.around(self, downstream)
 
     def produce(self) -> Iterator[Batch]:
         self._image = np.zeros((0, 4096), dtype=np.uint8)
@@ -291,19 +299,24 @@ class TraceSource(Stage):
         self._clock: tuple[float, float] | None = None   # (recorded time, wall time) of the first epoch
         context = StageContext(stage_name=self.factory_name, post=self.context.post)
         with _mapped(self.path, self.factory_name) as trace:
-            for batch in deframe_stream([trace], self.max_record, context):
-                yield from self._replay(batch)
+            steps = (self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
+            if self.preload:
+                steps = [(recorded, list(batches)) for recorded, batches in steps]
+            for recorded, batches in steps:
+                self._wait_for(recorded)
+                yield from batches
 
-    def _replay(self, batch: Batch) -> Iterator[Batch]:
+    def _replay(self, batch: Batch) -> tuple[float | None, Iterable[Batch]]:
+        """(recorded checkpoint time to wait for or None, the batches ``batch`` turns into)."""
         if batch.flags & Flag.LAYOUT:
             self._resize(batch)
-            yield self._numbered(batch.with_(format=PAGES))
-        elif batch.flags & Flag.EPOCH_END:
-            yield from self._emit_epoch(batch)
-        elif batch.flags & Flag.END_OF_STREAM:
-            yield self._numbered(batch.with_(format=PAGES))
-        else:
-            self._apply(batch)
+            return None, [self._numbered(batch.with_(format=PAGES))]
+        if batch.flags & Flag.EPOCH_END:
+            return batch.meta.get("time"), self._emit_epoch(batch)
+        if batch.flags & Flag.END_OF_STREAM:
+            return None, [self._numbered(batch.with_(format=PAGES))]
+        self._apply(batch)
+        return None, ()
 
     def _resize(self, layout: Batch) -> None:
         """A page image covering the layout; pages of surviving numbers keep their contents."""
@@ -335,7 +348,6 @@ class TraceSource(Stage):
     def _emit_epoch(self, marker: Batch) -> Iterator[Batch]:
         touched = np.unique(np.concatenate(self._touched)) if self._touched else np.empty(0, np.uint64)
         self._touched = []
-        self._wait_for(marker.meta.get("time"))
         resync = marker.flags & Flag.RESYNC
         for start in range(0, len(touched), self.batch_pages):
             numbers = touched[start:start + self.batch_pages]
@@ -359,6 +371,50 @@ class TraceSource(Stage):
         batch.sequence = self._sequence
         self._sequence += 1
         return batch
+
+
+class TraceSourceInto(TraceSource):
+    """trace-src running its page consumer (classify, xor-delta, ... as they fuse) in its own process.
+
+    Pages are the biggest flow of a sender chain; replayed into a stage that
+    consumes only pages, they never cross a process boundary, as with a
+    tracker that encodes what it reads. Built by ``TraceSource.fuse``; the
+    consumer travels as (class, property values) so workers can rebuild it.
+    """
+
+    factory_name = "trace-src+"
+    description = "trace-src with its page consumer fused in (one process, pages never cross a boundary)"
+
+    consumer = Property("object", None, "Set by fusing: (stage class, property values) fed every replayed batch")
+
+    def __init__(self, **properties: Any):
+        super().__init__(**properties)
+        if self.consumer is None:
+            raise ConfigError(f"{self.factory_name}: built by fusing trace-src with a stage; no consumer= given")
+        consumer_class, consumer_properties = self.consumer
+        self._consumer: Stage = consumer_class(**consumer_properties)
+        self.output_caps = self._consumer.output_caps
+
+    @classmethod
+    def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":
+        return cls(**{**source.property_values(), "consumer": (type(consumer), consumer.property_values())})
+
+    def fuse(self, downstream: Stage) -> Stage | None:
+        """Keep fusing while the consumer fuses with its own downstream (classify ! xor-delta ! rle)."""
+        fused = self._consumer.fuse(downstream) if downstream.workers == 1 else None
+        return None if fused is None else type(self).around(self, fused)
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self._consumer.start(context)
+
+    def produce(self) -> Iterator[Batch]:
+        for batch in super().produce():
+            yield from self._consumer.handle(batch)
+            self.counters.update(self._consumer.counters)
+
+    def stop(self) -> None:
+        self._consumer.stop()
 
 
 def write_trace_from_npz(npz_path: str | Path, trace_path: str | Path, *, epochs: int | None = None,

@@ -270,9 +270,10 @@ class XorDelta(Stage):
     # ---- data --------------------------------------------------------------
     def process(self, batch: Batch) -> Iterable[Batch]:
         if self._classifier is not None:
-            (batch,) = self._classifier.process(batch)
+            (batch,) = self._classifier.process(batch)  # checks the batch first, once
             self.counters.update(self._classifier.counters)
-        check_pages_batch(batch, self.factory_name)
+        else:
+            check_pages_batch(batch, self.factory_name)
         self._apply_resync(batch)
         plan = self._plan(batch)
         yield self._emit(batch, plan)

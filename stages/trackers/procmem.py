@@ -61,6 +61,14 @@ def _state(stat_path: str) -> str:
     return chr(text[text.rindex(b")") + 2])
 
 
+def process_state(pid: int) -> str:
+    """The run state letter of the process (of its main thread): R, S, T, Z, ..."""
+    try:
+        return _state(f"/proc/{pid}/stat")
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessGone(pid) from None
+
+
 def thread_states(pid: int) -> list[str]:
     """The run state letter of every thread of the process."""
     try:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from benchmarks.capture_memory import (PAGE_SIZE, MemcachedLoad, Region, capture, changed_pages, free_port, main,
-                                       process_state, read_regions, spawned_memcached, spawned_python, stopped,
-                                       writable_regions)
+                                       read_regions, spawned_memcached, spawned_python, stopped, writable_regions)
 from benchmarks.realmemory import load_trace_pairs
 from pipeline.errors import ConfigError, TrackerError
+from stages.trackers.procmem import process_state
 
 MARKER = b"pagepipe-capture-marker-"
 

@@ -179,3 +179,38 @@ class CallerSource(Stage):
             yield Batch.control(Flag.EPOCH_END, epoch, pages=pages)
             epoch += 1
         yield Batch.control(Flag.END_OF_STREAM, epoch)
+
+
+class Warner(Identity):
+    """Pass-through that posts one warning (with a numpy field) at its first batch and calls ``callback`` per batch."""
+
+    factory_name = "warner"
+    callback = Property("object", None, "called with every data batch (Python API only)")
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        if not self.counters.get("warned"):
+            self.counters["warned"] = np.int64(1)  # numpy values must survive the bus
+            self.context.post("warning", message=f"first batch of epoch {batch.epoch}", pages=np.uint64(batch.npages))
+        if self.callback is not None:
+            self.callback(batch)
+        yield batch
+
+
+class Hoarder(Recorder):
+    """Recorder that keeps every input batch until the end of the stream, then digests them all."""
+
+    factory_name = "hoarder"
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self.kept: list[Batch] = []
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        self.kept.append(batch)
+        return ()
+
+    def control(self, batch: Batch) -> Iterable[Batch]:
+        if batch.flags & Flag.END_OF_STREAM:
+            for kept in self.kept:
+                super().process(kept)
+        return super().control(batch)

@@ -56,21 +56,16 @@ def test_bench_dispatches_to_the_named_module_and_rejects_unknown_ones(capsys):
     assert "no benchmark named" in capsys.readouterr().err
 
 
-def free_tcp_port() -> int:
-    with zmq.Context.instance().socket(zmq.PULL) as probe:
-        return probe.bind_to_random_port("tcp://127.0.0.1")
-
-
 def test_stage_subcommand_runs_one_stage_between_tcp_endpoints():
-    in_port, out_port = free_tcp_port(), free_tcp_port()
+    """Both ends here bind; the stage connects to both ('>' forces connect on its input)."""
     with zmq.Context() as context, context.socket(zmq.PUSH) as push, context.socket(zmq.PULL) as pull:
         push.linger = 1000
-        pull.bind(f"tcp://127.0.0.1:{out_port}")
+        in_port = push.bind_to_random_port("tcp://127.0.0.1")
+        out_port = pull.bind_to_random_port("tcp://127.0.0.1")
         stage = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stage", "identity", "--input",
-                                  f"tcp://127.0.0.1:{in_port}", "--output", f"tcp://127.0.0.1:{out_port}"],
+                                  f">tcp://127.0.0.1:{in_port}", "--output", f"tcp://127.0.0.1:{out_port}"],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            push.connect(f"tcp://127.0.0.1:{in_port}")
             pages = np.arange(3, dtype=np.uint64)
             sent = [Batch(epoch=0, page_size=64, page_numbers=pages, kinds=np.zeros(3, np.uint8),
                           data=np.full((3, 64), 7, np.uint8)),

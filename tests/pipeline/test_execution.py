@@ -7,7 +7,9 @@ import pytest
 
 from pipeline.bus import Message
 from pipeline.pipeline import Pipeline
-from stages_for_tests import CallerSource, Recorder, ShardChecker, read_record
+from pipeline.errors import ConfigError
+from stages.basic import NullSink, TestSource
+from stages_for_tests import CallerSource, Recorder, ShardChecker, Warner, read_record
 
 MODES = ["inline", "process"]
 SOURCE = "test-src epochs=3 pages=700 batch-pages=64 page-size=256"
@@ -98,6 +100,29 @@ def test_bus_reports_statistics_per_worker_with_stage_counters(mode):
     assert result.totals("test-src0")["batches_out"] == 1 + 2 * 10 + 2 + 1
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_stage_warnings_reach_the_bus_and_the_result(mode):
+    messages: list[Message] = []
+    result = Pipeline.parse("test-src epochs=1 pages=8 ! warner workers=2 ! null-sink").run(
+        mode=mode, on_message=messages.append, timeout=60)
+    warnings = [m for m in messages if m.kind == "warning"]
+    assert {(m.stage, m.fields["message"]) for m in warnings} == {("warner0", "first batch of epoch 0")}
+    assert {m.worker for m in warnings} <= {0, 1} and len(result.warnings) == len(warnings) >= 1
+    assert all(m.fields["pages"] == 8 for m in warnings)
+    assert any(stats["counters"].get("warned") == 1
+               for (name, _), stats in result.statistics.items() if name == "warner0")
+
+
+def test_python_object_properties_run_inline_but_cannot_cross_into_processes():
+    seen = []
+    p = Pipeline.chain(TestSource(epochs=1, pages=8, batch_pages=4), Warner(callback=lambda b: seen.append(b.npages)),
+                       NullSink())
+    p.run(mode="inline")
+    assert seen == [4, 4]
+    with pytest.raises(ConfigError, match="property callback .* cannot be sent to a worker process"):
+        p.run(mode="process")
+
+
 def test_caller_side_stage_runs_in_this_process_while_the_pipeline_runs(tmp_path):
     source = CallerSource()
     record = tmp_path / "caller.json"
@@ -124,7 +149,7 @@ def test_started_pipeline_streams_messages_until_it_ends():
 def test_stop_ends_a_running_pipeline_and_its_processes():
     p = Pipeline.parse("test-src epochs=100000 pages=64 pattern=zeros ! identity workers=2 ! null-sink")
     handle = p.start(mode="process")
-    next(m for m in handle.messages() if m.kind == "stats")
+    next(m for m in handle.messages() if m.kind == "stats" and m.stage == "test-src0")
     handle.stop()
     assert not handle.running
     sent = handle.wait(timeout=1).totals("test-src0")["batches_out"]
@@ -135,3 +160,11 @@ def test_run_timeout_stops_the_pipeline():
     p = Pipeline.parse("test-src epochs=100000 pages=64 pattern=zeros ! null-sink")
     with pytest.raises(TimeoutError):
         p.run(mode="process", timeout=1.0)
+
+
+def test_spawn_start_method_runs_the_same_pipeline_and_fork_is_refused():
+    p = Pipeline.parse("test-src epochs=2 pages=32 ! identity workers=2 ! null-sink")
+    result = p.run(mode="process", start_method="spawn", timeout=60)
+    assert result.totals("null-sink0")["pages_in"] == 64
+    with pytest.raises(ConfigError, match="never fork"):
+        p.run(mode="process", start_method="fork")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from tests_pipeline_support import descendants, wait_until_gone
 from pipeline.errors import StageFailed
 from pipeline.pipeline import Pipeline
+from pipeline.process import DIRECTORY_PREFIX, SHARED_MEMORY_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "test-src epochs=4 pages=256 batch-pages=16 page-size=256"
@@ -96,3 +98,19 @@ def test_workers_end_when_the_supervisor_is_killed():
     supervisor.kill()
     supervisor.wait(timeout=10)
     assert not wait_until_gone(workers)
+
+
+def test_a_run_removes_the_files_a_killed_supervisor_left_behind():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = Path(SHARED_MEMORY_DIR) / f"{DIRECTORY_PREFIX}{dead.pid}-test"
+    orphan.mkdir()
+    (orphan / "ring").write_bytes(b"x" * 4096)
+    live = Path(SHARED_MEMORY_DIR) / f"{DIRECTORY_PREFIX}{os.getpid()}-test"
+    live.mkdir()
+    try:
+        Pipeline.parse("test-src epochs=1 pages=1 ! null-sink").run(mode="process", timeout=30)
+        assert not orphan.exists() and live.exists()
+    finally:
+        shutil.rmtree(orphan, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)

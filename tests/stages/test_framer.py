@@ -16,7 +16,7 @@ from pipeline.batch import ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import StageContext
 from stages import wire
-from stages.codecs import get_codec
+from stages.codecs import Encoded, get_codec
 from stages.framer import Deframe, Frame, deframe_stream
 from stages.wire import RecordType
 
@@ -26,14 +26,34 @@ REGIONS = [{"name": "heap", "start": 0x7F0000000000, "first_page": 0, "npages": 
            {"name": "stack", "start": 0x7FFD00000000, "first_page": 100, "npages": 8}]
 
 
+def random_pages(seed: int, npages: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (npages, PAGE), dtype=np.uint8)
+
+
 def pages_batch(epoch: int, numbers, *, seed: int = 0, zero=(), flags: Flag = Flag.NONE) -> Batch:
     numbers = np.asarray(numbers, dtype=np.uint64)
-    data = np.random.default_rng(seed).integers(0, 256, (len(numbers), PAGE), dtype=np.uint8)
+    data = random_pages(seed, len(numbers))
     kinds = np.full(len(numbers), PageKind.NORMAL, dtype=np.uint8)
     for index in zero:
         data[index] = 0
         kinds[index] = PageKind.ZERO
     return Batch(format=PAGES, epoch=epoch, flags=flags, page_numbers=numbers, kinds=kinds, data=data)
+
+
+def encoded_batch(chain: str, current: np.ndarray, cached: np.ndarray, numbers=None) -> Batch:
+    """An ENCODED batch of epoch 1: ``current`` coded by ``chain`` against ``cached``, as pages ``numbers``
+    (default 0, 1, ...)."""
+    encoded = get_codec(chain).encode(current, cached.copy())
+    numbers = np.arange(len(current), dtype=np.uint64) if numbers is None else numbers
+    return Batch(format=ENCODED, epoch=1, page_numbers=numbers, kinds=encoded.kinds, payload=encoded.payload,
+                 offsets=encoded.offsets, meta={"codec": encoded.codec, "raw_size": encoded.raw_size})
+
+
+def decode_onto(replica: np.ndarray, batch: Batch) -> None:
+    """Decode a deframed ENCODED batch onto the rows of ``replica`` its page numbers name."""
+    chain = batch.meta["codec"]
+    get_codec(chain).decode(Encoded(batch.payload, batch.offsets, batch.kinds, chain, batch.meta["raw_size"]),
+                            replica, rows=batch.page_numbers)
 
 
 def layout(epoch: int = 1, regions=REGIONS) -> Batch:
@@ -138,11 +158,8 @@ def test_the_stream_header_leads_the_first_output_even_after_a_held_layout():
 
 
 def test_the_header_declares_the_first_page_batch_codec_chain():
-    pages = np.random.default_rng(3).integers(0, 256, (4, PAGE), dtype=np.uint8)
-    encoded = get_codec("native+zstd").encode(pages, np.zeros_like(pages))
-    batch = Batch(format=ENCODED, epoch=1, page_numbers=np.arange(4, dtype=np.uint64), kinds=encoded.kinds,
-                  payload=encoded.payload, offsets=encoded.offsets,
-                  meta={"codec": encoded.codec, "raw_size": encoded.raw_size})
+    pages = random_pages(3, 4)
+    batch = encoded_batch("native+zstd", pages, np.zeros_like(pages))
     data, _ = frame_all([layout(), batch, epoch_end(1, 4), end(1)])
     header, _ = wire.parse_stream_header(memoryview(data))
     assert header.chain == "native+zstd" and header.page_size == PAGE
@@ -155,19 +172,14 @@ def test_encoded_batches_deframe_to_pages_the_codec_decodes(chain):
     after = before.copy()
     after[:, 10:300] = 1
     after[5] = 0
-    codec = get_codec(chain)
-    encoded = codec.encode(after, before.copy())
     numbers = np.array([0, 1, 2, 3, 100, 107], dtype=np.uint64)
-    batch = Batch(format=ENCODED, epoch=1, page_numbers=numbers, kinds=encoded.kinds, payload=encoded.payload,
-                  offsets=encoded.offsets, meta={"codec": encoded.codec, "raw_size": encoded.raw_size})
+    batch = encoded_batch(chain, after, before, numbers)
     got = deframe_all(frame_all([layout(), batch, epoch_end(1, 6), end(1)])[0], chunk=1000)
     (received,) = data_batches(got)
-    assert received.format == ENCODED and received.meta == {"codec": chain, "raw_size": encoded.raw_size}
+    assert received.format == ENCODED and received.meta == {"codec": chain, "raw_size": batch.meta["raw_size"]}
     replica = np.zeros((108, PAGE), dtype=np.uint8)
     replica[numbers] = before
-    from stages.codecs import Encoded
-    codec.decode(Encoded(received.payload, received.offsets, received.kinds, chain, received.meta["raw_size"]),
-                 replica, rows=received.page_numbers)
+    decode_onto(replica, received)
     assert np.array_equal(replica[numbers], after)
 
 
@@ -186,28 +198,20 @@ def test_big_page_batches_are_split_at_the_record_limit_and_rejoin(npages, limit
 
 
 def test_an_encoded_batch_without_entropy_layer_is_split_by_entries():
-    pages = np.random.default_rng(5).integers(0, 256, (40, PAGE), dtype=np.uint8)
-    encoded = get_codec("native").encode(pages, np.zeros_like(pages))
-    batch = Batch(format=ENCODED, epoch=1, page_numbers=np.arange(40, dtype=np.uint64), kinds=encoded.kinds,
-                  payload=encoded.payload, offsets=encoded.offsets,
-                  meta={"codec": "native", "raw_size": encoded.raw_size})
+    pages = random_pages(5, 40)
+    batch = encoded_batch("native", pages, np.zeros_like(pages))
     data, _ = frame_all([layout(), batch, epoch_end(1, 40), end(1)], max_record=64 << 10)
     got = data_batches(deframe_all(data, max_record=64 << 10))
     assert len(got) == 3
     replica = np.zeros((64, PAGE), dtype=np.uint8)
-    from stages.codecs import Encoded
     for part in got:
-        get_codec("native").decode(Encoded(part.payload, part.offsets, part.kinds, "native", part.meta["raw_size"]),
-                                   replica, rows=part.page_numbers)
+        decode_onto(replica, part)
     assert np.array_equal(replica[:40], pages)
 
 
 def test_an_entropy_coded_batch_over_the_record_limit_is_a_config_error():
-    pages = np.random.default_rng(6).integers(0, 256, (40, PAGE), dtype=np.uint8)
-    encoded = get_codec("native+zstd").encode(pages, np.zeros_like(pages))
-    batch = Batch(format=ENCODED, epoch=1, page_numbers=np.arange(40, dtype=np.uint64), kinds=encoded.kinds,
-                  payload=encoded.payload, offsets=encoded.offsets,
-                  meta={"codec": "native+zstd", "raw_size": encoded.raw_size})
+    pages = random_pages(6, 40)
+    batch = encoded_batch("native+zstd", pages, np.zeros_like(pages))
     with pytest.raises(ConfigError, match="cannot be split"):
         frame_all([layout(), batch], max_record=64 << 10)
 

@@ -97,6 +97,9 @@ def test_malformed_messages_are_counted_and_dropped(tmp_path):
     (b"{}", "not an ack or resync"),
     (b'{"type": "ack", "epoch": "7"}', "valid epoch"),
     (b"y" * 5000, "exceeds the limit"),
+    (b"[" * 4000, "nested too deeply|not an ack"),
+    (b'{"type": "ack", "epoch": true}', "valid epoch"),
+    (b"\xff\xfe", "codec can't decode|Expecting value|not an ack"),
 ])
 def test_parse_message_says_what_is_wrong(raw, message):
     with pytest.raises(ValueError, match=message):

@@ -270,11 +270,14 @@ def receive(stream: Path, npages: int) -> tuple[np.ndarray, int]:
 REAL_OR_SYNTHETIC = "synthetic" if CORPUS is None else "corpus"
 
 
+SENDER_NODE = "trace-src0+classify0+xor-delta0+rle0"   # the page consumers fused into the source (TraceSourceInto)
+
+
 @pytest.mark.parametrize("mode, fuse, workers, cache_node, source", [
-    ("inline", True, 1, "classify0+xor-delta0+rle0", "synthetic"),
-    ("inline", True, 1, "classify0+xor-delta0+rle0", REAL_OR_SYNTHETIC),
+    ("inline", True, 1, SENDER_NODE, "synthetic"),
+    ("inline", True, 1, SENDER_NODE, REAL_OR_SYNTHETIC),
     ("inline", False, 2, "xor-delta0", REAL_OR_SYNTHETIC),
-    ("process", True, 1, "classify0+xor-delta0+rle0", REAL_OR_SYNTHETIC),
+    ("process", True, 1, SENDER_NODE, REAL_OR_SYNTHETIC),
     ("process", True, 2, "xor-delta0+rle0", REAL_OR_SYNTHETIC),  # classify (1 worker) stays apart from 2 workers
 ])
 def test_sender_chain_through_the_runtime_decodes_to_the_traced_memory(mode, fuse, workers, cache_node, source,

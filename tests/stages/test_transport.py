@@ -13,12 +13,13 @@ import pytest
 import zmq
 
 from pipeline.batch import PAGES, STREAM, Batch, Flag, PageKind
-from pipeline.errors import CorruptData, TransportError
+from pipeline.errors import ConfigError, CorruptData, TransportError
 from pipeline.pipeline import Pipeline
 from pipeline.stage import StageContext
 from stages.framer import Frame, deframe_stream
 from stages.pages import combine_digests, digest_pages
-from stages.transport import FileSink, FileSource, TraceSource, ZmqSink, ZmqSource, write_trace_from_npz
+from stages.transport import (FileSink, FileSource, TraceSource, TraceSourceInto, ZmqSink, ZmqSource,
+                              write_trace_from_npz)
 
 PAGE = 4096
 ROOT = Path(__file__).resolve().parents[2]
@@ -342,6 +343,24 @@ def test_trace_src_at_the_recorded_pace_emits_the_same_stream():
            [(b.epoch, b.flags, b.page_numbers.tolist()) for b in fast]
 
 
+def test_trace_src_preloaded_emits_the_same_stream_as_decoding_on_the_fly():
+    on_the_fly, preloaded = replay(FIXTURE, batch_pages=5), replay(FIXTURE, batch_pages=5, preload=True)
+    assert [(b.sequence, b.epoch, b.flags, b.page_numbers.tolist()) for b in preloaded] == \
+           [(b.sequence, b.epoch, b.flags, b.page_numbers.tolist()) for b in on_the_fly]
+    assert all(np.array_equal(p.data, f.data) for p, f in zip(preloaded, on_the_fly) if not p.is_control)
+    paced = replay(FIXTURE, batch_pages=5, preload=True, pace="recorded")
+    assert [b.page_numbers.tolist() for b in paced] == [b.page_numbers.tolist() for b in on_the_fly]
+
+
+def test_trace_src_preload_decodes_the_whole_trace_before_its_first_batch(tmp_path):
+    damaged = bytearray(FIXTURE.read_bytes())
+    damaged[-40] ^= 0xFF                                    # in the last records
+    (tmp_path / "bad").write_bytes(damaged)
+    assert next(started(TraceSource(path=str(tmp_path / "bad"))).produce()).flags & Flag.LAYOUT
+    with pytest.raises(CorruptData, match="checksum mismatch"):
+        next(started(TraceSource(path=str(tmp_path / "bad"), preload=True)).produce())
+
+
 def test_trace_src_of_a_corrupt_trace_is_corrupt_data(tmp_path):
     damaged = bytearray(FIXTURE.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
@@ -431,3 +450,32 @@ def test_the_sender_chain_output_replays_to_the_same_checkpoints(tmp_path, mode)
     for epoch, (numbers, data, meta) in original.items():
         assert replayed[epoch][0].tolist() == numbers.tolist() and np.array_equal(replayed[epoch][1], data)
         assert replayed[epoch][2]["digest"] == meta["digest"]
+
+
+def test_trace_src_fuses_with_the_page_consumers_after_it_but_not_with_a_plain_hop():
+    def nodes(text: str) -> list[str]:
+        return [node.name for node in Pipeline.parse(text).plan().nodes]
+
+    assert nodes(f"trace-src path={FIXTURE} ! classify ! xor-delta ! rle ! zstd ! frame ! null-sink") == \
+        ["trace-src0+classify0+xor-delta0+rle0", "zstd0", "frame0", "null-sink0"]
+    assert nodes(f"trace-src path={FIXTURE} ! identity ! null-sink") == ["trace-src0", "identity0", "null-sink0"]
+    assert nodes(f"trace-src path={FIXTURE} ! classify ! xor-delta workers=2 ! rle workers=2 ! null-sink") == \
+        ["trace-src0+classify0", "xor-delta0+rle0", "null-sink0"]                  # shards stay in their workers
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_trace_src_fused_with_the_sender_chain_writes_the_same_stream_as_unfused(tmp_path, mode):
+    write_npz(tmp_path / "rec.npz", epochs=4)
+    write_trace_from_npz(tmp_path / "rec.npz", tmp_path / "raw.trace")
+    chain = f"trace-src path={tmp_path / 'raw.trace'} batch-pages=7 ! classify ! xor-delta ! rle ! zstd ! frame"
+    fused = Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'fused'}")
+    result = fused.run(mode=mode, timeout=60)
+    Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'apart'}").run(mode=mode, timeout=60, fuse=False)
+    assert (tmp_path / "fused").read_bytes() == (tmp_path / "apart").read_bytes()
+    counters = result.statistics[("trace-src0+classify0+xor-delta0+rle0", 0)]["counters"]
+    assert counters["hits"] + counters["misses"] == counters["normal"] > 0       # the consumers' counters surface
+
+
+def test_trace_src_into_needs_a_consumer():
+    with pytest.raises(ConfigError, match="no consumer= given"):
+        TraceSourceInto(path=str(FIXTURE))

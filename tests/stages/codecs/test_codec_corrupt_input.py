@@ -33,6 +33,15 @@ def assert_rejected(name: str, encoded: Encoded, replica: np.ndarray, match: str
     return caught.value
 
 
+def decode_or_reject_cleanly(name: str, encoded: Encoded, replica: np.ndarray) -> None:
+    """Decode ``encoded`` onto ``replica``; a payload rejected as CorruptData must leave it unchanged."""
+    before = replica.copy()
+    try:
+        get_codec(name).decode(encoded, replica)
+    except CorruptData:
+        assert np.array_equal(replica, before), "a rejected payload must not change the replica"
+
+
 def with_(encoded: Encoded, **changes) -> Encoded:
     fields = dict(payload=encoded.payload, offsets=encoded.offsets, kinds=encoded.kinds, codec=encoded.codec,
                   raw_size=encoded.raw_size)
@@ -47,12 +56,7 @@ def test_byte_flips_decode_or_raise_corrupt_data(mixed_batch, name, data):
     payload = encoded.payload.copy()
     for _ in range(data.draw(st.integers(1, 8))):
         payload[data.draw(st.integers(0, payload.shape[0] - 1))] ^= data.draw(st.integers(1, 255))
-    replica = cached.copy()
-    before = replica.copy()
-    try:
-        get_codec(name).decode(with_(encoded, payload=payload), replica)
-    except CorruptData:
-        assert np.array_equal(replica, before)
+    decode_or_reject_cleanly(name, with_(encoded, payload=payload), cached.copy())
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -87,12 +91,7 @@ def test_corrupt_compressed_payloads_raise_corrupt_data(mixed_batch, name, data)
         payload = payload[: data.draw(st.integers(0, payload.shape[0] - 1))]
     else:
         payload[data.draw(st.integers(0, payload.shape[0] - 1))] ^= data.draw(st.integers(1, 255))
-    replica = cached.copy()
-    before = replica.copy()
-    try:
-        get_codec(name).decode(with_(encoded, payload=payload), replica)
-    except CorruptData:
-        assert np.array_equal(replica, before)
+    decode_or_reject_cleanly(name, with_(encoded, payload=payload), cached.copy())
 
 
 @pytest.mark.parametrize("name, payload, match", [

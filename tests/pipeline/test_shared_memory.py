@@ -1,0 +1,92 @@
+"""Shared-memory rings: slot allocation, untrusted references, and batches that cross them intact."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import CorruptData
+from pipeline.pipeline import Pipeline
+from pipeline.shm import LARGE_FRAME, TAG, ReceiveRing, SendRing, is_reference
+from stages_for_tests import read_record
+
+LARGE = 2 * LARGE_FRAME
+
+
+def message(fill: int, size: int = LARGE) -> list:
+    return [b'{"header": 1}', np.full(size, fill, np.uint8).data, np.arange(4, dtype=np.uint64).data]
+
+
+def test_packed_frames_come_back_identical_and_read_only(tmp_path):
+    released = []
+    sender = SendRing(str(tmp_path / "ring"), 8 * LARGE)
+    receiver = ReceiveRing(str(tmp_path / "ring"), released.append)
+    original = message(7)
+    packed = sender.pack(original)
+    assert is_reference(packed[0]) and packed[2] == b"" and len(packed) == 4
+    frames = receiver.unpack(packed)
+    assert bytes(frames[0]) == original[0] and bytes(frames[1]) == bytes(original[1])
+    assert bytes(frames[2]) == bytes(original[2])  # small frames travel in the message itself
+    view = np.frombuffer(frames[1], dtype=np.uint8)
+    assert not view.flags.writeable
+    del frames
+    assert released == []  # a view of the slot is still alive
+    del view
+    assert released == [0]
+
+
+def test_ring_reuses_space_only_after_release_in_any_order_and_wraps(tmp_path):
+    ring = SendRing(str(tmp_path / "ring"), 4 * LARGE)
+    offsets = [int(np.frombuffer(ring.pack(message(i))[0][len(TAG):len(TAG) + 8], np.uint64)[0]) for i in range(4)]
+    assert offsets == [0, LARGE, 2 * LARGE, 3 * LARGE]
+    assert ring.pack(message(9)) is None  # full
+    ring.release(LARGE)                    # out of order: the oldest slot still holds the tail
+    assert ring.pack(message(9)) is None
+    ring.release(0)
+    assert ring.pack(message(9)) is not None and ring.used == 3 * LARGE  # slots 2, 3 and the new one
+    with pytest.raises(CorruptData, match="unknown slot"):
+        ring.release(12345)
+
+
+@pytest.mark.parametrize("reference", [
+    TAG + b"\x00" * 3,
+    TAG + np.array([0, 1 << 40], np.uint64).tobytes() + np.array([0], np.uint32).tobytes(),
+    TAG + np.array([0, 64], np.uint64).tobytes() + np.array([1], np.uint32).tobytes()
+    + np.array([5], np.uint32).tobytes() + np.array([0, 8], np.uint64).tobytes(),
+    TAG + np.array([0, 64], np.uint64).tobytes() + np.array([1], np.uint32).tobytes()
+    + np.array([0], np.uint32).tobytes() + np.array([60, 8], np.uint64).tobytes(),
+])
+def test_malformed_references_are_corrupt_data(tmp_path, reference):
+    SendRing(str(tmp_path / "ring"), 4096)
+    receiver = ReceiveRing(str(tmp_path / "ring"), lambda offset: None)
+    with pytest.raises(CorruptData, match="shared-memory reference"):
+        receiver.unpack([reference, b"{}"])
+
+
+BIG_BATCHES = "test-src epochs=3 pages=600 batch-pages=128 pattern=random"
+
+
+def test_large_batches_cross_processes_through_rings_with_the_same_result_as_inline(tmp_path):
+    results = []
+    for mode in ("inline", "process"):
+        path = tmp_path / f"{mode}.json"
+        Pipeline.parse(f"{BIG_BATCHES} ! identity workers=2 ! shard-checker workers=3 ! recorder path={path}").run(
+            mode=mode, timeout=60)
+        results.append(read_record(path))
+    assert results[0]["pages"] == results[1]["pages"] and len(results[0]["pages"]) == 1800
+
+
+def test_a_receiver_holding_every_slot_does_not_deadlock_its_sender_nor_see_changed_data(tmp_path):
+    inline, process = tmp_path / "inline.json", tmp_path / "process.json"
+    Pipeline.parse(f"{BIG_BATCHES} ! hoarder path={inline}").run(mode="inline")
+    Pipeline.parse(f"{BIG_BATCHES} ! hoarder path={process}").run(mode="process", max_inflight="2MiB", timeout=60)
+    assert read_record(inline)["pages"] == read_record(process)["pages"]
+
+
+def test_a_slot_that_would_cross_the_ring_end_starts_over_at_zero(tmp_path):
+    size = 3 * LARGE // 2
+    ring = SendRing(str(tmp_path / "ring"), 4 * LARGE)
+    assert ring.pack(message(1, size)) is not None and ring.pack(message(2, size)) is not None
+    assert ring.pack(message(3, size)) is None  # 1 x LARGE left at the end, not enough
+    ring.release(0)
+    packed = ring.pack(message(3, size))
+    assert np.frombuffer(packed[0][len(TAG):len(TAG) + 8], np.uint64)[0] == 0
