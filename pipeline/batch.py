@@ -7,7 +7,7 @@ say what they are in ``flags`` and ``meta``.
 from __future__ import annotations
 
 import json
-import math
+import struct
 from dataclasses import dataclass, field, replace
 from enum import IntEnum, IntFlag
 from typing import Any, Sequence
@@ -16,9 +16,11 @@ import numpy as np
 
 from .errors import CorruptData
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 DEFAULT_PAGE_SIZE = 4096
 MAX_META_BYTES = 1 << 20
+INLINE_BYTES = 1 << 16
+"""Arrays smaller than this travel inside the header frame (no frame of their own); larger ones get a frame."""
 
 
 class Flag(IntFlag):
@@ -42,6 +44,7 @@ class PageKind(IntEnum):
     UNCHANGED = 5   # equal to the copy last sent; nothing travels
 
 
+_FLAG_VALUES = tuple(Flag(value) for value in range(2 * max(Flag)))
 _CONTROL_FLAGS = int(Flag.EPOCH_END | Flag.END_OF_STREAM | Flag.LAYOUT)  # plain int: IntFlag arithmetic is slow
 
 # Batch formats ("caps"): which arrays a batch carries and what they mean.
@@ -53,13 +56,30 @@ ANY = "any"           # accepted by stages that do not look inside (sinks, tee)
 FORMATS = (PAGES, DELTAS, ENCODED, STREAM, ANY)
 
 _ARRAY_DTYPES = {
-    "page_numbers": np.uint64,
-    "kinds": np.uint8,
-    "data": np.uint8,
-    "reference": np.uint8,
-    "payload": np.uint8,
-    "offsets": np.uint64,
+    "page_numbers": np.dtype(np.uint64),
+    "kinds": np.dtype(np.uint8),
+    "data": np.dtype(np.uint8),
+    "reference": np.dtype(np.uint8),
+    "payload": np.dtype(np.uint8),
+    "offsets": np.dtype(np.uint64),
 }
+_ARRAY_NAMES = tuple(_ARRAY_DTYPES)
+_ARRAY_CODES = {name: code for code, name in enumerate(_ARRAY_NAMES)}
+_FORMAT_CODES = {name: code for code, name in enumerate(FORMATS)}
+
+# Wire form (binary, little-endian; JSON only for a non-empty meta, because json costs tens of microseconds a batch):
+# header frame = _HEADER, count x _ARRAY, meta JSON, then the inline arrays, each at an 8-byte aligned offset.
+_MAGIC = b"PB"
+_HEADER = struct.Struct("<2sBBBxxxIqqqII")  # magic, version, format, array count, flags, epoch, sequence,
+#                                              stream, page size, meta length
+_ARRAY = struct.Struct("<BBBxxxxxQQ")       # array code, ndim, inline, rows, columns (0 when 1-D)
+_INLINE_ALIGNMENT = 8
+_MAX_DIMENSION = 1 << 48
+
+
+def _flag(value: int) -> Flag:
+    """Flag(value) from a table for the defined bits: building an IntFlag costs microseconds a batch."""
+    return _FLAG_VALUES[value] if value < len(_FLAG_VALUES) else Flag(value)
 
 
 def _empty_pages() -> np.ndarray:
@@ -106,7 +126,11 @@ class Batch:
     @property
     def nbytes(self) -> int:
         """Bytes of array data this batch holds (what flow control counts)."""
-        return sum(a.nbytes for a in self._arrays().values())
+        total = self.page_numbers.nbytes + self.kinds.nbytes
+        for array in (self.data, self.reference, self.payload, self.offsets):
+            if array is not None:
+                total += array.nbytes
+        return total
 
     def with_(self, **changes: Any) -> "Batch":
         """A copy with some fields replaced (arrays are shared, not copied)."""
@@ -129,75 +153,104 @@ class Batch:
 
     # ---- wire form ---------------------------------------------------
     def to_frames(self) -> list:
-        """One ZeroMQ multipart message: a JSON header, then one frame per array.
+        """One ZeroMQ multipart message: a binary header frame, then one frame per large array.
 
-        Arrays are passed as buffers so pyzmq can send large ones without copying.
+        The header (``_HEADER``, one ``_ARRAY`` entry per array, JSON meta only
+        when meta is non-empty) also carries arrays under ``INLINE_BYTES``, so a
+        small batch is a single frame. Large arrays are passed as buffers so
+        pyzmq (or a shared-memory ring) can move them without an extra copy.
         """
         arrays = self._arrays()
-        header = {
-            "v": WIRE_VERSION,
-            "format": self.format,
-            "epoch": int(self.epoch),
-            "sequence": int(self.sequence),
-            "flags": int(self.flags),
-            "stream": int(self.stream),
-            "page_size": int(self.page_size),
-            "arrays": {name: list(a.shape) for name, a in arrays.items()},
-            "meta": self.meta,
-        }
-        frames: list = [json.dumps(header, separators=(",", ":")).encode()]
+        meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
+        parts = [b"", meta]
+        descriptors = []
+        frames: list = [b""]
+        position = _HEADER.size + len(arrays) * _ARRAY.size + len(meta)
         for name, array in arrays.items():
-            frames.append(memoryview(np.ascontiguousarray(array, dtype=_ARRAY_DTYPES[name])).cast("B"))
+            array = np.ascontiguousarray(array, dtype=_ARRAY_DTYPES[name])
+            shape = (array.shape[0], array.shape[1] if array.ndim == 2 else 0)
+            inline = array.nbytes < INLINE_BYTES
+            descriptors.append(_ARRAY.pack(_ARRAY_CODES[name], array.ndim, inline, *shape))
+            if inline:
+                padding = -position % _INLINE_ALIGNMENT
+                parts.append(bytes(padding))
+                parts.append(array.data.cast("B"))
+                position += padding + array.nbytes
+            else:
+                frames.append(array.data.cast("B"))
+        parts[0] = _HEADER.pack(_MAGIC, WIRE_VERSION, _FORMAT_CODES[self.format], len(arrays), int(self.flags),
+                                int(self.epoch), int(self.sequence), int(self.stream), int(self.page_size), len(meta))
+        frames[0] = b"".join([parts[0], *descriptors, *parts[1:]])
         return frames
 
     @classmethod
     def from_frames(cls, frames: Sequence) -> "Batch":
-        """Rebuild a batch from untrusted frames; every shape and length is checked.
+        """Rebuild a batch from untrusted frames; every count, shape and length is checked.
 
         Raises CorruptData saying which part is wrong.
         """
         if not frames:
             raise CorruptData("batch message: no frames")
-        raw_header = bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
-        if len(raw_header) > MAX_META_BYTES:
-            raise CorruptData(f"batch header: {len(raw_header)} bytes exceeds limit {MAX_META_BYTES}")
-        try:
-            header = json.loads(raw_header)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptData(f"batch header: not JSON ({exc})") from None
-        if not isinstance(header, dict) or header.get("v") != WIRE_VERSION:
-            raise CorruptData(f"batch header: unsupported version {header.get('v') if isinstance(header, dict) else header!r}")
-        try:
-            shapes = header["arrays"]
-            names = list(shapes)
-            if len(frames) != 1 + len(names):
-                raise CorruptData(f"batch message: {len(frames)} frames for {len(names)} arrays")
-            arrays = {}
-            for name, frame in zip(names, frames[1:]):
-                if name not in _ARRAY_DTYPES:
-                    raise CorruptData(f"batch message: unknown array {name!r}")
-                shape = tuple(int(s) for s in shapes[name])
-                if any(s < 0 for s in shape) or len(shape) not in (1, 2):
-                    raise CorruptData(f"batch array {name!r}: bad shape {shape}")
-                buffer = frame.buffer if hasattr(frame, "buffer") else frame
-                array = np.frombuffer(buffer, dtype=_ARRAY_DTYPES[name])
-                if array.size != math.prod(shape):
-                    raise CorruptData(f"batch array {name!r}: {array.size} elements, header says shape {shape}")
-                arrays[name] = array.reshape(shape)
-            batch = cls(
-                format=str(header["format"]),
-                epoch=int(header["epoch"]),
-                sequence=int(header["sequence"]),
-                flags=Flag(int(header["flags"])),
-                stream=int(header["stream"]),
-                page_size=int(header["page_size"]),
-                meta=dict(header.get("meta") or {}),
-                **arrays,
-            )
-        except CorruptData:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptData(f"batch header: malformed ({exc!r})") from None
+        header = frames[0].buffer if hasattr(frames[0], "buffer") else memoryview(frames[0])
+        size = header.nbytes
+        if size < _HEADER.size:
+            raise CorruptData(f"batch header: {size} bytes, shorter than the {_HEADER.size}-byte header")
+        magic, version, format_code, count, flags, epoch, sequence, stream, page_size, meta_length = \
+            _HEADER.unpack_from(header)
+        if magic != _MAGIC or version != WIRE_VERSION:
+            raise CorruptData(f"batch header: not a version {WIRE_VERSION} batch (magic {magic!r}, version {version})")
+        if format_code >= len(FORMATS):
+            raise CorruptData(f"batch header: unknown format code {format_code}")
+        if count > len(_ARRAY_NAMES):
+            raise CorruptData(f"batch header: {count} arrays, at most {len(_ARRAY_NAMES)} exist")
+        position = _HEADER.size + count * _ARRAY.size
+        if meta_length > MAX_META_BYTES or position + meta_length > size:
+            raise CorruptData(f"batch header: meta of {meta_length} bytes does not fit a {size}-byte header")
+        meta = {}
+        if meta_length:
+            try:
+                meta = json.loads(header[position:position + meta_length].tobytes())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CorruptData(f"batch header: meta is not JSON ({exc})") from None
+            if not isinstance(meta, dict):
+                raise CorruptData(f"batch header: meta is a {type(meta).__name__}, not an object")
+        position += meta_length
+        arrays = {}
+        next_frame = 1
+        for index in range(count):
+            code, ndim, inline, rows, columns = _ARRAY.unpack_from(header, _HEADER.size + index * _ARRAY.size)
+            if code >= len(_ARRAY_NAMES) or _ARRAY_NAMES[code] in arrays:
+                raise CorruptData(f"batch message: unknown or repeated array code {code}")
+            name = _ARRAY_NAMES[code]
+            if ndim not in (1, 2) or inline > 1 or (ndim == 1 and columns != 0) \
+                    or rows > _MAX_DIMENSION or columns > _MAX_DIMENSION:
+                raise CorruptData(f"batch array {name!r}: bad shape ({rows}, {columns}) of {ndim} dimensions")
+            shape = (rows,) if ndim == 1 else (rows, columns)
+            elements = rows if ndim == 1 else rows * columns
+            dtype = _ARRAY_DTYPES[name]
+            nbytes = elements * dtype.itemsize
+            if inline:
+                position += -position % _INLINE_ALIGNMENT
+                if position + nbytes > size:
+                    raise CorruptData(f"batch array {name!r}: {nbytes} bytes beyond the {size}-byte header")
+                arrays[name] = np.frombuffer(header, dtype, elements, position).reshape(shape)
+                position += nbytes
+                continue
+            if next_frame >= len(frames):
+                raise CorruptData(f"batch message: {len(frames)} frames, array {name!r} needs frame {next_frame}")
+            frame = frames[next_frame]
+            next_frame += 1
+            buffer = frame.buffer if hasattr(frame, "buffer") else frame
+            if memoryview(buffer).nbytes != nbytes:
+                raise CorruptData(f"batch array {name!r}: {memoryview(buffer).nbytes} bytes, "
+                                  f"header says shape {shape} ({nbytes} bytes)")
+            arrays[name] = np.frombuffer(buffer, dtype).reshape(shape)
+        if next_frame != len(frames):
+            raise CorruptData(f"batch message: {len(frames)} frames for {next_frame - 1} frame arrays")
+        if position != size:
+            raise CorruptData(f"batch header: {size - position} bytes left over after its arrays")
+        batch = cls(format=FORMATS[format_code], epoch=epoch, sequence=sequence, flags=_flag(flags), stream=stream,
+                    page_size=page_size, meta=meta, **arrays)
         batch.validate()
         return batch
 

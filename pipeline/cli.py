@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 from rich.console import Console
 
+from stages import demo, replica_store  # the receiver's commands: demo, replica verify
+
 from .bus import Message
 from .errors import ConfigError, StageFailed
 from .launch import ElementWords, build_stage, parse_description
@@ -161,6 +163,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
     "launch": ("run a pipeline description", add_launch_arguments, run_launch),
     "stage": ("run one stage on its own, linked by endpoints", add_stage_arguments, run_stage),
     "bench": ("run a benchmark from benchmarks/", add_bench_arguments, run_bench),
+    "demo": ("replicate a built-in workload live, then compare replica and source byte for byte",
+             demo.add_arguments, demo.run),
+    "replica": ("check a replica directory: replica verify DIR", replica_store.add_command_arguments,
+                replica_store.run_command),
 }
 
 

@@ -29,6 +29,7 @@ from .bus import Message
 from .errors import ConfigError, CorruptData, StageFailed
 from .graph import Plan
 from .registry import class_path
+from .shm import ring_name
 from .worker import InputSpec, OutputSpec, Worker, WorkerSpec, run_worker_process
 
 TERMINATE_GRACE = 2.0
@@ -115,7 +116,7 @@ class ProcessExecution:
             return f"ipc://{directory}/c{node}.{worker}"
 
         def ring(node: int, worker: int, link: int, downstream_worker: int) -> str:
-            return f"{directory}/r{node}.{worker}.{link}.{downstream_worker}"
+            return f"{directory}/{ring_name(node, worker, link, downstream_worker)}"
 
         result = []
         for index, node in enumerate(nodes):

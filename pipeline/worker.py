@@ -37,13 +37,15 @@ from .errors import CorruptData
 from .core import WorkerCore
 from .registry import import_target
 from .routing import Router
-from .shm import SHM_THRESHOLD, ReceiveRing, SendRing, is_reference
+from .shm import SHM_THRESHOLD, ReceiveRing, RingMaps, SendRing, forward_reference, is_reference
 from .stage import Stage, StageContext
 
 POLL_MS = 100
 IDLE_ACK_MS = 2
 """Credit is returned once a quarter of max-inflight was taken, or after inputs stay quiet this long."""
 DRAIN_LIMIT = 16
+RING_WAIT_MS = 5
+"""How long a sender waits for ring space (slots travel down a chain of pass-through stages) before using the socket."""
 # plain ints: pyzmq's enum flags cost microseconds per operation on the per-batch path
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -51,7 +53,8 @@ _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 ZERO_COPY_MIN = 1 << 16
 CREDIT = struct.Struct("<IIQ")  # output link index, downstream worker index, bytes
-RELEASE = struct.Struct("<IIQQ")  # output link index, downstream worker index, ring slot offset, 0
+RELEASE = struct.Struct("<IIQQ")  # output link index, downstream worker index, slot offset or token, kind
+SLOT, FORWARDED = 0, 1  # kinds of release: a slot of the sender's own ring, or a batch it forwarded
 STANDALONE_BATCH_ESTIMATE = 1 << 20
 PR_SET_PDEATHSIG = 1
 
@@ -134,7 +137,10 @@ class Worker:
         self._credit: zmq.Socket | None = None
         self._receive_rings: list[ReceiveRing | None] = []
         self._send_rings: list[list[SendRing] | None] = []
-        self._released: list[tuple[int, int]] = []  # (input index, slot offset), appended by ring finalizers
+        self._released: list[tuple[int, int, int]] = []  # (input index, offset or token, kind), from finalizers
+        self._ring_maps = RingMaps()
+        self._forwarded: dict[int, list] = {}  # token -> frames held until the downstream worker releases them
+        self._forward_tokens = 0
         self.core: WorkerCore | None = None
 
     # ---- bus -----------------------------------------------------------
@@ -194,7 +200,9 @@ class Worker:
                 credit.linger = 0  # credit for an upstream worker that has finished is moot
                 attach(credit, source.credit_endpoint, bind_by_default=False)
             self._inputs.append((socket, credit, source.credit_link))
-            self._receive_rings.append(ReceiveRing(source.ring_path, self._releaser(len(self._receive_rings)))
+            index = len(self._receive_rings)
+            self._receive_rings.append(ReceiveRing(source.ring_path, self._releaser(index, SLOT), self._ring_maps,
+                                                   self._releaser(index, FORWARDED))
                                        if source.ring_path and credit is not None else None)
         for index, target in enumerate(spec.outputs):
             sockets = []
@@ -272,6 +280,8 @@ class Worker:
         poller = zmq.Poller()
         registered: set[int] = set()
         core = self.core
+        if self._credit is not None:  # releases of forwarded batches must flow upstream while this worker idles
+            poller.register(self._credit, zmq.POLLIN)
         while not core.finished:
             for index, (socket, _, _) in enumerate(self._inputs):
                 wanted = not core.fan_in.blocked(index)
@@ -287,6 +297,8 @@ class Worker:
                     self._ack(index)
                 self._return_slots()
                 self._check_alive()
+            if self._credit in ready:
+                self._collect_credit()
             for index, (socket, _, _) in enumerate(self._inputs):
                 if socket in ready and not core.finished:
                     self._drain(index, socket)
@@ -299,32 +311,36 @@ class Worker:
     def _drain(self, index: int, socket: zmq.Socket) -> None:
         core = self.core
         threshold = self.spec.max_inflight // 4
+        ring = self._receive_rings[index]
         for _ in range(DRAIN_LIMIT):
-            if not socket.get(_EVENTS) & _POLLIN:
+            try:  # cheaper than asking for socket events before every message
+                first = socket.recv(_NOBLOCK, copy=False)
+            except zmq.Again:
                 break
-            frames = [socket.recv(0, copy=False)]
-            while frames[-1].more:
+            frames = [first]
+            while frames[-1].more:  # the rest of a multipart message has arrived with its first part
                 frames.append(socket.recv(0, copy=False))
-            self._unacked[index] += _frames_cost(frames)
-            ring = self._receive_rings[index]
-            if ring is not None and is_reference(frames[0]):
+            if ring is not None and is_reference(first):
                 frames = ring.unpack(frames)
+            self._unacked[index] += _frames_cost(frames)  # ring messages count their unpacked size, as sent
             if self._unacked[index] >= threshold:
                 self._ack(index)
             core.feed(index, Batch.from_frames(frames))
+            if self._released:  # ring slots go back as soon as they are free, so the sender's ring never fills
+                self._return_slots()
             if core.finished or core.fan_in.blocked(index):
                 break
 
-    def _releaser(self, index: int) -> Callable[[int], None]:
+    def _releaser(self, index: int, kind: int) -> Callable[[int], None]:
         """Ring finalizer: only queues the release (it may run inside any call); ``_return_slots`` sends it."""
-        return lambda offset: self._released.append((index, offset))
+        return lambda offset: self._released.append((index, offset, kind))
 
     def _return_slots(self) -> None:
         while self._released:
-            index, offset = self._released.pop()
+            index, offset, kind = self._released.pop()
             _, credit, link = self._inputs[index]
             try:
-                credit.send(RELEASE.pack(link, self.spec.worker_index, offset, 0), zmq.NOBLOCK)
+                credit.send(RELEASE.pack(link, self.spec.worker_index, offset, kind), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the upstream worker has finished; its ring is gone
 
@@ -345,13 +361,31 @@ class Worker:
             rings = self._send_rings[index]
             for worker, part in router.route(batch):
                 frames = part.to_frames()
-                if rings is not None and part.nbytes >= SHM_THRESHOLD and rings[worker].fits(frames):
-                    self._collect_credit()
-                    # a full ring (a receiver still holding old slots) falls back to the socket: never a deadlock
-                    frames = rings[worker].pack(frames) or frames
-                if credited:
+                if credited:  # the unpacked size: credit, not ring space, bounds what is in flight
                     self._reserve(index, worker, _frames_cost(frames))
+                if rings is not None and part.nbytes >= SHM_THRESHOLD:
+                    frames = self._through_ring(rings[worker], frames)
                 self._send(sockets[worker], frames)
+
+    def _through_ring(self, ring: SendRing, frames: list) -> list:
+        """A large message's frames as a ring reference: forwarded without a copy if its arrays are views of a
+        ring this worker receives from (held until released), else copied into ``ring`` if it has room."""
+        located = self._ring_maps.locate(frames)
+        if located is not None:
+            self._forward_tokens += 1
+            self._forwarded[self._forward_tokens] = frames
+            return forward_reference(frames, located, self._forward_tokens)
+        if not ring.fits(frames):
+            return frames
+        self._collect_credit()
+        packed = ring.pack(frames)
+        deadline = time.monotonic() + RING_WAIT_MS / 1000
+        while packed is None and (left := deadline - time.monotonic()) > 0:
+            if self._credit.poll(max(1, int(left * 1000)), _POLLIN):
+                self._collect_credit()
+                packed = ring.pack(frames)
+        # a ring that stays full (a receiver holding old slots) falls back to the socket: never a deadlock
+        return packed or frames
 
     def _reserve(self, link: int, worker: int, cost: int) -> None:
         key = (link, worker)
@@ -372,17 +406,26 @@ class Worker:
         while self._credit is not None and self._credit.get(_EVENTS) & _POLLIN:
             message = self._credit.recv()
             if len(message) == RELEASE.size:
-                link, worker, offset, _ = RELEASE.unpack(message)
-                if link >= len(self._send_rings) or self._send_rings[link] is None \
-                        or worker >= len(self._send_rings[link]):
-                    raise CorruptData(f"ring release for unknown link {link} worker {worker}")
-                self._send_rings[link][worker].release(offset)
+                self._release(*RELEASE.unpack(message))
                 continue
             if len(message) != CREDIT.size:
                 raise CorruptData(f"credit message of {len(message)} bytes, expected {CREDIT.size} or {RELEASE.size}")
             link, worker, amount = CREDIT.unpack(message)
             if (link, worker) in self._inflight:
                 self._inflight[(link, worker)] = max(0, self._inflight[(link, worker)] - amount)
+
+    def _release(self, link: int, worker: int, offset: int, kind: int) -> None:
+        """A downstream worker let go of a ring slot (SLOT) or of a batch this worker forwarded (FORWARDED)."""
+        if kind == FORWARDED:
+            if self._forwarded.pop(offset, None) is None:
+                raise CorruptData(f"ring release of unknown forwarded batch {offset}")
+            if self._released:  # the held arrays may have been the last views of an upstream slot
+                self._return_slots()
+            return
+        if kind != SLOT or link >= len(self._send_rings) or self._send_rings[link] is None \
+                or worker >= len(self._send_rings[link]):
+            raise CorruptData(f"ring release of kind {kind} for unknown link {link} worker {worker}")
+        self._send_rings[link][worker].release(offset)
 
     def _send(self, socket: zmq.Socket, frames: list) -> None:
         """Send one multipart message, waiting (and checking for stop) while the socket is full.

@@ -1,11 +1,9 @@
-"""The batch's multipart form: round trips, and every malformed message is CorruptData."""
-import json
-
+"""The batch's multipart form: round trips, small batches in one frame, and every malformed message is CorruptData."""
 import numpy as np
 import pytest
 import zmq
 
-from pipeline.batch import ENCODED, Batch, Flag, PageKind
+from pipeline.batch import _ARRAY, _HEADER, ENCODED, Batch, Flag, PageKind
 from pipeline.errors import CorruptData
 
 
@@ -46,32 +44,68 @@ def test_control_batches_carry_no_pages():
     assert received.is_control and received.meta == {"pages": 12, "digest": 99}
 
 
-def _frames_with_header(mutate):
-    frames = [bytes(f) for f in _page_batch(n=2).to_frames()]
-    header = json.loads(frames[0])
-    mutate(header, frames)
-    frames[0] = json.dumps(header).encode()
-    return frames
+def test_small_batches_are_one_frame_and_large_arrays_get_frames_of_their_own():
+    small, large = _page_batch(n=2), _page_batch(n=20)
+    assert len(small.to_frames()) == 1
+    frames = large.to_frames()
+    assert len(frames) == 2 and len(frames[1]) == large.data.nbytes  # page numbers and kinds ride in the header
+    received = Batch.from_frames([bytes(f) for f in frames])
+    np.testing.assert_array_equal(received.kinds, large.kinds)
+    assert received.page_numbers.ctypes.data % 8 == 0  # inline arrays stay aligned for the kernels
+
+
+def test_meta_is_left_out_of_the_header_when_empty():
+    plain, annotated = (Batch.control(Flag.EPOCH_END, 1, **meta).to_frames()[0] for meta in ({}, {"pages": 3}))
+    assert (_fields(plain)["meta"], _fields(annotated)["meta"]) == (0, len(b'{"pages":3}'))
+
+
+def _fields(frame: bytes) -> dict:
+    names = ("magic", "version", "format", "count", "flags", "epoch", "sequence", "stream", "page_size", "meta")
+    return dict(zip(names, _HEADER.unpack_from(frame)))
+
+
+def _with_fields(frame: bytes, **changes) -> bytes:
+    return _HEADER.pack(*{**_fields(frame), **changes}.values()) + frame[_HEADER.size:]
+
+
+def _with_array(frame: bytes, index: int, **changes) -> bytes:
+    start = _HEADER.size + index * _ARRAY.size
+    fields = dict(zip(("code", "ndim", "inline", "rows", "columns"), _ARRAY.unpack_from(frame, start)))
+    return frame[:start] + _ARRAY.pack(*{**fields, **changes}.values()) + frame[start + _ARRAY.size:]
+
+
+def _large_frames():
+    """Header (page numbers, kinds inline; meta {"note": "x"}) + the data frame."""
+    return [bytes(f) for f in _page_batch(n=20).to_frames()]
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda h, f: h.update(v=99), "version"),
-    (lambda h, f: h["arrays"].update(data=[3, 4096]), "elements"),
-    (lambda h, f: h["arrays"].update(bogus=[1]), "frames for"),
-    (lambda h, f: h.update(format="video"), "unknown format"),
-    (lambda h, f: h.update(page_size=512), "data shape"),
-    (lambda h, f: h["arrays"].update(kinds=[-1]), "bad shape"),
-    (lambda h, f: h.pop("epoch"), "malformed"),
-    (lambda h, f: f.pop(), "frames for"),
+    (lambda f: [_with_fields(f[0], version=99), f[1]], "version"),
+    (lambda f: [b"PB"], "shorter"),
+    (lambda f: [_with_array(f[0], 2, rows=3), f[1]], "header says shape"),
+    (lambda f: f + [b"extra"], "frames for"),
+    (lambda f: f[:1], "needs frame"),
+    (lambda f: [_with_fields(f[0], format=9), f[1]], "unknown format"),
+    (lambda f: [_with_fields(f[0], count=9), f[1]], "arrays"),
+    (lambda f: [_with_fields(f[0], page_size=512), f[1]], "data shape"),
+    (lambda f: [_with_array(f[0], 1, ndim=3), f[1]], "bad shape"),
+    (lambda f: [_with_array(f[0], 1, rows=1 << 62), f[1]], "bad shape"),
+    (lambda f: [_with_array(f[0], 1, rows=4096), f[1]], "beyond"),
+    (lambda f: [_with_array(f[0], 1, code=0), f[1]], "repeated"),
+    (lambda f: [_with_array(f[0], 1, code=77), f[1]], "unknown"),
+    (lambda f: [_with_fields(f[0], meta=1 << 30), f[1]], "does not fit"),
+    (lambda f: [f[0].replace(b'{"note":"x"}', b'{"note":"x"]'), f[1]], "not JSON"),
+    (lambda f: [f[0].replace(b'{"note":"x"}', b'["note","x"]'), f[1]], "not an object"),
+    (lambda f: [f[0] + b"\0" * 8, f[1]], "left over"),
 ])
 def test_malformed_messages_raise_corrupt_data(mutate, message):
     with pytest.raises(CorruptData, match=message):
-        Batch.from_frames(_frames_with_header(mutate))
+        Batch.from_frames(mutate(_large_frames()))
 
 
-def test_header_that_is_not_json_is_corrupt():
-    with pytest.raises(CorruptData, match="not JSON"):
-        Batch.from_frames([b"\xff\x00garbage"])
+def test_header_that_is_not_a_batch_is_corrupt():
+    with pytest.raises(CorruptData, match="not a version"):
+        Batch.from_frames([b"\xff\x00garbage" * 8])
 
 
 def test_offsets_beyond_payload_are_corrupt():

@@ -1,4 +1,4 @@
-"""Shared-memory rings: slot allocation, untrusted references, and batches that cross them intact."""
+"""Shared-memory rings: slot allocation, forwarding, untrusted references, and batches that cross them intact."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.errors import CorruptData
 from pipeline.pipeline import Pipeline
-from pipeline.shm import LARGE_FRAME, TAG, ReceiveRing, SendRing, is_reference
+from pipeline.shm import LARGE_FRAME, TAG, ReceiveRing, RingMaps, SendRing, forward_reference, is_reference
 from stages_for_tests import read_record
 
 LARGE = 2 * LARGE_FRAME
@@ -90,3 +90,61 @@ def test_a_slot_that_would_cross_the_ring_end_starts_over_at_zero(tmp_path):
     ring.release(0)
     packed = ring.pack(message(3, size))
     assert np.frombuffer(packed[0][len(TAG):len(TAG) + 8], np.uint64)[0] == 0
+
+
+def _received_through_ring(tmp_path, fill: int):
+    """A message written into ring r0.0.0.0 and unpacked by a first receiver; (receiver's maps, frames, releases)."""
+    path = str(tmp_path / "r0.0.0.0")
+    sender, released = SendRing(path, 8 * LARGE), []
+    maps = RingMaps()
+    frames = ReceiveRing(path, released.append, maps, lambda token: None).unpack(sender.pack(message(fill)))
+    return maps, frames, released
+
+
+def test_views_of_a_ring_are_forwarded_without_copy_and_the_slot_waits_for_the_last_holder(tmp_path):
+    maps, frames, slot_released = _received_through_ring(tmp_path, 5)
+    outgoing = [bytes(frames[0]), frames[1].data, frames[2]]  # what to_frames makes of a batch that kept its arrays
+    located = maps.locate(outgoing)
+    assert located == [(1, "r0.0.0.0", 0, LARGE)]
+    forwarded = forward_reference(outgoing, located, token=7)
+    assert is_reference(forwarded[0]) and len(forwarded[0]) < 100  # a reference, not the data
+    held = {7: outgoing}                                # the forwarding worker holds its views ...
+    del frames, outgoing
+    tokens = []
+    next_hop = ReceiveRing(str(tmp_path / "r1.0.0.0"), lambda offset: None, RingMaps(), tokens.append)
+    received = next_hop.unpack(forwarded)
+    assert bytes(received[1]) == bytes([5]) * LARGE and not np.frombuffer(received[1], np.uint8).flags.writeable
+    del received
+    assert tokens == [7] and slot_released == []        # ... until the next hop lets go
+    held.pop(7)
+    assert slot_released == [0]
+
+
+def test_frames_outside_any_mapped_ring_are_not_forwarded(tmp_path):
+    maps, frames, _ = _received_through_ring(tmp_path, 1)
+    assert maps.locate([b"header", np.full(LARGE, 1, np.uint8).data]) is None  # a copy on the heap
+    assert maps.locate([b"header", frames[1].data, np.full(LARGE, 1, np.uint8).data]) is None  # partly
+
+
+@pytest.mark.parametrize("name,offset,message_part", [
+    ("../r0.0.0.0", 0, "not a ring name"),
+    ("passwd", 0, "not a ring name"),
+    ("r9.9.9.9", 0, "cannot be opened"),
+    ("r0.0.0.0", 8 * LARGE - 8, "out of bounds"),
+])
+def test_malformed_forward_references_are_corrupt_data(tmp_path, name, offset, message_part):
+    SendRing(str(tmp_path / "r0.0.0.0"), 8 * LARGE)
+    receiver = ReceiveRing(str(tmp_path / "r1.0.0.0"), lambda offset: None, RingMaps(), lambda token: None)
+    reference = forward_reference([b"{}", b""], [(1, name, offset, LARGE)], token=1)
+    with pytest.raises(CorruptData, match=message_part):
+        receiver.unpack(reference)
+    with pytest.raises(CorruptData, match="forward"):
+        receiver.unpack([reference[0][:-3], b"{}", b""])
+
+
+def test_a_hoarder_behind_pass_through_stages_holds_forwarded_slots_without_deadlock(tmp_path):
+    inline, process = tmp_path / "inline.json", tmp_path / "process.json"
+    chain = f"{BIG_BATCHES} ! identity ! identity ! hoarder"
+    Pipeline.parse(f"{chain} path={inline}").run(mode="inline")
+    Pipeline.parse(f"{chain} path={process}").run(mode="process", max_inflight="2MiB", timeout=60)
+    assert read_record(inline)["pages"] == read_record(process)["pages"]

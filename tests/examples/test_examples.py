@@ -1,0 +1,102 @@
+"""Each example in examples/ run as a user would: a real subprocess with small arguments, its result checked."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.replica_store import load_replica, read_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+
+
+def run_example(name: str, *arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``examples/<name>`` with the repository importable; its output captured."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, str(EXAMPLES / name), *arguments], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def churning_children() -> list[int]:
+    """Pids of live dict-churning children of the codec comparison example."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"table, rng = {}" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue   # the process ended while we looked
+    return pids
+
+
+@pytest.mark.parametrize("name", ["replicate_simulation.py", "compare_codecs_on_live_process.py"])
+def test_example_help_describes_its_options(name, tmp_path):
+    completed = run_example(name, "--help", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert "--checkpoints" in completed.stdout
+
+
+@pytest.mark.parametrize("name", ["replicate_simulation.py", "compare_codecs_on_live_process.py"])
+def test_example_refuses_zero_checkpoints(name, tmp_path):
+    completed = run_example(name, "--checkpoints", "0", cwd=tmp_path)
+    assert completed.returncode == 2
+    assert "--checkpoints" in completed.stderr
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_simulation_replica_equals_the_array(mode, tmp_path):
+    replica = tmp_path / "replica"
+    completed = run_example("replicate_simulation.py", "--size", "128", "--checkpoints", "8", "--rate", "50",
+                            "--mode", mode, "--replica", str(replica), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "replica equals the array: yes" in completed.stdout
+    assert read_manifest(replica)["epoch"] == 8
+    grid = load_replica(replica)["region0"][:128 * 128 * 4].view(np.float32)
+    assert grid.max() > 0   # the heater's warmth reached the replica
+    ratio = float(re.search(r"ratio ([\d.]+)", completed.stdout).group(1))
+    assert ratio > 0
+
+
+def test_codec_chains_compared_on_a_live_process_decode_to_the_same_memory(tmp_path):
+    keep = tmp_path / "keep"
+    completed = run_example("compare_codecs_on_live_process.py", "--checkpoints", "5", "--keep", str(keep),
+                            "--chain", "rle format=xbzrle", "--chain", "rle format=native ! zstd", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "replayed pages match the recording: yes" in completed.stdout
+    assert not churning_children(), "the example left its child process running"
+    recorded = load_replica(keep / "replica-raw")
+    assert recorded and read_manifest(keep / "replica-raw")["epoch"] == 5
+    raw_bytes = (keep / "raw.trace").stat().st_size
+    for index in (0, 1):
+        assert 0 < (keep / f"chain{index}.trace").stat().st_size < raw_bytes   # both chains compress
+        replayed = load_replica(keep / f"replica{index}")
+        assert replayed.keys() == recorded.keys()
+        for region in recorded:
+            np.testing.assert_array_equal(replayed[region], recorded[region], err_msg=f"chain {index}, {region}")
+    ratios = [float(value) for value in re.findall(r"│\s+[\d,]+\s+│\s+([\d.]+)\s+│", completed.stdout)]
+    assert len(ratios) == 2 and all(ratio > 1 for ratio in ratios)
+
+
+def test_simulation_with_an_unusable_replica_path_says_why(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    completed = run_example("replicate_simulation.py", "--checkpoints", "3", "--mode", "inline",
+                            "--replica", str(blocker / "replica"), cwd=tmp_path)
+    assert completed.returncode == 2
+    assert "replica-sink0" in completed.stderr and str(blocker) in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_codec_comparison_refuses_a_bad_chain_before_starting_the_child(tmp_path):
+    completed = run_example("compare_codecs_on_live_process.py", "--checkpoints", "2", "--chain", "rle format=bogus",
+                            cwd=tmp_path)
+    assert completed.returncode == 2
+    assert "'bogus' is not one of" in completed.stderr and "Traceback" not in completed.stderr
+    assert not churning_children()
