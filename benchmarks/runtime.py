@@ -244,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, target, met in rows:
         table.add_row(name, value, target, "" if met is None else ("[green]met[/green]" if met else "[red]missed[/red]"))
     console.print(table)
+    targets = [("identity x3 chain", figures["chain3_gbps"], TARGET_CHAIN_GBPS, "GB/s", True),
+               ("runtime CPU per batch per stage", figures["overhead_cpu_us"], TARGET_OVERHEAD_US, "us", False),
+               ("zstd-3 workers=2 vs 1", figures["scaling"], TARGET_SCALING, "x", True)]
+    for name, value, target, unit, higher_is_better in targets:
+        met = value >= target if higher_is_better else value <= target
+        gap = abs(value - target) / target
+        console.print(f"{'met' if met else 'MISSED'}: {name} {value:.2f} {unit} "
+                      f"(target {'>=' if higher_is_better else '<='} {target} {unit}; {gap:.0%} "
+                      f"{'margin' if met else 'short'})", markup=False)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

@@ -161,26 +161,27 @@ class Batch:
         pyzmq (or a shared-memory ring) can move them without an extra copy.
         """
         arrays = self._arrays()
+        format_code = _FORMAT_CODES.get(self.format)
+        if format_code is None:
+            raise CorruptData(f"batch epoch {self.epoch}: unknown format {self.format!r}")
         meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
-        parts = [b"", meta]
-        descriptors = []
-        frames: list = [b""]
+        descriptors, body, frames = [], [meta], [b""]
         position = _HEADER.size + len(arrays) * _ARRAY.size + len(meta)
         for name, array in arrays.items():
             array = np.ascontiguousarray(array, dtype=_ARRAY_DTYPES[name])
-            shape = (array.shape[0], array.shape[1] if array.ndim == 2 else 0)
+            octets = array.reshape(-1).view(np.uint8).data  # 1-D bytes: also for arrays with a zero in their shape
             inline = array.nbytes < INLINE_BYTES
-            descriptors.append(_ARRAY.pack(_ARRAY_CODES[name], array.ndim, inline, *shape))
+            descriptors.append(_ARRAY.pack(_ARRAY_CODES[name], array.ndim, inline, array.shape[0],
+                                           array.shape[1] if array.ndim == 2 else 0))
             if inline:
                 padding = -position % _INLINE_ALIGNMENT
-                parts.append(bytes(padding))
-                parts.append(array.data.cast("B"))
+                body += [bytes(padding), octets]
                 position += padding + array.nbytes
             else:
-                frames.append(array.data.cast("B"))
-        parts[0] = _HEADER.pack(_MAGIC, WIRE_VERSION, _FORMAT_CODES[self.format], len(arrays), int(self.flags),
-                                int(self.epoch), int(self.sequence), int(self.stream), int(self.page_size), len(meta))
-        frames[0] = b"".join([parts[0], *descriptors, *parts[1:]])
+                frames.append(octets)
+        header = _HEADER.pack(_MAGIC, WIRE_VERSION, format_code, len(arrays), int(self.flags), int(self.epoch),
+                              int(self.sequence), int(self.stream), int(self.page_size), len(meta))
+        frames[0] = b"".join([header, *descriptors, *body])
         return frames
 
     @classmethod

@@ -7,10 +7,19 @@ per downstream worker, and posts bus messages to the supervisor.
 Flow control is byte-counted credit: a sender keeps at most ``max_inflight``
 bytes unacknowledged per downstream worker and blocks (polling its credit
 socket) beyond that; a receiver returns credit for what it has taken off the
-socket. Links without a credit endpoint (``pagepipe stage`` over tcp) rely
-on ZeroMQ's high-water marks instead. Large messages on process-mode links
-travel through a shared-memory ring of ``max_inflight`` bytes (pipeline.shm);
-released ring slots come back on the credit socket too.
+socket (every ``max_inflight / 4`` bytes, or when its inputs fall quiet),
+counting a ring message at its full size. Links without a credit endpoint
+(``pagepipe stage`` over tcp) rely on ZeroMQ's high-water marks instead.
+Large messages on process-mode links travel through a shared-memory ring of
+``max_inflight`` bytes (pipeline.shm), or, when a pass-through stage emits
+views of a ring it received from, as a forward reference to that ring (no
+copy; the arrays are held until the next worker releases them). Releases come
+back on the credit socket, which a worker reads while idle too, so a slot
+travels back up a chain of pass-through stages as soon as the last one drops it.
+
+Per-batch costs are kept low on purpose: a binary batch header, receiving with
+NOBLOCK until EAGAIN, plain-int zmq flags, statistics as plain counters
+published once a second.
 
 Endpoints bind or connect by default as their role says (inputs bind, outputs
 connect); a leading ``@`` forces bind and ``>`` forces connect (the czmq
@@ -45,7 +54,8 @@ IDLE_ACK_MS = 2
 """Credit is returned once a quarter of max-inflight was taken, or after inputs stay quiet this long."""
 DRAIN_LIMIT = 16
 RING_WAIT_MS = 5
-"""How long a sender waits for ring space (slots travel down a chain of pass-through stages) before using the socket."""
+"""A sender waits for ring space while releases come at least this often (slots travel down a chain of
+pass-through stages); after a quiet spell this long it sends through the socket instead."""
 # plain ints: pyzmq's enum flags cost microseconds per operation on the per-batch path
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -368,8 +378,8 @@ class Worker:
                 self._send(sockets[worker], frames)
 
     def _through_ring(self, ring: SendRing, frames: list) -> list:
-        """A large message's frames as a ring reference: forwarded without a copy if its arrays are views of a
-        ring this worker receives from (held until released), else copied into ``ring`` if it has room."""
+        """A large message as a ring reference: forwarded if its arrays are views of a ring this worker maps
+        (held until released), else copied into ``ring``; unchanged when neither can be done."""
         located = self._ring_maps.locate(frames)
         if located is not None:
             self._forward_tokens += 1
@@ -379,12 +389,12 @@ class Worker:
             return frames
         self._collect_credit()
         packed = ring.pack(frames)
-        deadline = time.monotonic() + RING_WAIT_MS / 1000
-        while packed is None and (left := deadline - time.monotonic()) > 0:
-            if self._credit.poll(max(1, int(left * 1000)), _POLLIN):
-                self._collect_credit()
-                packed = ring.pack(frames)
-        # a ring that stays full (a receiver holding old slots) falls back to the socket: never a deadlock
+        # wait while downstream makes progress; a ring that stays full (a receiver holding old slots)
+        # falls back to the socket: never a deadlock
+        while packed is None and self._credit.poll(RING_WAIT_MS, _POLLIN):
+            self._collect_credit()
+            packed = ring.pack(frames)
+            self._tick()
         return packed or frames
 
     def _reserve(self, link: int, worker: int, cost: int) -> None:

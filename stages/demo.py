@@ -5,8 +5,8 @@ The demo process runs a workload in tracked memory and its ``region-src``
 xor-delta+rle, entropy coding, framing, zmq-sink) and the receiver stages
 (zmq-src, deframe, decode, replica-sink) each run in their own processes,
 linked over tcp loopback. Acknowledgements come back on their own socket to
-an ``AckListener`` here, which bounds the epochs in flight (``max_unacked``)
-and measures checkpoint -> acknowledgement latency. At the end the last
+an ``AckListener`` here, attached to the tracker (whose ``max-unacked`` bounds
+the epochs in flight), and measure checkpoint -> acknowledgement latency. At the end the last
 checkpoint is waited for (output commit), the pipelines drain, and the replica
 on disk is compared with the workload's memory.
 """
@@ -121,8 +121,9 @@ def sender_stages(source: RegionSource, options: DemoOptions, endpoint: str) -> 
 
 
 def receiver_stages(options: DemoOptions, endpoint: str, ack_endpoint: str, replica: str) -> list:
-    """The receiving pipeline: zmq-src (binds), deframe, decode, replica-sink acknowledging to ``ack_endpoint``."""
-    return [ZmqSource(endpoint=endpoint, bind=True), Deframe(), Decode(),
+    """The receiving pipeline: zmq-src (binds), deframe (resume: a restarted receiver joins at the next
+    resync segment), decode, replica-sink acknowledging to ``ack_endpoint``."""
+    return [ZmqSource(endpoint=endpoint, bind=True), Deframe(resume=True), Decode(),
             ReplicaSink(path=replica, fsync=options.fsync, ack_endpoint=ack_endpoint)]
 
 
@@ -197,7 +198,7 @@ def run_demo(options: DemoOptions, *, show_progress: bool = True) -> DemoResult:
 def _run(options: DemoOptions, replica: str, show_progress: bool) -> DemoResult:
     memory = tracked_array(options.size, np.uint8)
     workload = make_workload(options.workload, memory, options.seed)
-    source = RegionSource(regions=memory)
+    source = RegionSource(regions=memory, max_unacked=options.max_unacked)
     progress = Progress()
     data_endpoint = free_tcp_endpoint()
     listener = AckListener("tcp://127.0.0.1:*").attach(source)
@@ -211,6 +212,7 @@ def _run(options: DemoOptions, replica: str, show_progress: bool) -> DemoResult:
         receiver = receiving.start(mode="process", on_message=progress.on_message)
         sender = sending.start(mode="process", on_message=progress.on_message)
         synced = time.monotonic()
+        _await_ack(listener, 1, (sender, receiver), or_resync=True)   # the receiver's start-up resync request
         _checkpoint(source, result, {})                  # epoch 1: the initial full copy, not timed
         _await_ack(listener, 1, (sender, receiver))
         result.initial_sync_seconds = time.monotonic() - synced
@@ -227,7 +229,6 @@ def _run(options: DemoOptions, replica: str, show_progress: bool) -> DemoResult:
                 break
             for _ in range(options.steps):
                 workload.step()
-            _await_ack(listener, result.epochs + 1 - options.max_unacked, (sender, receiver), or_resync=True)
             _checkpoint(source, result, checkpoint_times)
             if live is not None and now - last_draw > 0.25:
                 last_draw = now
@@ -321,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="workers of xor-delta and the entropy stage")
     parser.add_argument("--replica", default=None, help="keep the replica in this directory (default: temporary)")
     parser.add_argument("--fsync", action="store_true", help="fsync every commit at the replica")
-    parser.add_argument("--max-unacked", type=int, default=16, help="epochs in flight before checkpoints wait")
+    parser.add_argument("--max-unacked", type=int, default=16, help="epochs in flight before checkpoints wait (0 = unbounded)")
     parser.add_argument("--steps", type=int, default=16, help="workload steps between checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no live table, only the summary")
 

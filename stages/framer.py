@@ -243,6 +243,9 @@ class Deframe(Stage):
             return
         if self._waiting_for_segment:
             if not wire.starts_segment(batch.payload):
+                if not self.counters["skipped_bytes"]:
+                    self.context.warn(f"{self.factory_name}: joined a running stream; skipping it until the "
+                                      f"next segment (a resync epoch) begins")
                 self.counters["skipped_bytes"] += batch.payload.nbytes
                 return
             self._waiting_for_segment = False

@@ -14,7 +14,12 @@ Policy (docs/FORMAT.md, section replica):
   with a warning on the bus; the replica stays at its last committed epoch and
   the sink is *out of sync*: it asks the sender for a resync (ack channel) and
   discards epochs until a baseline epoch arrives. An empty replica starts out
-  of sync, so a receiver joining mid-stream asks for a resync by itself.
+  of sync.
+- On start the sink asks for a resync (with an ack channel): it cannot know
+  whether it joined mid-stream or missed epochs while it was down, and a
+  sender that has not checkpointed yet loses nothing (its first epoch is a
+  baseline anyway). Behind zmq-src, ``deframe resume=true`` skips the stream
+  up to the segment that the resync epoch opens.
 - Malformed pages (a page number outside the layout, an unknown codec, a
   payload that does not decode, an epoch over ``max-epoch``) raise CorruptData
   (``on-error=fail``, the default) or are treated like a torn epoch
@@ -33,8 +38,8 @@ from pipeline.stage import Property, Stage, StageContext
 from stages.acks import AckSender
 from stages.codecs import ChainCodec, Encoded, get_codec
 from stages.pages import combine_digests, digest_pages
-from stages.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, clear_replica, verify_replica,
-                                  whole_pages)
+from stages.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, clear_replica,
+                                  ensure_replica_directory, verify_replica, whole_pages)
 
 
 def _kind_table(*kinds: PageKind) -> np.ndarray:
@@ -118,9 +123,14 @@ class ReplicaSink(Stage):
         self.pending: PendingEpoch | None = None
         self._last_resync_request = -float("inf")
         self.acks = AckSender(self.ack_endpoint, bind=self.ack_bind) if self.ack_endpoint else None
+        self._ask_resync(f"receiver started, replica at epoch {self.store.epoch}")
 
     def _open_store(self) -> ReplicaStore:
-        """Open the replica; an inconsistent one is cleared (and later resynchronised)."""
+        """Open the replica; an inconsistent one is cleared (and later resynchronised).
+
+        A path that cannot hold a replica (a file, no permission) raises ReplicaError naming it.
+        """
+        ensure_replica_directory(self.path)
         try:
             store = ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages)
             if store.recovered_journal != "none":
@@ -285,6 +295,7 @@ class ReplicaSink(Stage):
         self.store.commit(epoch, self.layout, page_numbers, pending.encodings, digests, digest,
                           stream=marker.stream, resync=bool(marker.flags & Flag.RESYNC))
         self.in_sync = True
+        self._last_resync_request = -float("inf")   # answered: a later problem asks again at once
         self.counters["commit_seconds"] += time.perf_counter() - started
         self.counters["epochs_committed"] += 1
         self.counters["pages_applied"] += page_numbers.shape[0]

@@ -146,7 +146,22 @@ def layout_page_numbers(layout: Layout) -> np.ndarray:
 def clear_replica(path: str | os.PathLike) -> None:
     """Delete a replica's files (not the directory), leaving it empty."""
     for name in (MANIFEST, IMAGE, DIGESTS, JOURNAL, MANIFEST + ".tmp"):
-        (Path(path) / name).unlink(missing_ok=True)
+        try:
+            (Path(path) / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise ReplicaError(f"replica {path}: cannot delete {name} ({exc.strerror or exc})") from None
+
+
+def ensure_replica_directory(path: str | os.PathLike) -> Path:
+    """The replica directory, created if missing; ReplicaError naming the path if it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReplicaError(f"replica {path}: cannot create directory ({exc.strerror or exc})") from None
+    if not path.is_dir():
+        raise ReplicaError(f"replica {path}: not a directory")
+    return path
 
 
 def _hex(value: int) -> str:
@@ -190,14 +205,16 @@ class ReplicaStore:
         self._image: np.memmap | None = None
         self._digests: np.memmap | None = None
         if writable:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ReplicaError(f"replica {self.path}: cannot create directory ({exc.strerror})") from None
-        self.recovered_journal = self._recover_journal() if writable else "none"
-        """What opening did with an interrupted commit: none, replayed or discarded."""
-        if (self.path / MANIFEST).exists():
-            self._load_manifest()
+            ensure_replica_directory(self.path)
+        try:
+            self.recovered_journal = self._recover_journal() if writable else "none"
+            """What opening did with an interrupted commit: none, replayed or discarded."""
+            if (self.path / MANIFEST).exists():
+                self._load_manifest()
+        except OSError as exc:
+            self.close()
+            raise ReplicaError(f"replica {self.path}: cannot open ({exc.strerror or exc}"
+                               f"{': ' + str(exc.filename) if exc.filename else ''})") from None
 
     # ---- reading -------------------------------------------------------
     @property

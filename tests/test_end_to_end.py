@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,12 +159,16 @@ def test_restarted_sender_replaces_the_replica(recorded, tmp_path):
     assert assert_exactly_one_committed_epoch(tmp_path / "replica", other_snapshots) == 4
 
 
+def _launch_process(description: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """``pagepipe launch --mode inline DESCRIPTION`` in its own process (one process: SIGKILL stops all of it)."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch", "--mode", "inline", description],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def _receiver_process(stream: Path, replica: Path) -> subprocess.Popen:
     """A receiver in its own process: replays the stream into the replica, fsync on (long commits)."""
-    description = f"file-src path={stream} ! deframe ! decode ! replica-sink path={replica} fsync=true"
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch", "--mode", "inline", description],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    return _launch_process(f"file-src path={stream} ! deframe ! decode ! replica-sink path={replica} fsync=true")
 
 
 def _committed_epoch(replica: Path) -> int:
@@ -211,12 +216,13 @@ def test_replica_damaged_while_running_is_resynchronised(tmp_path):
             for page in range(memory.size // 4096):
                 image.seek(page * 4096 + 100)
                 image.write(b"\xde\xad\xbe\xef")
+        resyncs_before = listener.counters["resyncs"]        # the receiver's start-up request
         deadline = time.monotonic() + 30
-        while listener.counters["resyncs"] == 0 and time.monotonic() < deadline:
+        while listener.counters["resyncs"] == resyncs_before and time.monotonic() < deadline:
             workload.step()
             source.checkpoint()
             time.sleep(0.02)
-        assert listener.counters["resyncs"] >= 1
+        assert listener.counters["resyncs"] > resyncs_before
         source.checkpoint()                                  # carries every page, flagged RESYNC
         source.checkpoint(wait=True, timeout=30)
         np.testing.assert_array_equal(replica_bytes(replica), memory)
@@ -225,7 +231,7 @@ def test_replica_damaged_while_running_is_resynchronised(tmp_path):
         sender.wait(timeout=30)
         result = receiver.wait(timeout=30)
         counters = result.statistics[("replica-sink0", 0)]["counters"]
-        assert counters["epochs_discarded"] >= 1 and counters["resyncs_requested"] >= 1
+        assert counters["epochs_discarded"] >= 1 and counters["resyncs_requested"] >= 2   # on start, then for the damage
     finally:
         sender.stop()
         receiver.stop()
@@ -279,11 +285,8 @@ def test_sender_killed_mid_stream_then_restarted(tmp_path):
     replica = tmp_path / "replica"
     receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} ! deframe ! decode ! "
                               f"replica-sink path={replica} fsync=false").start(mode="process")
-    description = (f"workload-src kind=sim size=4MiB seconds=60 rate=40 ! classify ! xor-delta ! rle ! frame ! "
-                   f"zmq-sink endpoint={endpoint}")
-    sender = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch", "--mode", "inline", description],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    sender = _launch_process(f"workload-src kind=sim size=4MiB seconds=60 rate=40 ! classify ! xor-delta ! rle ! "
+                             f"frame ! zmq-sink endpoint={endpoint}", stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while _committed_epoch(replica) < 3 and time.monotonic() < deadline:
@@ -316,4 +319,77 @@ def test_sender_killed_mid_stream_then_restarted(tmp_path):
     finally:
         sender.stop()
         receiver.stop()
+        listener.close()
+
+
+def _live_receiver_process(endpoint: str, ack_endpoint: str, replica: Path) -> subprocess.Popen:
+    """The documented receiver of a live stream, in its own process: joins at the next resync segment."""
+    return _launch_process(f"zmq-src endpoint={endpoint} ! deframe resume=true ! decode ! "
+                           f"replica-sink path={replica} fsync=false ack-endpoint={ack_endpoint}")
+
+
+def _checkpoint_until(source: RegionSource, workload, done, timeout: float = 60.0) -> None:
+    """Keep the sender checkpointing (as a live program would) until ``done()``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        workload.step()
+        source.checkpoint()
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("replica_lost", [False, True], ids=["replica-kept", "replica-lost"])
+def test_receiver_killed_and_restarted_on_a_live_stream_resyncs_and_catches_up(tmp_path, replica_lost):
+    """A receiver process is SIGKILLed while the sender keeps checkpointing; restarted (with its
+    replica, or with the replica directory deleted), it asks for a resync on start, the sender's next
+    epoch is a RESYNC baseline in a new segment, deframe resumes there and the replica equals the source."""
+    memory = tracked_array(2 << 20)
+    workload = make_workload("kv", memory, 4)
+    source = RegionSource(regions=memory, max_unacked=4)
+    listener = AckListener("tcp://127.0.0.1:*").attach(source)
+    options = DemoOptions(size=memory.size, codec="native+zstd")
+    endpoint = free_tcp_endpoint()
+    replica = tmp_path / "replica"
+    receivers = [_live_receiver_process(endpoint, listener.endpoint, replica)]
+    sender = Pipeline.chain(*sender_stages(source, options, endpoint)).start(mode="process")
+    try:
+        for _ in range(3):
+            workload.step()
+            source.checkpoint(wait=True, timeout=60)
+        for _ in range(2):                                   # epochs in flight when the receiver dies
+            workload.step()
+            source.checkpoint()
+        receivers[0].send_signal(signal.SIGKILL)
+        receivers[0].wait()
+        committed_before = _committed_epoch(replica)
+        assert committed_before >= 3 and verify_replica(replica).ok
+        for _ in range(2):                                   # the sender runs on, nobody listening
+            workload.step()
+            source.checkpoint()
+        if replica_lost:
+            shutil.rmtree(replica)
+        resyncs_before = listener.counters["resyncs"]
+        receivers.append(_live_receiver_process(endpoint, listener.endpoint, replica))
+        _checkpoint_until(source, workload, lambda: listener.counters["resyncs"] > resyncs_before)
+        workload.step()
+        info = source.checkpoint(wait=True, timeout=60)      # the resync epoch (or the one after) is acknowledged
+        assert read_manifest(replica)["epoch"] == info.epoch > committed_before
+        np.testing.assert_array_equal(replica_bytes(replica), memory)
+        for _ in range(2):                                   # and the stream goes on in deltas
+            workload.step()
+            info = source.checkpoint()
+        source.checkpoint(wait=True, timeout=60)
+        assert read_manifest(replica)["epoch"] == info.epoch + 1 and read_manifest(replica)["resync"] is False
+        np.testing.assert_array_equal(replica_bytes(replica), memory)
+        assert verify_replica(replica).ok
+        source.close()
+        sender.wait(timeout=30)
+        _, errors = receivers[-1].communicate(timeout=30)
+        assert receivers[-1].returncode == 0, errors.decode()
+    finally:
+        sender.stop()
+        for receiver in receivers:
+            if receiver.poll() is None:
+                receiver.kill()
+            receiver.wait()
         listener.close()

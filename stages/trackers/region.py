@@ -154,6 +154,10 @@ class RegionSource(Stage):
     batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1, maximum=1 << 16)
     mode = Property("choice", "auto", "Write tracking: userfaultfd+PAGEMAP_SCAN, page digests, or the best available",
                     choices=("auto", "uffd", "digest"))
+    max_unacked = Property("int", 0, "Epochs in flight (checkpointed, not acknowledged by the replica) before "
+                           "checkpoint() waits; 0 = unbounded (needs an AckListener attached)", minimum=0)
+    ack_timeout = Property("duration", "30s", "Longest checkpoint() wait for an acknowledgement "
+                           "(max-unacked, wait=True); then TrackerError", minimum=0.001)
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
@@ -173,6 +177,7 @@ class RegionSource(Stage):
         self._failure: TrackerError | None = None
         self._closed = False
         self._acknowledged_epoch = 0
+        self._discarded_epoch = 0          # epochs up to here were dropped by a resync: never acknowledged
         self._acknowledged = threading.Condition()
 
     # ---- setup ---------------------------------------------------------------
@@ -234,9 +239,14 @@ class RegionSource(Stage):
         """Pause point: stage the pages written since the last checkpoint; returns once they are copied.
 
         ``wait=True`` then blocks until ``acknowledged(epoch)`` reports the
-        replica applied this epoch (TrackerError after ``timeout`` seconds).
+        replica applied this epoch (TrackerError after ``timeout`` seconds,
+        default ack-timeout). With ``max-unacked=N`` it first waits while N
+        epochs are in flight; a resync request releases that wait, since the
+        receiver discards the epochs in flight.
         """
         self._ensure_ready()
+        if self.max_unacked:
+            self._wait_in_flight_below(self.max_unacked)
         with self._checkpoint_lock:
             if self._failure is not None:
                 raise self._failure
@@ -253,7 +263,10 @@ class RegionSource(Stage):
                 self._fail(TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc}"), epoch)
                 raise self._failure from None
             pause = time.perf_counter() - began
-            self._epoch = epoch
+            with self._acknowledged:
+                self._epoch = epoch
+                if resync:      # the receiver discards every epoch before a resync epoch
+                    self._discarded_epoch = epoch - 1
             self._publish(staged + [_EpochEnd(epoch, pause, when, resync)])
             self.counters.update(checkpoints=epoch, pause_ms=pause * 1e3,
                                  pause_ms_max=max(pause * 1e3, self.counters.get("pause_ms_max", 0.0)))
@@ -262,8 +275,14 @@ class RegionSource(Stage):
         return CheckpointInfo(epoch, pages, pause)
 
     def request_resync(self) -> None:
-        """The next checkpoint carries the layout and every tracked page, flagged RESYNC."""
+        """The next checkpoint carries the layout and every tracked page, flagged RESYNC.
+
+        The epochs in flight will never be acknowledged: they no longer count against max-unacked.
+        """
         self._resync_requested = True
+        with self._acknowledged:
+            self._discarded_epoch = self._epoch
+            self._acknowledged.notify_all()
 
     def acknowledged(self, epoch: int) -> None:
         """Hook for the receiver side: the replica has applied ``epoch``; releases ``checkpoint(wait=True)``."""
@@ -272,9 +291,20 @@ class RegionSource(Stage):
             self._acknowledged.notify_all()
 
     def _wait_acknowledged(self, epoch: int, timeout: float | None) -> None:
+        timeout = self.ack_timeout if timeout is None else timeout
         with self._acknowledged:
             if not self._acknowledged.wait_for(lambda: self._acknowledged_epoch >= epoch, timeout):
-                raise TrackerError(f"{self._where}: epoch {epoch} not acknowledged within {timeout} s")
+                raise TrackerError(f"{self._where}: epoch {epoch} not acknowledged within {timeout:g} s")
+
+    def _wait_in_flight_below(self, limit: int) -> None:
+        """Block while ``limit`` epochs are checkpointed but neither acknowledged nor discarded."""
+        def in_flight() -> int:
+            return self._epoch - max(self._acknowledged_epoch, self._discarded_epoch)
+        with self._acknowledged:
+            if not self._acknowledged.wait_for(lambda: in_flight() < limit or self._resync_requested,
+                                               self.ack_timeout):
+                raise TrackerError(f"{self._where}: {in_flight()} epochs unacknowledged (max-unacked={limit}) "
+                                   f"for {self.ack_timeout:g} s; are the receiver and its ack channel running?")
 
     def close(self) -> None:
         """End the stream after the checkpoints already taken."""

@@ -113,3 +113,13 @@ def test_offsets_beyond_payload_are_corrupt():
                   payload=np.zeros(4, np.uint8), offsets=np.array([0, 400], np.uint64))
     with pytest.raises(CorruptData, match="offsets"):
         Batch.from_frames([bytes(f) for f in batch.to_frames()])
+
+
+def test_a_batch_without_pages_keeps_its_empty_page_data_shape():
+    empty = Batch(page_numbers=np.zeros(0, np.uint64), kinds=np.zeros(0, np.uint8), data=np.zeros((0, 4096), np.uint8))
+    assert Batch.from_frames([bytes(f) for f in empty.to_frames()]).data.shape == (0, 4096)
+
+
+def test_a_batch_of_unknown_format_is_refused_before_it_is_sent():
+    with pytest.raises(CorruptData, match="unknown format 'video'"):
+        Batch(format="video").to_frames()

@@ -42,7 +42,8 @@ def test_demo_command_exits_zero_with_summary(capsys):
 
 @pytest.mark.parametrize("argument, message", [(["--codec", "brotli"], "codec 'brotli'"),
                                                 (["--workload", "chess"], "unknown workload 'chess'"),
-                                                (["--size", "lots"], "not a size")])
+                                                (["--size", "lots"], "not a size"),
+                                                (["--max-unacked", "-1"], "max-unacked: -1 is below the minimum 0")])
 def test_demo_command_refuses_bad_options(capsys, argument, message):
     assert main(["--seconds", "1", "--no-progress"] + argument) == 2
     assert message in capsys.readouterr().out
@@ -78,4 +79,4 @@ def test_demo_recovers_from_a_replica_damaged_while_it_runs(tmp_path):
     result = outcome[0]
     assert result.identical
     assert any("digest mismatch" in warning for warning in result.warnings)
-    assert result.statistics[("replica-sink0", 0)]["counters"]["resyncs_requested"] >= 1
+    assert result.statistics[("replica-sink0", 0)]["counters"]["resyncs_requested"] >= 2   # on start, then for the damage

@@ -408,12 +408,15 @@ def test_a_receiver_that_resumes_mid_stream_starts_at_the_next_segment():
     _, out = frame_all(sent)
     stream = [b for b in out if b.payload is not None]
     stage = Deframe(resume=True)
-    stage.start(StageContext("deframe"))
+    warnings: list[str] = []
+    stage.start(StageContext("deframe", post=lambda kind, **fields: warnings.append(fields["message"])))
     got = [b for batch in stream[1:] for b in stage.handle(batch)]      # missed the first message
     assert [(b.epoch, b.flags) for b in got] == [(1, Flag.LAYOUT), (2, Flag.RESYNC), (2, Flag.EPOCH_END | Flag.RESYNC),
                                                  (2, Flag.END_OF_STREAM)]
     assert got[0].meta["regions"] == REGIONS and got[1].page_numbers.tolist() == [2, 3]
     assert stage.counters["skipped_bytes"] > 0
+    assert warnings == ["deframe: joined a running stream; skipping it until the next segment "
+                        "(a resync epoch) begins"]
 
 
 def test_a_new_segment_inside_an_open_epoch_is_a_torn_epoch():

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from pipeline.batch import PAGES, Batch, Flag, PageKind
-from pipeline.errors import ConfigError, CorruptData
+from pipeline.errors import ConfigError, CorruptData, ReplicaError
 from pipeline.stage import StageContext
 from stages.acks import AckListener
 from stages.classify import Classify
@@ -296,6 +297,43 @@ def test_missing_path_is_a_config_error(tmp_path):
         ReplicaSink().start(StageContext("replica-sink"))
 
 
+@pytest.mark.parametrize("below", ["", "replica"])
+def test_path_at_or_under_a_regular_file_is_a_replica_error_naming_it(tmp_path, below):
+    (tmp_path / "file").write_bytes(b"not a directory")
+    path = tmp_path / "file" / below if below else tmp_path / "file"
+    with pytest.raises(ReplicaError, match=f"replica {path}: .*(directory|exists)"):
+        started_sink(path)
+    assert (tmp_path / "file").read_bytes() == b"not a directory"
+
+
+def test_unreadable_store_file_is_a_replica_error_naming_it(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    sink.stop()
+    (tmp_path / "journal").mkdir()          # an OSError on opening (IsADirectoryError), not a damaged replica
+    with pytest.raises(ReplicaError, match=f"replica {tmp_path}: cannot (open|delete) .*journal"):
+        started_sink(tmp_path)
+
+
+def test_a_starting_sink_asks_for_a_resync_naming_its_committed_epoch(tmp_path):
+    reasons: list[str] = []
+    requested = threading.Event()
+    listener = AckListener(f"ipc://{tmp_path}/acks", on_resync=lambda reason: (reasons.append(reason), requested.set()))
+    try:
+        sender = Sender()
+        sink = started_sink(tmp_path / "replica")
+        feed(sink, [sender.layout()] + sender.full_epoch() + sender.epoch_batches(sender.dirty(4)))
+        sink.stop()
+        restarted = started_sink(tmp_path / "replica", ack_endpoint=listener.endpoint)
+        assert requested.wait(timeout=10)
+        assert reasons == ["receiver started, replica at epoch 2"]
+        assert restarted.counters["resyncs_requested"] == 1
+        restarted.stop()
+    finally:
+        listener.close()
+
+
 def test_acks_and_resync_requests_reach_the_sender(tmp_path):
     reasons: list[str] = []
     requested = threading.Event()
@@ -310,7 +348,10 @@ def test_acks_and_resync_requests_reach_the_sender(tmp_path):
         feed(sink, bad)                                 # refused, discarded, resync asked
         sink.stop()
         assert requested.wait(timeout=10)
-        assert "outside the layout" in reasons[0]
+        deadline = time.monotonic() + 10
+        while len(reasons) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reasons[0].startswith("receiver started") and "outside the layout" in reasons[1]
         assert listener.acked_epoch == 2
     finally:
         listener.close()

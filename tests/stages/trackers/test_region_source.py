@@ -183,6 +183,35 @@ def test_checkpoint_wait_returns_once_the_epoch_is_acknowledged():
         acknowledger.join()
 
 
+def test_max_unacked_holds_checkpoints_until_an_epoch_is_acknowledged():
+    memory = tracked_array((2, PAGE_SIZE))
+    source = RegionSource(regions=memory, mode="digest", max_unacked=2, ack_timeout="50ms")
+    with running(source):
+        assert [source.checkpoint().epoch for _ in range(2)] == [1, 2]
+        with pytest.raises(TrackerError, match=r"2 epochs unacknowledged \(max-unacked=2\)"):
+            source.checkpoint()
+        source.ack_timeout = 10.0
+        acknowledger = threading.Timer(0.05, source.acknowledged, args=(1,))
+        acknowledger.start()
+        assert source.checkpoint().epoch == 3          # released by the acknowledgement of epoch 1
+        acknowledger.join()
+
+
+def test_a_resync_request_releases_max_unacked_and_discards_the_epochs_in_flight():
+    memory = tracked_array((2, PAGE_SIZE))
+    source = RegionSource(regions=memory, mode="digest", max_unacked=1, ack_timeout="50ms")
+    with running(source) as batches:
+        source.checkpoint()
+        source.request_resync()                          # epoch 1 will never be acknowledged
+        assert source.checkpoint().epoch == 2
+        with pytest.raises(TrackerError, match="1 epochs unacknowledged"):
+            source.checkpoint()                          # the resync epoch itself is in flight
+        source.acknowledged(2)
+        assert source.checkpoint().epoch == 3
+    ends = [b for b in batches if b.flags & Flag.EPOCH_END]
+    assert [(b.epoch, bool(b.flags & Flag.RESYNC)) for b in ends] == [(1, False), (2, True), (3, False)]
+
+
 @pytest.mark.parametrize("buffer,message", [
     (b"read only bytes" * 300, "read-only"),
     (np.zeros(10), None),  # fine: writable
