@@ -16,6 +16,7 @@ import mmap
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -152,6 +153,8 @@ class RegionSource(Stage):
     staging = Property("size", "64MiB", "Staging buffer for copied pages; a checkpoint that overflows it waits "
                        "for downstream to drain", minimum=PAGE_SIZE)
     batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1, maximum=1 << 16)
+    copy_threads = Property("int", 2, "Threads copying dirty pages during the pause (1 = this thread only)",
+                            minimum=1, maximum=64)
     mode = Property("choice", "auto", "Write tracking: userfaultfd+PAGEMAP_SCAN, page digests, or the best available",
                     choices=("auto", "uffd", "digest"))
     max_unacked = Property("int", 0, "Epochs in flight (checkpointed, not acknowledged by the replica) before "
@@ -166,6 +169,7 @@ class RegionSource(Stage):
         self.fallback_reason = ""
         self._buffers: list[TrackedBuffer] = []
         self._tracker: WriteTracker | None = None
+        self._copy_helpers: ThreadPoolExecutor | None = None
         self._digests: list[np.ndarray] = []
         self._checkpoint_lock = threading.Lock()
         self._condition = threading.Condition()
@@ -204,6 +208,8 @@ class RegionSource(Stage):
             self._buffers = tracked
             self.tracking_mode = self._choose_mode()
             self._slabs = StagingSlabs(self.staging, self.batch_pages, PAGE_SIZE, self._condition)
+            if self.copy_threads > 1:
+                self._copy_helpers = ThreadPoolExecutor(self.copy_threads - 1, thread_name_prefix="region-src-copy")
             self._stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self.tracking_mode)
 
     def _choose_mode(self) -> str:
@@ -334,7 +340,11 @@ class RegionSource(Stage):
         if everything:  # the first epoch, or a resync: a receiver starting over needs the layout too
             staged.append(_Layout(epoch, [buffer.region() for buffer in self._buffers]))
 
+        copies: list[tuple[TrackedBuffer, np.ndarray, np.ndarray]] = []
+
         def publish_staged() -> None:
+            self._copy(copies)
+            copies.clear()
             self._publish(staged)
             staged.clear()
 
@@ -344,9 +354,27 @@ class RegionSource(Stage):
                 with self._condition:
                     slab_index, slab = self._slabs.take(publish_staged)
                 data = slab[:len(chunk)]
-                buffer.copy_rows(chunk, data)
+                copies.append((buffer, chunk, data))
                 staged.append(_Staged(epoch, (chunk + buffer.first_page).astype(np.uint64), data, slab_index, resync))
+        self._copy(copies)
         return sum(len(rows) for rows in dirty), staged
+
+    def _copy(self, copies: list[tuple[TrackedBuffer, np.ndarray, np.ndarray]]) -> None:
+        """Copy staged chunks, split among this thread and the copy helpers.
+
+        Scattered pages of a large region are cold in cache and one core alone
+        does not saturate memory bandwidth: two threads halve the copy (and so
+        most of the pause) on the 2-core development machine.
+        """
+        def copy_share(share: list[tuple[TrackedBuffer, np.ndarray, np.ndarray]]) -> None:
+            for buffer, rows, out in share:
+                buffer.copy_rows(rows, out)
+
+        shares = [copies[index::self.copy_threads] for index in range(self.copy_threads)]
+        helped = [self._copy_helpers.submit(copy_share, share) for share in shares[1:] if share]
+        copy_share(shares[0])
+        for copy in helped:
+            copy.result()
 
     def _dirty_rows(self) -> list[np.ndarray]:
         """Per buffer, the sorted local page indices written since the last checkpoint (re-arming them)."""
@@ -412,6 +440,9 @@ class RegionSource(Stage):
             if self._tracker is not None:
                 self._tracker.close()
                 self._tracker = None
+            if self._copy_helpers is not None:
+                self._copy_helpers.shutdown()
+                self._copy_helpers = None
             self._closed = True
             self._buffers = []
             self._digests = []

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
+from benchmarks.realmemory import find_corpus
 from pipeline.batch import PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, TransportError
 from pipeline.pipeline import Pipeline
@@ -24,7 +25,7 @@ from stages.transport import (FileSink, FileSource, TraceSource, TraceSourceInto
 PAGE = 4096
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = Path(__file__).parent / "fixtures" / "stream-v1.pagepipe"
-CORPUS = ROOT.parent / "shared" / "corpus" / "memcached-trace.npz"
+CORPUS = find_corpus()
 
 
 def started(stage):
@@ -397,7 +398,7 @@ def test_write_trace_refuses_regions_that_do_not_cover_the_base(tmp_path):
         write_trace_from_npz(tmp_path / "bad.npz", tmp_path / "bad.trace")
 
 
-@pytest.mark.skipif(not CORPUS.exists(), reason="the recorded corpus is not available")
+@pytest.mark.skipif(CORPUS is None, reason="the recorded corpus is not available")
 def test_the_recorded_memcached_corpus_converts_and_replays_with_matching_digests(tmp_path):
     assert write_trace_from_npz(CORPUS, tmp_path / "memcached.trace", epochs=2) == 3
     epochs = epochs_of(replay(tmp_path / "memcached.trace"))

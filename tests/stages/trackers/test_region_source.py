@@ -79,11 +79,12 @@ def test_first_epoch_carries_every_page_then_only_written_pages(mode):
     assert batches[0].meta["tracking"] == mode
 
 
+@pytest.mark.parametrize("copy_threads", [1, 3])
 @pytest.mark.parametrize("mode", MODES)
-def test_replay_of_random_writes_equals_memory_in_every_epoch(mode):
+def test_replay_of_random_writes_equals_memory_in_every_epoch(mode, copy_threads):
     rng = np.random.default_rng(1)
     arrays = [tracked_array((300, PAGE_SIZE)), tracked_array(5 * PAGE_SIZE // 8, dtype=np.float64)]
-    source = RegionSource(regions=arrays, mode=mode, batch_pages=64)
+    source = RegionSource(regions=arrays, mode=mode, batch_pages=64, copy_threads=copy_threads)
     with running(source) as batches:
         for _ in range(6):
             rows = rng.choice(300, size=rng.integers(0, 120), replace=False)
