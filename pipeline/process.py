@@ -177,8 +177,8 @@ class ProcessExecution:
                 else:
                     process = context.Process(target=run_worker_process, args=(spec,),
                                               name=f"pagepipe {spec.stage_name}[{spec.worker_index}]", daemon=True)
+                    _start_worker_process(process)
                     self.processes[key] = process
-                    process.start()
         except BaseException:
             self.shutdown()
             raise
@@ -269,3 +269,14 @@ class ProcessExecution:
         if self._directory:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = ""
+
+
+def _start_worker_process(process: multiprocessing.process.BaseProcess) -> None:
+    """Start one worker; a script re-imported in a worker without a ``__main__`` guard gets told how to fix it."""
+    try:
+        process.start()
+    except RuntimeError as exc:
+        if "bootstrapping phase" not in str(exc):
+            raise
+        raise ConfigError("process mode starts worker processes, which import the main script again: put the code "
+                          "that builds and runs the pipeline under `if __name__ == \"__main__\":`") from None

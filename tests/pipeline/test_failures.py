@@ -114,3 +114,14 @@ def test_a_run_removes_the_files_a_killed_supervisor_left_behind():
     finally:
         shutil.rmtree(orphan, ignore_errors=True)
         shutil.rmtree(live, ignore_errors=True)
+
+
+def test_a_script_without_a_main_guard_is_told_how_to_fix_it(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text('from pipeline import Pipeline\n'
+                      'Pipeline.parse("test-src epochs=1 ! identity ! null-sink").run(mode="process", timeout=30)\n')
+    repo = Path(__file__).resolve().parents[2]
+    completed = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=60, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert completed.returncode != 0
+    assert 'under `if __name__ == "__main__":`' in completed.stderr
