@@ -49,7 +49,6 @@ class AckSender:
         self._socket.setsockopt(zmq.SNDHWM, queue)
         self._socket.setsockopt(zmq.LINGER, int(linger * 1000))
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
-        self.dropped = 0
 
     def ack(self, epoch: int, **fields: Any) -> bool:
         """Say epoch ``epoch`` is committed; False if the message had to be dropped."""
@@ -64,7 +63,6 @@ class AckSender:
             self._socket.send(json.dumps(message).encode(), zmq.NOBLOCK)
             return True
         except zmq.Again:
-            self.dropped += 1
             return False
 
     def close(self) -> None:

@@ -103,6 +103,8 @@ class ReplicaSink(Stage):
     fsync = Property("bool", True, "fsync journal, image and manifest at every commit (power-loss safety)")
     ack_endpoint = Property("str", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks)")
     ack_bind = Property("bool", False, "Bind the ack socket instead of connecting it")
+    ack_queue = Property("int", 10000, "Ack messages held for a sender that is not reading; beyond, dropped "
+                         "with a warning", minimum=1)
     on_error = Property("choice", "fail", "Malformed pages: fail the pipeline, or discard the epoch and resync",
                         choices=("fail", "resync"))
     max_epoch = Property("size", "4GiB", "Largest epoch held until its commit record, in encoded bytes",
@@ -116,13 +118,13 @@ class ReplicaSink(Stage):
         if not self.path:
             raise ConfigError("replica-sink: property path is required")
         self.counters.update(epochs_committed=0, epochs_discarded=0, pages_applied=0, bytes_applied=0,
-                             resyncs_requested=0, commit_seconds=0.0, last_epoch=0)
+                             resyncs_requested=0, acks_dropped=0, commit_seconds=0.0, last_epoch=0)
         self.store = self._open_store()
         self.layout: Layout | None = self.store.layout
         self.in_sync = not self.store.is_empty
         self.pending: PendingEpoch | None = None
         self._last_resync_request = -float("inf")
-        self.acks = AckSender(self.ack_endpoint, bind=self.ack_bind) if self.ack_endpoint else None
+        self.acks = AckSender(self.ack_endpoint, bind=self.ack_bind, queue=self.ack_queue) if self.ack_endpoint else None
         self._ask_resync(f"receiver started, replica at epoch {self.store.epoch}")
 
     def _open_store(self) -> ReplicaStore:
@@ -301,8 +303,8 @@ class ReplicaSink(Stage):
         self.counters["pages_applied"] += page_numbers.shape[0]
         self.counters["bytes_applied"] += pending.page_bytes
         self.counters["last_epoch"] = epoch
-        if self.acks is not None:
-            self.acks.ack(epoch, stream=marker.stream)
+        if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream):
+            self._ack_dropped(f"acknowledgement of epoch {epoch}")
 
     def _doom(self, pending: PendingEpoch, reason: str) -> None:
         pending.doom(reason)
@@ -322,7 +324,13 @@ class ReplicaSink(Stage):
             return
         self._last_resync_request = now
         self.counters["resyncs_requested"] += 1
-        self.acks.request_resync(reason, epoch=self.store.epoch)
+        if not self.acks.request_resync(reason, epoch=self.store.epoch):
+            self._ack_dropped("resync request")
+
+    def _ack_dropped(self, what: str) -> None:
+        """The back channel's queue is full (the sender stopped reading): say so rather than lose it silently."""
+        self.counters["acks_dropped"] += 1
+        self.context.warn(f"replica-sink: {what} dropped: the ack channel {self.ack_endpoint} is full")
 
     def stop(self) -> None:
         if getattr(self, "pending", None) is not None:
