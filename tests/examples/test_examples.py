@@ -17,19 +17,23 @@ EXAMPLES = REPO / "examples"
 
 
 def run_example(name: str, *arguments: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``examples/<name>`` with the repository importable; its output captured."""
+    """Run ``examples/<name>`` with the repository importable; its output captured.
+
+    The environment carries ``PAGEPIPE_TEST_RUN=<cwd>`` so that processes the
+    example starts can be told apart from those of other test runs."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "PYTHONIOENCODING": "utf-8"}
+           "PYTHONIOENCODING": "utf-8", "PAGEPIPE_TEST_RUN": str(cwd)}
     return subprocess.run([sys.executable, str(EXAMPLES / name), *arguments], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=60)
 
 
-def churning_children() -> list[int]:
-    """Pids of live dict-churning children of the codec comparison example."""
+def live_processes_started_by_run(cwd: Path) -> list[int]:
+    """Pids of live processes started by the example run in ``cwd`` (see ``run_example``)."""
+    marker = f"PAGEPIPE_TEST_RUN={cwd}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and b"table, rng = {}" in (entry / "cmdline").read_bytes():
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
                 pids.append(int(entry.name))
         except OSError:
             continue   # the process ended while we looked
@@ -70,7 +74,7 @@ def test_codec_chains_compared_on_a_live_process_decode_to_the_same_memory(tmp_p
                             "--chain", "rle format=xbzrle", "--chain", "rle format=native ! zstd", cwd=tmp_path)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "replayed pages match the recording: yes" in completed.stdout
-    assert not churning_children(), "the example left its child process running"
+    assert not live_processes_started_by_run(tmp_path), "the example left its child process running"
     recorded = load_replica(keep / "replica-raw")
     assert recorded and read_manifest(keep / "replica-raw")["epoch"] == 5
     raw_bytes = (keep / "raw.trace").stat().st_size
@@ -99,4 +103,4 @@ def test_codec_comparison_refuses_a_bad_chain_before_starting_the_child(tmp_path
                             cwd=tmp_path)
     assert completed.returncode == 2
     assert "'bogus' is not one of" in completed.stderr and "Traceback" not in completed.stderr
-    assert not churning_children()
+    assert not live_processes_started_by_run(tmp_path)
