@@ -23,8 +23,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.batch import PAGES, Batch
-from pipeline.errors import ConfigError, TrackerError
+from pipeline.errors import ConfigError, TrackerError, TransportError
 from pipeline.stage import Property, Stage, StageContext
+from stages.acks import AckListener
 from stages.pages import digest_pages
 
 from .epochs import EpochStream
@@ -84,6 +85,8 @@ class ProcessSource(Stage):
                     "process resumes (shortest pause; memory as large as the process) | changed: the pause "
                     "digests chunk by chunk and copies only changed pages (4 MiB of memory)",
                     choices=("all", "changed"))
+    ack_endpoint = Property("str", "", "Bind an ack listener here (e.g. tcp://*:5556) for the receiver's "
+                            "replica-sink ack-endpoint=: its resync requests reach this tracker ('' = none)")
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
@@ -97,6 +100,7 @@ class ProcessSource(Stage):
         self._scanner: PagemapScanner | None = None
         self._resync_requested = False
         self._close_requested = threading.Event()
+        self._ack_listener: AckListener | None = None
 
     @property
     def _where(self) -> str:
@@ -119,6 +123,12 @@ class ProcessSource(Stage):
             raise TrackerError(f"{self._where}: pid {self.pid} exited before tracking began") from None
         except TrackerError as exc:
             raise TrackerError(f"{self._where}: {exc}") from None
+        if self.ack_endpoint:
+            try:
+                self._ack_listener = AckListener(self.ack_endpoint).attach(self)
+            except TransportError as exc:
+                self.stop()
+                raise TransportError(f"{self._where}: {exc}") from None
 
     def _open_scanner(self, address: int) -> PagemapScanner | None:
         """PAGEMAP_SCAN on the process, to skip never-written anonymous pages; None where the kernel lacks it."""
@@ -134,6 +144,9 @@ class ProcessSource(Stage):
         if self._scanner is not None:
             self._scanner.close()
             self._scanner = None
+        if self._ack_listener is not None:
+            self._ack_listener.close()
+            self._ack_listener = None
 
     def request_resync(self) -> None:
         """The next checkpoint carries the layout and every tracked page, flagged RESYNC."""
@@ -163,6 +176,8 @@ class ProcessSource(Stage):
                 yield from stream.pages(epoch, np.concatenate(snapshot.page_numbers).astype(np.uint64),
                                         np.concatenate(snapshot.data), resync)
             yield stream.end(epoch, snapshot.pause, snapshot.when, resync)
+            if self._ack_listener is not None:
+                self.counters["acknowledged_epoch"] = self._ack_listener.acked_epoch
             self.counters.update(checkpoints=epoch, pause_ms=snapshot.pause * 1e3,
                                  pause_ms_max=max(snapshot.pause * 1e3, self.counters.get("pause_ms_max", 0.0)))
             if final:

@@ -7,13 +7,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 
 from pipeline.batch import Flag
-from pipeline.errors import TrackerError
+from pipeline.errors import TrackerError, TransportError
 from pipeline.stage import StageContext
+from stages.acks import AckSender
 from stages.trackers.procmem import thread_states
 from stages.trackers.process import PAGE_SIZE, ProcessSource
 from tracker_streams import replay
@@ -243,6 +245,31 @@ def test_resync_carries_every_page_flagged_resync(child, copy):
     assert second[0].flags == Flag.LAYOUT, "a receiver starting over gets the layout again"
     assert all(b.flags & Flag.RESYNC for b in second[1:])
     assert third[-1].meta["pages"] < everything and not third[-1].flags & Flag.RESYNC
+
+
+def test_resync_requests_and_acks_from_the_receivers_ack_channel_reach_the_tracker(child, tmp_path):
+    endpoint = f"ipc://{tmp_path}/acks"
+    source = ProcessSource(pid=child.process.pid, interval=0, checkpoints=4, ack_endpoint=endpoint)
+    receiver = AckSender(endpoint)                      # what replica-sink ack-endpoint= runs
+    try:
+        with started(source) as stream:
+            first = next_epoch(stream)
+            assert receiver.ack(1) and receiver.request_resync("receiver started, replica at epoch 1")
+            deadline = time.monotonic() + 10
+            while not source._resync_requested and time.monotonic() < deadline:
+                time.sleep(0.01)
+            second = next_epoch(stream)
+            next_epoch(stream)
+            assert source.counters["acknowledged_epoch"] == 1
+    finally:
+        receiver.close()
+    assert second[-1].flags & Flag.RESYNC and second[-1].meta["pages"] == first[-1].meta["pages"]
+
+
+def test_an_ack_endpoint_that_cannot_be_bound_is_a_clear_error(child):
+    source = ProcessSource(pid=child.process.pid, ack_endpoint="tcp://256.0.0.1:1")
+    with pytest.raises(TransportError, match="process-src: ack channel: cannot bind 'tcp://256.0.0.1:1'"):
+        source.start(StageContext("process-src"))
 
 
 def test_a_process_that_exits_ends_the_stream_cleanly(child):
