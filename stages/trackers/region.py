@@ -246,10 +246,9 @@ class RegionSource(Stage):
 
         ``wait=True`` then blocks until ``acknowledged(epoch)`` reports the
         replica applied this epoch (TrackerError after ``timeout`` seconds,
-        default ack-timeout, or at once if a resync request discards the
-        epoch). With ``max-unacked=N`` it first waits while N epochs are in
-        flight; a resync request releases that wait, since the receiver
-        discards the epochs in flight.
+        default ack-timeout). With ``max-unacked=N`` it first waits while N
+        epochs are in flight; a resync request releases that wait, since the
+        receiver discards the epochs in flight.
         """
         self._ensure_ready()
         if self.max_unacked:
@@ -300,12 +299,8 @@ class RegionSource(Stage):
     def _wait_acknowledged(self, epoch: int, timeout: float | None) -> None:
         timeout = self.ack_timeout if timeout is None else timeout
         with self._acknowledged:
-            if not self._acknowledged.wait_for(
-                    lambda: self._acknowledged_epoch >= epoch or self._discarded_epoch >= epoch, timeout):
+            if not self._acknowledged.wait_for(lambda: self._acknowledged_epoch >= epoch, timeout):
                 raise TrackerError(f"{self._where}: epoch {epoch} not acknowledged within {timeout:g} s")
-            if self._acknowledged_epoch < epoch:
-                raise TrackerError(f"{self._where}: epoch {epoch} will never be acknowledged: the receiver "
-                                   f"discarded it and asked for a resync; the next checkpoint() sends every page")
 
     def _wait_in_flight_below(self, limit: int) -> None:
         """Block while ``limit`` epochs are checkpointed but neither acknowledged nor discarded."""

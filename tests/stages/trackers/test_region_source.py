@@ -184,21 +184,6 @@ def test_checkpoint_wait_returns_once_the_epoch_is_acknowledged():
         acknowledger.join()
 
 
-def test_checkpoint_wait_fails_at_once_when_a_resync_discards_its_epoch():
-    memory = tracked_array((2, PAGE_SIZE))
-    source = RegionSource(regions=memory, mode="digest")
-    with running(source) as batches:
-        source.checkpoint()
-        resync = threading.Timer(0.05, source.request_resync)
-        resync.start()
-        with pytest.raises(TrackerError, match="epoch 2 will never be acknowledged"):
-            source.checkpoint(wait=True, timeout=60)
-        resync.join()
-        assert source.checkpoint().epoch == 3
-    resync_epoch = [b for b in batches if b.epoch == 3 and not b.flags & (Flag.LAYOUT | Flag.END_OF_STREAM)]
-    assert resync_epoch and all(b.flags & Flag.RESYNC for b in resync_epoch)
-
-
 def test_max_unacked_holds_checkpoints_until_an_epoch_is_acknowledged():
     memory = tracked_array((2, PAGE_SIZE))
     source = RegionSource(regions=memory, mode="digest", max_unacked=2, ack_timeout="50ms")
