@@ -26,3 +26,11 @@ def walk_payload(fmt: int, payload: np.ndarray, offsets: np.ndarray, kinds: np.n
 
     Returns -1 if valid, else the first bad page index with where = [payload offset, reason code].
     """
+
+def digest_decoded(fmt: int, payload: np.ndarray, offsets: np.ndarray, kinds: np.ndarray, previous: np.ndarray,
+                   rows: np.ndarray, scratch: np.ndarray, digests: np.ndarray, where: np.ndarray) -> int:
+    """digests[i] = XXH64 (seed 0) of the page the payload makes from previous[rows[i]] (row -1: zeros).
+
+    Writes nothing but ``digests`` and ``scratch`` (one page). Returns -1 if valid, else the first bad
+    page index with where = [payload offset, reason code]; ValueError if the buffers do not fit together.
+    """

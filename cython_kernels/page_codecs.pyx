@@ -3,8 +3,8 @@
 Private: call them through ``stages.codecs``, which validates dtypes, shapes,
 slots and rows first. Formats are chosen by number (NATIVE, XBZRLE, XEN); the
 per-page loops live in ``native_format.pxd``, ``xbzrle_format.pxd`` and
-``xen_format.pxd``. Errors are returned, never raised: a page index plus
-``where = [payload byte offset, reason]``.
+``xen_format.pxd``. Errors in the data are returned, never raised: a page index
+plus ``where = [payload byte offset, reason]``.
 """
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -15,6 +15,7 @@ from cython_kernels.run_scan cimport (
 )
 from cython_kernels.xbzrle_format cimport xbzrle_encode_page, xbzrle_walk_page
 from cython_kernels.xen_format cimport XEN_OVERHEAD, xen_encode_page, xen_walk_page
+from cython_kernels.xxh64 cimport STRIPE, xxh64_page
 
 cdef enum Format:
     FORMAT_NATIVE = 0
@@ -135,60 +136,130 @@ def walk_payload(int fmt, const uint8_t[::1] payload, const uint64_t[::1] offset
     return bad_page
 
 
+cdef inline int slice_bounds(const uint64_t[::1] offsets, Py_ssize_t i, Py_ssize_t payload_len,
+                             Py_ssize_t *start, Py_ssize_t *slen) noexcept nogil:
+    """Page ``i``'s slice of the payload; BAD_OFFSETS unless it lies inside the payload, in order."""
+    cdef uint64_t first = offsets[i], stop = offsets[i + 1]
+    start[0] = <Py_ssize_t>first
+    if stop < first or stop > <uint64_t>payload_len or (i == 0 and first != 0):
+        return BAD_OFFSETS
+    slen[0] = <Py_ssize_t>(stop - first)
+    return VALID
+
+
+cdef inline int walk_page(int fmt, const uint8_t *src, Py_ssize_t slen, uint8_t kind, uint8_t *page,
+                          Py_ssize_t size, bint apply, Py_ssize_t *at) noexcept nogil:
+    """Check one page's slice (``apply``: also write it onto ``page``); return a Reason, ``at`` = slice offset."""
+    cdef uint8_t unchanged_len = 1 if fmt == FORMAT_XEN else 0
+    at[0] = 0
+    if kind == KIND_UNCHANGED:
+        if slen != unchanged_len or (unchanged_len and src[0] != 0):
+            return BAD_SLICE_LENGTH
+    elif kind == KIND_ZERO:
+        if slen != 0:
+            return BAD_SLICE_LENGTH
+        if apply:
+            memset(page, 0, size)
+    elif kind == KIND_FULL or kind == KIND_RAW:
+        if slen != size:
+            return BAD_SLICE_LENGTH
+        if apply:
+            memcpy(page, src, size)
+    elif kind == KIND_DELTA:
+        if fmt == FORMAT_NATIVE:
+            return native_walk_page(src, slen, page, size, apply, at)
+        if fmt == FORMAT_XBZRLE:
+            return xbzrle_walk_page(src, slen, page, size, apply, at)
+        return xen_walk_page(src, slen, page, size, apply, at)
+    else:
+        return BAD_KIND
+    return VALID
+
+
 cdef Py_ssize_t _walk_payload(int fmt, const uint8_t[::1] payload, const uint64_t[::1] offsets,
                               const uint8_t[::1] kinds, uint8_t[:, ::1] replica,
                               const int64_t[::1] rows, bint apply, int64_t[::1] where) noexcept nogil:
     cdef Py_ssize_t n = kinds.shape[0], size = replica.shape[1], payload_len = payload.shape[0]
-    cdef Py_ssize_t i, slen, at = 0
-    cdef uint64_t start, stop
+    cdef Py_ssize_t i, start, slen, at = 0
     cdef int64_t row
-    cdef int reason = VALID
-    cdef uint8_t kind
-    cdef uint8_t unchanged_len = 1 if fmt == FORMAT_XEN else 0
-    cdef const uint8_t *src
-    cdef uint8_t *page
+    cdef int reason
     cdef const uint8_t *base = &payload[0] if payload_len else NULL
     for i in range(n):
-        start = offsets[i]
-        stop = offsets[i + 1]
-        if stop < start or stop > <uint64_t>payload_len or (i == 0 and start != 0):
-            where[0] = <int64_t>start
-            where[1] = BAD_OFFSETS
-            return i
-        src = base + start
-        slen = <Py_ssize_t>(stop - start)
-        row = rows[i]
-        if row < 0 or row >= replica.shape[0]:
-            where[0] = <int64_t>start
-            where[1] = BAD_ROW
-            return i
-        page = &replica[row, 0]
-        kind = kinds[i]
         at = 0
-        if kind == KIND_UNCHANGED:
-            if slen != unchanged_len or (unchanged_len and src[0] != 0):
-                reason = BAD_SLICE_LENGTH
-        elif kind == KIND_ZERO:
-            if slen != 0:
-                reason = BAD_SLICE_LENGTH
-            elif apply:
-                memset(page, 0, size)
-        elif kind == KIND_FULL or kind == KIND_RAW:
-            if slen != size:
-                reason = BAD_SLICE_LENGTH
-            elif apply:
-                memcpy(page, src, size)
-        elif kind == KIND_DELTA:
-            if fmt == FORMAT_NATIVE:
-                reason = native_walk_page(src, slen, page, size, apply, &at)
-            elif fmt == FORMAT_XBZRLE:
-                reason = xbzrle_walk_page(src, slen, page, size, apply, &at)
-            else:
-                reason = xen_walk_page(src, slen, page, size, apply, &at)
-        else:
-            reason = BAD_KIND
+        reason = slice_bounds(offsets, i, payload_len, &start, &slen)
+        row = rows[i]
+        if reason == VALID and (row < 0 or row >= replica.shape[0]):
+            reason = BAD_ROW
+        if reason == VALID:
+            reason = walk_page(fmt, base + start, slen, kinds[i], &replica[row, 0], size, apply, &at)
         if reason != VALID:
             where[0] = <int64_t>start + at
             where[1] = reason
             return i
+    return -1
+
+
+def digest_decoded(int fmt, const uint8_t[::1] payload, const uint64_t[::1] offsets,
+                   const uint8_t[::1] kinds, const uint8_t[:, ::1] previous, const int64_t[::1] rows,
+                   uint8_t[::1] scratch, uint64_t[::1] digests, int64_t[::1] where):
+    """Digest (XXH64, seed 0) every page a payload makes from ``previous[rows[i]]`` into ``digests``.
+
+    A row of -1 stands for a zero page. Nothing is written but ``digests`` and
+    ``scratch`` (one page: a DELTA is applied there onto a copy of its
+    previous page and digested while in cache). Returns -1, or the index of
+    the first bad page with ``where = [payload byte offset, reason]``.
+    """
+    cdef Py_ssize_t n = kinds.shape[0], bad_page
+    if offsets.shape[0] != n + 1 or rows.shape[0] != n or digests.shape[0] != n \
+            or scratch.shape[0] != previous.shape[1] or previous.shape[1] < STRIPE \
+            or previous.shape[1] % STRIPE:
+        raise ValueError("digest_decoded: offsets, rows, digests or scratch do not fit the payload and pages")
+    with nogil:
+        bad_page = _digest_decoded(fmt, payload, offsets, kinds, previous, rows, scratch, digests, where)
+    return bad_page
+
+
+cdef Py_ssize_t _digest_decoded(int fmt, const uint8_t[::1] payload, const uint64_t[::1] offsets,
+                                const uint8_t[::1] kinds, const uint8_t[:, ::1] previous,
+                                const int64_t[::1] rows, uint8_t[::1] scratch, uint64_t[::1] digests,
+                                int64_t[::1] where) noexcept nogil:
+    cdef Py_ssize_t n = kinds.shape[0], size = previous.shape[1], payload_len = payload.shape[0]
+    cdef Py_ssize_t i, start, slen, at = 0
+    cdef int64_t row
+    cdef int reason
+    cdef uint8_t kind
+    cdef bint have_zero_digest = False
+    cdef uint64_t zero_digest = 0
+    cdef const uint8_t *base = &payload[0] if payload_len else NULL
+    cdef uint8_t *page = &scratch[0]
+    for i in range(n):
+        at = 0
+        reason = slice_bounds(offsets, i, payload_len, &start, &slen)
+        row = rows[i]
+        kind = kinds[i]
+        if reason == VALID and (row < -1 or row >= previous.shape[0]):
+            reason = BAD_ROW
+        if reason == VALID and kind == KIND_DELTA:
+            if row < 0:
+                memset(page, 0, size)
+            else:
+                memcpy(page, &previous[row, 0], size)
+        if reason == VALID:
+            reason = walk_page(fmt, base + start, slen, kind, page, size, kind == KIND_DELTA, &at)
+        if reason != VALID:
+            where[0] = <int64_t>start + at
+            where[1] = reason
+            return i
+        if kind == KIND_DELTA:
+            digests[i] = xxh64_page(page, size)
+        elif kind == KIND_FULL or kind == KIND_RAW:
+            digests[i] = xxh64_page(base + start, size)
+        elif kind == KIND_UNCHANGED and row >= 0:
+            digests[i] = xxh64_page(&previous[row, 0], size)
+        else:   # ZERO, or UNCHANGED from a zero page
+            if not have_zero_digest:
+                memset(page, 0, size)
+                zero_digest = xxh64_page(page, size)
+                have_zero_digest = True
+            digests[i] = zero_digest
     return -1

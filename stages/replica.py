@@ -1,8 +1,9 @@
 """replica-sink: reconstructs each epoch, verifies it, and commits it atomically to the replica.
 
 Policy (docs/FORMAT.md, section replica):
-- An epoch is held (its encodings, and the digests of its pages decoded onto
-  copies of the committed pages they touch) until its EPOCH_END arrives; it is
+- An epoch is held (its encodings, and the digests of the pages they make from
+  the committed pages, reconstructed one at a time and never written to the
+  replica) until its EPOCH_END arrives; it is
   committed only if its page count and its digest (the
   sender's order-independent digest, recomputed over the reconstructed pages)
   check out, and only in order: epoch e follows the committed epoch e-1.
@@ -36,7 +37,7 @@ from pipeline.batch import ENCODED, PAGES, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, ReplicaError
 from pipeline.stage import Property, Stage, StageContext
 from stages.acks import AckSender
-from stages.codecs import ChainCodec, Encoded, get_codec
+from stages.codecs import ChainCodec, Codec, Encoded, get_codec
 from stages.pages import combine_digests, digest_pages
 from stages.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, clear_replica,
                                   ensure_replica_directory, verify_replica, whole_pages)
@@ -52,6 +53,8 @@ def _kind_table(*kinds: PageKind) -> np.ndarray:
 _PAGES_KINDS = _kind_table(PageKind.NORMAL, PageKind.ZERO, PageKind.RAW, PageKind.FULL)
 _ENCODED_KINDS = _kind_table(PageKind.ZERO, PageKind.RAW, PageKind.FULL, PageKind.DELTA, PageKind.UNCHANGED)
 _USES_PREVIOUS = _kind_table(PageKind.DELTA, PageKind.UNCHANGED)
+_RAW = int(PageKind.RAW)   # a plain int: comparing arrays with an IntEnum member is slower
+_CODECS_KEPT = 8   # codec names are untrusted: keep only the first few looked up
 
 
 class EpochRejected(Exception):
@@ -72,13 +75,13 @@ class PendingEpoch:
         self.self_contained = True   # no page needs the previous copy
         self.doomed = ""             # why it will be discarded, once known
 
-    def add(self, page_numbers: np.ndarray, encoding: Encoded, pages: np.ndarray) -> None:
-        """Keep one batch; its reconstructed ``pages`` are digested now (while in cache), then dropped."""
+    def add(self, page_numbers: np.ndarray, encoding: Encoded, digests: np.ndarray, page_size: int) -> None:
+        """Keep one batch: its encoding and the digests of the pages it reconstructs."""
         self.page_numbers.append(page_numbers)
         self.encodings.append(encoding)
-        self.digests.append(digest_pages(pages))
+        self.digests.append(digests)
         self.nbytes += encoding.payload.nbytes
-        self.page_bytes += pages.nbytes
+        self.page_bytes += page_numbers.shape[0] * page_size
 
     def doom(self, reason: str) -> None:
         self.doomed = self.doomed or reason
@@ -123,6 +126,7 @@ class ReplicaSink(Stage):
         self.layout: Layout | None = self.store.layout
         self.in_sync = not self.store.is_empty
         self.pending: PendingEpoch | None = None
+        self._codecs: dict[str, Codec] = {}
         self._last_resync_request = -float("inf")
         self.acks = AckSender(self.ack_endpoint, bind=self.ack_bind, queue=self.ack_queue) if self.ack_endpoint else None
         self._ask_resync(f"receiver started, replica at epoch {self.store.epoch}")
@@ -164,7 +168,7 @@ class ReplicaSink(Stage):
         if reconstructed is None:
             self._doom(pending, "replica out of sync; waiting for a full resync")
             return ()
-        pending.add(*reconstructed)
+        pending.add(*reconstructed, batch.page_size)
         return ()
 
     def _pending_for(self, epoch: int) -> PendingEpoch:
@@ -176,10 +180,10 @@ class ReplicaSink(Stage):
         return self.pending
 
     def _reconstruct(self, batch: Batch, pending: PendingEpoch) -> tuple[np.ndarray, Encoded, np.ndarray] | None:
-        """Check a data batch and decode it onto copies of the committed pages it touches.
+        """Check a data batch and digest the pages it makes from the committed pages it touches.
 
-        Returns (page numbers, plain encoding, reconstructed pages), or None when the
-        batch needs previous pages the out-of-sync replica does not have.
+        Returns (page numbers, plain encoding, digests of the reconstructed pages), or None
+        when the batch needs previous pages the out-of-sync replica does not have.
         """
         where = f"replica-sink: epoch {batch.epoch} sequence {batch.sequence}"
         if self.layout is None:
@@ -205,24 +209,18 @@ class ReplicaSink(Stage):
             zero = kinds == PageKind.ZERO
             pages = np.array(batch.data, dtype=np.uint8, copy=True)
             pages[zero] = 0
-            return page_numbers, whole_pages(pages, zero), pages
+            return page_numbers, whole_pages(pages, zero), digest_pages(pages)
         uses_previous = _USES_PREVIOUS[kinds]
         if uses_previous.any():
             pending.self_contained = False
             if not self.in_sync:
                 return None
         encoding = self._plain_encoding(batch, where)
-        if uses_previous.all():
-            pages = self.store.read_pages(page_numbers, batch.page_size)
-        else:
-            pages = np.empty((batch.npages, batch.page_size), dtype=np.uint8)
-            if uses_previous.any():
-                pages[uses_previous] = self.store.read_pages(page_numbers[uses_previous], batch.page_size)
         try:
-            get_codec(encoding.codec).decode(encoding, pages)
-        except (ValueError, TypeError) as exc:  # CorruptData is a ValueError
+            digests = self.store.decoded_digests(encoding, page_numbers, batch.page_size)
+        except (ConfigError, ValueError, TypeError) as exc:  # CorruptData is a ValueError
             raise CorruptData(f"{where}: {exc}") from None
-        return page_numbers, encoding, pages
+        return page_numbers, encoding, digests
 
     def _plain_encoding(self, batch: Batch, where: str) -> Encoded:
         """The batch's encodings in its plain run format: entropy layers undone, RAW as FULL."""
@@ -230,13 +228,16 @@ class ReplicaSink(Stage):
         if not isinstance(chain, str):
             raise CorruptData(f"{where}: encoded batch names no codec")
         try:
-            codec = get_codec(chain)
+            codec = self._codec(chain)
         except (ConfigError, KeyError, ValueError):
             raise CorruptData(f"{where}: unknown codec {chain!r}") from None
         if batch.payload is None or batch.offsets is None:
             raise CorruptData(f"{where}: encoded batch without payload or offsets")
         raw_size = batch.meta.get("raw_size", int(batch.offsets[-1]) if batch.npages else 0)
-        kinds = np.where(batch.kinds == PageKind.RAW, np.uint8(PageKind.FULL), batch.kinds).astype(np.uint8)
+        kinds = batch.kinds
+        raw = kinds == _RAW
+        if raw.any():
+            kinds = np.where(raw, np.uint8(PageKind.FULL), kinds).astype(np.uint8)
         encoding = Encoded(payload=batch.payload, offsets=batch.offsets, kinds=kinds, codec=chain, raw_size=raw_size)
         if isinstance(codec, ChainCodec):
             try:
@@ -244,6 +245,16 @@ class ReplicaSink(Stage):
             except (ValueError, TypeError) as exc:
                 raise CorruptData(f"{where}: {exc}") from None
         return encoding
+
+    def _codec(self, name: str) -> Codec:
+        """``get_codec(name)``, kept for the next batch (a few names per stream; this sink's own
+        objects, since entropy codecs hold per-thread contexts)."""
+        codec = self._codecs.get(name)
+        if codec is None:
+            codec = get_codec(name)
+            if len(self._codecs) < _CODECS_KEPT:
+                self._codecs[name] = codec
+        return codec
 
     # ---- control ---------------------------------------------------------
     def control(self, batch: Batch) -> Iterable[Batch]:

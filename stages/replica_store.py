@@ -5,7 +5,7 @@ A replica directory always holds exactly one committed checkpoint (epoch)::
     DIR/manifest.json  format, version, page size, regions, epoch, digests
     DIR/pages.img      page number p at byte p * page_size (a sparse file)
     DIR/digests.u64    the 64-bit digest of every page of pages.img (uint64 LE)
-    DIR/journal        only while an epoch is being applied
+    DIR/journal        non-empty only while an epoch is being applied
 
 ``ReplicaStore.commit`` applies one verified epoch atomically (the first
 commit into an empty replica needs no journal: until its manifest exists the
@@ -14,24 +14,28 @@ a redo log of the epoch's *encodings* (FULL pages, or DELTA runs, which carry
 the new bytes themselves, so applying them twice gives the same page): the
 epoch's page numbers, digests, encodings and the new manifest, checksummed
 (fsync). Then the encodings are applied onto the image and the digests
-written (fsync), manifest.json is replaced by rename (fsync of the directory)
-and the journal deleted. Opening a store replays a complete journal and
+written (fsync), manifest.json is replaced atomically (fsync of the directory)
+and the journal emptied. Opening a store replays a complete journal and
 discards an incomplete one, so a receiver killed at any moment restarts at
 exactly one committed epoch. Journaling encodings rather than pages keeps
 the journal a few percent of the page data for delta epochs.
 With ``fsync=False`` the order is the same but a power loss may lose recent
 epochs (a killed process loses nothing: the page cache survives it).
+A commit creates and deletes no file (journal and manifest files stay open
+between commits): on ext4 that halves the fixed cost of a small commit.
 The format is specified in docs/FORMAT.md (section replica).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import json
 import os
 import struct
 import time
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,12 +45,13 @@ from rich.console import Console
 
 from pipeline.batch import PageKind
 from pipeline.errors import ConfigError, ReplicaError
-from stages.codecs import Encoded, get_codec
+from stages.codecs import Encoded, PageCodec, get_codec
 from stages.pages import combine_digests, digest_pages
 
 FORMAT_NAME = "pagepipe-replica"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_TEMPORARY = MANIFEST + ".tmp"
 IMAGE = "pages.img"
 DIGESTS = "digests.u64"
 JOURNAL = "journal"
@@ -113,9 +118,17 @@ class Layout:
         firsts = np.array([r["first_page"] for r in self.regions], dtype=np.uint64)
         return firsts, firsts + np.array([r["npages"] for r in self.regions], dtype=np.uint64)
 
+    @cached_property
+    def _gapless(self) -> bool:
+        """Whether the regions cover one range of page numbers without holes."""
+        firsts, ends = self._bounds
+        return bool(firsts.size) and bool(np.all(firsts[1:] == ends[:-1]))
+
     def outside(self, page_numbers: np.ndarray) -> np.ndarray:
         """Boolean mask of the page numbers that fall in no region."""
         firsts, ends = self._bounds
+        if self._gapless:
+            return (page_numbers < firsts[0]) | (page_numbers >= ends[-1])
         index = np.searchsorted(firsts, page_numbers, side="right").astype(np.int64) - 1
         inside = index >= 0
         inside[inside] = page_numbers[inside] < ends[index[inside]]
@@ -145,7 +158,7 @@ def layout_page_numbers(layout: Layout) -> np.ndarray:
 
 def clear_replica(path: str | os.PathLike) -> None:
     """Delete a replica's files (not the directory), leaving it empty."""
-    for name in (MANIFEST, IMAGE, DIGESTS, JOURNAL, MANIFEST + ".tmp"):
+    for name in (MANIFEST, IMAGE, DIGESTS, JOURNAL, MANIFEST_TEMPORARY):
         try:
             (Path(path) / name).unlink(missing_ok=True)
         except OSError as exc:
@@ -187,6 +200,125 @@ def _write_all(fd: int, buffers: list) -> None:
             view = view[written:]
 
 
+def _load_renameat2() -> Any:
+    """libc's renameat2 (Linux), or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+class _JournalFile:
+    """``DIR/journal``, kept open between commits: rewritten from its start for each commit and
+    truncated to nothing once the commit is done (an empty journal is no commit in progress), so
+    a commit creates and deletes no file."""
+
+    def __init__(self, path: Path, fsync: bool):
+        self.path = path
+        self.fsync = fsync
+        self._fd: int | None = None
+
+    def write(self, parts: list) -> None:
+        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+            self.close()   # deleted behind our back: a journal nobody would find is no journal
+        created = self._fd is None
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        _write_all(self._fd, parts)
+        if self.fsync:
+            os.fsync(self._fd)
+            if created:
+                _fsync_directory(self.path.parent)
+
+    def clear(self) -> None:
+        """The commit is done: empty the journal (delete it if another store wrote it)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _ManifestFile:
+    """Replaces ``DIR/manifest.json`` atomically.
+
+    The new text goes into ``manifest.json.tmp``, which then trades places with
+    ``manifest.json`` in one atomic step (renameat2 RENAME_EXCHANGE); both files stay
+    open for the next commit. A rename over an existing file would cost more: ext4 flushes
+    the renamed file's data first (about 0.1 ms per commit). Where the exchange is not
+    available: write a new ``manifest.json.tmp`` and rename it over (os.replace).
+    """
+
+    def __init__(self, directory: Path, fsync: bool):
+        self.path = directory / MANIFEST
+        self.temporary = directory / MANIFEST_TEMPORARY
+        self.fsync = fsync
+        self._exchange_works = _RENAMEAT2 is not None
+        self._spare: int | None = None   # the file named manifest.json.tmp
+        self._live: int | None = None    # the file named manifest.json
+
+    def replace(self, text: str) -> None:
+        data = text.encode()
+        if not (self._spare is not None and self._exchanged(data)):
+            self._replaced(data)
+        if self.fsync:
+            _fsync_directory(self.path.parent)
+
+    def _exchanged(self, data: bytes) -> bool:
+        """Write ``data`` into the spare file and swap it in; False (nothing replaced) if that cannot be done."""
+        try:
+            if os.fstat(self._spare).st_ino != os.stat(self.temporary).st_ino:
+                return False   # replaced or deleted behind our back: not our file any more
+        except FileNotFoundError:
+            return False
+        os.pwrite(self._spare, data, 0)
+        os.ftruncate(self._spare, len(data))
+        if self.fsync:
+            os.fsync(self._spare)
+        if _RENAMEAT2(_AT_FDCWD, bytes(self.temporary), _AT_FDCWD, bytes(self.path), _RENAME_EXCHANGE) != 0:
+            error = ctypes.get_errno()
+            if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                self._exchange_works = False   # this file system cannot: rename from now on
+                return False
+            raise OSError(error, os.strerror(error), str(self.temporary))
+        written = self._spare   # now manifest.json; manifest.json.tmp is the previous manifest
+        self._spare = self._live if self._live is not None else os.open(self.temporary, os.O_RDWR)
+        self._live = written
+        return True
+
+    def _replaced(self, data: bytes) -> None:
+        """Write a new manifest.json.tmp and rename it over manifest.json; then prepare a spare file."""
+        self.close()
+        with open(self.temporary, "wb") as temporary:
+            temporary.write(data)
+            temporary.flush()
+            if self.fsync:
+                os.fsync(temporary.fileno())
+        os.replace(self.temporary, self.path)
+        if self._exchange_works:
+            self._spare = os.open(self.temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def close(self) -> None:
+        for fd in (self._spare, self._live):
+            if fd is not None:
+                os.close(fd)
+        self._spare = self._live = None
+
+
 class ReplicaStore:
     """An open replica directory; the only code that writes it.
 
@@ -204,6 +336,8 @@ class ReplicaStore:
         self.manifest: dict[str, Any] = {}
         self._image: np.memmap | None = None
         self._digests: np.memmap | None = None
+        self._journal = _JournalFile(self.path / JOURNAL, fsync)
+        self._manifest_file = _ManifestFile(self.path, fsync)
         if writable:
             ensure_replica_directory(self.path)
         try:
@@ -233,6 +367,21 @@ class ReplicaStore:
         out[present] = image[page_numbers[present].astype(np.intp)]
         return out
 
+    def decoded_digests(self, encoding: Encoded, page_numbers: np.ndarray, page_size: int) -> np.ndarray:
+        """Digests of the pages ``encoding`` (plain run format) makes from the committed pages
+        ``page_numbers`` (zero pages beyond the image or for another page size), writing nothing.
+
+        Raises CorruptData (the codec's message) if the encoding does not decode, ConfigError
+        if its codec is not a run format.
+        """
+        if self._image is None or self._image.shape[1] != page_size:
+            previous, rows = np.empty((0, page_size), dtype=np.uint8), np.full(page_numbers.shape[0], -1)
+        else:
+            previous = self._image.view(np.ndarray)
+            rows = page_numbers.astype(np.int64)
+            rows[page_numbers >= previous.shape[0]] = -1
+        return run_format(encoding.codec).digest_decoded(encoding, previous, rows)
+
     def pending_journal(self) -> tuple[dict[str, Any], np.ndarray, np.ndarray, list[Encoded]] | None:
         """A complete journal not yet applied (manifest, page numbers, digests, encodings), or None.
 
@@ -258,7 +407,9 @@ class ReplicaStore:
         ``encodings`` are the epoch's pages in a plain run format (no entropy layer; FULL,
         ZERO, DELTA or UNCHANGED), one after another in the order of ``page_numbers``
         (uint64, unique, inside ``layout``); ``digests`` are the digests of the pages they
-        produce (verified by the caller). ``extra`` goes into the manifest.
+        produce and ``epoch_digest`` is ``combine_digests(page_numbers, digests)``, both
+        verified by the caller (``decoded_digests``), so the encodings are known to decode
+        and are applied in one pass. ``extra`` goes into the manifest.
         """
         if self.is_empty or layout.page_size != self.layout.page_size:
             self._discard_image()   # leftovers of an interrupted first commit, or another page size
@@ -266,22 +417,24 @@ class ReplicaStore:
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, **layout.as_json(),
             "total_pages": layout.total_pages, "epoch": int(epoch), "epoch_digest": _hex(epoch_digest),
-            "image_digest": _hex(self._next_image_digest(layout, page_numbers, digests)),
+            "image_digest": _hex(self._next_image_digest(layout, page_numbers, digests, epoch_digest)),
             "committed_at": time.time(), **extra,
         }
         journaled = not self.is_empty   # the first commit has no previous epoch to protect
         if journaled:
             self._write_journal(manifest, page_numbers, list(encodings), digests)
-        self._apply(manifest, layout, page_numbers, list(encodings), digests, journaled)
+        self._apply(manifest, layout, page_numbers, list(encodings), digests, journaled, prechecked=True)
 
-    def _next_image_digest(self, layout: Layout, page_numbers: np.ndarray, digests: np.ndarray) -> int:
+    def _next_image_digest(self, layout: Layout, page_numbers: np.ndarray, digests: np.ndarray,
+                           epoch_digest: int) -> int:
         """The image digest once these pages are applied: updated by difference (combine_digests is a
-        sum mod 2**64) while the layout stays, recomputed over the whole layout when it changes."""
+        sum mod 2**64, and ``epoch_digest`` that sum over the new pages) while the layout stays,
+        recomputed over the whole layout when it changes."""
         rows = page_numbers.astype(np.intp)
         if layout == self.layout and "image_digest" in self.manifest:
             previous = int(str(self.manifest["image_digest"]), 16)
-            removed = combine_digests(page_numbers, np.asarray(self._digests[rows]))
-            return (previous - removed + combine_digests(page_numbers, digests)) & _MASK64
+            removed = combine_digests(page_numbers, self._digests.view(np.ndarray)[rows])
+            return (previous - removed + epoch_digest) & _MASK64
         layout_pages = layout_page_numbers(layout)
         new_digests = np.array(self._digests[layout_pages.astype(np.intp)])
         new_digests[np.searchsorted(layout_pages, page_numbers)] = digests
@@ -289,6 +442,8 @@ class ReplicaStore:
 
     def close(self) -> None:
         self._image = self._digests = None
+        self._journal.close()
+        self._manifest_file.close()
 
     # ---- internals -----------------------------------------------------
     def _discard_image(self) -> None:
@@ -339,24 +494,17 @@ class ReplicaStore:
             hasher.update(part)
         body.append(_JOURNAL_TAIL.pack(hasher.intdigest(), JOURNAL_END))
         try:
-            fd = os.open(self.path / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                _write_all(fd, body)
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            if self.fsync:
-                _fsync_directory(self.path)
+            self._journal.write(body)
         except OSError as exc:
             raise ReplicaError(f"replica {self.path}: cannot write the journal ({exc.strerror})") from None
 
     def _apply(self, manifest: dict[str, Any], layout: Layout, page_numbers: np.ndarray,
-               encodings: list[Encoded], digests: np.ndarray, journaled: bool = True) -> None:
+               encodings: list[Encoded], digests: np.ndarray, journaled: bool = True, *,
+               prechecked: bool = False) -> None:
         """Apply encodings onto the image, write digests and manifest; drop the journal."""
         rows = page_numbers.astype(np.intp)
         try:
-            _apply_encodings(self._image.view(np.ndarray), page_numbers, encodings)
+            _apply_encodings(self._image.view(np.ndarray), page_numbers, encodings, prechecked=prechecked)
         except ReplicaError as exc:
             raise ReplicaError(f"replica {self.path}: epoch {manifest['epoch']}: {exc}") from None
         try:
@@ -364,17 +512,9 @@ class ReplicaStore:
             if self.fsync:
                 self._image.flush()
                 self._digests.flush()
-            temporary = self.path / (MANIFEST + ".tmp")
-            with open(temporary, "w") as manifest_file:
-                manifest_file.write(json.dumps(manifest))
-                manifest_file.flush()
-                if self.fsync:
-                    os.fsync(manifest_file.fileno())
-            os.replace(temporary, self.path / MANIFEST)
-            if self.fsync:
-                _fsync_directory(self.path)
+            self._manifest_file.replace(json.dumps(manifest))
             if journaled:
-                (self.path / JOURNAL).unlink()
+                self._journal.clear()
         except OSError as exc:
             raise ReplicaError(f"replica {self.path}: cannot apply epoch {manifest['epoch']} ({exc.strerror})") from None
         self.layout, self.epoch, self.manifest = layout, int(manifest["epoch"]), manifest
@@ -394,8 +534,8 @@ class ReplicaStore:
         """Replay a complete journal, discard an incomplete one; say which happened."""
         self._remove_temporaries()
         journal_path = self.path / JOURNAL
-        if not journal_path.exists():
-            return "none"
+        if not journal_path.exists() or journal_path.stat().st_size == 0:
+            return "none"   # an empty journal: no commit was in progress
         try:
             manifest, page_numbers, digests, encodings = _read_journal(journal_path)
         except ReplicaError:
@@ -416,17 +556,33 @@ class ReplicaStore:
         return "replayed"
 
     def _remove_temporaries(self) -> None:
-        (self.path / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+        (self.path / MANIFEST_TEMPORARY).unlink(missing_ok=True)
 
 
-def _apply_encodings(image: np.ndarray, page_numbers: np.ndarray, encodings: Sequence[Encoded]) -> None:
-    """Apply consecutive encodings onto rows ``page_numbers`` of ``image`` (idempotent)."""
+@lru_cache(maxsize=8)
+def run_format(name: str) -> PageCodec:
+    """The run format (page codec without entropy layer) called ``name``; ConfigError if there is none.
+
+    Cached: run formats hold no state, and the receiver looks one up for every batch.
+    """
+    codec = get_codec(name)
+    if not isinstance(codec, PageCodec):
+        raise ConfigError(f"codec {name!r} is not a plain run format")
+    return codec
+
+
+def _apply_encodings(image: np.ndarray, page_numbers: np.ndarray, encodings: Sequence[Encoded], *,
+                     prechecked: bool = False) -> None:
+    """Apply consecutive encodings onto rows ``page_numbers`` of ``image`` (idempotent).
+
+    ``prechecked``: they passed ``decoded_digests``, so each is applied in one pass.
+    """
     rows = page_numbers.astype(np.intp)
     start = 0
     try:
         for encoding in encodings:
             count = encoding.kinds.shape[0]
-            get_codec(encoding.codec).decode(encoding, image, rows=rows[start:start + count])
+            run_format(encoding.codec).decode(encoding, image, rows=rows[start:start + count], prechecked=prechecked)
             start += count
     except (ConfigError, ValueError) as exc:
         raise ReplicaError(f"journaled encodings do not apply ({exc})") from None

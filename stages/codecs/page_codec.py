@@ -4,6 +4,9 @@ Policy lives here (argument checks, error messages); the loops live in
 ``cython_kernels.page_codecs``. Decoding is two passes: the whole payload's
 structure is checked first and nothing is written unless all of it is valid,
 so a CorruptData from ``decode`` means the replica was not touched.
+``digest_decoded`` checks a payload and digests the pages it would make
+without writing anything; a payload it accepted may then be applied in one
+pass (``decode(..., prechecked=True)``).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def _index_array(values: Any, count: int, name: str) -> np.ndarray:
     if array.shape != (count,):
         raise ValueError(f"{name}: expected shape ({count},), got {array.shape}")
     if array.dtype == np.uint64 and count and array.max() > np.iinfo(np.int64).max:
-        return np.full(count, -1, dtype=np.int64)   # out of range for any array: rejected by the caller
+        return np.full(count, np.iinfo(np.int64).min, dtype=np.int64)   # out of range: rejected by the caller
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
@@ -111,27 +114,54 @@ class PageCodec:
         return Encoded(payload=payload, offsets=offsets, kinds=kinds, codec=self.name, raw_size=used)
 
     # ---- decode --------------------------------------------------------
-    def decode(self, encoded: Encoded, replica: np.ndarray, rows: np.ndarray | None = None) -> None:
+    def decode(self, encoded: Encoded, replica: np.ndarray, rows: np.ndarray | None = None, *,
+               prechecked: bool = False) -> None:
         """Apply ``encoded`` onto ``replica[i]`` (or ``replica[rows[i]]``) in place.
 
         Raises CorruptData (and writes nothing) if any length, offset, kind or
         row is invalid; the message names the page index and byte offset.
+        ``prechecked``: the payload already passed ``digest_decoded`` (or a
+        decode) at this page size, so it is applied in one pass; that pass is
+        still bounds-checked, but rows before a bad page would be written.
         """
         check_pages(replica, "replica", writable=True)
-        self.check_page_size(replica.shape[1])
-        payload, offsets, kinds = _payload_parts(encoded)
-        npages = kinds.shape[0]
-        if rows is None:
-            if replica.shape[0] != npages:
-                raise CorruptData(f"{self.name}: payload has {npages} pages, replica has {replica.shape[0]} rows")
-            rows = np.arange(npages, dtype=np.int64)
-        else:
-            rows = _index_array(rows, npages, "rows")
+        payload, offsets, kinds, rows = self._decode_arguments(encoded, replica, rows)
         where = np.zeros(2, dtype=np.int64)
-        for apply in (False, True):
+        for apply in ((True,) if prechecked else (False, True)):
             bad_page = _kernels.walk_payload(self._format, payload, offsets, kinds, replica, rows, apply, where)
             if bad_page >= 0:
                 raise CorruptData(self._describe(bad_page, kinds, rows, where))
+
+    def digest_decoded(self, encoded: Encoded, previous: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """The digests (``stages.pages.digest_pages``) of the pages ``decode`` would make, writing nothing.
+
+        Page i starts from ``previous[i]`` (or ``previous[rows[i]]``; a row of -1
+        is a zero page), which may be read-only. Every page is checked as
+        ``decode`` checks it (CorruptData naming the page index and byte offset),
+        and each is digested right after it is reconstructed, while in cache.
+        """
+        check_pages(previous, "previous")
+        payload, offsets, kinds, rows = self._decode_arguments(encoded, previous, rows)
+        digests = np.empty(kinds.shape[0], dtype=np.uint64)
+        scratch = np.empty(previous.shape[1], dtype=np.uint8)
+        where = np.zeros(2, dtype=np.int64)
+        bad_page = _kernels.digest_decoded(self._format, payload, offsets, kinds, previous, rows, scratch, digests,
+                                           where)
+        if bad_page >= 0:
+            raise CorruptData(self._describe(bad_page, kinds, rows, where))
+        return digests
+
+    def _decode_arguments(self, encoded: Encoded, pages: np.ndarray,
+                          rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Payload, offsets, kinds and rows of a decode onto ``pages`` (already checked by check_pages)."""
+        self.check_page_size(pages.shape[1])
+        payload, offsets, kinds = _payload_parts(encoded)
+        npages = kinds.shape[0]
+        if rows is None:
+            if pages.shape[0] != npages:
+                raise CorruptData(f"{self.name}: payload has {npages} pages, replica has {pages.shape[0]} rows")
+            return payload, offsets, kinds, np.arange(npages, dtype=np.int64)
+        return payload, offsets, kinds, _index_array(rows, npages, "rows")
 
     def _describe(self, page: int, kinds: np.ndarray, rows: np.ndarray, where: np.ndarray) -> str:
         kind = int(kinds[page])

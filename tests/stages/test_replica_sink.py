@@ -117,6 +117,18 @@ def test_every_codec_chain_is_applied(tmp_path, codec):
     sink.stop()
 
 
+def test_raw_pages_in_an_encoded_batch_are_applied_as_whole_pages(tmp_path):
+    sender = Sender()
+    batches = [sender.layout()] + sender.full_epoch()
+    raw = [batch.with_(kinds=np.where(batch.kinds == PageKind.FULL, np.uint8(PageKind.RAW), batch.kinds))
+           if batch.npages else batch for batch in batches]
+    assert sum(int((batch.kinds == PageKind.RAW).sum()) for batch in raw if batch.npages) == NPAGES - 1
+    sink = started_sink(tmp_path)
+    feed(sink, raw)
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    sink.stop()
+
+
 def test_unencoded_pages_stream_is_applied(tmp_path):
     sender = Sender()
     page_numbers = np.arange(NPAGES, dtype=np.uint64)
@@ -278,9 +290,11 @@ def test_corrupt_payload_is_refused(tmp_path):
     batch = next(b for b in sender.epoch_batches(sender.dirty(8)) if (b.kinds == PageKind.DELTA).any())
     batch.payload = batch.payload[: batch.payload.size // 2].copy()
     batch.offsets = np.minimum(batch.offsets, batch.payload.size).astype(np.uint64)
+    before = (tmp_path / IMAGE).read_bytes()
     with pytest.raises(CorruptData, match="replica-sink: epoch 2"):
         feed(sink, [batch])
     sink.stop()
+    assert (tmp_path / IMAGE).read_bytes() == before and read_manifest(tmp_path)["epoch"] == 1
 
 
 def test_oversized_epoch_is_refused(tmp_path):

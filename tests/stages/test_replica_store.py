@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import json
 import multiprocessing
 import os
@@ -14,10 +16,12 @@ from rich.console import Console
 
 from pipeline.batch import PageKind
 from pipeline.errors import ReplicaError
+from stages import replica_store
 from stages.codecs import get_codec
 from stages.pages import combine_digests, digest_pages
-from stages.replica_store import (DIGESTS, IMAGE, JOURNAL, MANIFEST, Layout, ReplicaStore, add_command_arguments,
-                                  load_replica, read_manifest, run_command, verify_replica, whole_pages)
+from stages.replica_store import (DIGESTS, IMAGE, JOURNAL, MANIFEST, MANIFEST_TEMPORARY, Layout, ReplicaStore,
+                                  add_command_arguments, load_replica, read_manifest, run_command, verify_replica,
+                                  whole_pages)
 
 PAGE = 4096
 REGIONS = [{"name": "heap", "start": 0x10000, "first_page": 0, "npages": 6},
@@ -64,7 +68,8 @@ def test_committed_epoch_loads_back_per_region(tmp_path):
     np.testing.assert_array_equal(stack[1], second[1])
     manifest = read_manifest(tmp_path)
     assert manifest["epoch"] == 2 and manifest["page_size"] == PAGE
-    assert not (tmp_path / JOURNAL).exists()
+    assert os.path.getsize(tmp_path / JOURNAL) == 0   # kept open between commits, empty when none is running
+    assert ReplicaStore(tmp_path).recovered_journal == "none"
 
 
 def test_reopened_store_resumes_at_last_epoch(tmp_path):
@@ -153,7 +158,8 @@ def test_delta_journal_replays_over_a_half_applied_image(tmp_path):
     after[:, 10:20] = 0xAB
     encoding = get_codec("native").encode(after, cached)
     assert (encoding.kinds == PageKind.DELTA).all()
-    image_digest = store._next_image_digest(layout(), page_numbers, digest_pages(after))
+    image_digest = store._next_image_digest(layout(), page_numbers, digest_pages(after),
+                                            combine_digests(page_numbers, digest_pages(after)))
     manifest = dict(read_manifest(tmp_path), epoch=2, image_digest=f"{image_digest:#018x}")
     store._write_journal(manifest, page_numbers, [encoding], digest_pages(after))
     # The receiver died while applying: the first page got its new bytes, the others not yet.
@@ -174,7 +180,7 @@ def test_readers_see_a_pending_commit_without_touching_the_files(tmp_path):
     pages = filled([2, 8], 5)
     digests = digest_pages(pages)
     page_numbers = np.array([2, 8], dtype=np.uint64)
-    image_digest = store._next_image_digest(layout(), page_numbers, digests)
+    image_digest = store._next_image_digest(layout(), page_numbers, digests, combine_digests(page_numbers, digests))
     manifest = dict(read_manifest(tmp_path), epoch=2, image_digest=f"{image_digest:#018x}")
     store._write_journal(manifest, page_numbers, [whole_pages(pages)], digests)   # being applied now
     store.close()
@@ -231,6 +237,65 @@ def test_layout_growth_extends_image(tmp_path):
     assert verify_replica(tmp_path).ok
 
 
+def test_manifest_swaps_with_a_spare_file_that_nothing_reads(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=True)
+    for epoch in range(1, 5):
+        commit(store, epoch, ALL_PAGES if epoch == 1 else [epoch], epoch)
+        assert read_manifest(tmp_path)["epoch"] == epoch
+    store.close()
+    if replica_store._RENAMEAT2 is not None:   # swapped out, not deleted: the next commit writes into it
+        assert json.loads((tmp_path / MANIFEST_TEMPORARY).read_text())["epoch"] == 3
+    (tmp_path / MANIFEST_TEMPORARY).write_text("{not a manifest")
+    reopened = ReplicaStore(tmp_path)
+    assert reopened.epoch == 4 and reopened.recovered_journal == "none"
+    assert not (tmp_path / MANIFEST_TEMPORARY).exists()
+    commit(reopened, 5, [5], 5)
+    reopened.close()
+    assert read_manifest(tmp_path)["epoch"] == 5 and verify_replica(tmp_path).ok
+
+
+def _renameat2_failing_with(error: int):
+    def renameat2(*args) -> int:
+        ctypes.set_errno(error)
+        return -1
+    return renameat2
+
+
+@pytest.mark.parametrize("renameat2", [None, _renameat2_failing_with(errno.EINVAL)])
+def test_manifest_is_renamed_into_place_where_it_cannot_be_swapped(tmp_path, monkeypatch, renameat2):
+    monkeypatch.setattr(replica_store, "_RENAMEAT2", renameat2)
+    store = ReplicaStore(tmp_path, fsync=False)
+    for epoch in range(1, 4):
+        commit(store, epoch, ALL_PAGES if epoch == 1 else [epoch], epoch)
+        assert read_manifest(tmp_path)["epoch"] == epoch
+    store.close()
+    assert ReplicaStore(tmp_path).epoch == 3 and verify_replica(tmp_path).ok
+
+
+def test_a_spare_manifest_file_replaced_behind_the_store_is_never_swapped_in(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    commit(store, 2, [2], 2)
+    foreign = tmp_path / "foreign"
+    foreign.write_text("{not a manifest")
+    os.replace(foreign, tmp_path / MANIFEST_TEMPORARY)
+    commit(store, 3, [3], 3)
+    commit(store, 4, [4], 4)
+    store.close()
+    assert read_manifest(tmp_path)["epoch"] == 4 and verify_replica(tmp_path).ok
+
+
+def test_a_journal_deleted_behind_the_store_is_created_again(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    commit(store, 2, [2], 2)
+    (tmp_path / JOURNAL).unlink()
+    commit(store, 3, [3], 3)
+    assert (tmp_path / JOURNAL).exists() and os.path.getsize(tmp_path / JOURNAL) == 0
+    store.close()
+    assert ReplicaStore(tmp_path).epoch == 3
+
+
 @pytest.mark.parametrize("regions, message", [
     ([{"name": "a", "start": 0, "first_page": 0, "npages": 4},
       {"name": "b", "start": 0, "first_page": 3, "npages": 4}], "overlap"),
@@ -253,6 +318,13 @@ def test_bad_page_size_is_refused(page_size):
 def test_layout_flags_page_numbers_in_holes_and_beyond():
     mask = layout().outside(np.array([0, 5, 6, 7, 8, 9, 10, 1 << 60], dtype=np.uint64))
     assert mask.tolist() == [False, False, True, True, False, False, True, True]
+
+
+def test_layout_without_holes_flags_page_numbers_before_and_beyond():
+    adjacent = layout([{"name": "a", "start": 0, "first_page": 2, "npages": 3},
+                       {"name": "b", "start": 0, "first_page": 5, "npages": 3}])
+    mask = adjacent.outside(np.array([0, 1, 2, 5, 7, 8, 1 << 60], dtype=np.uint64))
+    assert mask.tolist() == [True, True, False, False, False, True, True]
 
 
 def test_duplicate_region_names_get_unique_keys(tmp_path):
