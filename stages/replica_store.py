@@ -651,13 +651,26 @@ def region_keys(regions: tuple[dict[str, Any], ...]) -> list[str]:
     return [name if names.count(name) == 1 else f"{name}@0x{r['start']:x}" for name, r in zip(names, regions)]
 
 
-def _file_token(path: Path) -> tuple | None:
-    """Changes whenever the file is written, replaced or removed."""
+def _commit_state(path: Path) -> tuple[bytes, bytes]:
+    """The manifest's bytes and the journal's head and header bytes (b"" where absent or empty).
+
+    Every commit writes a journal whose header holds its new manifest, then the manifest;
+    both name the epoch and commit time, so any commit that begins or ends changes this
+    (file sizes, inode numbers and timestamps do not always: the journal is rewritten in
+    place, the manifest files swap names, and ext4's timestamps are coarse).
+    """
     try:
-        stat = os.stat(path)
+        manifest = (path / MANIFEST).read_bytes()
     except FileNotFoundError:
-        return None
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+        manifest = b""
+    try:
+        with open(path / JOURNAL, "rb") as journal:
+            head = journal.read(_JOURNAL_HEAD.size)
+            if len(head) == _JOURNAL_HEAD.size:
+                head += journal.read(min(_JOURNAL_HEAD.unpack(head)[1], MAX_JOURNAL_HEADER))
+    except FileNotFoundError:
+        head = b""
+    return manifest, head
 
 
 def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, np.ndarray]:
@@ -666,21 +679,20 @@ def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, n
     Keys are region names (``name@0xSTART`` where names repeat). Read-only, so it
     may run while a receiver commits: the image is only written while a complete
     journal exists, and applying that journal (idempotent) to the copy in memory
-    gives its epoch; a copy during which another commit began is taken again. The
+    gives its epoch; a copy during which a commit began or ended is taken again. The
     result is always exactly one committed epoch; the files are never written.
     """
     path = Path(path)
     for _ in range(attempts):
-        manifest_before, journal_before = _file_token(path / MANIFEST), _file_token(path / JOURNAL)
-        regions, journaled = _load_once(path)
-        if _file_token(path / JOURNAL) == journal_before and (
-                journaled or _file_token(path / MANIFEST) == manifest_before):
+        before = _commit_state(path)
+        regions = _load_once(path)
+        if _commit_state(path) == before:
             return regions
     raise ReplicaError(f"replica {path}: a new commit began during each of {attempts} attempts to read it")
 
 
-def _load_once(path: Path) -> tuple[dict[str, np.ndarray], bool]:
-    """The regions as the image and a complete journal (if any) make them; and whether there was one."""
+def _load_once(path: Path) -> dict[str, np.ndarray]:
+    """The regions as the image and a complete journal (if any) make them."""
     store = ReplicaStore(path, fsync=False, writable=False)
     try:
         journal = store.pending_journal()
@@ -698,9 +710,8 @@ def _load_once(path: Path) -> tuple[dict[str, np.ndarray], bool]:
         if journal is not None:
             _, page_numbers, _, encodings = journal
             _apply_encodings(image, page_numbers, encodings)
-        regions = {key: image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1)
-                   for key, r in zip(region_keys(layout.regions), layout.regions)}
-        return regions, journal is not None
+        return {key: image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1)
+                for key, r in zip(region_keys(layout.regions), layout.regions)}
     finally:
         store.close()
 

@@ -405,7 +405,8 @@ def test_verify_command_reports_consistent_and_damaged_replicas(tmp_path):
 
 
 def _commit_many(path: str, epochs: int) -> None:
-    """Child process: commit epochs 2.. over a replica, every page of epoch k filled with k."""
+    """Child process: commit epochs 2.. over a replica, every page of epoch k filled with k, one
+    every millisecond (25 times the demo's rate; a reader needs a moment without a commit)."""
     store = ReplicaStore(path, fsync=False)
     page_numbers = np.array(ALL_PAGES, dtype=np.uint64)
     for epoch in range(2, epochs + 1):
@@ -413,6 +414,7 @@ def _commit_many(path: str, epochs: int) -> None:
         digests = digest_pages(pages)
         store.commit(epoch, layout(), page_numbers, [whole_pages(pages)], digests,
                      combine_digests(page_numbers, digests))
+        time.sleep(0.001)
 
 
 def test_load_while_a_receiver_commits_sees_one_epoch(tmp_path):
