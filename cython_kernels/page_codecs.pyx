@@ -9,31 +9,20 @@ plus ``where = [payload byte offset, reason]``.
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from cython_kernels.native_format cimport native_encode_page, native_walk_page
-from cython_kernels.run_scan cimport (
-    BAD_KIND, BAD_OFFSETS, BAD_ROW, BAD_SLICE_LENGTH, COPY_SLACK, VALID, is_zero_page,
+from cython_kernels.native_format cimport native_walk_page
+from cython_kernels.page_encode cimport (
+    ENCODE_NATIVE as FORMAT_NATIVE, ENCODE_XBZRLE as FORMAT_XBZRLE, ENCODE_XEN as FORMAT_XEN,
+    PAGE_DELTA as KIND_DELTA, PAGE_FULL as KIND_FULL, PAGE_RAW as KIND_RAW,
+    PAGE_UNCHANGED as KIND_UNCHANGED, PAGE_ZERO as KIND_ZERO, encode_page, encode_room,
 )
-from cython_kernels.xbzrle_format cimport xbzrle_encode_page, xbzrle_walk_page
-from cython_kernels.xen_format cimport XEN_OVERHEAD, xen_encode_page, xen_walk_page
+from cython_kernels.run_scan cimport BAD_KIND, BAD_OFFSETS, BAD_ROW, BAD_SLICE_LENGTH, COPY_SLACK, VALID
+from cython_kernels.xbzrle_format cimport xbzrle_walk_page
+from cython_kernels.xen_format cimport xen_walk_page
 from cython_kernels.xxh64 cimport STRIPE, xxh64_page
-
-cdef enum Format:
-    FORMAT_NATIVE = 0
-    FORMAT_XBZRLE = 1
-    FORMAT_XEN = 2
 
 NATIVE = FORMAT_NATIVE
 XBZRLE = FORMAT_XBZRLE
 XEN = FORMAT_XEN
-
-# Page kinds: the values of pipeline.batch.PageKind (kernels import nothing of ours).
-cdef enum:
-    KIND_ZERO = 1
-    KIND_RAW = 2
-    KIND_FULL = 3
-    KIND_DELTA = 4
-    KIND_UNCHANGED = 5
-    ZERO_CHECK_SHIFT = 4  # DELTAs longer than page_size >> 4 are checked for "now all zero"
 
 KINDS = {"ZERO": KIND_ZERO, "RAW": KIND_RAW, "FULL": KIND_FULL, "DELTA": KIND_DELTA,
          "UNCHANGED": KIND_UNCHANGED}
@@ -54,7 +43,7 @@ REASONS = (
 
 
 cdef Py_ssize_t room_per_page(int fmt, Py_ssize_t page_size) noexcept nogil:
-    return page_size + XEN_OVERHEAD if fmt == FORMAT_XEN else page_size
+    return encode_room(fmt, page_size)
 
 
 def max_page_bytes(int fmt, Py_ssize_t page_size):
@@ -89,32 +78,12 @@ cdef Py_ssize_t _encode_pages(int fmt, const uint8_t[:, ::1] current, uint8_t[:,
     cdef Py_ssize_t i, d = 0, length
     cdef int64_t slot
     cdef uint8_t kind
-    cdef const uint8_t *page
-    cdef uint8_t *cache
     cdef uint8_t *out = &payload[0] if capacity else NULL
     for i in range(n):
         slot = slots[i]
         if slot < 0 or slot >= cached.shape[0] or capacity - d < room + COPY_SLACK:
             return -1
-        page = &current[i, 0]
-        cache = &cached[slot, 0]
-        if fmt == FORMAT_NATIVE:
-            length = native_encode_page(page, cache, size, out + d)
-        elif fmt == FORMAT_XBZRLE:
-            length = xbzrle_encode_page(page, cache, size, out + d)
-        else:
-            length = xen_encode_page(page, cache, size, out + d)
-        if length < 0:
-            memcpy(out + d, page, size)
-            memcpy(cache, page, size)
-            kind, length = KIND_FULL, size
-        elif length == 0 or (fmt == FORMAT_XEN and length == 1):
-            kind = KIND_UNCHANGED
-        else:
-            kind = KIND_DELTA
-        if (emit_zero and (kind == KIND_FULL or (kind == KIND_DELTA and length > size >> ZERO_CHECK_SHIFT))
-                and is_zero_page(page, size)):
-            kind, length = KIND_ZERO, 0
+        length = encode_page(fmt, &current[i, 0], &cached[slot, 0], size, out + d, emit_zero, &kind)
         offsets[i] = d
         kinds[i] = kind
         d += length

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from enum import IntEnum, IntFlag
 from typing import Any, Sequence
 
@@ -32,6 +32,17 @@ class Flag(IntFlag):
     LAYOUT = 4          # meta["regions"] describes the tracked memory (see Layout)
     RESYNC = 8          # this epoch carries every tracked page whole
 
+    # Bitwise results come from a table of the defined values: IntFlag builds each one through the enum
+    # machinery, a few microseconds each, and stages test flags several times a batch.
+    def __and__(self, other: Any) -> "Flag":
+        return _flag(int.__and__(self, other)) if isinstance(other, int) else NotImplemented
+
+    def __or__(self, other: Any) -> "Flag":
+        return _flag(int.__or__(self, other)) if isinstance(other, int) else NotImplemented
+
+    __rand__ = __and__
+    __ror__ = __or__
+
 
 class PageKind(IntEnum):
     """What one page entry of a batch is. Codecs and stages share these values."""
@@ -44,7 +55,19 @@ class PageKind(IntEnum):
     UNCHANGED = 5   # equal to the copy last sent; nothing travels
 
 
+# The page kinds as plain ints, for per-batch code: in Python 3.11 each IntEnum member access costs about a
+# microsecond, and numpy compares plain ints faster too.
+KIND_NORMAL, KIND_ZERO, KIND_RAW, KIND_FULL, KIND_DELTA, KIND_UNCHANGED = map(int, PageKind)
+
+
 _FLAG_VALUES = tuple(Flag(value) for value in range(2 * max(Flag)))
+
+
+def _flag(value: int) -> Flag:
+    """Flag(value) from a table for the defined bits: building an IntFlag costs microseconds a batch."""
+    return _FLAG_VALUES[value] if 0 <= value < len(_FLAG_VALUES) else Flag(value)
+
+
 _CONTROL_FLAGS = int(Flag.EPOCH_END | Flag.END_OF_STREAM | Flag.LAYOUT)  # plain int: IntFlag arithmetic is slow
 
 # Batch formats ("caps"): which arrays a batch carries and what they mean.
@@ -64,7 +87,7 @@ _ARRAY_DTYPES = {
     "offsets": np.dtype(np.uint64),
 }
 _ARRAY_NAMES = tuple(_ARRAY_DTYPES)
-_ARRAY_CODES = {name: code for code, name in enumerate(_ARRAY_NAMES)}
+_ARRAY_TABLE = tuple((code, name, _ARRAY_DTYPES[name]) for code, name in enumerate(_ARRAY_NAMES))
 _FORMAT_CODES = {name: code for code, name in enumerate(FORMATS)}
 
 # Wire form (binary, little-endian; JSON only for a non-empty meta, because json costs tens of microseconds a batch):
@@ -74,12 +97,10 @@ _HEADER = struct.Struct("<2sBBBxxxIqqqII")  # magic, version, format, array coun
 #                                              stream, page size, meta length
 _ARRAY = struct.Struct("<BBBxxxxxQQ")       # array code, ndim, inline, rows, columns (0 when 1-D)
 _INLINE_ALIGNMENT = 8
+_PADDING = tuple(bytes(size) for size in range(_INLINE_ALIGNMENT))
+_decode_json = json.JSONDecoder().decode  # from str: json.loads would first guess the encoding of bytes
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds an encoder per call for these
 _MAX_DIMENSION = 1 << 48
-
-
-def _flag(value: int) -> Flag:
-    """Flag(value) from a table for the defined bits: building an IntFlag costs microseconds a batch."""
-    return _FLAG_VALUES[value] if value < len(_FLAG_VALUES) else Flag(value)
 
 
 def _empty_pages() -> np.ndarray:
@@ -133,8 +154,17 @@ class Batch:
         return total
 
     def with_(self, **changes: Any) -> "Batch":
-        """A copy with some fields replaced (arrays are shared, not copied)."""
-        return replace(self, **changes)
+        """A copy with some fields replaced (arrays are shared, not copied).
+
+        As ``dataclasses.replace`` (TypeError for an unknown field), without its cost per batch.
+        """
+        unknown = changes.keys() - _FIELD_NAMES
+        if unknown:
+            raise TypeError(f"Batch has no field(s) {', '.join(sorted(unknown))}")
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__.update(changes)
+        return copy
 
     @classmethod
     def control(cls, flags: Flag, epoch: int, *, format: str = PAGES, stream: int = 0,
@@ -142,14 +172,6 @@ class Batch:
         """A marker batch with no pages."""
         return cls(format=format, epoch=epoch, flags=Flag(flags), stream=stream,
                    page_size=page_size, sequence=sequence, meta=dict(meta))
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = {"page_numbers": self.page_numbers, "kinds": self.kinds}
-        for name in ("data", "reference", "payload", "offsets"):
-            value = getattr(self, name)
-            if value is not None:
-                arrays[name] = value
-        return arrays
 
     # ---- wire form ---------------------------------------------------
     def to_frames(self) -> list:
@@ -160,25 +182,28 @@ class Batch:
         small batch is a single frame. Large arrays are passed as buffers so
         pyzmq (or a shared-memory ring) can move them without an extra copy.
         """
-        arrays = self._arrays()
         format_code = _FORMAT_CODES.get(self.format)
         if format_code is None:
             raise CorruptData(f"batch epoch {self.epoch}: unknown format {self.format!r}")
-        meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
+        meta = _encode_json(self.meta).encode() if self.meta else b""
+        fields = self.__dict__
+        arrays = [(code, dtype, array) for code, name, dtype in _ARRAY_TABLE
+                  if (array := fields[name]) is not None]
         descriptors, body, frames = [], [meta], [b""]
         position = _HEADER.size + len(arrays) * _ARRAY.size + len(meta)
-        for name, array in arrays.items():
-            array = np.ascontiguousarray(array, dtype=_ARRAY_DTYPES[name])
-            octets = array.reshape(-1).view(np.uint8).data  # 1-D bytes: also for arrays with a zero in their shape
-            inline = array.nbytes < INLINE_BYTES
-            descriptors.append(_ARRAY.pack(_ARRAY_CODES[name], array.ndim, inline, array.shape[0],
+        for code, dtype, array in arrays:
+            if array.dtype != dtype or not array.flags.c_contiguous:
+                array = np.ascontiguousarray(array, dtype=dtype)
+            nbytes = array.nbytes
+            inline = nbytes < INLINE_BYTES
+            descriptors.append(_ARRAY.pack(code, array.ndim, inline, array.shape[0],
                                            array.shape[1] if array.ndim == 2 else 0))
-            if inline:
+            if inline:  # joined into the header: any contiguous array's bytes, also with a zero in its shape
                 padding = -position % _INLINE_ALIGNMENT
-                body += [bytes(padding), octets]
-                position += padding + array.nbytes
+                body += [_PADDING[padding], array]
+                position += padding + nbytes
             else:
-                frames.append(octets)
+                frames.append(memoryview(array).cast("B"))  # 1-D bytes: len() is the size
         header = _HEADER.pack(_MAGIC, WIRE_VERSION, format_code, len(arrays), int(self.flags), int(self.epoch),
                               int(self.sequence), int(self.stream), int(self.page_size), len(meta))
         frames[0] = b"".join([header, *descriptors, *body])
@@ -192,7 +217,31 @@ class Batch:
         """
         if not frames:
             raise CorruptData("batch message: no frames")
-        header = frames[0].buffer if hasattr(frames[0], "buffer") else memoryview(frames[0])
+        batch, used = cls._from_frames_at(frames, 0)
+        if used != len(frames):
+            raise CorruptData(f"batch message: {len(frames)} frames for {used - 1} frame arrays")
+        return batch
+
+    @classmethod
+    def bundle_from_frames(cls, frames: Sequence) -> list["Batch"]:
+        """The batches of a message carrying one or more of them back to back (each as ``to_frames`` makes it).
+
+        The runtime sends small batches bound for the same worker at the same moment as one message, as each
+        ZeroMQ message costs tens of microseconds of CPU on either side. Checked as ``from_frames``.
+        """
+        if not frames:
+            raise CorruptData("batch message: no frames")
+        batches, position = [], 0
+        while position < len(frames):
+            batch, position = cls._from_frames_at(frames, position)
+            batches.append(batch)
+        return batches
+
+    @classmethod
+    def _from_frames_at(cls, frames: Sequence, start: int) -> tuple["Batch", int]:
+        """The batch whose header is ``frames[start]``, and the index of the frame after its last one."""
+        first = frames[start]
+        header = first.buffer if hasattr(first, "buffer") else memoryview(first)
         size = header.nbytes
         if size < _HEADER.size:
             raise CorruptData(f"batch header: {size} bytes, shorter than the {_HEADER.size}-byte header")
@@ -210,50 +259,48 @@ class Batch:
         meta = {}
         if meta_length:
             try:
-                meta = json.loads(header[position:position + meta_length].tobytes())
+                meta = _decode_json(str(header[position:position + meta_length], "utf-8"))
             except (ValueError, UnicodeDecodeError) as exc:
                 raise CorruptData(f"batch header: meta is not JSON ({exc})") from None
             if not isinstance(meta, dict):
                 raise CorruptData(f"batch header: meta is a {type(meta).__name__}, not an object")
+        descriptors = _ARRAY.iter_unpack(header[_HEADER.size:_HEADER.size + count * _ARRAY.size])
         position += meta_length
         arrays = {}
-        next_frame = 1
-        for index in range(count):
-            code, ndim, inline, rows, columns = _ARRAY.unpack_from(header, _HEADER.size + index * _ARRAY.size)
+        next_frame = start + 1
+        for code, ndim, inline, rows, columns in descriptors:
             if code >= len(_ARRAY_NAMES) or _ARRAY_NAMES[code] in arrays:
                 raise CorruptData(f"batch message: unknown or repeated array code {code}")
-            name = _ARRAY_NAMES[code]
+            _, name, dtype = _ARRAY_TABLE[code]
             if ndim not in (1, 2) or inline > 1 or (ndim == 1 and columns != 0) \
                     or rows > _MAX_DIMENSION or columns > _MAX_DIMENSION:
                 raise CorruptData(f"batch array {name!r}: bad shape ({rows}, {columns}) of {ndim} dimensions")
-            shape = (rows,) if ndim == 1 else (rows, columns)
             elements = rows if ndim == 1 else rows * columns
-            dtype = _ARRAY_DTYPES[name]
             nbytes = elements * dtype.itemsize
             if inline:
                 position += -position % _INLINE_ALIGNMENT
                 if position + nbytes > size:
                     raise CorruptData(f"batch array {name!r}: {nbytes} bytes beyond the {size}-byte header")
-                arrays[name] = np.frombuffer(header, dtype, elements, position).reshape(shape)
+                array = np.frombuffer(header, dtype, elements, position)
                 position += nbytes
-                continue
-            if next_frame >= len(frames):
-                raise CorruptData(f"batch message: {len(frames)} frames, array {name!r} needs frame {next_frame}")
-            frame = frames[next_frame]
-            next_frame += 1
-            buffer = frame.buffer if hasattr(frame, "buffer") else frame
-            if memoryview(buffer).nbytes != nbytes:
-                raise CorruptData(f"batch array {name!r}: {memoryview(buffer).nbytes} bytes, "
-                                  f"header says shape {shape} ({nbytes} bytes)")
-            arrays[name] = np.frombuffer(buffer, dtype).reshape(shape)
-        if next_frame != len(frames):
-            raise CorruptData(f"batch message: {len(frames)} frames for {next_frame - 1} frame arrays")
+            else:
+                if next_frame >= len(frames):
+                    raise CorruptData(f"batch message: {len(frames)} frames, array {name!r} needs frame "
+                                      f"{next_frame}")
+                frame = frames[next_frame]
+                next_frame += 1
+                buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+                if buffer.nbytes != nbytes:
+                    raise CorruptData(f"batch array {name!r}: {buffer.nbytes} bytes, header says shape "
+                                      f"{(rows,) if ndim == 1 else (rows, columns)} ({nbytes} bytes)")
+                array = np.frombuffer(buffer, dtype)
+            arrays[name] = array if ndim == 1 else array.reshape(rows, columns)
         if position != size:
             raise CorruptData(f"batch header: {size - position} bytes left over after its arrays")
         batch = cls(format=FORMATS[format_code], epoch=epoch, sequence=sequence, flags=_flag(flags), stream=stream,
                     page_size=page_size, meta=meta, **arrays)
         batch.validate()
-        return batch
+        return batch, next_frame
 
     def validate(self) -> None:
         """Check that the arrays agree with each other; raise CorruptData if not."""
@@ -272,6 +319,10 @@ class Batch:
             payload_len = 0 if self.payload is None else self.payload.shape[0]
             # An entropy-coded payload ("native+zstd") is indexed after decompression: the decode stage bounds it.
             entropy_coded = "+" in str(self.meta.get("codec", ""))
-            if n and (self.offsets[0] != 0 or np.any(np.diff(self.offsets.astype(np.int64)) < 0)
+            offsets = self.offsets
+            if n and (offsets[0] != 0 or (offsets[1:] < offsets[:-1]).any()
                       or (not entropy_coded and int(self.offsets[-1]) > payload_len)):
                 raise CorruptData(f"batch epoch {self.epoch}: offsets not increasing within payload of {payload_len} bytes")
+
+
+_FIELD_NAMES = frozenset(item.name for item in fields(Batch))

@@ -105,7 +105,7 @@ class FanIn:
 
     ``push`` returns the batches that may pass now. An input that delivered a
     control marker is ``blocked`` until all inputs have; the process executor
-    does not read blocked inputs, so its held queue stays empty.
+    does not read blocked inputs, so its held queue holds at most the rest of one message.
     """
 
     def __init__(self, inputs: int):

@@ -132,6 +132,9 @@ class Stage:
     shard_key: ClassVar[str | None] = None  # None: round-robin; "page": by page number
     max_workers: ClassVar[int] = 64
     runs_in_caller: ClassVar[bool] = False  # must run in the process that owns its memory
+    back_to_back: ClassVar[bool] = False
+    """Sources: ``produce`` yields each epoch's batches and its end one right after another, never waiting in
+    between, so the process executor may hold small page batches until the epoch's end and send them together."""
 
     name = Property("str", "", "Element name, for references (t.) and messages")
     workers = Property("int", 1, "Worker processes running this stage side by side", minimum=1, maximum=64)

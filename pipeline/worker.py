@@ -17,8 +17,12 @@ copy; the arrays are held until the next worker releases them). Releases come
 back on the credit socket, which a worker reads while idle too, so a slot
 travels back up a chain of pass-through stages as soon as the last one drops it.
 
-Per-batch costs are kept low on purpose: a binary batch header, receiving with
-NOBLOCK until EAGAIN, plain-int zmq flags, statistics as plain counters
+Per-batch costs are kept low on purpose: a binary batch header, small batches
+made at the same moment (the outputs of one input message; a back-to-back
+source's page batches and their epoch end) sent as one multipart message
+(``Batch.bundle_from_frames``), as a ZeroMQ message costs tens of microseconds
+of CPU on either side, receiving while the socket reports input (no zmq.Again
+raised per wake-up), plain-int zmq flags, statistics as plain counters
 published once a second.
 
 Endpoints bind or connect by default as their role says (inputs bind, outputs
@@ -50,8 +54,9 @@ from .shm import SHM_THRESHOLD, ReceiveRing, RingMaps, SendRing, forward_referen
 from .stage import Stage, StageContext
 
 POLL_MS = 100
-IDLE_ACK_MS = 2
-"""Credit is returned once a quarter of max-inflight was taken, or after inputs stay quiet this long."""
+IDLE_ACK_MS = 10
+"""Credit is returned once a quarter of max-inflight was taken, or after inputs stay quiet this long (each
+return wakes the upstream worker: a short quiet spell between epochs is not worth one)."""
 DRAIN_LIMIT = 16
 RING_WAIT_MS = 5
 """A sender waits for ring space while releases come at least this often (slots travel down a chain of
@@ -61,11 +66,16 @@ _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
-ZERO_COPY_MIN = 1 << 16
+ZERO_COPY_MIN = SHM_THRESHOLD
+"""Frames this large are sent without copying. pyzmq releases a zero-copy frame through its garbage-collector
+thread (an inproc message and a GIL hand-off per frame), which costs more than copying a frame of a few hundred
+KiB; on credited links, bigger messages travel through the ring anyway."""
 CREDIT = struct.Struct("<IIQ")  # output link index, downstream worker index, bytes
 RELEASE = struct.Struct("<IIQQ")  # output link index, downstream worker index, slot offset or token, kind
 SLOT, FORWARDED = 0, 1  # kinds of release: a slot of the sender's own ring, or a batch it forwarded
 STANDALONE_BATCH_ESTIMATE = 1 << 20
+BUNDLE_BYTES = 1 << 20
+"""A back-to-back source's queued small batches leave once they reach this size, if no epoch end came first."""
 PR_SET_PDEATHSIG = 1
 
 
@@ -151,6 +161,9 @@ class Worker:
         self._ring_maps = RingMaps()
         self._forwarded: dict[int, list] = {}  # token -> frames held until the downstream worker releases them
         self._forward_tokens = 0
+        self._pending: dict[tuple[int, int], list] = {}  # (output link, worker) -> small batches' frames to send
+        self._pending_bytes = 0
+        self._hold_data = False
         self.core: WorkerCore | None = None
 
     # ---- bus -----------------------------------------------------------
@@ -200,6 +213,7 @@ class Worker:
         context = StageContext(spec.stage_name, spec.worker_index, spec.worker_count, post=self.post)
         self.core = WorkerCore(self.stage, context, len(spec.inputs), spec.output_format,
                                self._emit, spec.stamp_pages)
+        self._hold_data = not spec.inputs and self.stage.back_to_back
         standalone_hwm = max(2, spec.max_inflight // STANDALONE_BATCH_ESTIMATE)
         for source in spec.inputs:
             socket = self._socket(zmq.PULL, hwm=0 if source.credit_endpoint else standalone_hwm)
@@ -285,6 +299,7 @@ class Worker:
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Stopped()
             self._tick()
+        self._flush()
 
     def _serve(self) -> None:
         poller = zmq.Poller()
@@ -314,6 +329,7 @@ class Worker:
                     self._drain(index, socket)
             self._return_slots()
             self._tick()
+        self._flush()
         for index in range(len(self._inputs)):
             self._ack(index)
         self._return_slots()
@@ -323,10 +339,11 @@ class Worker:
         threshold = self.spec.max_inflight // 4
         ring = self._receive_rings[index]
         for _ in range(DRAIN_LIMIT):
-            try:  # cheaper than asking for socket events before every message
-                first = socket.recv(_NOBLOCK, copy=False)
-            except zmq.Again:
+            # Ask for events rather than catch zmq.Again: messages mostly arrive one per wake-up, and raising
+            # Again each time costs more than the question.
+            if not socket.get(_EVENTS) & _POLLIN:
                 break
+            first = socket.recv(_NOBLOCK, copy=False)
             frames = [first]
             while frames[-1].more:  # the rest of a multipart message has arrived with its first part
                 frames.append(socket.recv(0, copy=False))
@@ -335,7 +352,9 @@ class Worker:
             self._unacked[index] += _frames_cost(frames)  # ring messages count their unpacked size, as sent
             if self._unacked[index] >= threshold:
                 self._ack(index)
-            core.feed(index, Batch.from_frames(frames))
+            for batch in Batch.bundle_from_frames(frames):
+                core.feed(index, batch)
+            self._flush()  # what this message made, one message per downstream worker
             if self._released:  # ring slots go back as soon as they are free, so the sender's ring never fills
                 self._return_slots()
             if core.finished or core.fan_in.blocked(index):
@@ -367,15 +386,41 @@ class Worker:
 
     # ---- sending -------------------------------------------------------
     def _emit(self, batch: Batch) -> None:
+        """Send ``batch`` on; a small one (a single frame) is queued and leaves with the others made at the
+        same moment (``_flush``): after the input message that made it, or, from a source, right away, unless
+        the source yields back to back (``Stage.back_to_back``): then page batches wait for the epoch's end
+        (or until BUNDLE_BYTES are queued)."""
         for index, (router, sockets, credited) in enumerate(self._outputs):
             rings = self._send_rings[index]
             for worker, part in router.route(batch):
                 frames = part.to_frames()
+                if len(frames) == 1:
+                    self._pending.setdefault((index, worker), []).append(frames[0])
+                    self._pending_bytes += len(frames[0])
+                    continue
+                self._flush((index, worker))  # keep the order of the batches on this link
                 if credited:  # the unpacked size: credit, not ring space, bounds what is in flight
                     self._reserve(index, worker, _frames_cost(frames))
                 if rings is not None and part.nbytes >= SHM_THRESHOLD:
                     frames = self._through_ring(rings[worker], frames)
                 self._send(sockets[worker], frames)
+        if not self.spec.inputs and (batch.is_control or not self._hold_data
+                                     or self._pending_bytes >= BUNDLE_BYTES):
+            self._flush()
+
+    def _flush(self, only: tuple[int, int] | None = None) -> None:
+        """Send the queued small batches (of one link and worker, or all), as one message per worker."""
+        if not self._pending:
+            return
+        keys = list(self._pending) if only is None else [only] if only in self._pending else []
+        for key in keys:
+            frames = self._pending.pop(key)
+            self._pending_bytes -= _frames_cost(frames)
+            index, worker = key
+            _, sockets, credited = self._outputs[index]
+            if credited:
+                self._reserve(index, worker, _frames_cost(frames))
+            self._send(sockets[worker], frames)
 
     def _through_ring(self, ring: SendRing, frames: list) -> list:
         """A large message as a ring reference: forwarded if its arrays are views of a ring this worker maps

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pipeline.batch import PAGES, Batch, Flag, PageKind
+from pipeline.batch import KIND_NORMAL, KIND_RAW, KIND_ZERO, PAGES, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import Property, Stage
 from stages.pages import check_page_size, find_zero_pages
@@ -113,19 +113,41 @@ class Classify(Stage):
 
     def process(self, batch: Batch) -> Iterable[Batch]:
         check_pages_batch(batch, self.factory_name)
-        kinds = batch.kinds.copy()
-        raw = (kinds == PageKind.RAW) | in_ranges(batch.page_numbers, self._raw_ranges)
+        yield batch.with_(kinds=self.classified_kinds(batch))
+
+    @property
+    def zero_pages_only(self) -> bool:
+        """Whether this classify only tells all-zero pages apart (no RAW pages, ranges, regions or predicate)."""
+        return not self._raw_ranges.shape[0] and not self._raw_region_names and self.raw_predicate is None
+
+    def count(self, zero: int, raw: int, pages: int) -> None:
+        """Count a batch of ``pages`` pages classified (here or by a fused stage's kernel)."""
+        self.counters["zero"] += zero
+        self.counters["raw"] += raw
+        self.counters["normal"] += pages - zero - raw
+
+    def classified_kinds(self, batch: Batch) -> np.ndarray:
+        """The kinds of a checked PAGES batch's pages after classification (a new array); counts them."""
+        kinds_in = batch.kinds
+        zero = find_zero_pages(batch.data)
+        raw = None
+        if kinds_in.any():  # pages that arrive ZERO or RAW keep their kind
+            zero |= kinds_in == KIND_ZERO
+            raw = kinds_in == KIND_RAW
+        if self._raw_ranges.shape[0]:
+            in_raw_ranges = in_ranges(batch.page_numbers, self._raw_ranges)
+            raw = in_raw_ranges if raw is None else raw | in_raw_ranges
         if self.raw_predicate is not None:
-            raw |= self._predicate_mask(batch.page_numbers)
-        zero = (kinds == PageKind.ZERO) | find_zero_pages(batch.data)
-        kinds[:] = PageKind.NORMAL
-        kinds[zero] = PageKind.ZERO
-        kinds[raw] = PageKind.RAW
-        n_raw, n_zero = int(raw.sum()), int((zero & ~raw).sum())
-        self.counters["raw"] += n_raw
-        self.counters["zero"] += n_zero
-        self.counters["normal"] += batch.npages - n_raw - n_zero
-        yield batch.with_(kinds=kinds)
+            chosen = self._predicate_mask(batch.page_numbers)
+            raw = chosen if raw is None else raw | chosen
+        kinds = np.where(zero, np.uint8(KIND_ZERO), np.uint8(KIND_NORMAL))
+        n_zero, n_raw = int(np.count_nonzero(zero)), 0
+        if raw is not None and raw.any():  # RAW wins over ZERO
+            kinds[raw] = KIND_RAW
+            n_raw = int(np.count_nonzero(raw))
+            n_zero = int(np.count_nonzero(kinds == KIND_ZERO))
+        self.count(zero=n_zero, raw=n_raw, pages=batch.npages)
+        return kinds
 
     def _predicate_mask(self, page_numbers: np.ndarray) -> np.ndarray:
         predicate: Callable[[np.ndarray], Any] = self.raw_predicate
@@ -153,8 +175,8 @@ def check_pages_batch(batch: Batch, where: str) -> None:
         check_page_size(batch.page_size)
     except ValueError as exc:
         raise CorruptData(f"{where}: batch of epoch {batch.epoch}: {exc}") from None
-    bad = first_bad_kind(batch.kinds, (PageKind.NORMAL, PageKind.ZERO, PageKind.RAW))
-    if bad is not None:
+    if batch.npages and int(batch.kinds.max()) > KIND_RAW:  # NORMAL, ZERO and RAW are 0, 1 and 2
+        bad = first_bad_kind(batch.kinds, (PageKind.NORMAL, PageKind.ZERO, PageKind.RAW))
         raise CorruptData(f"{where}: {PAGES} batch of epoch {batch.epoch} has page kind {bad}, "
                           "expected NORMAL/ZERO/RAW")
 

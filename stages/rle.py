@@ -47,7 +47,8 @@ def assemble_encoded(batch: Batch, kinds: np.ndarray, delta_rows: np.ndarray, en
     elif whole_rows.shape[0]:
         payload = np.empty(delta_end + whole_rows.shape[0] * page_size, dtype=np.uint8)
         payload[:delta_end] = delta_payload
-        np.take(batch.data, whole_rows, axis=0, out=payload[delta_end:].reshape(-1, page_size))
+        # mode="clip": the rows are valid by construction, and the default mode copies through a buffer
+        np.take(batch.data, whole_rows, axis=0, out=payload[delta_end:].reshape(-1, page_size), mode="clip")
     else:
         payload = delta_payload
     whole_ends = delta_end + page_size * np.arange(1, whole_rows.shape[0] + 1, dtype=np.uint64)

@@ -275,6 +275,7 @@ class TraceSource(Stage):
     description = "Replay a recorded trace as the tracker stream: touched pages whole, per epoch"
     output_caps = PAGES
     max_workers = 1
+    back_to_back = True  # a recorded pace waits before an epoch's batches, never between them
 
     path = Property("str", "", "Trace file written by file-sink (any codec chain)")
     pace = Property("choice", "fast", "fast: as fast as possible; recorded: at the recorded checkpoint times",

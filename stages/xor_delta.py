@@ -21,9 +21,13 @@ Forgetting: a LAYOUT drops the copies of pages outside its regions or in its
 ``vanished`` ranges; the first batch (or marker) of a RESYNC epoch drops all.
 
 The cache's copies live in one preallocated ``(slots, page_size)`` array so the
-codec kernels can encode against them in place; lookups, LRU updates and
-evictions are a handful of numpy operations per batch, never a Python loop per
-page (except in the sparse page-number fallback of ``SlotIndex``).
+codec kernels can encode against them in place. Per batch, one kernel call
+(``cython_kernels.page_cache.plan_lookup``) looks the pages up, marks them used
+and gives their outgoing kinds (a fused plain ``classify`` finds the zero pages
+in the same pass); allocation and eviction of the misses are a handful of numpy
+operations, and batches with RAW pages (or page numbers past the dense map) are
+planned in numpy. Never a Python loop per page (except in the sparse
+page-number fallback of ``SlotIndex``).
 """
 from __future__ import annotations
 
@@ -32,12 +36,15 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pipeline.batch import DEFAULT_PAGE_SIZE, DELTAS, ENCODED, PAGES, Batch, Flag, PageKind
+from cython_kernels import page_cache as _kernels
+from pipeline.batch import (
+    DEFAULT_PAGE_SIZE, DELTAS, ENCODED, KIND_DELTA, KIND_FULL, KIND_NORMAL, KIND_RAW, KIND_ZERO, PAGES, Batch, Flag,
+)
 from pipeline.errors import CorruptData
 from pipeline.stage import Property, Stage, StageContext
 from stages.classify import Classify, check_pages_batch, in_ranges, layout_regions, page_ranges
-from stages.codecs import get_codec
-from stages.rle import RUN_FORMATS, RunLengthEncode, assemble_encoded, check_format_page_size
+from stages.codecs import PageCodec, get_codec
+from stages.rle import RUN_FORMATS, RunLengthEncode, check_format_page_size
 
 DENSE_PAGE_LIMIT = 1 << 24
 """Page numbers below this (64 GiB of 4 KiB pages) use a dense numpy map, 4 bytes per number; above it, a dict."""
@@ -94,6 +101,15 @@ class SlotIndex:
         self._dense = np.full(0, -1, dtype=np.int32)
         self._sparse = None
 
+    @property
+    def dense(self) -> np.ndarray | None:
+        """The dense map (int32 slot by page number, -1 = not cached), or None once it went sparse."""
+        return self._dense if self._sparse is None else None
+
+
+class RepeatedPage(Exception):
+    """A batch names a cached page twice (found by ``PageCache.look_up``)."""
+
 
 class PageCache:
     """``slots`` page copies with least-recently-used replacement.
@@ -121,6 +137,25 @@ class PageCache:
     def lookup(self, page_numbers: np.ndarray) -> np.ndarray:
         """Slot of each page (int64), -1 for pages not cached."""
         return self._index.lookup(page_numbers)
+
+    def look_up(self, data: np.ndarray, page_numbers: np.ndarray, kinds_in: np.ndarray,
+                find_zero: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        """In one kernel pass: each page's slot (-1: not cached; cached ones touched) and outgoing kind (ZERO
+        if it came ZERO or, ``find_zero``, is all zeros; else DELTA if cached, FULL if not).
+
+        None when the kernel does not apply (a RAW page, or a sparse index): plan the general way.
+        RepeatedPage if a cached page's number appears twice.
+        """
+        dense = self._index.dense
+        if dense is None:
+            return None
+        kinds = np.empty(page_numbers.shape[0], dtype=np.uint8)
+        slots = np.empty(page_numbers.shape[0], dtype=np.int64)
+        found = _kernels.plan_lookup(data, page_numbers, kinds_in, dense, self._last_used, self._clock, find_zero,
+                                     kinds, slots)
+        if found == -2:
+            raise RepeatedPage()
+        return None if found == -1 else (kinds, slots)
 
     def touch(self, slots: np.ndarray) -> None:
         """Mark slots as used by the current batch."""
@@ -183,17 +218,28 @@ def vanished_ranges(batch: Batch, where: str) -> np.ndarray:
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
+_PLANNED_KIND = np.full((256, 2), 255, dtype=np.uint8)
+"""Outgoing kind by (incoming kind, cached?): NORMAL pages become DELTA (cached) or FULL; ZERO and RAW stay."""
+_PLANNED_KIND[KIND_NORMAL] = (KIND_FULL, KIND_DELTA)
+_PLANNED_KIND[KIND_ZERO] = KIND_ZERO
+_PLANNED_KIND[KIND_RAW] = KIND_RAW
+
+
 @dataclass
 class CachePlan:
     """What one batch does to the cache: per page its outgoing kind and cache slot (-1: not cached)."""
 
     kinds: np.ndarray
     slots: np.ndarray
+    hits: int
+    """Pages going out as DELTA."""
+    whole: int
+    """Pages going out whole (FULL, RAW)."""
 
-    def rows(self, kind: PageKind) -> np.ndarray:
+    def rows(self, kind: int) -> np.ndarray:
         return np.flatnonzero(self.kinds == kind)
 
-    def cached_rows(self, kind: PageKind) -> np.ndarray:
+    def cached_rows(self, kind: int) -> np.ndarray:
         return np.flatnonzero((self.kinds == kind) & (self.slots >= 0))
 
 
@@ -269,58 +315,77 @@ class XorDelta(Stage):
 
     # ---- data --------------------------------------------------------------
     def process(self, batch: Batch) -> Iterable[Batch]:
-        if self._classifier is not None:
-            (batch,) = self._classifier.process(batch)  # checks the batch first, once
-            self.counters.update(self._classifier.counters)
-        else:
-            check_pages_batch(batch, self.factory_name)
+        classifier = self._classifier
+        check_pages_batch(batch, self.factory_name if classifier is None else classifier.factory_name)
+        find_zero = classifier is not None and classifier.zero_pages_only  # then the lookup kernel classifies
+        if classifier is not None and not find_zero:
+            batch = batch.with_(kinds=classifier.classified_kinds(batch))
         self._apply_resync(batch)
-        plan = self._plan(batch)
+        plan = self._plan(batch, find_zero)
+        if classifier is not None:
+            self.counters.update(classifier.counters)
         yield self._emit(batch, plan)
 
     def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
         """DELTAS: ``reference`` rows of DELTA pages hold the copies before this batch; then the cache is updated."""
         cache = self._cache
-        hits = plan.rows(PageKind.DELTA)
+        hits = plan.rows(KIND_DELTA)
         reference = np.zeros_like(batch.data)  # rows of other pages travel as zeros, never as stale memory
         reference[hits] = cache.pages[plan.slots[hits]]
-        stored = np.flatnonzero(((plan.kinds == PageKind.FULL) | (plan.kinds == PageKind.DELTA)) & (plan.slots >= 0))
+        stored = np.flatnonzero(((plan.kinds == KIND_FULL) | (plan.kinds == KIND_DELTA)) & (plan.slots >= 0))
         cache.pages[plan.slots[stored]] = batch.data[stored]
-        cache.pages[plan.slots[plan.cached_rows(PageKind.ZERO)]] = 0
-        sent = np.count_nonzero(plan.kinds != PageKind.ZERO)
+        cache.pages[plan.slots[plan.cached_rows(KIND_ZERO)]] = 0
+        sent = np.count_nonzero(plan.kinds != KIND_ZERO)
         self.counters["bytes_out"] += int(sent) * batch.page_size
         return batch.with_(format=DELTAS, kinds=plan.kinds, reference=reference)
 
-    def _plan(self, batch: Batch) -> CachePlan:
-        """Look every page up, apply LRU, RAW drops and evictions; count hits, misses and evictions."""
+    def _plan(self, batch: Batch, find_zero: bool) -> CachePlan:
+        """Look every page up (``find_zero``: also classify it, for a fused plain classify), apply LRU, RAW drops
+        and evictions; count hits, misses and evictions."""
         cache = self._cache_for(batch)
-        pages, kinds_in = batch.page_numbers, batch.kinds
+        pages = batch.page_numbers
+        cache.begin_batch()
+        try:
+            looked_up = cache.look_up(batch.data, pages, batch.kinds, find_zero)
+        except RepeatedPage:
+            raise CorruptData(f"{self.factory_name}: batch of epoch {batch.epoch} repeats a page number") from None
+        if looked_up is None:
+            kinds_in = self._classifier.classified_kinds(batch) if find_zero else batch.kinds
+            kinds, slots = self._look_up_general(cache, batch, kinds_in)
+        else:
+            kinds, slots = looked_up
+        counts = np.bincount(kinds, minlength=KIND_DELTA + 1)
+        if find_zero and looked_up is not None:
+            self._classifier.count(zero=int(counts[KIND_ZERO]), raw=0, pages=batch.npages)
+        needs_slot = np.flatnonzero((slots < 0) & (kinds != KIND_RAW))
+        evictions = 0
+        if needs_slot.shape[0]:
+            wanted = pages[needs_slot]
+            ordered = np.sort(wanted)
+            if (ordered[1:] == ordered[:-1]).any():
+                raise CorruptData(f"{self.factory_name}: batch of epoch {batch.epoch} repeats a page number")
+            slots[needs_slot], evictions = cache.allocate(wanted)
+        hits, misses = int(counts[KIND_DELTA]), int(counts[KIND_FULL])
+        self.counters["hits"] += hits
+        self.counters["misses"] += misses
+        self.counters["evictions"] += evictions
+        self.counters["bytes_in"] += batch.npages * batch.page_size
+        return CachePlan(kinds=kinds, slots=slots, hits=hits, whole=misses + int(counts[KIND_RAW]))
+
+    def _look_up_general(self, cache: PageCache, batch: Batch, kinds_in: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``PageCache.look_up`` in numpy, for batches with RAW pages (their copies dropped) or a sparse index."""
+        pages = batch.page_numbers
         ordered = np.sort(pages)
         if (ordered[1:] == ordered[:-1]).any():
             raise CorruptData(f"{self.factory_name}: batch of epoch {batch.epoch} repeats a page number")
-        cache.begin_batch()
         slots = cache.lookup(pages)
-        raw = kinds_in == PageKind.RAW
+        raw = kinds_in == KIND_RAW
         if raw.any():
             cache.release(slots[raw & (slots >= 0)])
             slots[raw] = -1
         found = slots >= 0
         cache.touch(slots[found])
-        normal = kinds_in == PageKind.NORMAL
-        hit = normal & found
-        needs_slot = np.flatnonzero(~raw & ~found)
-        evictions = 0
-        if needs_slot.shape[0]:
-            slots[needs_slot], evictions = cache.allocate(pages[needs_slot])
-        kinds = kinds_in.copy()
-        kinds[hit] = PageKind.DELTA
-        kinds[normal & ~hit] = PageKind.FULL
-        n_hits = int(hit.sum())
-        self.counters["hits"] += n_hits
-        self.counters["misses"] += int(normal.sum()) - n_hits
-        self.counters["evictions"] += evictions
-        self.counters["bytes_in"] += batch.npages * batch.page_size
-        return CachePlan(kinds=kinds, slots=slots)
+        return _PLANNED_KIND[kinds_in, found.view(np.uint8)], slots
 
     def _cache_for(self, batch: Batch) -> PageCache:
         if self._cache is None or (self._cache.page_size != batch.page_size and not len(self._cache)):
@@ -332,7 +397,8 @@ class XorDelta(Stage):
 
 
 class XorDeltaRle(XorDelta):
-    """xor-delta fused with rle: hits are XOR + run-length encoded straight against the cache slots."""
+    """xor-delta fused with rle: one kernel call per batch encodes the hits straight against the cache slots,
+    copies the whole pages into the payload and the cache, and orders the entries as ``rle`` does."""
 
     factory_name = "xor-delta+rle"
     description = "xor-delta and rle in one pass (the fused kernel): PAGES in, ENCODED out"
@@ -342,38 +408,31 @@ class XorDeltaRle(XorDelta):
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
-        self._codec = get_codec(self.format)
+        self._codec: PageCodec = get_codec(self.format)
+        self._kernel_format = _kernels.FORMATS[self._codec.name]
+        self._emit_zero = bool(self._codec.get_config().get("emit_zero", False))
 
     def process(self, batch: Batch) -> Iterable[Batch]:
         check_format_page_size(self._codec, batch, self.factory_name)
         yield from super().process(batch)
 
     def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
-        hits = plan.rows(PageKind.DELTA)
-        current = batch.data if hits.shape[0] == batch.npages else batch.data[hits]
-        encoded = self._codec.encode(current, self._cache.pages, slots=plan.slots[hits]) if hits.shape[0] else None
-        out = assemble_encoded(batch, plan.kinds, hits, encoded, self._codec.name)
-        self._store_from_payload(out, hits.shape[0], plan)
-        if encoded is not None:
-            self.counters["overflows"] += int(np.count_nonzero(encoded.kinds == PageKind.FULL))
-        self.counters["bytes_out"] += int(out.payload.shape[0])
-        return out
-
-    def _store_from_payload(self, out: Batch, encoded_pages: int, plan: CachePlan) -> None:
-        """Copy the batch's cached FULL pages into the cache from their (contiguous) payload slices; zero ZERO copies.
-
-        ``assemble_encoded`` put the whole pages (FULL, RAW) right after the
-        ``encoded_pages`` encoded ones, in row order: reading them from there
-        avoids gathering them from the batch a second time.
-        """
         cache = self._cache
-        whole_rows = np.flatnonzero((plan.kinds == PageKind.FULL) | (plan.kinds == PageKind.RAW))
-        if whole_rows.shape[0]:
-            start = int(out.offsets[encoded_pages])
-            whole = out.payload[start:start + whole_rows.shape[0] * cache.page_size].reshape(-1, cache.page_size)
-            slots = plan.slots[whole_rows]
-            cached = slots >= 0  # RAW pages and FULL pages the cache had no room for have no slot
-            if not cached.all():
-                slots, whole = slots[cached], whole[cached]
-            cache.pages[slots] = whole
-        cache.pages[plan.slots[plan.cached_rows(PageKind.ZERO)]] = 0
+        npages = batch.npages
+        fmt = self._kernel_format
+        capacity = _kernels.payload_capacity(fmt, plan.hits, plan.whole, cache.page_size)
+        payload = np.empty(capacity, dtype=np.uint8)
+        offsets = np.empty(npages + 1, dtype=np.uint64)
+        kinds = np.empty(npages, dtype=np.uint8)
+        order = np.empty(npages, dtype=np.int64)
+        used = _kernels.encode_batch(fmt, batch.data, plan.kinds, plan.slots, cache.pages, payload, offsets, kinds,
+                                     order, self._emit_zero)
+        if used < 0:
+            raise RuntimeError(f"{self.factory_name}: encode kernel rejected its plan")  # prevented by _plan
+        payload = payload[:used].copy() if used < capacity // 2 else payload[:used]
+        if plan.hits:
+            self.counters["overflows"] += int(np.count_nonzero(kinds[:plan.hits] == KIND_FULL))
+        self.counters["bytes_out"] += used
+        return batch.with_(format=ENCODED, page_numbers=batch.page_numbers[order], kinds=kinds, data=None,
+                           reference=None, payload=payload, offsets=offsets,
+                           meta={**batch.meta, "codec": self._codec.name, "raw_size": used})

@@ -111,6 +111,13 @@ class CountingSource(TestSource):
                 counter[0] += 1
 
 
+class BackToBackSource(TestSource):
+    """test-src declaring back-to-back output: the process executor may hold a page batch for the next one."""
+
+    factory_name = "back-to-back-src"
+    back_to_back = True
+
+
 class LaggingSink(Stage):
     """Slow sink that records, per data batch, how far ahead the counting source is."""
 

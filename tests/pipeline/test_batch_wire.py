@@ -123,3 +123,41 @@ def test_a_batch_without_pages_keeps_its_empty_page_data_shape():
 def test_a_batch_of_unknown_format_is_refused_before_it_is_sent():
     with pytest.raises(CorruptData, match="unknown format 'video'"):
         Batch(format="video").to_frames()
+
+
+def test_a_bundle_of_small_and_large_batches_comes_back_in_order():
+    marker = Batch.control(Flag.EPOCH_END, 3, pages=25)
+    batches = [_page_batch(n=2), _page_batch(n=20), marker]
+    frames = [bytes(frame) for batch in batches for frame in batch.to_frames()]
+    received = Batch.bundle_from_frames(frames)
+    assert [b.npages for b in received] == [2, 20, 0] and received[2].meta == {"pages": 25}
+    assert np.array_equal(received[1].data, batches[1].data)
+
+
+@pytest.mark.parametrize("damage", [lambda f: f + [b"\xff\x00garbage" * 8], lambda f: f[:-1], lambda f: []])
+def test_a_damaged_bundle_is_corrupt_data(damage):
+    frames = [bytes(frame) for batch in (_page_batch(n=2), _page_batch(n=20)) for frame in batch.to_frames()]
+    with pytest.raises(CorruptData):
+        Batch.bundle_from_frames(damage(frames))
+
+
+def test_a_single_batch_message_takes_no_extra_frames():
+    frames = _large_frames() + [bytes(_page_batch(n=2).to_frames()[0])]
+    with pytest.raises(CorruptData, match="3 frames for 1 frame arrays"):
+        Batch.from_frames(frames)
+
+
+def test_with_replaces_fields_like_dataclasses_replace_and_rejects_unknown_ones():
+    batch = _page_batch(n=2)
+    copy = batch.with_(epoch=4, meta={})
+    assert (copy.epoch, copy.meta, batch.epoch, batch.meta) == (4, {}, 3, {"note": "x"})
+    assert copy.data is batch.data
+    with pytest.raises(TypeError, match="no field"):
+        batch.with_(epochs=4)
+
+
+def test_flag_arithmetic_gives_flag_members():
+    both = Flag.EPOCH_END | Flag.RESYNC
+    assert both & Flag.RESYNC is Flag.RESYNC and 8 & both is Flag.RESYNC
+    assert both & Flag.LAYOUT is Flag.NONE and not both & Flag.LAYOUT
+    assert (Flag.NONE | 4) is Flag.LAYOUT and isinstance(Flag(16) | 1, Flag)

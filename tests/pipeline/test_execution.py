@@ -37,6 +37,20 @@ def test_chain_delivers_every_page_in_epoch_order_with_page_counted_epoch_ends(m
     assert len(record["pages"]) == 3 * 700
 
 
+@pytest.mark.parametrize("middle", ["identity", "shard-checker workers=2 ! identity", "doubler ! identity"])
+def test_small_batches_sent_together_arrive_complete_and_in_order(middle, tmp_path):
+    """Small batches made at the same moment (a back-to-back source's page batch and epoch end, a stage's
+    outputs for one input) travel as one message: every batch still arrives, in order, counted."""
+    source = "back-to-back-src epochs=3 pages=700 batch-pages=64 page-size=256"
+    record = record_of(f"{source} ! {middle}", "process", tmp_path)
+    events = record["events"]
+    assert [e for e in events if e[0] != "data"] == [e for e in expected_events(3, 700, 11) if e[0] != "data"]
+    in_stream_order = [(e[1], e[0] == "EPOCH_END") for e in events if e[0] in ("data", "EPOCH_END")]
+    assert in_stream_order == sorted(in_stream_order)        # each epoch's pages before its end, epochs in order
+    assert sorted(record["pages"]) == sorted(record_of(f"{source} ! {middle}", "inline", tmp_path)["pages"])
+    assert len(record["pages"]) == 3 * 700
+
+
 def test_same_pipeline_gives_the_same_output_inline_and_in_processes(tmp_path):
     description = f"{SOURCE} pattern=random ! shard-checker workers=3 ! identity workers=2"
     inline = record_of(description, "inline", tmp_path)

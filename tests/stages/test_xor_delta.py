@@ -10,6 +10,7 @@ from pipeline.batch import DELTAS, ENCODED, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import StageContext
 from stages.codecs import Encoded, get_codec
+from stages.classify import Classify
 from stages.entropy import Zstd
 from stages.rle import RunLengthEncode
 from stages.xor_delta import DENSE_PAGE_LIMIT, XorDelta, XorDeltaRle
@@ -172,6 +173,13 @@ def test_repeated_page_number_in_a_batch_is_corrupt():
         run(started(XorDelta()), pages_batch([4, 4]))
 
 
+def test_repeated_cached_page_number_is_corrupt_in_the_fused_stage_too():
+    stage = started(Classify().fuse(XorDelta().fuse(RunLengthEncode())))
+    run(stage, pages_batch([4, 5]))
+    with pytest.raises(CorruptData, match="xor-delta.*repeats"):
+        run(stage, pages_batch([5, 4, 4], epoch=2))
+
+
 def test_page_size_change_is_corrupt():
     stage = started(XorDelta())
     run(stage, pages_batch([1]))
@@ -248,3 +256,33 @@ def test_receiver_copy_always_equals_the_cached_copy(steps, cache_pages):
         # Invariant 2: every cached copy is exactly what the receiver holds for that page.
         np.testing.assert_array_equal(cache.pages[cached], replica[cache.page_of_slot[cached]])
         np.testing.assert_array_equal(cache.lookup(cache.page_of_slot[cached].astype(np.uint64)), cached)
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=batch_sequences(), cache_pages=st.integers(1, 6), raw_pages=st.sampled_from(["", "3-4"]))
+def test_fused_classify_xor_delta_rle_encodes_as_the_three_stages_apart(steps, cache_pages, raw_pages):
+    """The fused stage classifies and looks pages up in one kernel (or in numpy when RAW pages come): either
+    way its batches equal those of classify ! xor-delta ! rle run one after another."""
+    fused = started(Classify(raw_pages=raw_pages).fuse(XorDelta(cache_pages=cache_pages).fuse(RunLengthEncode())))
+    apart = [started(Classify(raw_pages=raw_pages)), started(XorDelta(cache_pages=cache_pages)),
+             started(RunLengthEncode())]
+    memory = np.zeros((12, PAGE), np.uint8)
+    for epoch, (pages, kinds, writes, resync) in enumerate(steps, start=1):
+        for page, kind, page_writes in zip(pages, kinds, writes):
+            memory[page] = 0 if kind == PageKind.ZERO else memory[page]
+            for offset, value in page_writes if kind != PageKind.ZERO else ():
+                memory[page, offset] = value
+        batch = Batch(epoch=epoch, flags=Flag.RESYNC if resync else Flag.NONE,
+                      page_numbers=np.array(pages, np.uint64), kinds=np.array(kinds, np.uint8),
+                      data=memory[pages] if pages else np.empty((0, PAGE), np.uint8))
+        expected = batch
+        for stage in apart:
+            expected = run(stage, expected)
+        out = run(fused, batch)
+        assert out.page_numbers.tolist() == expected.page_numbers.tolist()
+        assert out.kinds.tolist() == expected.kinds.tolist()
+        assert out.offsets.tolist() == expected.offsets.tolist()
+        assert bytes(out.payload) == bytes(expected.payload)
+    counted = ("zero", "raw", "normal", "hits", "misses", "evictions")
+    assert {k: fused.counters[k] for k in counted} == \
+        {k: (apart[0].counters if k in counted[:3] else apart[1].counters)[k] for k in counted}
