@@ -75,7 +75,7 @@ class ZstdCodec(EntropyCodec):
         if declared != raw_size:
             raise CorruptData(f"zstd: frame declares {declared} bytes, expected {raw_size}")
         try:
-            raw = self._decompressor.decompress(view, max_output_size=raw_size)
+            raw = self._decompressor.decompress(view, max_output_size=raw_size, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             raise CorruptData(f"zstd: corrupt frame ({exc})") from None
         if len(raw) != raw_size:

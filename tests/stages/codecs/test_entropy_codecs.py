@@ -60,3 +60,13 @@ def test_zstd_frame_declaring_a_huge_size_is_refused_before_allocating():
 def test_negative_raw_size_is_corrupt(name):
     with pytest.raises(CorruptData, match="byte count"):
         get_codec(name).decompress(DATA, -5)
+
+
+@pytest.mark.parametrize("name", ["zstd", "lz4"])
+@pytest.mark.parametrize("trailer", [b"\x00", b"xyz", b"\x28\xb5\x2f\xfd" + bytes(16)])
+def test_bytes_after_the_compressed_data_are_corrupt(name, trailer):
+    """Nothing may hide after the frame or block: the payload is all compressed data."""
+    codec = get_codec(name)
+    padded = np.concatenate([codec.compress(DATA), np.frombuffer(trailer, np.uint8)])
+    with pytest.raises(CorruptData):
+        codec.decompress(padded, DATA.shape[0])
