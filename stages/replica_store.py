@@ -200,20 +200,35 @@ def _write_all(fd: int, buffers: list) -> None:
             view = view[written:]
 
 
-def _load_renameat2() -> Any:
-    """libc's renameat2 (Linux), or None where there is none."""
+def _load_libc_function(name: str, argtypes: list) -> Any:
+    """A libc function (Linux) returning int and setting errno, or None where there is none."""
     try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
     return function
 
 
-_RENAMEAT2 = _load_renameat2()
+_RENAMEAT2 = _load_libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                                ctypes.c_uint])
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_FALLOCATE = _load_libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def _zero_page_digest(page_size: int) -> int:
+    return int(digest_pages(np.zeros((1, page_size), dtype=np.uint8))[0])
+
+
+def _page_runs(page_numbers: np.ndarray) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in sorted, unique ``page_numbers``."""
+    breaks = np.flatnonzero(np.diff(page_numbers) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [page_numbers.shape[0]]])
+    return [(int(page_numbers[a]), int(b - a)) for a, b in zip(starts, stops)]
 
 
 class _JournalFile:
@@ -456,7 +471,7 @@ class ReplicaStore:
         total = max(layout.total_pages, 1)
         if self._image is not None and self._image.shape[0] >= total:
             return
-        zero_digest = int(digest_pages(np.zeros((1, layout.page_size), dtype=np.uint8))[0])
+        zero_digest = _zero_page_digest(layout.page_size)
         image_path, digest_path = self.path / IMAGE, self.path / DIGESTS
         old_pages = os.path.getsize(digest_path) // 8 if digest_path.exists() else 0
         try:
@@ -515,9 +530,43 @@ class ReplicaStore:
             self._manifest_file.replace(json.dumps(manifest))
             if journaled:
                 self._journal.clear()
+            self._release_dropped_pages(self.layout, layout)
         except OSError as exc:
             raise ReplicaError(f"replica {self.path}: cannot apply epoch {manifest['epoch']} ({exc.strerror})") from None
         self.layout, self.epoch, self.manifest = layout, int(manifest["epoch"]), manifest
+
+    def _release_dropped_pages(self, old: Layout | None, new: Layout) -> None:
+        """Zero the pages of regions the committed layout dropped, freeing their disk blocks where the file
+        system can punch holes: nothing reads them any more, and a later layout that reuses their page
+        numbers must find zeros there, as in never-written memory."""
+        if old is None or old == new or old.page_size != new.page_size:
+            return
+        old_pages = layout_page_numbers(old)
+        dropped = old_pages[new.outside(old_pages)]
+        dropped = dropped[dropped < self._image.shape[0]]
+        if not dropped.size:
+            return
+        runs = _page_runs(dropped)
+        if not self._punch_holes(runs, new.page_size):
+            self._image.view(np.ndarray)[dropped.astype(np.intp)] = 0
+        self._digests[dropped.astype(np.intp)] = _zero_page_digest(new.page_size)
+        if self.fsync:
+            self._image.flush()
+            self._digests.flush()
+
+    def _punch_holes(self, runs: list[tuple[int, int]], page_size: int) -> bool:
+        """Deallocate these page runs of the image (they read as zeros after); False where unsupported."""
+        if _FALLOCATE is None:
+            return False
+        fd = os.open(self.path / IMAGE, os.O_RDWR)
+        try:
+            for first, count in runs:
+                if _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, first * page_size,
+                              count * page_size) != 0:
+                    return False
+        finally:
+            os.close(fd)
+        return True
 
     def _load_manifest(self) -> None:
         manifest = read_manifest(self.path)

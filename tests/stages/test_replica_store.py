@@ -457,3 +457,43 @@ def test_journal_replay_relies_on_encodings_being_idempotent(codec_name):
     codec.decode(encoding, twice)
     np.testing.assert_array_equal(once, new)
     np.testing.assert_array_equal(twice, new)
+
+
+STACK_GONE = [REGIONS[0]]
+
+
+def test_pages_of_a_dropped_region_are_zeroed_and_their_blocks_freed(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    blocks_before = os.stat(tmp_path / IMAGE).st_blocks
+    commit(store, 2, [0], 2, the_layout=layout(STACK_GONE))
+    store.close()
+    image = np.fromfile(tmp_path / IMAGE, dtype=np.uint8).reshape(-1, PAGE)
+    assert not image[8:10].any()
+    zero = digest_pages(np.zeros((1, PAGE), np.uint8))[0]
+    assert (np.fromfile(tmp_path / DIGESTS, dtype="<u8")[8:10] == zero).all()
+    assert os.stat(tmp_path / IMAGE).st_blocks < blocks_before   # ext4, xfs, tmpfs, btrfs punch holes
+    assert verify_replica(tmp_path).ok and sorted(load_replica(tmp_path)) == ["heap"]
+
+
+def test_dropped_pages_are_zeroed_where_holes_cannot_be_punched(tmp_path, monkeypatch):
+    monkeypatch.setattr(replica_store, "_FALLOCATE", None)
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    commit(store, 2, [0], 2, the_layout=layout(STACK_GONE))
+    store.close()
+    assert not np.fromfile(tmp_path / IMAGE, dtype=np.uint8).reshape(-1, PAGE)[8:10].any()
+
+
+def test_a_region_that_reuses_dropped_page_numbers_starts_as_zeros(tmp_path):
+    """Pages a later layout brings back, and no epoch has sent since, read as never-written memory."""
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 1)
+    commit(store, 2, [0], 2, the_layout=layout(STACK_GONE))
+    new_stack = [REGIONS[0], {"name": "stack", "start": 0xA0000, "first_page": 8, "npages": 2}]
+    commit(store, 3, [9], 3, the_layout=layout(new_stack))
+    store.close()
+    stack = load_replica(tmp_path)["stack"].reshape(2, PAGE)
+    assert not stack[0].any()
+    np.testing.assert_array_equal(stack[1], filled([9], 3)[0])
+    assert verify_replica(tmp_path).ok
