@@ -5,13 +5,19 @@ and sends one small JSON message per event:
 
     {"type": "ack", "epoch": N, "stream": S}          epoch N is committed at the replica
     {"type": "resync", "reason": "...", "epoch": N}   send every page whole in the next epoch
+    {"type": "discarded", "epoch": N, "reason": "..."}   epoch N reached the replica and was dropped:
+                                                      it will never be acknowledged
 
 The sender owns an ``AckListener`` (PULL, binds by default) whose thread
 parses those messages (untrusted: size, JSON shape and types are checked;
 malformed ones are counted and dropped) and calls back: acknowledgements
 release ``wait_for(epoch)`` (the Remus output-commit rule: release output only
 once the backup has the state) and go to the tracker's ``acknowledged(epoch)``;
-resync requests go to the tracker's ``request_resync()``.
+resync requests go to the tracker's ``request_resync()``, discard notices to its
+``epoch_discarded(epoch)`` (so a ``checkpoint(wait=True)`` for that epoch fails
+at once instead of at its timeout; epochs a receiver drops before they reach
+its replica-sink, such as ``deframe resume=true`` skipping to a resync segment,
+are not noticed this way).
 PUSH queues messages until the listener is reachable, so an early resync
 request is not lost; if the queue is full, messages are dropped and counted.
 """
@@ -58,6 +64,10 @@ class AckSender:
         """Ask the sender to send every page whole in its next epoch."""
         return self._send({"type": "resync", "reason": str(reason), **fields})
 
+    def discarded(self, epoch: int, reason: str) -> bool:
+        """Say epoch ``epoch`` was dropped and will never be acknowledged."""
+        return self._send({"type": "discarded", "epoch": int(epoch), "reason": str(reason)})
+
     def _send(self, message: dict[str, Any]) -> bool:
         try:
             self._socket.send(json.dumps(message).encode(), zmq.NOBLOCK)
@@ -78,11 +88,11 @@ def parse_message(raw: bytes) -> dict[str, Any]:
         message = json.loads(raw)
     except RecursionError:
         raise ValueError(f"nested too deeply: {raw[:80]!r}") from None
-    if not isinstance(message, dict) or message.get("type") not in ("ack", "resync"):
-        raise ValueError(f"not an ack or resync message: {raw[:80]!r}")
+    if not isinstance(message, dict) or message.get("type") not in ("ack", "resync", "discarded"):
+        raise ValueError(f"not an ack, resync or discarded message: {raw[:80]!r}")
     epoch = message.get("epoch")
-    if message["type"] == "ack" and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
-        raise ValueError(f"ack without a valid epoch: {raw[:80]!r}")
+    if message["type"] != "resync" and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
+        raise ValueError(f"{message['type']} without a valid epoch: {raw[:80]!r}")
     return message
 
 
@@ -94,16 +104,18 @@ class AckListener:
 
     def __init__(self, endpoint: str, *, bind: bool = True,
                  on_ack: Callable[[int], None] | None = None,
-                 on_resync: Callable[[str], None] | None = None, history: int = 100000):
+                 on_resync: Callable[[str], None] | None = None,
+                 on_discard: Callable[[int], None] | None = None, history: int = 100000):
         self._context = zmq.Context()
         self._socket = _open_socket(self._context, zmq.PULL, endpoint, bind)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
         self.on_ack = on_ack
         self.on_resync = on_resync
+        self.on_discard = on_discard
         self.acked_epoch = 0
         self.ack_times: dict[int, float] = {}
         """time.monotonic() at which each epoch's acknowledgement arrived (the last ``history``)."""
-        self.counters = {"acks": 0, "resyncs": 0, "malformed": 0}
+        self.counters = {"acks": 0, "resyncs": 0, "discarded": 0, "malformed": 0}
         self.resync_pending = False
         """True from a resync request until the next acknowledgement."""
         self._history = history
@@ -113,9 +125,12 @@ class AckListener:
         self._thread.start()
 
     def attach(self, tracker: Any) -> "AckListener":
-        """Route acknowledgements and resync requests to a tracker (``acknowledged``, ``request_resync``)."""
+        """Route acknowledgements, resync requests and discard notices to a tracker (``acknowledged``,
+        ``request_resync``, ``epoch_discarded``; the first and last where it has them)."""
         if hasattr(tracker, "acknowledged"):
             self.on_ack = tracker.acknowledged
+        if hasattr(tracker, "epoch_discarded"):
+            self.on_discard = tracker.epoch_discarded
         self.on_resync = lambda reason: tracker.request_resync()
         return self
 
@@ -143,6 +158,10 @@ class AckListener:
                 continue
             if message["type"] == "ack":
                 self._acknowledged(message["epoch"])
+            elif message["type"] == "discarded":
+                self.counters["discarded"] += 1
+                if self.on_discard is not None:
+                    self.on_discard(message["epoch"])
             else:
                 if self.on_resync is not None:
                     self.on_resync(str(message.get("reason", "")))

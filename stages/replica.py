@@ -327,6 +327,8 @@ class ReplicaSink(Stage):
         self.context.warn(f"replica-sink: epoch {pending.epoch} discarded ({reason}); "
                           f"replica stays at epoch {self.store.epoch}")
         self.in_sync = False
+        if self.acks is not None and not self.acks.discarded(pending.epoch, reason):
+            self._ack_dropped(f"discard notice of epoch {pending.epoch}")
         self._ask_resync(reason)
 
     def _ask_resync(self, reason: str) -> None:

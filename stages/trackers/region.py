@@ -182,6 +182,7 @@ class RegionSource(Stage):
         self._closed = False
         self._acknowledged_epoch = 0
         self._discarded_epoch = 0          # epochs up to here were dropped by a resync: never acknowledged
+        self._reported_discarded: set[int] = set()   # epochs the receiver said it dropped (and not acknowledged)
         self._acknowledged = threading.Condition()
 
     # ---- setup ---------------------------------------------------------------
@@ -246,7 +247,8 @@ class RegionSource(Stage):
 
         ``wait=True`` then blocks until ``acknowledged(epoch)`` reports the
         replica applied this epoch (TrackerError after ``timeout`` seconds,
-        default ack-timeout). With ``max-unacked=N`` it first waits while N
+        default ack-timeout, or as soon as the receiver reports it discarded
+        the epoch). With ``max-unacked=N`` it first waits while N
         epochs are in flight; a resync request releases that wait, since the
         receiver discards the epochs in flight.
         """
@@ -294,13 +296,24 @@ class RegionSource(Stage):
         """Hook for the receiver side: the replica has applied ``epoch``; releases ``checkpoint(wait=True)``."""
         with self._acknowledged:
             self._acknowledged_epoch = max(self._acknowledged_epoch, epoch)
+            self._reported_discarded = {e for e in self._reported_discarded if e > self._acknowledged_epoch}
+            self._acknowledged.notify_all()
+
+    def epoch_discarded(self, epoch: int) -> None:
+        """Hook for the receiver side: the replica dropped ``epoch``; a ``checkpoint(wait=True)`` for it fails."""
+        with self._acknowledged:
+            self._reported_discarded.add(epoch)
             self._acknowledged.notify_all()
 
     def _wait_acknowledged(self, epoch: int, timeout: float | None) -> None:
         timeout = self.ack_timeout if timeout is None else timeout
         with self._acknowledged:
-            if not self._acknowledged.wait_for(lambda: self._acknowledged_epoch >= epoch, timeout):
+            if not self._acknowledged.wait_for(
+                    lambda: self._acknowledged_epoch >= epoch or epoch in self._reported_discarded, timeout):
                 raise TrackerError(f"{self._where}: epoch {epoch} not acknowledged within {timeout:g} s")
+            if self._acknowledged_epoch < epoch:
+                raise TrackerError(f"{self._where}: epoch {epoch} will never be acknowledged: the receiver "
+                                   f"discarded it (its warning says why) and asked for a resync")
 
     def _wait_in_flight_below(self, limit: int) -> None:
         """Block while ``limit`` epochs are checkpointed but neither acknowledged nor discarded."""

@@ -7,7 +7,7 @@ import threading
 import pytest
 import zmq
 
-from pipeline.errors import TransportError
+from pipeline.errors import TrackerError, TransportError
 from stages.acks import AckListener, AckSender, parse_message
 from stages.trackers.region import RegionSource, tracked_array
 
@@ -74,6 +74,28 @@ def test_acks_and_resync_requests_reach_an_attached_region_tracker(tmp_path):
         tracker.stop()
 
 
+def test_a_discard_notice_fails_the_checkpoint_waiting_for_that_epoch_at_once(tmp_path):
+    memory = tracked_array(16 * 4096)
+    tracker = RegionSource(regions=memory)
+    listener = AckListener(f"ipc://{tmp_path}/acks").attach(tracker)
+    sender = AckSender(listener.endpoint)
+    try:
+        tracker.checkpoint()
+        sender.ack(1)
+        assert listener.wait_for(1, timeout=10)
+        memory[0] = 1
+        threading.Timer(0.05, sender.discarded, args=(2, "torn: the stream ended before its commit record")).start()
+        with pytest.raises(TrackerError, match="epoch 2 will never be acknowledged: the receiver discarded it"):
+            tracker.checkpoint(wait=True, timeout=60)
+        assert listener.counters["discarded"] == 1
+        threading.Timer(0.05, sender.ack, args=(3,)).start()
+        assert tracker.checkpoint(wait=True, timeout=10).epoch == 3   # a later epoch is waited for as usual
+    finally:
+        sender.close()
+        listener.close()
+        tracker.stop()
+
+
 def test_malformed_messages_are_counted_and_dropped(tmp_path):
     listener = AckListener(f"ipc://{tmp_path}/acks")
     context = zmq.Context()
@@ -94,7 +116,8 @@ def test_malformed_messages_are_counted_and_dropped(tmp_path):
 
 
 @pytest.mark.parametrize("raw, message", [
-    (b"{}", "not an ack or resync"),
+    (b"{}", "not an ack, resync or discarded"),
+    (b'{"type": "discarded", "reason": "torn"}', "discarded without a valid epoch"),
     (b'{"type": "ack", "epoch": "7"}', "valid epoch"),
     (b"y" * 5000, "exceeds the limit"),
     (b"[" * 4000, "nested too deeply|not an ack"),

@@ -348,10 +348,12 @@ def test_a_starting_sink_asks_for_a_resync_naming_its_committed_epoch(tmp_path):
         listener.close()
 
 
-def test_acks_and_resync_requests_reach_the_sender(tmp_path):
+def test_acks_resync_requests_and_discard_notices_reach_the_sender(tmp_path):
     reasons: list[str] = []
+    discarded: list[int] = []
     requested = threading.Event()
-    listener = AckListener(f"ipc://{tmp_path}/acks", on_resync=lambda reason: (reasons.append(reason), requested.set()))
+    listener = AckListener(f"ipc://{tmp_path}/acks", on_resync=lambda reason: (reasons.append(reason), requested.set()),
+                           on_discard=discarded.append)
     try:
         sender = Sender()
         sink = started_sink(tmp_path / "replica", ack_endpoint=listener.endpoint, on_error="resync")
@@ -367,6 +369,7 @@ def test_acks_and_resync_requests_reach_the_sender(tmp_path):
             time.sleep(0.01)
         assert reasons[0].startswith("receiver started") and "outside the layout" in reasons[1]
         assert listener.acked_epoch == 2
+        assert discarded == [3]
     finally:
         listener.close()
 
