@@ -1,6 +1,7 @@
 """The acknowledgement back channel over real ZeroMQ sockets."""
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -51,12 +52,23 @@ def test_resync_request_sent_before_listener_exists_is_delivered(tmp_path):
         listener.close()
 
 
-def test_acks_and_resync_requests_reach_an_attached_region_tracker(tmp_path):
+@contextlib.contextmanager
+def attached_tracker(tmp_path):
+    """A region-src over 16 pages with an AckListener attached, and the receiver's AckSender talking to it."""
     memory = tracked_array(16 * 4096)
     tracker = RegionSource(regions=memory)
     listener = AckListener(f"ipc://{tmp_path}/acks").attach(tracker)
     sender = AckSender(listener.endpoint)
     try:
+        yield memory, tracker, listener, sender
+    finally:
+        sender.close()
+        listener.close()
+        tracker.stop()
+
+
+def test_acks_and_resync_requests_reach_an_attached_region_tracker(tmp_path):
+    with attached_tracker(tmp_path) as (memory, tracker, listener, sender):
         assert tracker.checkpoint().pages == 16          # epoch 1: every page
         memory[0] = 1
         assert tracker.checkpoint().pages == 1           # epoch 2: the written page
@@ -68,18 +80,10 @@ def test_acks_and_resync_requests_reach_an_attached_region_tracker(tmp_path):
         memory[8192] = 1
         threading.Timer(0.05, sender.ack, args=(4,)).start()
         assert tracker.checkpoint(wait=True, timeout=10).epoch == 4   # released by the replica's ack
-    finally:
-        sender.close()
-        listener.close()
-        tracker.stop()
 
 
 def test_a_discard_notice_fails_the_checkpoint_waiting_for_that_epoch_at_once(tmp_path):
-    memory = tracked_array(16 * 4096)
-    tracker = RegionSource(regions=memory)
-    listener = AckListener(f"ipc://{tmp_path}/acks").attach(tracker)
-    sender = AckSender(listener.endpoint)
-    try:
+    with attached_tracker(tmp_path) as (memory, tracker, listener, sender):
         tracker.checkpoint()
         sender.ack(1)
         assert listener.wait_for(1, timeout=10)
@@ -90,10 +94,6 @@ def test_a_discard_notice_fails_the_checkpoint_waiting_for_that_epoch_at_once(tm
         assert listener.counters["discarded"] == 1
         threading.Timer(0.05, sender.ack, args=(3,)).start()
         assert tracker.checkpoint(wait=True, timeout=10).epoch == 3   # a later epoch is waited for as usual
-    finally:
-        sender.close()
-        listener.close()
-        tracker.stop()
 
 
 def test_malformed_messages_are_counted_and_dropped(tmp_path):
