@@ -436,9 +436,10 @@ class ReplicaStore:
             "committed_at": time.time(), **extra,
         }
         journaled = not self.is_empty   # the first commit has no previous epoch to protect
+        encodings = list(encodings)
         if journaled:
-            self._write_journal(manifest, page_numbers, list(encodings), digests)
-        self._apply(manifest, layout, page_numbers, list(encodings), digests, journaled, prechecked=True)
+            self._write_journal(manifest, page_numbers, encodings, digests)
+        self._apply(manifest, layout, page_numbers, encodings, digests, journaled, prechecked=True)
 
     def _next_image_digest(self, layout: Layout, page_numbers: np.ndarray, digests: np.ndarray,
                            epoch_digest: int) -> int:
@@ -546,10 +547,10 @@ class ReplicaStore:
         dropped = dropped[dropped < self._image.shape[0]]
         if not dropped.size:
             return
-        runs = _page_runs(dropped)
-        if not self._punch_holes(runs, new.page_size):
-            self._image.view(np.ndarray)[dropped.astype(np.intp)] = 0
-        self._digests[dropped.astype(np.intp)] = _zero_page_digest(new.page_size)
+        rows = dropped.astype(np.intp)
+        if not self._punch_holes(_page_runs(dropped), new.page_size):
+            self._image.view(np.ndarray)[rows] = 0
+        self._digests[rows] = _zero_page_digest(new.page_size)
         if self.fsync:
             self._image.flush()
             self._digests.flush()

@@ -2,19 +2,22 @@
 (intact, truncated, corrupted, replayed by a receiver that is killed and restarted)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 
 from pipeline.errors import ReplicaError, StageFailed
-from pipeline.pipeline import Pipeline
+from pipeline import Pipeline, PipelineHandle, RunResult
 from stages.acks import AckListener
 from stages.classify import Classify
 from stages.demo import DemoOptions, free_tcp_endpoint, receiver_stages, sender_stages
@@ -91,33 +94,55 @@ def recorded(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
     return path, record_stream(path)
 
 
+@dataclass
+class LiveReplication:
+    """A region-src sender and a replica-sink receiver over tcp, with the ack channel between them."""
+
+    source: RegionSource
+    listener: AckListener
+    sender: PipelineHandle
+    receiver: PipelineHandle
+
+    def finish(self) -> RunResult:
+        """End the stream after the checkpoints taken; both pipelines run to their end (the receiver's result)."""
+        self.source.close()
+        self.sender.wait(timeout=30)
+        return self.receiver.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def live_replication(memory: np.ndarray, replica: Path, *, mode: str = "process", endpoint: str | None = None,
+                     **options) -> Iterator[LiveReplication]:
+    """The demo's sender and receiver pipelines (DemoOptions ``options``) replicating ``memory``;
+    every pipeline and socket is stopped on the way out, also on failure."""
+    source = RegionSource(regions=memory)
+    listener = AckListener("tcp://127.0.0.1:*").attach(source)
+    demo = DemoOptions(size=memory.size, **options)
+    endpoint = endpoint or free_tcp_endpoint()
+    handles = []
+    try:
+        handles.append(Pipeline.chain(*receiver_stages(demo, endpoint, listener.endpoint, str(replica))).start(mode=mode))
+        handles.append(Pipeline.chain(*sender_stages(source, demo, endpoint)).start(mode=mode))
+        yield LiveReplication(source, listener, sender=handles[1], receiver=handles[0])
+    finally:
+        for handle in reversed(handles):
+            handle.stop()
+        listener.close()
+
+
 @pytest.mark.parametrize("mode", ["inline", "process"])
 def test_live_replication_over_tcp_with_acks(tmp_path, mode):
     memory = tracked_array(2 << 20)
     workload = make_workload("log", memory, 5)
-    source = RegionSource(regions=memory)
-    listener = AckListener("tcp://127.0.0.1:*").attach(source)
-    options = DemoOptions(size=memory.size)
-    endpoint = free_tcp_endpoint()
-    receiving = Pipeline.chain(*receiver_stages(options, endpoint, listener.endpoint, str(tmp_path / "replica")))
-    sending = Pipeline.chain(*sender_stages(source, options, endpoint))
-    receiver = receiving.start(mode=mode)
-    sender = sending.start(mode=mode)
-    try:
+    with live_replication(memory, tmp_path / "replica", mode=mode) as live:
         for _ in range(8):
             for _ in range(16):
                 workload.step()
-            info = source.checkpoint()
-        source.checkpoint(wait=True, timeout=30)          # output commit: released once the replica has it
-        assert listener.acked_epoch == info.epoch + 1
+            info = live.source.checkpoint()
+        live.source.checkpoint(wait=True, timeout=30)          # output commit: released once the replica has it
+        assert live.listener.acked_epoch == info.epoch + 1
         np.testing.assert_array_equal(replica_bytes(tmp_path / "replica"), memory)
-        source.close()
-        sender.wait(timeout=30)
-        receiver.wait(timeout=30)
-    finally:
-        sender.stop()
-        receiver.stop()
-        listener.close()
+        live.finish()
 
 
 def test_recorded_stream_replays_to_the_last_epoch(recorded, tmp_path):
@@ -201,14 +226,9 @@ def test_replica_damaged_while_running_is_resynchronised(tmp_path):
     ack channel, the tracker sends every page whole, and the replica converges again."""
     memory = tracked_array(1 << 20)
     workload = make_workload("kv", memory, 2)
-    source = RegionSource(regions=memory)
-    listener = AckListener("tcp://127.0.0.1:*").attach(source)
-    options = DemoOptions(size=memory.size, codec="native")
-    endpoint = free_tcp_endpoint()
     replica = tmp_path / "replica"
-    receiver = Pipeline.chain(*receiver_stages(options, endpoint, listener.endpoint, str(replica))).start(mode="process")
-    sender = Pipeline.chain(*sender_stages(source, options, endpoint)).start(mode="process")
-    try:
+    with live_replication(memory, replica, codec="native") as live:
+        source, listener = live.source, live.listener
         for _ in range(3):
             workload.step()
             source.checkpoint(wait=True, timeout=30)
@@ -227,15 +247,8 @@ def test_replica_damaged_while_running_is_resynchronised(tmp_path):
         source.checkpoint(wait=True, timeout=30)
         np.testing.assert_array_equal(replica_bytes(replica), memory)
         assert verify_replica(replica).ok
-        source.close()
-        sender.wait(timeout=30)
-        result = receiver.wait(timeout=30)
-        counters = result.statistics[("replica-sink0", 0)]["counters"]
+        counters = live.finish().statistics[("replica-sink0", 0)]["counters"]
         assert counters["epochs_discarded"] >= 1 and counters["resyncs_requested"] >= 2   # on start, then for the damage
-    finally:
-        sender.stop()
-        receiver.stop()
-        listener.close()
 
 
 CHILD_PROGRAM = """
@@ -301,25 +314,14 @@ def test_sender_killed_mid_stream_then_restarted(tmp_path):
 
     memory = tracked_array(4 << 20)
     workload = make_workload("sim", memory, 8)
-    source = RegionSource(regions=memory)
-    listener = AckListener("tcp://127.0.0.1:*").attach(source)
-    options = DemoOptions(size=memory.size, codec="native")
-    receiver = Pipeline.chain(*receiver_stages(options, endpoint, listener.endpoint, str(replica))).start(mode="process")
-    sender = Pipeline.chain(*sender_stages(source, options, endpoint)).start(mode="process")
-    try:
+    with live_replication(memory, replica, endpoint=endpoint, codec="native") as live:
         for _ in range(4):
             workload.step()
-            info = source.checkpoint()
-        source.checkpoint(wait=True, timeout=30)
+            info = live.source.checkpoint()
+        live.source.checkpoint(wait=True, timeout=30)
         assert read_manifest(replica)["epoch"] == info.epoch + 1
         np.testing.assert_array_equal(replica_bytes(replica), memory)
-        source.close()
-        sender.wait(timeout=30)
-        receiver.wait(timeout=30)
-    finally:
-        sender.stop()
-        receiver.stop()
-        listener.close()
+        live.finish()
 
 
 def _live_receiver_process(endpoint: str, ack_endpoint: str, replica: Path) -> subprocess.Popen:

@@ -181,8 +181,8 @@ class RegionSource(Stage):
         self._failure: TrackerError | None = None
         self._closed = False
         self._acknowledged_epoch = 0
-        self._discarded_epoch = 0          # epochs up to here were dropped by a resync: never acknowledged
-        self._reported_discarded: set[int] = set()   # epochs the receiver said it dropped (and not acknowledged)
+        self._discarded_epoch = 0          # epochs up to here may be lost to a resync: no longer in flight
+        self._reported_discarded: set[int] = set()   # epochs the receiver said it dropped: never acknowledged
         self._acknowledged = threading.Condition()
 
     # ---- setup ---------------------------------------------------------------

@@ -131,15 +131,22 @@ def test_crash_during_first_commit_leaves_an_empty_replica(tmp_path):
                                   filled([0, 9], 4))
 
 
+def journal_epoch_2(store: ReplicaStore, path, page_numbers, encoding, pages: np.ndarray) -> None:
+    """Write epoch 2's journal (``encoding`` makes ``pages``) and stop there, as a receiver killed
+    between writing the journal and applying it would."""
+    page_numbers = np.asarray(page_numbers, dtype=np.uint64)
+    digests = digest_pages(pages)
+    image_digest = store._next_image_digest(layout(), page_numbers, digests, combine_digests(page_numbers, digests))
+    manifest = dict(read_manifest(path), epoch=2, image_digest=f"{image_digest:#018x}")
+    store._write_journal(manifest, page_numbers, [encoding], digests)
+
+
 def test_complete_journal_is_replayed_on_open(tmp_path):
     store = ReplicaStore(tmp_path, fsync=False)
     commit(store, 1, ALL_PAGES, 1)
     pages = filled([2, 8], 5)
-    digests = digest_pages(pages)
     page_numbers = np.array([2, 8], dtype=np.uint64)
-    manifest = dict(read_manifest(tmp_path), epoch=2)
-    # The receiver died right after writing the journal, before applying it.
-    store._write_journal(manifest, page_numbers, [whole_pages(pages)], digests)
+    journal_epoch_2(store, tmp_path, page_numbers, whole_pages(pages), pages)
     store.close()
 
     reopened = ReplicaStore(tmp_path)
@@ -158,10 +165,7 @@ def test_delta_journal_replays_over_a_half_applied_image(tmp_path):
     after[:, 10:20] = 0xAB
     encoding = get_codec("native").encode(after, cached)
     assert (encoding.kinds == PageKind.DELTA).all()
-    image_digest = store._next_image_digest(layout(), page_numbers, digest_pages(after),
-                                            combine_digests(page_numbers, digest_pages(after)))
-    manifest = dict(read_manifest(tmp_path), epoch=2, image_digest=f"{image_digest:#018x}")
-    store._write_journal(manifest, page_numbers, [encoding], digest_pages(after))
+    journal_epoch_2(store, tmp_path, page_numbers, encoding, after)
     # The receiver died while applying: the first page got its new bytes, the others not yet.
     with open(tmp_path / IMAGE, "r+b") as image:
         image.seek(0)
@@ -178,11 +182,7 @@ def test_readers_see_a_pending_commit_without_touching_the_files(tmp_path):
     store = ReplicaStore(tmp_path, fsync=False)
     commit(store, 1, ALL_PAGES, 1)
     pages = filled([2, 8], 5)
-    digests = digest_pages(pages)
-    page_numbers = np.array([2, 8], dtype=np.uint64)
-    image_digest = store._next_image_digest(layout(), page_numbers, digests, combine_digests(page_numbers, digests))
-    manifest = dict(read_manifest(tmp_path), epoch=2, image_digest=f"{image_digest:#018x}")
-    store._write_journal(manifest, page_numbers, [whole_pages(pages)], digests)   # being applied now
+    journal_epoch_2(store, tmp_path, [2, 8], whole_pages(pages), pages)   # being applied now
     store.close()
 
     regions = load_replica(tmp_path)
