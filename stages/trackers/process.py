@@ -25,11 +25,11 @@ import numpy as np
 from pipeline.batch import PAGES, Batch
 from pipeline.errors import ConfigError, TrackerError, TransportError
 from pipeline.stage import Property, Stage, StageContext
-from stages.acks import AckListener
-from stages.pages import digest_pages
+from stages.common.acks import AckListener
+from stages.common.pages import digest_pages
 
 from .epochs import EpochStream
-from .layout import Region, remap
+from stages.common.layout import Region, remap
 from .procmem import ProcessGone, read_pages, wait_stopped, writable_mappings
 from .uffd import PagemapScanner
 

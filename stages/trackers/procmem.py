@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import TrackerError
 
-from .layout import Mapping
+from stages.common.layout import Mapping
 
 _IOV_MAX = 1024
 _SPECIAL_MAPPINGS = ("[vvar]", "[vvar_vclock]", "[vsyscall]", "[vdso]")
