@@ -142,7 +142,8 @@ class ProcessExecution:
                     credit_endpoint=credit(index, worker) if node.downstream else None,
                     bus_endpoint=f"ipc://{directory}/bus", max_inflight=self.max_inflight,
                     supervisor_pid=0 if caller_side else os.getpid(),
-                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1)
+                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1,
+                    arena=None if caller_side else (directory, index))
                 result.append((spec, node.stage if caller_side else None))
         return result
 

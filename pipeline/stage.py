@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
+import numpy as np
+
 from .batch import ANY, Batch, Flag
 from .errors import ConfigError
 from .units import parse_duration, parse_size
@@ -102,6 +104,11 @@ class Property:
         return ""
 
 
+def private_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``StageContext.allocate`` where no shared memory is offered (inline mode, caller-side stages)."""
+    return np.empty(shape, dtype)
+
+
 @dataclass
 class StageContext:
     """What the executor tells a stage when it starts in its worker."""
@@ -111,6 +118,10 @@ class StageContext:
     worker_count: int = 1
     post: Callable[..., None] = field(default=lambda kind, **fields: None)
     """``post("warning", message=...)`` sends a message to the bus."""
+    allocate: Callable[[tuple[int, ...], Any], np.ndarray] = field(default=private_array)
+    """``allocate(shape, dtype)``: an uninitialised array for output the stage writes once. In process mode
+    it lies in the worker's shared memory (pipeline.shm), so a batch made of it leaves the worker by
+    reference instead of being copied; it is reused once no view of it is left."""
 
     def warn(self, message: str) -> None:
         self.post("warning", message=message)

@@ -82,7 +82,8 @@ class TestSource(Stage):
         sequence = 0
         regions = [{"name": "test", "start": 0, "first_page": 0, "npages": self.pages}]
         yield Batch.control(Flag.LAYOUT, 0, page_size=self.page_size, sequence=sequence, regions=regions)
-        zeros = np.zeros((min(self.batch_pages, self.pages), self.page_size), dtype=np.uint8)
+        zeros = self.context.allocate((min(self.batch_pages, self.pages), self.page_size), np.uint8)
+        zeros.fill(0)  # written once (in shared memory in process mode): every batch refers to it
         zeros.flags.writeable = False
         for epoch in range(self.epochs):
             for first in range(0, self.pages, self.batch_pages):
@@ -102,8 +103,11 @@ class TestSource(Stage):
             return zeros
         if self.pattern == "random":
             generator = np.random.default_rng([self.seed, epoch, int(page_numbers[0])])
-            return generator.integers(0, 256, size=zeros.shape, dtype=np.uint8)
-        data = np.zeros(zeros.shape, dtype=np.uint8)
+            data = self.context.allocate(zeros.shape, np.uint8)
+            data[...] = generator.integers(0, 256, size=zeros.shape, dtype=np.uint8)
+            return data
+        data = self.context.allocate(zeros.shape, np.uint8)
+        data[:, 16:] = 0
         data[:, :8] = page_numbers.astype("<u8").view(np.uint8).reshape(-1, 8)
         data[:, 8:16] = np.frombuffer(int(epoch).to_bytes(8, "little"), dtype=np.uint8)
         return data
