@@ -2,6 +2,8 @@
 
 - ``zmq-sink`` / ``zmq-src``: PUSH/PULL, one message per STREAM batch (large
   payloads sent without copying); an empty message marks the end of stream.
+  ``channels=N`` spreads the stream over N connections and reassembles it in
+  order at the receiver (stages.common.channels).
   The receiver's acknowledgements travel on a separate socket (stages.common.acks).
 - ``file-sink`` / ``file-src``: the stream as a file (a *trace*), the same
   bytes as on the wire.
@@ -28,6 +30,7 @@ from pipeline.errors import ConfigError, CorruptData, TransportError
 from pipeline.stage import Property, Stage, StageContext
 
 from .codecs import Encoded, get_codec
+from .common.channels import END, MAX_CHANNELS, Reassembler, Spreader, channel_endpoints, parse_envelope
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
 
@@ -42,40 +45,52 @@ def _payload_of(batch: Batch) -> np.ndarray | None:
 # ---- ZeroMQ ---------------------------------------------------------------------
 
 class _ZmqStage(Stage):
-    """Shared socket set-up of zmq-sink and zmq-src: one socket, bound or connected, and its counters."""
+    """Shared socket set-up of zmq-sink and zmq-src: one socket per channel, bound or connected, and counters."""
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
-    endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path")
+    endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path (with channels=N: the first "
+                                   "of N consecutive ports or paths path, path.1, ..., or N endpoints, comma-separated)")
+    channels = Property("int", 1, "Connections the stream is spread over, each with its own ZeroMQ I/O thread "
+                                  "(stages.common.channels); sender and receiver must agree",
+                        minimum=1, maximum=MAX_CHANNELS)
 
     def start(self, context: StageContext) -> None:
         super().start(context)
-        self._socket = self._open()
+        self._sockets = self._open()
+        self._socket = self._sockets[0]
         self.counters.update({"messages": 0, self.bytes_counter: 0})
 
-    def _open(self) -> zmq.Socket:
+    def _open(self) -> list[zmq.Socket]:
         if not self.endpoint:
             raise TransportError(f"{self.factory_name}: no endpoint= given")
-        self._zmq = zmq.Context()
-        sock = self._zmq.socket(self.socket_type)
-        self._configure(sock)
-        try:
-            (sock.bind if self.bind else sock.connect)(self.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            self._zmq.term()
-            verb = "bind" if self.bind else "connect"
-            raise TransportError(f"{self.factory_name}: cannot {verb} {self.endpoint}: {exc}") from None
-        return sock
+        endpoints = channel_endpoints(self.endpoint, self.channels)
+        self._zmq = zmq.Context(io_threads=min(self.channels, os.cpu_count() or 1))
+        sockets: list[zmq.Socket] = []
+        for endpoint in endpoints:
+            sock = self._zmq.socket(self.socket_type)
+            sockets.append(sock)
+            self._configure(sock)
+            try:
+                (sock.bind if self.bind else sock.connect)(endpoint)
+            except zmq.ZMQError as exc:
+                for opened in sockets:
+                    opened.close(0)
+                self._zmq.term()
+                verb = "bind" if self.bind else "connect"
+                raise TransportError(f"{self.factory_name}: cannot {verb} {endpoint}: {exc}") from None
+        return sockets
 
     def _configure(self, sock: zmq.Socket) -> None:
         """Socket options set before bind/connect."""
 
     def stop(self) -> None:
-        sock = getattr(self, "_socket", None)
-        if sock is not None:
-            sock.close()
+        sockets = getattr(self, "_sockets", None)
+        if sockets:
+            for sock in sockets:
+                sock.close()
             self._zmq.term()
+            self._sockets = []
             self._socket = None
 
 
@@ -98,21 +113,36 @@ class ZmqSink(_ZmqStage):
         sock.setsockopt(zmq.LINGER, int(self.timeout * 1000))     # flush what is queued at stop, for a while
         sock.setsockopt(zmq.IMMEDIATE, 1)       # queue only to completed connections: an absent peer blocks
 
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self._spreader = Spreader(self.channels) if self.channels > 1 else None
+
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:
-            self._send(payload)
+            if self._spreader is None:
+                self._send(self._socket, payload)
+            else:
+                channel, envelope = self._spreader.next(batch.epoch)
+                self._send(self._sockets[channel], payload, envelope)
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
         yield from self.process(batch)
         if batch.flags & Flag.END_OF_STREAM:
-            self._send(_END_MESSAGE)
+            if self._spreader is None:
+                self._send(self._socket, _END_MESSAGE)
+            else:
+                for sock, envelope in zip(self._sockets, self._spreader.ends()):
+                    self._send(sock, _END_MESSAGE, envelope)
 
-    def _send(self, data) -> None:
+    def _send(self, sock: zmq.Socket, data, envelope: bytes | None = None) -> None:
+        """Send ``data`` (led by its channel envelope when there are several channels)."""
         size = len(data)
         try:
-            self._socket.send(data, copy=size < _ZERO_COPY_BYTES)
+            if envelope is not None:
+                sock.send(envelope, zmq.SNDMORE)   # once the first part is queued, the rest is too
+            sock.send(data, copy=size < _ZERO_COPY_BYTES)
         except zmq.Again:
             raise TransportError(f"{self.factory_name}: no receiver took data at {self.endpoint} "
                                  f"within {self.timeout:g} s (unreachable or not running)") from None
@@ -143,6 +173,9 @@ class ZmqSource(_ZmqStage):
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
 
     def produce(self) -> Iterator[Batch]:
+        if self.channels > 1:
+            yield from self._produce_from_channels()
+            return
         poll_ms = int(self.timeout * 1000) if self.timeout else None
         sequence = 0
         while True:
@@ -158,6 +191,44 @@ class ZmqSource(_ZmqStage):
             payload = np.frombuffer(message.buffer, dtype=np.uint8)
             yield Batch(format=STREAM, sequence=sequence, payload=payload)
             sequence += 1
+
+    def _produce_from_channels(self) -> Iterator[Batch]:
+        """Messages from every channel, checked and handed on in stream order (stages.common.channels)."""
+        poll_ms = int(self.timeout * 1000) if self.timeout else None
+        reassembler = Reassembler(self.channels, limit=max(2, self.hwm))
+        poller, registered = zmq.Poller(), set()
+        self.counters.update(dropped_messages=0)
+        sequence = 0
+        while True:
+            for channel, sock in enumerate(self._sockets):
+                wanted = reassembler.wants(channel)
+                if wanted and channel not in registered:
+                    poller.register(sock, zmq.POLLIN)
+                    registered.add(channel)
+                elif not wanted and channel in registered:
+                    poller.unregister(sock)
+                    registered.discard(channel)
+            ready = dict(poller.poll(poll_ms))
+            if not ready:
+                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
+                                     f"({self.channels} channels) for {self.timeout:g} s")
+            for channel, sock in enumerate(self._sockets):
+                if sock in ready:
+                    frames = sock.recv_multipart(copy=False)
+                    self.counters["messages"] += 1
+                    if len(frames) != 2:
+                        raise CorruptData(f"{self.factory_name}: channel {channel}: message of {len(frames)} "
+                                          f"parts, expected an envelope and a payload")
+                    envelope = parse_envelope(frames[0].buffer, channel, self.channels)
+                    reassembler.push(envelope, frames[1])
+            self.counters["dropped_messages"] = reassembler.dropped
+            for message in reassembler.ready():
+                if message is END:
+                    yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
+                    return
+                self.counters["bytes_in"] += len(message)
+                yield Batch(format=STREAM, sequence=sequence, payload=np.frombuffer(message.buffer, dtype=np.uint8))
+                sequence += 1
 
 
 # ---- files ----------------------------------------------------------------------
