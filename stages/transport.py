@@ -218,7 +218,8 @@ class ZmqSource(_ZmqStage):
                     self.counters["messages"] += 1
                     if len(frames) != 2:
                         raise CorruptData(f"{self.factory_name}: channel {channel}: message of {len(frames)} "
-                                          f"parts, expected an envelope and a payload")
+                                          f"parts, expected an envelope and a payload (is the sender using "
+                                          f"channels={self.channels}?)")
                     envelope = parse_envelope(frames[0].buffer, channel, self.channels)
                     reassembler.push(envelope, frames[1])
             self.counters["dropped_messages"] = reassembler.dropped

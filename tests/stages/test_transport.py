@@ -14,7 +14,7 @@ import zmq
 
 from stages.bench.realmemory import find_corpus
 from pipeline.batch import PAGES, STREAM, Batch, Flag, PageKind
-from pipeline.errors import ConfigError, CorruptData, TransportError
+from pipeline.errors import ConfigError, CorruptData, StageFailed, TransportError
 from pipeline.pipeline import Pipeline
 from pipeline.stage import StageContext
 from stages.framer import Frame, deframe_stream
@@ -480,3 +480,42 @@ def test_trace_src_fused_with_the_sender_chain_writes_the_same_stream_as_unfused
 def test_trace_src_into_needs_a_consumer():
     with pytest.raises(ConfigError, match="no consumer= given"):
         TraceSourceInto(path=str(FIXTURE))
+
+
+# ---- several channels ------------------------------------------------------------------
+
+def test_a_stream_spread_over_three_channels_arrives_byte_for_byte(tmp_path):
+    out = tmp_path / "received"
+    endpoints = ",".join(free_tcp_endpoint() for _ in range(3))
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoints} channels=3 timeout=20s ! deframe ! frame "
+                              f"! file-sink path={out}")
+    sender = Pipeline.parse(f"file-src path={FIXTURE} chunk-size=8192 ! zmq-sink endpoint={endpoints} channels=3")
+    with receiver.start(mode="process") as handle:
+        sender.run(mode="process", timeout=60)
+        result = handle.wait(timeout=60)
+    assert out.read_bytes() == FIXTURE.read_bytes()
+    assert result.statistics[("zmq-src0", 0)]["counters"]["messages"] > 3  # every channel carried messages, and its end
+
+
+def test_a_replica_fed_over_channels_holds_every_checkpoint_exactly(tmp_path):
+    from stages.bench.channels import replica_state
+    endpoint = f"ipc://{tmp_path}/stream"
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} channels=4 timeout=20s ! deframe resume=true ! decode "
+                              f"! replica-sink path={tmp_path / 'replica'} fsync=false")
+    sender = Pipeline.parse("test-src epochs=6 pages=300 batch-pages=32 pattern=random resync=true ! classify "
+                            f"! xor-delta ! rle ! zstd ! frame ! zmq-sink endpoint={endpoint} channels=4")
+    with receiver.start(mode="process") as handle:
+        sender.run(mode="process", timeout=60)
+        result = handle.wait(timeout=60)
+    assert result.statistics[("replica-sink0", 0)]["counters"]["epochs_committed"] == 6
+    assert replica_state(tmp_path / "replica", 300) == (5, True)
+
+
+def test_a_single_channel_sender_into_a_channel_receiver_is_corrupt_data(tmp_path):
+    endpoint = f"ipc://{tmp_path}/stream"
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} channels=2 timeout=20s ! null-sink")
+    sender = Pipeline.parse(f"file-src path={FIXTURE} ! zmq-sink endpoint={endpoint}")
+    with receiver.start(mode="process") as handle:
+        sender.run(mode="process", timeout=60)
+        with pytest.raises(StageFailed, match=r"channel 0: message of 1 parts, expected an envelope .*channels=2\?"):
+            handle.wait(timeout=60)
