@@ -424,10 +424,11 @@ class TraceSource(Stage):
         resync = marker.flags & Flag.RESYNC
         for start in range(0, len(touched), self.batch_pages):
             numbers = touched[start:start + self.batch_pages]
+            data = self.context.allocate((len(numbers), self._image.shape[1]), np.uint8)  # shared memory if offered
+            np.take(self._image, numbers.astype(np.intp), axis=0, out=data)
             yield self._numbered(Batch(format=PAGES, epoch=marker.epoch, flags=resync, page_size=marker.page_size,
                                        stream=marker.stream, page_numbers=numbers,
-                                       kinds=np.full(len(numbers), PageKind.NORMAL, dtype=np.uint8),
-                                       data=self._image[numbers]))
+                                       kinds=np.full(len(numbers), PageKind.NORMAL, dtype=np.uint8), data=data))
         yield self._numbered(marker.with_(format=PAGES, meta={**marker.meta, "pages": len(touched)}))
 
     def _wait_for(self, recorded: float | None) -> None:
