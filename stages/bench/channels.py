@@ -5,7 +5,8 @@ receiver (``zmq-src channels=C ! deframe ! decode ! replica-sink``) and a
 sender (``test-src pattern=counter resync=true ! classify ! xor-delta ! rle ! frame !
 zmq-sink channels=C``) in process mode over tcp on this machine, with one
 channel routed through a TCP relay (``CuttableRelay``) that drops its
-connections, data in flight included, at a random moment. ZeroMQ reconnects;
+connections, data in flight included, at a random moment once the stream
+flows through it. ZeroMQ reconnects;
 what was in flight is lost, so the receiver must fail the stream (or, when
 nothing was lost, finish it), and the replica must hold exactly one committed
 checkpoint: every page exactly as the sender wrote it in the epoch its
@@ -52,6 +53,7 @@ class CuttableRelay:
         self._lock = threading.Lock()
         self._closed = False
         self.cuts = 0
+        self.relayed = 0    # bytes relayed so far
         self._thread = threading.Thread(target=self._serve, name="cuttable-relay", daemon=True)
         self._thread.start()
 
@@ -71,6 +73,7 @@ class CuttableRelay:
                     if not data:
                         raise OSError("closed")
                     peer.sendall(data)
+                    self.relayed += len(data)
                 except OSError:
                     self._drop(ready)
 
@@ -176,6 +179,9 @@ def run_round(directory: Path, channels: int, epochs: int, pages: int, cut_after
         with receiver.start(mode="process") as received:
             with sender.start(mode="process") as sending:
                 if cut_after is not None:
+                    deadline = time.monotonic() + 30
+                    while relay.relayed < 1 << 16 and time.monotonic() < deadline:
+                        time.sleep(0.005)          # the stream is flowing through the relayed channel
                     time.sleep(cut_after)
                     relay.cut()
                 try:
@@ -196,8 +202,9 @@ def run_round(directory: Path, channels: int, epochs: int, pages: int, cut_after
 
 
 def run_rounds(kills: int, channels: int, epochs: int, pages: int, seed: int = 0,
-               window: float = 0.6) -> list[Round]:
-    """``kills`` rounds, each cutting channel 1 at a random moment in the first ``window`` seconds."""
+               window: float = 1.0) -> list[Round]:
+    """``kills`` rounds, each cutting channel 1 at a random moment in the ``window`` seconds after the stream
+    began to flow through it."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="pagepipe-channels-") as directory:
         return [run_round(Path(directory), channels, epochs, pages, rng.uniform(0.0, window), rng)
@@ -210,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=3, help="channels of the stream (at least 2)")
     parser.add_argument("--epochs", type=int, default=40, help="checkpoints each sender sends")
     parser.add_argument("--pages", type=int, default=512, help="pages per checkpoint")
-    parser.add_argument("--window", type=float, default=0.6, help="cuts fall at a random moment in this many seconds")
+    parser.add_argument("--window", type=float, default=1.0, help="cuts fall at a random moment in this many "
+                                                                    "seconds after data began to flow")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
