@@ -86,6 +86,10 @@ def run_launch(args: argparse.Namespace, console: Console) -> int:
         result = pipeline.run(mode=args.mode, on_message=progress, timeout=args.timeout,
                               fuse=not args.no_fuse, max_inflight=args.max_inflight)
     print_summary(console, result)
+    if args.mode != "inline":
+        cpu = sum(float(stats.get("cpu_seconds", 0.0)) for stats in result.statistics.values())
+        console.print(f"{len(result.statistics)} worker processes (caller-side stages: threads of this one), "
+                      f"{cpu:.2f} CPU seconds in them", highlight=False)
     if args.stats_json:
         args.stats_json.write_text(json.dumps(result.to_json(), indent=2))
     return 0
