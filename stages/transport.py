@@ -31,6 +31,7 @@ from pipeline.stage import Property, Stage, StageContext
 
 from .codecs import Encoded, get_codec
 from .common.channels import END, MAX_CHANNELS, Reassembler, Spreader, channel_endpoints, parse_envelope
+from .common import wire
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
 
@@ -195,7 +196,8 @@ class ZmqSource(_ZmqStage):
     def _produce_from_channels(self) -> Iterator[Batch]:
         """Messages from every channel, checked and handed on in stream order (stages.common.channels)."""
         poll_ms = int(self.timeout * 1000) if self.timeout else None
-        reassembler = Reassembler(self.channels, limit=max(2, self.hwm))
+        reassembler = Reassembler(self.channels, limit=max(2, self.hwm),
+                                  starts_segment=lambda message: wire.starts_segment(message.buffer))
         poller, registered = zmq.Poller(), set()
         self.counters.update(dropped_messages=0)
         sequence = 0

@@ -24,6 +24,7 @@ import os
 import struct
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import xxhash
 
@@ -143,13 +144,19 @@ class Reassembler:
     arrive (its channel's sequence jumped, or every channel is past it) is a
     TransportError. A new session (a restarted sender) drops what is left of
     the old one, as a new connection would; messages of a session already
-    replaced are dropped too. ``wants(channel)`` says whether to read more from
+    replaced are dropped too. A receiver that joins a running session (its
+    first message is not the session's first) tolerates gaps until a payload
+    for which ``starts_segment`` holds has passed (deframe resume=true skips
+    everything before it). ``wants(channel)`` says whether to read more from
     a channel (at most ``limit`` messages wait per channel).
     """
 
-    def __init__(self, channels: int, limit: int):
+    def __init__(self, channels: int, limit: int, starts_segment: Callable[[object], bool] | None = None):
         self.channels = channels
         self.limit = limit
+        self.starts_segment = starts_segment
+        self._anchored = starts_segment is None  # False until a session's start is seen, or (joined a running
+        #                                          session) until a segment starts: gaps before are tolerated
         self.session: int | None = None
         self._retired: set[int] = set()
         self._queues: list[deque[tuple[Envelope, object]]] = [deque() for _ in range(channels)]
@@ -170,13 +177,13 @@ class Reassembler:
             self._restart(envelope.session)
         channel = envelope.channel
         expected = self._sequences[channel]
-        if expected is not None and envelope.channel_sequence != expected:
+        if expected is not None and envelope.channel_sequence != expected and self._anchored:
             raise TransportError(f"channel {channel}: message #{envelope.channel_sequence} arrived where #{expected} "
                                  f"was next; {envelope.channel_sequence - expected} message(s) of the stream were "
                                  f"lost on this connection (cut while data was in flight)")
         self._sequences[channel] = envelope.channel_sequence + 1
         queue = self._queues[channel]
-        if queue and envelope.index < queue[-1][0].index + (0 if envelope.end else 1):
+        if queue and envelope.index < queue[-1][0].index + (0 if envelope.end else 1) and self._anchored:
             raise CorruptData(f"channel {channel}: message index {envelope.index} after {queue[-1][0].index}")
         queue.append((envelope, payload))
 
@@ -187,6 +194,7 @@ class Reassembler:
         self._queues = [deque() for _ in range(self.channels)]
         self._sequences = [None] * self.channels
         self._next = None
+        self._anchored = self.starts_segment is None
 
     def ready(self):
         """Payloads next in stream order, then ``END`` once every channel has ended at the same index."""
@@ -196,13 +204,18 @@ class Reassembler:
             if self._next is None:
                 if any(head is not None and head.index == 0 and not head.end for head in heads):
                     self._next = 0          # a session seen from its start
+                    self._anchored = True
                 elif all(head is not None for head in heads):
                     self._next = min(head.index for head in heads)   # joined a running session
+                    self._anchored = self.starts_segment is None
                 else:
                     return
             for channel, head in enumerate(heads):
                 if head is not None and head.index == self._next and not head.end:
-                    yield queues[channel].popleft()[1]
+                    payload = queues[channel].popleft()[1]
+                    if not self._anchored and self.starts_segment(payload):
+                        self._anchored = True   # from here on the stream must be whole
+                    yield payload
                     self._next += 1
                     break
             else:
@@ -214,5 +227,9 @@ class Reassembler:
                     self._sequences = [None] * self.channels
                     yield END
                     return
+                if not self._anchored:  # joined mid-stream: what came before the next segment is skipped anyway
+                    self.dropped += min(head.index for head in heads) - self._next
+                    self._next = min(head.index for head in heads)
+                    continue
                 raise TransportError(f"message {self._next} of the stream was lost: every channel has moved past it "
                                      f"(heads at {[head.index for head in heads]})")

@@ -186,10 +186,11 @@ def receive_until(source: ZmqSource, deframe, epoch: int) -> list[Batch]:
     return got
 
 
-def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_path):
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_path, channels):
     from stages.framer import Deframe
     endpoint = f"ipc://{tmp_path}/restart.ipc"
-    frame, sink = started(Frame()), started(ZmqSink(endpoint=endpoint, timeout="10s"))
+    frame, sink = started(Frame()), started(ZmqSink(endpoint=endpoint, timeout="10s", channels=channels))
     layout = Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])
 
     def send_epoch(epoch: int, flags: Flag = Flag.NONE) -> None:
@@ -198,14 +199,15 @@ def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_pat
                       data=np.full((4, PAGE), epoch, np.uint8))
         feed(sink, feed(frame, [pages, Batch.control(Flag.EPOCH_END | flags, epoch, pages=4)]))
 
-    first, first_deframe = started(ZmqSource(endpoint=endpoint, timeout="10s")), started(Deframe())
+    first, first_deframe = started(ZmqSource(endpoint=endpoint, timeout="10s", channels=channels)), started(Deframe())
     try:
         feed(sink, feed(frame, [layout]))
         send_epoch(1)
         assert [b.epoch for b in receive_until(first, first_deframe, 1) if b.flags & Flag.EPOCH_END] == [1]
     finally:
         first.stop()
-    second, second_deframe = started(ZmqSource(endpoint=endpoint, timeout="10s")), started(Deframe(resume=True))
+    second = started(ZmqSource(endpoint=endpoint, timeout="10s", channels=channels))
+    second_deframe = started(Deframe(resume=True))
     try:
         send_epoch(2)       # lost with the old connection, or skipped by the new receiver: no header, no layout
         send_epoch(3, Flag.RESYNC)                      # a new segment: header, layout, whole pages

@@ -144,3 +144,17 @@ def test_channel_endpoints():
     for endpoint, channels in (("tcp://a:1,tcp://b:2", 3), ("tcp://*:*", 2), ("tcp://a:65535", 2), ("tcp://a:1", 0)):
         with pytest.raises(ConfigError):
             channel_endpoints(endpoint, channels)
+
+
+def test_a_receiver_joining_midway_skips_gaps_until_a_segment_starts_then_is_strict():
+    messages = [b"r0", b"r1", b"r2", b"r3", b"SEG", b"r5", b"r6", b"r7", b"r8", b"r9"]
+    per_channel = spread(messages, 2)                   # channel 0: indices 0, 2, 4, ...; channel 1: 1, 3, 5, ...
+    reassembler = Reassembler(2, limit=10, starts_segment=lambda payload: payload.startswith(b"SEG"))
+    reassembler.push(*per_channel[1][0])                # index 1 (index 0 went to the receiver before)
+    reassembler.push(*per_channel[0][1])                # index 2
+    reassembler.push(*per_channel[1][2])                # index 5: index 3 was lost, before the segment starts
+    reassembler.push(*per_channel[0][2])                # index 4, the segment start
+    assert drain(reassembler) == [b"r1", b"r2", b"SEG", b"r5"]
+    assert reassembler.dropped == 1
+    with pytest.raises(TransportError, match="channel 0"):
+        reassembler.push(*per_channel[0][4])            # after the segment start a gap fails the stream
