@@ -40,6 +40,14 @@ class Plan:
     def names(self) -> list[str]:
         return [node.name for node in self.nodes]
 
+    def output_shards(self, index: int) -> int:
+        """Workers node ``index``'s single downstream stage splits pages among by page number, else 1."""
+        node = self.nodes[index]
+        if len(node.downstream) != 1:
+            return 1
+        child = self.nodes[node.downstream[0]]
+        return child.workers if child.stage.shard_key == "page" else 1
+
 
 def _caps_text(stage: Stage) -> str:
     return "|".join(stage.input_caps) if stage.input_caps else "nothing (a source)"

@@ -143,7 +143,7 @@ class ProcessExecution:
                     bus_endpoint=f"ipc://{directory}/bus", max_inflight=self.max_inflight,
                     supervisor_pid=0 if caller_side else os.getpid(),
                     linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1,
-                    arena=None if caller_side else (directory, index))
+                    arena=None if caller_side else (directory, index), output_shards=self.plan.output_shards(index))
                 result.append((spec, node.stage if caller_side else None))
         return result
 

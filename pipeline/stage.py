@@ -122,6 +122,10 @@ class StageContext:
     """``allocate(shape, dtype)``: an uninitialised array for output the stage writes once. In process mode
     it lies in the worker's shared memory (pipeline.shm), so a batch made of it leaves the worker by
     reference instead of being copied; it is reused once no view of it is left."""
+    output_shards: int = 1
+    """How many workers the next stage splits this stage's pages among by page number (``page % shards``), when
+    it does. A source that groups its pages so (each batch within one shard, as an epoch's order does not
+    matter) lets the runtime pass every batch on whole, by reference, instead of copying the pieces apart."""
 
     def warn(self, message: str) -> None:
         self.post("warning", message=message)

@@ -127,6 +127,8 @@ class WorkerSpec:
     max_inflight: int = 32 << 20
     supervisor_pid: int = 0
     linger_ms: int = -1
+    output_shards: int = 1
+    """Workers the single downstream stage shards pages among (StageContext.output_shards)."""
     arena: tuple[str, int] | None = None
     """(run directory, plan node index) where this worker's arena files go; None: no shared output memory."""
 
@@ -220,7 +222,8 @@ class Worker:
         spec = self.spec
         if self.stage is None:
             self.stage = import_target(spec.stage_target)(**spec.properties)
-        context = StageContext(spec.stage_name, spec.worker_index, spec.worker_count, post=self.post)
+        context = StageContext(spec.stage_name, spec.worker_index, spec.worker_count, post=self.post,
+                               output_shards=spec.output_shards)
         if spec.arena is not None and spec.outputs and self.stop_event is None:  # a process of its own
             self._arena = Arena(*spec.arena, spec.worker_index, self._ring_maps, spec.max_inflight,
                                 ARENA_CHUNKS * spec.max_inflight)

@@ -424,8 +424,11 @@ class TraceSource(Stage):
         touched = np.unique(np.concatenate(self._touched)) if self._touched else np.empty(0, np.uint64)
         self._touched = []
         resync = marker.flags & Flag.RESYNC
-        for start in range(0, len(touched), self.batch_pages):
-            numbers = touched[start:start + self.batch_pages]
+        shards = self.context.output_shards     # each batch within one downstream shard: passed on whole
+        groups = [touched] if shards == 1 else [touched[touched % np.uint64(shards) == shard] for shard in range(shards)]
+        batches = [(group, start) for group in groups for start in range(0, len(group), self.batch_pages)]
+        for group, start in batches:
+            numbers = group[start:start + self.batch_pages]
             data = self.context.allocate((len(numbers), self._image.shape[1]), np.uint8)  # shared memory if offered
             np.take(self._image, numbers.astype(np.intp), axis=0, out=data)
             yield self._numbered(Batch(format=PAGES, epoch=marker.epoch, flags=resync, page_size=marker.page_size,

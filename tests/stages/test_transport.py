@@ -355,6 +355,19 @@ def test_trace_src_preloaded_emits_the_same_stream_as_decoding_on_the_fly():
     assert [b.page_numbers.tolist() for b in paced] == [b.page_numbers.tolist() for b in on_the_fly]
 
 
+def test_trace_src_groups_pages_by_the_next_stages_shard_and_emits_the_same_epochs():
+    source = TraceSource(path=str(FIXTURE), batch_pages=5)
+    source.start(StageContext("trace-src", output_shards=3))
+    sharded = list(source.produce())
+    assert all(len({int(n) % 3 for n in b.page_numbers}) == 1 for b in sharded if not b.is_control)
+    plain, grouped = epochs_of(replay(FIXTURE, batch_pages=5)), epochs_of(sharded)
+    assert sorted(plain) == sorted(grouped)
+    for epoch, (numbers, data, meta) in plain.items():
+        order, again = np.argsort(numbers), np.argsort(grouped[epoch][0])
+        assert np.array_equal(numbers[order], grouped[epoch][0][again])
+        assert np.array_equal(data[order], grouped[epoch][1][again]) and grouped[epoch][2] == meta
+
+
 def test_trace_src_preload_decodes_the_whole_trace_before_its_first_batch(tmp_path):
     damaged = bytearray(FIXTURE.read_bytes())
     damaged[-40] ^= 0xFF                                    # in the last records
