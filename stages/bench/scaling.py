@@ -44,6 +44,8 @@ from stages.transport import ZmqSource
 GB = 1e9
 PAGE_SIZE = 4096
 TARGET_SPEEDUP_16 = 8.0
+BATCH_PAGES = 1024
+"""Pages per trace-src batch (4 MiB): fewer, larger records and messages per GB for frame, zmq and deframe."""
 
 
 def synthetic_trace(pages: int, epochs: int, dirty: int, seed: int = 0) -> RecordedTrace:
@@ -77,7 +79,7 @@ def worker_counts(cores: int) -> list[int]:
 
 
 def sender_description(trace_file: Path, workers: int, endpoint: str) -> str:
-    return (f"trace-src path={trace_file} preload=true batch-pages=256 ! classify workers={workers} "
+    return (f"trace-src path={trace_file} preload=true batch-pages={BATCH_PAGES} ! classify workers={workers} "
             f"! xor-delta workers={workers} cache=256MiB ! rle workers={workers} ! zstd workers={workers} ! frame "
             f"! zmq-sink endpoint={endpoint} channels={workers} timeout=60s")
 
