@@ -108,14 +108,17 @@ def run_once(trace_file: Path, workers: int, directory: Path) -> dict:
             "cpu_per_gb": {name: seconds / (dirty / GB) for name, seconds in cpu.items()}}
 
 
-def load_trace(quick: bool) -> tuple[RecordedTrace, str]:
-    corpus = find_corpus()
+def load_trace(quick: bool, pages: int | None) -> tuple[RecordedTrace, str]:
+    corpus = find_corpus() if pages is None else None
     if corpus is not None:
         try:
             return read_trace(corpus, max_epochs=20 if quick else None), str(corpus)
         except (CorruptData, TransportError) as exc:
             print(f"scaling benchmark: corpus unusable ({exc}); using a synthetic trace", file=sys.stderr)
-    pages, epochs, dirty = (8192, 20, 1500) if quick else (32768, 40, 4000)
+    if pages is not None:
+        epochs, dirty = (20 if quick else 40), max(1, pages // 8)
+    else:
+        pages, epochs, dirty = (8192, 20, 1500) if quick else (32768, 40, 4000)
     return synthetic_trace(pages, epochs, dirty), f"synthetic ({pages} pages, {epochs} epochs of {dirty})"
 
 
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="times the recorded epochs repeat (default 4, "
                                                                   "quick 2)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per worker count; medians reported")
+    parser.add_argument("--pages", type=int, default=None, help="use a synthetic trace of this many pages (each "
+                                                               "epoch changing an eighth of them), not the corpus")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -135,14 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         counts = []
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 4)
-    if not counts or min(counts) < 1 or max(counts) > MAX_CHANNELS or rounds < 1 or args.repeats < 1:
-        print(f"scaling benchmark: --workers needs counts from 1 to {MAX_CHANNELS}; --rounds, --repeats >= 1",
+    if not counts or min(counts) < 1 or max(counts) > MAX_CHANNELS or rounds < 1 or args.repeats < 1 \
+            or (args.pages is not None and args.pages < 8):
+        print(f"scaling benchmark: --workers needs counts from 1 to {MAX_CHANNELS}; --rounds, --repeats >= 1; "
+              f"--pages >= 8",
               file=sys.stderr)
         return 2
     if 1 not in counts:
         counts = [1] + counts   # speedup and efficiency are against workers=1
     started = time.monotonic()
-    trace, origin = load_trace(args.quick)
+    trace, origin = load_trace(args.quick, args.pages)
     results = []
     with tempfile.TemporaryDirectory(prefix="pagepipe-scaling-") as directory:
         trace_file = write_repeated_trace(trace, rounds, Path(directory))
