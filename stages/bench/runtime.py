@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["hop_cpu_per_gb"] = _median_cpu_per_gb([r[1] for r in rounds])
         figures["chain3_cpu_per_gb"] = _median_cpu_per_gb([r[3] for r in rounds])
         figures["chain3_processes"] = rounds[0][3].processes
+        identities = [value for name, value in figures["chain3_cpu_per_gb"].items() if name.startswith("identity")]
+        figures["pass_through_cpu_us"] = statistics.median(identities) * MiB / GB * 1e6  # CPU per 1 MiB batch
     with console.status("overhead per batch"):
         runs = [overhead_per_batch(args.batches) for _ in range(args.repeat)]
         figures["overhead_cpu_us"] = statistics.median(cpu for cpu, _ in runs) * 1e6
@@ -327,6 +329,7 @@ def print_figures(console: Console, figures: dict, repeat: int) -> None:
         table.add_column(column)
     table.add_row("raw pyzmq, 1 MiB frames over ipc", f"{figures['pyzmq_gbps']:.2f} GB/s", "baseline", "")
     table.add_row("test-src ! identity ! sink, 1 MiB batches", f"{figures['chain1_gbps']:.2f} GB/s", "", "")
+    table.add_row("CPU of a pass-through worker per 1 MiB batch", f"{figures['pass_through_cpu_us']:.1f} us", "", "")
     table.add_row("wall time per batch at the sink (1-page batches)", f"{figures['overhead_wall_us']:.1f} us", "", "")
     table.add_row("zstd-3 over real pages, workers=1", f"{figures['zstd_w1_mbps']:.0f} MB/s", "", "")
     table.add_row("zstd-3 over real pages, workers=2", f"{figures['zstd_w2_mbps']:.0f} MB/s", "", "")

@@ -4,7 +4,7 @@ import json
 from stages.bench import runtime
 
 FIGURES = ("pyzmq_gbps", "chain0_gbps", "chain3_gbps", "chain1_gbps", "chain3_of_pyzmq", "overhead_cpu_us",
-           "overhead_wall_us", "zstd_w1_mbps", "zstd_w2_mbps", "scaling", "scaling_cpu_ratio")
+           "overhead_wall_us", "zstd_w1_mbps", "zstd_w2_mbps", "scaling", "scaling_cpu_ratio", "pass_through_cpu_us")
 
 
 def test_runtime_benchmark_reports_every_figure_and_target(tmp_path, capsys):
