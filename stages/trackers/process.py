@@ -29,8 +29,8 @@ from stages.acks import AckListener
 from stages.pages import digest_pages
 
 from .epochs import EpochStream
-from .layout import Region, remap
-from .procmem import ProcessGone, read_pages, wait_stopped, writable_mappings
+from .layout import Mapping, Region, remap
+from .procmem import ProcessGone, past_end_of_file, read_pages, wait_stopped, writable_mappings
 from .uffd import PagemapScanner
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -226,8 +226,8 @@ class ProcessSource(Stage):
         changed pages; copy=all reads into a copy of the whole process and
         leaves the comparing for after the process resumed.
         """
-        regions, vanished, self._next_page = remap(self._regions, writable_mappings(self.pid), PAGE_SIZE,
-                                                   self._next_page)
+        mappings = writable_mappings(self.pid)
+        regions, vanished, self._next_page = remap(self._regions, mappings, PAGE_SIZE, self._next_page)
         snapshot = _Snapshot(regions, vanished, everything or regions != self._regions or bool(vanished))
         self._regions = regions
         self._grow_digest_table()
@@ -236,7 +236,8 @@ class ProcessSource(Stage):
         total = sum(region.npages for region in regions)
         if self.copy == "all" and len(self._copy) < total:
             self._copy = np.zeros((total, PAGE_SIZE), dtype=np.uint8)
-        row = unreadable = read = 0
+        row = read = 0
+        refused: list[int] = []
         copy_runs: list[tuple[int, int, int]] = []  # copy=all: read in one go, up to 1024 runs a call
         for region in regions:
             resident = self._resident_rows(region)
@@ -255,13 +256,24 @@ class ProcessSource(Stage):
                     snapshot.pending.append((numbers, pages))
                 else:
                     if pages is not None:
-                        unreadable += read_pages(self.pid, runs, PAGE_SIZE, pages)
+                        refused += read_pages(self.pid, runs, PAGE_SIZE, pages)
                     self._keep_changes(snapshot, numbers, pages, everything)
                 row += count
         if copy_runs:
-            unreadable += read_pages(self.pid, copy_runs, PAGE_SIZE, self._copy)
-        self.counters.update(unreadable_pages=unreadable, read_pages=read, tracked_pages=total)
+            refused += read_pages(self.pid, copy_runs, PAGE_SIZE, self._copy)
+        self._judge_refused(refused, mappings)
+        self.counters.update(past_eof_pages=len(refused), read_pages=read, tracked_pages=total)
         return snapshot
+
+    def _judge_refused(self, refused: list[int], mappings: list[Mapping]) -> None:
+        """Pages the kernel refused to read are zeros only past the end of a mapped file; any other is an error,
+        never shipped as zeros."""
+        for address in refused:
+            mapping = next((m for m in mappings if m.start <= address < m.end), None)
+            if mapping is None or not past_end_of_file(self.pid, mapping, address, PAGE_SIZE):
+                where = mapping.name if mapping is not None else "no mapping"
+                raise TrackerError(f"pid {self.pid}: the page at {address:#x} ({where}) cannot be read; "
+                                   f"not sending it as zeros")
 
     def _keep_changes(self, snapshot: _Snapshot, numbers: np.ndarray, pages: np.ndarray | None,
                       everything: bool) -> None:
