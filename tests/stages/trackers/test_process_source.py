@@ -287,11 +287,11 @@ def test_stop_at_end_leaves_the_process_stopped_after_the_final_checkpoint(child
 
 def test_a_process_killed_mid_checkpoint_is_a_tracker_error_and_earlier_epochs_stand(child):
     class KilledWhileStopped(ProcessSource):
-        def _read(self, epoch, everything):
-            if epoch == 2:
+        def _paused(self, members, everything):
+            if self.counters.get("checkpoints") == 1:
                 os.kill(self.pid, signal.SIGKILL)
                 child.process.wait(timeout=10)
-            return super()._read(epoch, everything)
+            return super()._paused(members, everything)
 
     source = KilledWhileStopped(pid=child.process.pid, interval=0, name="victim")
     with started(source) as stream:
