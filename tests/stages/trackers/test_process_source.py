@@ -67,6 +67,17 @@ CHILD = textwrap.dedent("""
                     maps[0][0] = value
             threading.Thread(target=spin, daemon=True).start()
             print("ok", flush=True)
+        elif command == "churn_threads":  # threads starting and ending without pause
+            import threading
+            def churn():
+                while True:
+                    workers = [threading.Thread(target=sum, args=(range(100),)) for _ in range(4)]
+                    for worker in workers:
+                        worker.start()
+                    for worker in workers:
+                        worker.join()
+            threading.Thread(target=churn, daemon=True).start()
+            print("ok", flush=True)
         elif command == "unmap":
             maps.pop().close()
             print("ok", flush=True)
