@@ -18,7 +18,16 @@ Stops (``Stop.kind``):
   stays stopped as its owner wants;
 - ``signal``: a signal-delivery-stop; the signal is re-delivered on resume /
   detach so the target misses nothing;
+- ``syscall``: a syscall-entry or -exit stop (only inside ``inject_syscall``);
 - ``exited``: the thread is gone.
+
+Syscall injection runs the call with PTRACE_SYSCALL (entry stop, exit stop),
+then brings the thread to an interrupt stop inside the kernel's signal path
+before putting its registers back, so that an interrupted system call of the
+target is restarted exactly as without us. PTRACE_SYSCALL rather than single
+step: a tracer that dies mid-step would leave the trap flag set and the
+target killed by SIGTRAP; a dead tracer's syscall tracing is simply cleared.
+See injection_guard.py for covering a tracer's death during the injection.
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ from pipeline.errors import TrackerError
 PTRACE_PEEKDATA = 2
 PTRACE_POKEDATA = 5
 PTRACE_CONT = 7
+PTRACE_SYSCALL = 24
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
@@ -46,6 +56,7 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
 PTRACE_EVENT_STOP = 128
+PTRACE_O_TRACESYSGOOD = 1  # syscall stops report SIGTRAP | 0x80, telling them from a real SIGTRAP
 
 _WNOHANG = 1
 _WALL = 0x40000000
@@ -109,6 +120,8 @@ def _decode(tid: int, status: int) -> Stop:
         return Stop(tid, "group") if sig in _STOP_SIGNALS else Stop(tid, "interrupt")
     if event:
         return Stop(tid, "interrupt")  # an event we did not ask for; nothing to re-deliver
+    if sig == signal.SIGTRAP | 0x80:
+        return Stop(tid, "syscall")
     return Stop(tid, "signal", sig)
 
 
@@ -116,7 +129,7 @@ def _decode(tid: int, status: int) -> Stop:
 
 def seize(tid: int) -> None:
     """Attach to a thread without stopping it (no EXITKILL: it survives our death)."""
-    _ptrace(PTRACE_SEIZE, tid, 0, 0, "SEIZE")
+    _ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD, "SEIZE")
 
 
 def interrupt(tid: int) -> None:
@@ -243,28 +256,47 @@ def inject_syscall(tid: int, number: int, arguments: Sequence[int] = (), gadget:
     ``gadget`` is the address of an existing ``syscall`` instruction (see
     find_syscall_instruction); without one the instruction is written over the
     word at rip and put back. Returns the raw result (negative errno on
-    failure) and the signals that arrived meanwhile. Every other thread of the
-    process must be stopped when no gadget is used (they could run the patch).
+    failure) and the signals that arrived meanwhile (the caller owes them to
+    the thread: they were taken off it). The thread ends in an interrupt stop.
+    Every other thread of the process must be stopped when no gadget is used
+    (they could run the patch).
     """
     if len(arguments) > 6:
         raise TrackerError(f"a system call takes at most 6 arguments, not {len(arguments)}")
     injection = injection or prepare_injection(tid, gadget)
     regs = injection.saved.copy()
     regs.rax = number
-    regs.orig_rax = 0xFFFF_FFFF_FFFF_FFFF  # -1: no syscall restart logic on resume
+    regs.orig_rax = 0xFFFF_FFFF_FFFF_FFFF  # -1: no syscall restart logic applied to our registers
     for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), arguments):
         setattr(regs, name, value & 0xFFFF_FFFF_FFFF_FFFF)
     regs.rip = gadget if gadget is not None else injection.saved.rip
+    arrived: list[int] = []
     try:
         if injection.patched_address is not None:
             patched = (injection.patched_word & ~0xFFFF) | int.from_bytes(SYSCALL_INSTRUCTION, "little")
             poke(tid, injection.patched_address, patched)
         set_regs(tid, regs)
-        arrived = single_step(tid)
+        _resume_until(tid, PTRACE_SYSCALL, ("syscall",), arrived)  # entry
+        _resume_until(tid, PTRACE_SYSCALL, ("syscall",), arrived)  # exit
         result = get_regs(tid).rax
+        interrupt(tid)  # stop again inside the signal path, where a restored interrupted call restarts
+        _resume_until(tid, PTRACE_CONT, ("interrupt", "group"), arrived)
     finally:
         restore_injection(injection)
     return (result - (1 << 64) if result >= 1 << 63 else result), arrived
+
+
+def _resume_until(tid: int, request: int, kinds: tuple[str, ...], arrived: list[int], timeout: float = 5.0) -> Stop:
+    """Resume with ``request`` until the thread stops in one of ``kinds``; other signals are taken and listed."""
+    while True:
+        _ptrace(request, tid, 0, 0, "SYSCALL" if request == PTRACE_SYSCALL else "CONT")
+        stop = wait_stop(tid, timeout)
+        if stop.kind == "exited":
+            raise ThreadGone(f"thread {tid} exited during a system call injection")
+        if stop.kind in kinds:
+            return stop
+        if stop.kind == "signal":
+            arrived.append(stop.signal)
 
 
 def restore_injection(injection: Injection) -> None:

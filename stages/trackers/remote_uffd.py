@@ -40,6 +40,7 @@ import numpy as np
 from pipeline.errors import TrackerError
 
 from . import ptrace
+from .injection_guard import Guardian, guarded_inject
 from .layout import Mapping, Region
 from .uffd import (
     PagemapScanner, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED,
@@ -138,15 +139,18 @@ class RemoteUffd:
         self._resident: dict[int, np.ndarray] = {}  # start -> resident [start, end) ranges at the last scan
         self.stale_closed: list[int] = []
         self.foreign: list[int] = []  # userfaultfds the target holds itself
+        self._guardian: Guardian | None = None
 
     # -- attach / detach ----------------------------------------------------------------------
 
     def attach(self, stops: dict[int, ptrace.Stop]) -> None:
         """Close a stale descriptor of a crashed run, inject a userfaultfd, take our copy, enable async WP."""
         self._marker = os.path.join(marker_directory(), f"uffd-{self.pid}-{start_time(self.pid)}")
+        if self._guardian is None:
+            self._guardian = Guardian()
         self._close_stale(stops)
         self.foreign = userfaultfd_descriptors(self.pid)
-        fd = self._inject(stops, syscall_number(), (_UFFD_FLAGS,), "userfaultfd")
+        fd = self._inject(stops, syscall_number(), (_UFFD_FLAGS,))
         if fd < 0:
             hint = " (the target's sysctl vm.unprivileged_userfaultfd / seccomp?)" if -fd == errno.EPERM else ""
             raise TrackerError(f"userfaultfd() inside pid {self.pid} failed: {os.strerror(-fd)}{hint}")
@@ -177,7 +181,7 @@ class RemoteUffd:
         self._resident.clear()
         if self.target_fd >= 0:
             try:
-                self._inject(stops, _SYS_CLOSE, (self.target_fd,), "close")
+                self._inject(stops, _SYS_CLOSE, (self.target_fd,))
             except ptrace.ThreadGone:
                 pass
             self.target_fd = -1
@@ -202,22 +206,25 @@ class RemoteUffd:
         except (FileNotFoundError, ValueError):
             return
         if stale >= 0 and stale in userfaultfd_descriptors(self.pid):
-            self._inject(stops, _SYS_CLOSE, (stale,), "close of a stale userfaultfd")
+            self._inject(stops, _SYS_CLOSE, (stale,))
             self.stale_closed.append(stale)
         os.unlink(self._marker)
 
-    def _inject(self, stops: dict[int, ptrace.Stop], number: int, arguments: tuple[int, ...], what: str) -> int:
+    def _inject(self, stops: dict[int, ptrace.Stop], number: int, arguments: tuple[int, ...]) -> int:
         """Run one system call in a stopped thread of the target (the main thread if it can)."""
         candidates = sorted((stop for stop in stops.values() if stop.kind != "exited"),
                             key=lambda stop: stop.tid != self.pid)
         if not candidates:
             raise ptrace.ThreadGone(f"process {self.pid} exited")
-        gadget = ptrace.find_syscall_instruction(self.pid)
-        stop = candidates[0]
-        result, arrived = self.tracer.inject_syscall(stop.tid, number, arguments, gadget)
-        if arrived and stop.kind in ("interrupt", "signal") and not stop.signal:
-            stop.kind, stop.signal = "signal", arrived[0]  # re-delivered when the freezer lets it go
-        return result
+        marker = self._marker if number == syscall_number() else ""
+        assert self._guardian is not None
+        return self.tracer.call(guarded_inject, self._guardian, self.pid, candidates[0], number, arguments, marker)
+
+    def close(self) -> None:
+        """End the injection guardian (after ``detach``)."""
+        if self._guardian is not None:
+            self._guardian.close()
+            self._guardian = None
 
     # -- ranges -------------------------------------------------------------------------------
 

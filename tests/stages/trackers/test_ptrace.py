@@ -166,3 +166,38 @@ def test_the_target_survives_sigkill_of_its_tracer(child):
 def test_seizing_a_process_that_does_not_exist_says_so(tracer):
     with pytest.raises(ptrace.ThreadGone):
         tracer.stop_threads(2 ** 22 + 12345)
+
+
+def test_a_blocking_call_interrupted_by_the_injection_is_restarted(tracer):
+    # read(2) through ctypes: no retry in Python, so a broken restart would show as -1 / errno 512.
+    script = textwrap.dedent("""
+        import ctypes, os, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        r, w = int(sys.argv[1]), int(sys.argv[2])
+        os.write(1, b"ready\\n")
+        buffer = ctypes.create_string_buffer(1)
+        got = libc.read(r, buffer, 1)
+        os.write(1, f"{got} {ctypes.get_errno()} {buffer.raw!r}\\n".encode())
+    """)
+    r, w = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", script, str(r), str(w)], stdout=subprocess.PIPE,
+                             pass_fds=(r, w))
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        for _ in range(1000):  # until it sleeps in read()
+            if open(f"/proc/{child.pid}/wchan").read() not in ("", "0"):
+                break
+            select.select([], [], [], 0.002)
+        stops = tracer.stop_threads(child.pid)
+        try:
+            assert tracer.inject_syscall(child.pid, 39, (), ptrace.find_syscall_instruction(child.pid))[0] == child.pid
+        finally:
+            tracer.release_threads(stops)
+        select.select([], [], [], 0.1)
+        os.write(w, b"x")
+        assert child.stdout.readline().strip() == b"1 0 b'x'"
+    finally:
+        child.kill()
+        child.wait()
+        os.close(r)
+        os.close(w)
