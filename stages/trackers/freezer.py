@@ -21,11 +21,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Callable, Iterable
 
 from pipeline.errors import TrackerError
 
 from .procmem import ProcessGone, wait_stopped
+from .targets import alive
 from .ptrace import ThreadGone, Tracer, release_threads, stop_threads
 
 _WALL = 0x40000000
@@ -78,18 +80,30 @@ class PtraceFreezer:
             if not fresh:
                 break
             for pid in fresh:
-                try:
-                    self._stops[pid] = stop_threads(pid, self.stop_timeout)
-                except ThreadGone:
+                stops = self._stop_process(pid)
+                if stops is None:
                     gone.add(pid)
-                except TrackerError as exc:
-                    if not os.path.exists(f"/proc/{pid}/task"):
-                        gone.add(pid)
-                        continue
-                    raise self._explain(pid, exc) from None
+                else:
+                    self._stops[pid] = stops
         if not self._stops:
             raise ProcessGone(next(iter(gone), 0))
         return sorted(self._stops)
+
+    def _stop_process(self, pid: int, attempts: int = 3) -> dict | None:
+        """Every thread of ``pid`` stopped, or None if it exited. A thread that is exiting cannot be seized
+        (EPERM) for a moment: such a failure is tried again before it counts."""
+        for attempt in range(attempts):
+            try:
+                return stop_threads(pid, self.stop_timeout)
+            except ThreadGone:
+                return None
+            except TrackerError as exc:
+                if not alive(pid):
+                    return None
+                if attempt == attempts - 1 or tracer_of(pid) not in (0, os.getpid()):
+                    raise self._explain(pid, exc) from None
+                time.sleep(0.001)
+        return None
 
     def _explain(self, pid: int, exc: TrackerError) -> TrackerError:
         try:

@@ -138,12 +138,11 @@ class ProcessSource(Stage):
             readable = 0
             for pid in members:
                 try:
-                    self._check_readable(pid)
-                    readable += 1
+                    readable += self._check_readable(pid)
                 except ProcessGone:
                     continue  # exited meanwhile: the set follows such changes
             if not readable:
-                raise ProcessGone(members[0])
+                raise TrackerError(f"{self.targets.describe()}: no writable memory to track (a kernel thread?)")
             self.freezer = open_freezer(members, self.stop_timeout, context.warn)
         except ProcessGone as gone:
             raise TrackerError(f"{self._where}: pid {gone} exited before tracking began") from None
@@ -157,11 +156,12 @@ class ProcessSource(Stage):
                 self.stop()
                 raise TransportError(f"{self._where}: {exc}") from None
 
-    def _check_readable(self, pid: int) -> None:
+    def _check_readable(self, pid: int) -> bool:
+        """Whether the process has writable memory (one exiting has none); TrackerError if it cannot be read."""
         mappings = writable_mappings(pid)
-        if not mappings:
-            raise TrackerError(f"pid {pid} has no writable memory to track (a kernel thread?)")
-        read_pages(pid, [(mappings[0].start, 1, 0)], PAGE_SIZE, np.zeros((1, PAGE_SIZE), dtype=np.uint8))
+        if mappings:
+            read_pages(pid, [(mappings[0].start, 1, 0)], PAGE_SIZE, np.zeros((1, PAGE_SIZE), dtype=np.uint8))
+        return bool(mappings)
 
     def stop(self) -> None:
         if self.tracking is not None:

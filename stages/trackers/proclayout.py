@@ -7,9 +7,10 @@ process). A writable shared mapping (MAP_SHARED anonymous memory, SysV and
 POSIX shared memory, a shared file mapping) is identified by the device and
 inode /proc/PID/maps gives it, and its pages by their offset in that object:
 mapped by several processes, or several times, it is tracked and sent once,
-as regions named ``shared DEV:INODE NAME`` whose ``start`` is the address in
-the process it is read from (the member with the lowest pid mapping that
-offset). The same offset keeps its page number when that process changes.
+as regions named ``shared DEV:INODE@OFFSET NAME`` (OFFSET: of the region's
+first page in the object, in hex) whose ``start`` is the address in the
+process it is read from (the member with the lowest pid mapping that offset).
+The same offset keeps its page number when that process changes.
 """
 from __future__ import annotations
 
@@ -72,12 +73,12 @@ class ProcessLayout:
         """``region`` (in object offsets) cut into pieces, each read through the lowest-pid process mapping it."""
         pieces = []
         cursor, end = region.start, region.start + region.npages * self.page_size
-        name = f"shared {key[0]}:{key[1]} {region.name}"
         while cursor < end:
             pid, view = min(((pid, m) for pid, m in views
                              if m.offset <= cursor < m.offset + m.end - m.start), key=lambda pm: (pm[0], pm[1].start))
             upto = min(end, view.offset + view.end - view.start)
             first = region.first_page + (cursor - region.start) // self.page_size
+            name = f"shared {key[0]}:{key[1]}@{cursor:#x} {region.name}"
             pieces.append(Tracked(Region(name, view.start + cursor - view.offset, first,
                                          (upto - cursor) // self.page_size), pid, False))
             cursor = upto

@@ -323,5 +323,5 @@ def test_a_process_without_readable_memory_is_a_clear_error():
     with open("/proc/2/comm") as comm:
         if comm.read().strip() != "kthreadd":
             pytest.skip("pid 2 is not kthreadd here")
-    with pytest.raises(TrackerError, match="pid 2 has no writable memory"):
+    with pytest.raises(TrackerError, match="pid 2: no writable memory"):
         ProcessSource(pid=2).start(StageContext("process-src"))
