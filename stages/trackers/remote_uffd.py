@@ -41,7 +41,7 @@ from pipeline.errors import TrackerError
 
 from . import ptrace
 from .injection_guard import Guardian, guarded_inject
-from .layout import Mapping, Region
+from .layout import Region
 from .uffd import (
     PagemapScanner, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED,
     UFFD_USER_MODE_ONLY, UffdError, UffdFile, syscall_number,
@@ -198,6 +198,14 @@ class RemoteUffd:
                 pass
             self._marker = ""
 
+    def abandon(self) -> None:
+        """The target exited: close our copy and forget it (its own descriptor went with it)."""
+        self.target_fd = -1
+        self._armed.clear()
+        self._resident.clear()
+        self.detach({})
+        self.close()
+
     def _close_stale(self, stops: dict[int, ptrace.Stop]) -> None:
         """A marker of this very process names a descriptor a crashed run injected: close it if it still is a uffd."""
         try:
@@ -325,38 +333,31 @@ def _pages_left(before: np.ndarray, now: np.ndarray, page_size: int) -> np.ndarr
     return (np.flatnonzero(left).astype(np.uint64) * np.uint64(page_size)) + np.uint64(low)
 
 
-UNTRACKED_SHARED = ("shared mapping: a write through another process's mapping is invisible to this process's "
-                    "page tables")
-UNTRACKED_FILE = ("file-backed mapping (huge pages included): changes of the file show through the pages the "
-                  "process never wrote")
-
-
 @dataclass
 class Plan:
     """process-src's uffd mode at one checkpoint: which regions to digest, send whole, or read in part."""
 
-    digest: list[Region] = field(default_factory=list)  # not trackable here: digested as in mode=digest
+    digest: dict[int, str] = field(default_factory=dict)  # first page of a region that cannot be armed -> why
     whole: list[tuple[Region, np.ndarray]] = field(default_factory=list)  # (region, resident rows): every page
     pages: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))  # page numbers to read
     addresses: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))  # ... at these addresses
-    new_untracked: dict[str, str] = field(default_factory=dict)  # mapping name -> why digested (first seen)
 
 
 class KernelDirtyPages:
     """Which pages of another process's layout changed, by its injected userfaultfd (process-src mode=uffd).
 
-    ``plan(regions, mappings)``, called with the target stopped, registers the
-    regions not seen before (they are sent whole once), scans the others for
-    written and dropped pages, and sends the regions it cannot track to the
-    digest path with the reason. A region that stopped being armed (its
-    mapping was replaced at the same address) is sent whole again.
+    ``plan(regions)`` (private anonymous regions of the process), called with
+    the target stopped, registers the regions not seen before (they are sent
+    whole once), scans the others for written and dropped pages, and names the
+    regions it cannot arm, with the reason, for the caller to digest. A region
+    that stopped being armed (its mapping was replaced at the same address) is
+    sent whole again.
     """
 
     def __init__(self, pid: int, tracer: ptrace.Tracer):
         self.uffd = RemoteUffd(pid, tracer)
         self.page_size = os.sysconf("SC_PAGE_SIZE")
-        self._untracked: dict[tuple[int, int], str] = {}  # (start, end) of regions digested -> why
-        self._warned: set[str] = set()
+        self._untracked: dict[tuple[int, int], str] = {}  # (start, end) of regions that cannot be armed -> why
 
     def attach(self, stops: dict[int, ptrace.Stop]) -> None:
         self.uffd.attach(stops)
@@ -364,16 +365,14 @@ class KernelDirtyPages:
     def detach(self, stops: dict[int, ptrace.Stop]) -> None:
         self.uffd.detach(stops)
 
-    def _reason(self, mapping: Mapping | None) -> str:
-        if mapping is None:
-            return "not a mapping of the process"
-        if mapping.shared:
-            return UNTRACKED_SHARED
-        if mapping.inode:
-            return UNTRACKED_FILE
-        return ""
+    def abandon(self) -> None:
+        """The process exited: close our side only."""
+        self.uffd.abandon()
 
-    def plan(self, regions: list[Region], mappings: list[Mapping]) -> Plan:
+    def close(self) -> None:
+        self.uffd.close()
+
+    def plan(self, regions: list[Region]) -> Plan:
         plan = Plan()
         page = np.uint64(self.page_size)
         armed = self.uffd.armed
@@ -382,7 +381,7 @@ class KernelDirtyPages:
         keep: dict[tuple[int, int], int] = {}  # each tracked region -> the armed range it lies in
         for region in regions:
             end = region.start + region.npages * self.page_size
-            reason = _containing(region.start, end, untracked) or self._reason(_mapping_of(region, mappings))
+            reason = _containing(region.start, end, untracked)
             parent = _containing(region.start, end, armed) if not reason else None
             if parent is not None:
                 scanned.append(region)
@@ -397,10 +396,7 @@ class KernelDirtyPages:
                     reason = ("registered with the target's own userfaultfd" if exc.errno == errno.EBUSY
                               else f"cannot be armed: {exc}")
             self._untracked[(region.start, end)] = reason
-            plan.digest.append(region)
-            if region.name not in self._warned:
-                self._warned.add(region.name)
-                plan.new_untracked[region.name] = reason
+            plan.digest[region.first_page] = reason
         self.uffd.rekey(keep)
         scan = self.uffd.scan()
         for start, _end in scan.lost:  # replaced at the same address: not armed any more, send it again
@@ -425,13 +421,6 @@ class KernelDirtyPages:
         resident = self.uffd.resident_rows(region.start, length)
         self.uffd.register(region.start, length)
         return resident
-
-
-def _mapping_of(region: Region, mappings: list[Mapping]) -> Mapping | None:
-    for mapping in mappings:
-        if mapping.start <= region.start < mapping.end:
-            return mapping
-    return None
 
 
 def _containing(start: int, end: int, ranges: dict) -> Any:
