@@ -32,7 +32,7 @@ from rich.table import Table
 
 from pipeline.errors import PagepipeError
 from pipeline.pipeline import Pipeline
-from stages.replica_store import load_replica
+from stages.common.replica_store import load_replica
 
 DEFAULT_CHAINS = ("rle format=xbzrle", "rle format=native ! zstd")
 

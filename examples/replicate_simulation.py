@@ -28,10 +28,10 @@ import numpy as np
 from pipeline.errors import PagepipeError
 from pipeline.pipeline import Pipeline
 from stages.classify import Classify
-from stages.demo import free_tcp_endpoint
+from stages.apps.demo import free_tcp_endpoint
 from stages.entropy import Zstd
 from stages.framer import Frame
-from stages.replica_store import load_replica
+from stages.common.replica_store import load_replica
 from stages.rle import RunLengthEncode
 from stages.trackers.region import RegionSource, tracked_array
 from stages.transport import ZmqSink

@@ -1,23 +1,23 @@
-"""The ``pagepipe`` command: inspect, launch, stage, bench.
+"""The ``pagepipe`` command: inspect, launch, stage, and the subcommands other packages add.
 
-Each subcommand is a pair of functions (add its arguments, run it) listed in
-``SUBCOMMANDS``; adding one (``demo``, ``replica``) is one table entry.
+Each subcommand is a ``Subcommand`` (a summary, a function adding its arguments, a function
+running it). The runtime's own are listed in ``BUILTIN_SUBCOMMANDS``; the others (``demo``,
+``replica``, ``bench``) are found through the ``pagepipe.commands`` entry-point group, the way
+stages are, so the runtime imports no stage or application.
 Exit codes: 0 success, 1 a stage failed, 2 a configuration or usage error,
 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import signal
 import sys
 from pathlib import Path
+from importlib.metadata import entry_points
 from typing import Callable, Sequence
 
 from rich.console import Console
-
-from stages import demo, replica_store  # the receiver's commands: demo, replica verify
 
 from .bus import Message
 from .errors import ConfigError, StageFailed
@@ -26,6 +26,7 @@ from .pipeline import DEFAULT_MAX_INFLIGHT, MODES, Pipeline
 from .progress import Progress, print_summary
 from .registry import factories, import_target, load
 from .routing import PAGE_FORMATS
+from .subcommand import Subcommand
 from .units import parse_size
 from .worker import InputSpec, OutputSpec, Worker, WorkerSpec
 
@@ -139,42 +140,34 @@ def run_stage(args: argparse.Namespace, console: Console) -> int:
     return code
 
 
-# ---- bench -----------------------------------------------------------------
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="a module of benchmarks/ (codecs, runtime, ...)")
-    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="passed to the benchmark's main()")
-
-
-def run_bench(args: argparse.Namespace, console: Console) -> int:
-    if not args.name.isidentifier():
-        raise ConfigError(f"bench: {args.name!r} is not a benchmark name")
-    try:
-        module = importlib.import_module(f"benchmarks.{args.name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"benchmarks.{args.name}":
-            raise
-        raise ConfigError(f"bench: no benchmark named {args.name!r} (benchmarks/{args.name}.py)") from None
-    return int(module.main(list(args.arguments)) or 0)
-
-
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
-                             Callable[[argparse.Namespace, Console], int]]] = {
-    "inspect": ("list stages, or describe one", add_inspect_arguments, run_inspect),
-    "launch": ("run a pipeline description", add_launch_arguments, run_launch),
-    "stage": ("run one stage on its own, linked by endpoints", add_stage_arguments, run_stage),
-    "bench": ("run a benchmark from benchmarks/", add_bench_arguments, run_bench),
-    "demo": ("replicate a built-in workload live, then compare replica and source byte for byte",
-             demo.add_arguments, demo.run),
-    "replica": ("check a replica directory: replica verify DIR", replica_store.add_command_arguments,
-                replica_store.run_command),
+# ---- the table -------------------------------------------------------------
+COMMANDS_GROUP = "pagepipe.commands"
+BUILTIN_SUBCOMMANDS: dict[str, Subcommand] = {
+    "inspect": Subcommand("list stages, or describe one", add_inspect_arguments, run_inspect),
+    "launch": Subcommand("run a pipeline description", add_launch_arguments, run_launch),
+    "stage": Subcommand("run one stage on its own, linked by endpoints", add_stage_arguments, run_stage),
 }
+
+
+def subcommands() -> dict[str, Subcommand]:
+    """The built-in subcommands, then those of the ``pagepipe.commands`` entry points (an
+    entry point names a ``Subcommand`` object)."""
+    found = dict(BUILTIN_SUBCOMMANDS)
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda entry: entry.name):
+        if entry.name in found:
+            continue
+        command = entry.load()
+        if not isinstance(command, Subcommand):
+            raise ConfigError(f"entry point {entry.name} = {entry.value} in {COMMANDS_GROUP} is not a Subcommand")
+        found[entry.name] = command
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagepipe", description="Streaming memory checkpoints as a pipeline.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, (summary, add_arguments, _) in SUBCOMMANDS.items():
-        add_arguments(commands.add_parser(name, help=summary, description=summary))
+    for name, command in subcommands().items():
+        command.add_arguments(commands.add_parser(name, help=command.summary, description=command.summary))
     return parser
 
 
@@ -191,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = Console(stderr=True)
     previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
-        return SUBCOMMANDS[args.command][2](args, console)
+        return subcommands()[args.command].run(args, console)
     except StageFailed as exc:
         errors.print(f"pagepipe: {exc}", highlight=False, markup=False, soft_wrap=True)
         if exc.traceback:

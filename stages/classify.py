@@ -18,8 +18,8 @@ import numpy as np
 from pipeline.batch import KIND_NORMAL, KIND_RAW, KIND_ZERO, PAGES, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import Property, Stage
-from stages.pages import check_page_size, find_zero_pages
-from stages.trackers.layout import Region
+from stages.common.pages import check_page_size, find_zero_pages
+from stages.common.layout import Region
 
 
 def layout_regions(batch: Batch, where: str) -> list[Region]:

@@ -17,7 +17,7 @@ from pipeline.batch import ENCODED, PAGES, Batch
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import Property, Stage
 from stages.codecs import ENTROPY_CODECS, PageCodec, get_codec
-from stages.pages import check_page_size
+from stages.common.pages import check_page_size
 from stages.rle import RUN_FORMATS
 
 ENTROPY_CODERS = tuple(ENTROPY_CODECS)

@@ -3,7 +3,7 @@
 frame writes the stream header with its first output, one or more records
 per page batch (split at the record limit), a layout record per LAYOUT, an
 epoch-commit record per EPOCH_END and an end-of-stream record. deframe checks
-everything structural (via ``stages.wire``) plus what needs stream state:
+everything structural (via ``stages.common.wire``) plus what needs stream state:
 epochs open and close in order, page numbers fall inside the current layout,
 codec chains are known here, and each commit matches the records the epoch
 actually had. It does not decode page contents.
@@ -18,8 +18,8 @@ from pipeline.batch import ANY, ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, PagepipeError
 from pipeline.stage import Property, Stage, StageContext
 
-from . import wire
-from .wire import Commit, Record, RecordFlag, RecordType
+from .common import wire
+from .common.wire import Commit, Record, RecordFlag, RecordType
 
 _MIN_RECORD_LIMIT = 64 << 10
 _MAX_RECORD_LIMIT = 1 << 30

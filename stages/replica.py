@@ -36,10 +36,10 @@ import numpy as np
 from pipeline.batch import ENCODED, PAGES, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, ReplicaError
 from pipeline.stage import Property, Stage, StageContext
-from stages.acks import AckSender
+from stages.common.acks import AckSender
 from stages.codecs import ChainCodec, Codec, Encoded, get_codec
-from stages.pages import combine_digests, digest_pages
-from stages.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, clear_replica,
+from stages.common.pages import combine_digests, digest_pages
+from stages.common.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, clear_replica,
                                   ensure_replica_directory, verify_replica, whole_pages)
 
 

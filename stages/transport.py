@@ -2,7 +2,7 @@
 
 - ``zmq-sink`` / ``zmq-src``: PUSH/PULL, one message per STREAM batch (large
   payloads sent without copying); an empty message marks the end of stream.
-  The receiver's acknowledgements travel on a separate socket (stages.acks).
+  The receiver's acknowledgements travel on a separate socket (stages.common.acks).
 - ``file-sink`` / ``file-src``: the stream as a file (a *trace*), the same
   bytes as on the wire.
 - ``trace-src``: replays a trace as the tracker stream it was made from:
@@ -29,7 +29,7 @@ from pipeline.stage import Property, Stage, StageContext
 
 from .codecs import Encoded, get_codec
 from .framer import Frame, deframe_stream
-from .pages import combine_digests, digest_pages, find_zero_pages
+from .common.pages import combine_digests, digest_pages, find_zero_pages
 
 _ZERO_COPY_BYTES = 64 << 10
 _END_MESSAGE = b""

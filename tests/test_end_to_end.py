@@ -18,13 +18,13 @@ import pytest
 
 from pipeline.errors import ReplicaError, StageFailed
 from pipeline import Pipeline, PipelineHandle, RunResult
-from stages.acks import AckListener
+from stages.common.acks import AckListener
 from stages.classify import Classify
-from stages.demo import DemoOptions, free_tcp_endpoint, receiver_stages, sender_stages
+from stages.apps.demo import DemoOptions, free_tcp_endpoint, receiver_stages, sender_stages
 from stages.entropy import Decode, Zstd
 from stages.framer import Deframe, Frame
 from stages.replica import ReplicaSink
-from stages.replica_store import ReplicaStore, load_replica, read_manifest, region_keys, verify_replica
+from stages.common.replica_store import ReplicaStore, load_replica, read_manifest, region_keys, verify_replica
 from stages.rle import RunLengthEncode
 from stages.trackers.region import RegionSource, tracked_array
 from stages.trackers.workload import make_workload

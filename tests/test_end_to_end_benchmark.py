@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from benchmarks.receiver import main
+from stages.bench.receiver import main
 
 
 def test_receiver_benchmark_reports_apply_throughput_for_both_fsync_settings(capsys):

@@ -9,7 +9,7 @@ from pipeline.errors import CorruptData
 from stages.codecs.encoded import Encoded
 from stages.codecs.entropy import EntropyCodec
 from stages.codecs.page_codec import PageCodec
-from stages.pages import check_pages
+from stages.common.pages import check_pages
 
 
 class ChainCodec:

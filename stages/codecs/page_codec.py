@@ -18,7 +18,7 @@ from cython_kernels import page_codecs as _kernels
 from pipeline.batch import PageKind
 from pipeline.errors import ConfigError, CorruptData
 from stages.codecs.encoded import Encoded
-from stages.pages import check_pages
+from stages.common.pages import check_pages
 
 SYSTEM_PAGE_SIZE = 4096   # the only page size QEMU's and Xen's formats define
 _XEN_FULL_PAGE = b"\x80"
@@ -133,7 +133,7 @@ class PageCodec:
                 raise CorruptData(self._describe(bad_page, kinds, rows, where))
 
     def digest_decoded(self, encoded: Encoded, previous: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """The digests (``stages.pages.digest_pages``) of the pages ``decode`` would make, writing nothing.
+        """The digests (``stages.common.pages.digest_pages``) of the pages ``decode`` would make, writing nothing.
 
         Page i starts from ``previous[i]`` (or ``previous[rows[i]]``; a row of -1
         is a zero page), which may be read-only. Every page is checked as

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import TrackerError
-from stages.pages import digest_pages
+from stages.common.pages import digest_pages
 
 from .proclayout import Tracked
 from .uffd import PagemapScanner

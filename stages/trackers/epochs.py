@@ -13,9 +13,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipeline.batch import PAGES, Batch, Flag
-from stages.pages import combine_digests, digest_pages
+from stages.common.pages import combine_digests, digest_pages
 
-from .layout import Region, layout_meta
+from stages.common.layout import Region, layout_meta
 
 
 class EpochStream:

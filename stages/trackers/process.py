@@ -30,12 +30,12 @@ import numpy as np
 from pipeline.batch import PAGES, Batch
 from pipeline.errors import ConfigError, TrackerError, TransportError
 from pipeline.stage import Property, Stage, StageContext
-from stages.acks import AckListener
+from stages.common.acks import AckListener
+from stages.common.layout import Mapping
 
 from .digest_tracking import DigestTracking
 from .epochs import EpochStream
 from .freezer import AlreadyTraced, PtraceFreezer, SignalFreezer, open_freezer
-from .layout import Mapping
 from .procmem import ProcessGone, past_end_of_file, read_pages, writable_mappings
 from .proclayout import ProcessLayout, Tracked
 from .targets import TargetSet, outside_sharers, shared_objects

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layout import Mapping, Region, remap
+from stages.common.layout import Mapping, Region, remap
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import TrackerError
 
-from .layout import Mapping
+from stages.common.layout import Mapping
 
 _IOV_MAX = 1024
 MAX_CALL_BYTES = 1 << 30

@@ -25,10 +25,10 @@ import numpy as np
 from pipeline.batch import PAGES, Batch
 from pipeline.errors import ConfigError, TrackerError
 from pipeline.stage import Property, Stage, StageContext
-from stages.pages import digest_pages
+from stages.common.pages import digest_pages
 
 from .epochs import EpochStream
-from .layout import Region
+from stages.common.layout import Region
 from .staging import StagingSlabs
 from .uffd import WriteTracker
 

@@ -41,7 +41,7 @@ from pipeline.errors import TrackerError
 
 from . import ptrace
 from .injection_guard import Guardian, guarded_inject
-from .layout import Region
+from stages.common.layout import Region
 from .uffd import (
     PagemapScanner, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_FEATURE_WP_UNPOPULATED,
     UFFD_USER_MODE_ONLY, UffdError, UffdFile, syscall_number,

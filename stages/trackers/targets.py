@@ -14,7 +14,7 @@ from typing import Iterable
 
 from pipeline.errors import ConfigError, TrackerError
 
-from .layout import Mapping
+from stages.common.layout import Mapping
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

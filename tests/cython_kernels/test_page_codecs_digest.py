@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.realmemory import find_corpus
+from stages.bench.realmemory import find_corpus
 from cython_kernels import page_codecs
 from pipeline.batch import PageKind
 from pipeline.errors import CorruptData
 from stages.codecs import Encoded, get_codec
-from stages.pages import digest_pages
+from stages.common.pages import digest_pages
 
 PAGE = 4096
 FORMATS = ["native", "xbzrle", "xen"]

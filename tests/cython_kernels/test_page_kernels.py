@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cython_kernels import page_codecs
 from pipeline.batch import PageKind
-from stages.pages import check_pages, combine_digests, digest_pages, find_zero_pages
+from stages.common.pages import check_pages, combine_digests, digest_pages, find_zero_pages
 
 PAGE_SIZES = [1 << bits for bits in range(9, 17)]
 

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from pipeline.batch import ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import StageContext
-from stages import wire
+from stages.common import wire
 from stages.codecs import Encoded, get_codec
 from stages.framer import Deframe, Frame, deframe_stream
-from stages.wire import RecordType
+from stages.common.wire import RecordType
 
 PAGE = 4096
 FIXTURES = Path(__file__).parent / "fixtures"

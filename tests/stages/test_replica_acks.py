@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from pipeline.errors import TrackerError, TransportError
-from stages.acks import AckListener, AckSender, parse_message
+from stages.common.acks import AckListener, AckSender, parse_message
 from stages.trackers.region import RegionSource, tracked_array
 
 

@@ -10,12 +10,12 @@ import pytest
 from pipeline.batch import PAGES, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, ReplicaError
 from pipeline.stage import StageContext
-from stages.acks import AckListener
+from stages.common.acks import AckListener
 from stages.classify import Classify
 from stages.entropy import Zstd
-from stages.pages import combine_digests, digest_pages
+from stages.common.pages import combine_digests, digest_pages
 from stages.replica import ReplicaSink
-from stages.replica_store import IMAGE, load_replica, read_manifest
+from stages.common.replica_store import IMAGE, load_replica, read_manifest
 from stages.rle import RunLengthEncode
 from stages.trackers.epochs import EpochStream
 from stages.xor_delta import XorDelta

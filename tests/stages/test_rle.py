@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from benchmarks.realmemory import find_corpus
+from stages.bench.realmemory import find_corpus
 from pipeline.batch import DELTAS, ENCODED, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.pipeline import Pipeline
@@ -20,8 +20,8 @@ from stages.classify import Classify
 from stages.codecs import Encoded, get_codec
 from stages.entropy import Decode, Zstd
 from stages.framer import deframe_stream
-from stages.pages import combine_digests, digest_pages
-from stages.replica_store import load_replica
+from stages.common.pages import combine_digests, digest_pages
+from stages.common.replica_store import load_replica
 from stages.rle import RUN_FORMATS, RunLengthEncode
 from stages.transport import write_trace_from_npz
 from stages.xor_delta import XorDelta

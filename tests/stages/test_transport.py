@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import zmq
 
-from benchmarks.realmemory import find_corpus
+from stages.bench.realmemory import find_corpus
 from pipeline.batch import PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, TransportError
 from pipeline.pipeline import Pipeline
 from pipeline.stage import StageContext
 from stages.framer import Frame, deframe_stream
-from stages.pages import combine_digests, digest_pages
+from stages.common.pages import combine_digests, digest_pages
 from stages.transport import (FileSink, FileSource, TraceSource, TraceSourceInto, ZmqSink, ZmqSource,
                               write_trace_from_npz)
 

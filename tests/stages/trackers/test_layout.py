@@ -1,7 +1,7 @@
 """remap: page numbers stay stable while process mappings appear, grow, shrink, split or vanish."""
 from __future__ import annotations
 
-from stages.trackers.layout import Mapping, Region, layout_meta, remap
+from stages.common.layout import Mapping, Region, layout_meta, remap
 
 P = 4096
 

@@ -15,7 +15,7 @@ import pytest
 from pipeline.batch import Flag
 from pipeline.errors import TrackerError, TransportError
 from pipeline.stage import StageContext
-from stages.acks import AckSender
+from stages.common.acks import AckSender
 from stages.trackers.procmem import thread_states
 from stages.trackers.process import PAGE_SIZE, ProcessSource
 from tracker_streams import replay

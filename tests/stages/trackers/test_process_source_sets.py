@@ -17,7 +17,7 @@ from pipeline.batch import Flag
 from pipeline.errors import ConfigError
 from pipeline.pipeline import Pipeline
 from pipeline.stage import StageContext
-from stages.replica_store import load_replica, read_manifest, region_keys
+from stages.common.replica_store import load_replica, read_manifest, region_keys
 from stages.trackers.procmem import thread_states
 from stages.trackers.process import PAGE_SIZE, ProcessSource
 from stages.trackers.targets import TargetSet

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.batch import PAGES, Batch, Flag, PageKind
-from stages.pages import combine_digests, digest_pages
+from stages.common.pages import combine_digests, digest_pages
 
 
 def replay(batches: list[Batch], batch_pages: int = 256) -> tuple[dict[int, bytes], list[Batch]]:

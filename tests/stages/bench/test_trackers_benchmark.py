@@ -1,5 +1,5 @@
 """The tracker pause benchmark on tiny sizes: its report and exit status, never its speed."""
-from benchmarks.trackers import PauseFigures, main
+from stages.bench.trackers import PauseFigures, main
 
 
 def test_benchmark_reports_every_tracker_with_its_baseline(capsys):

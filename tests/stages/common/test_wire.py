@@ -1,4 +1,4 @@
-"""The wire stream's bytes (stages.wire): header, records, checksums, sequence, bodies, and hostile input."""
+"""The wire stream's bytes (stages.common.wire): header, records, checksums, sequence, bodies, and hostile input."""
 from __future__ import annotations
 
 import struct
@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from pipeline.batch import PageKind
 from pipeline.errors import CorruptData
-from stages import wire
-from stages.wire import Record, RecordFlag, RecordReader, RecordType, StreamHeader
+from stages.common import wire
+from stages.common.wire import Record, RecordFlag, RecordReader, RecordType, StreamHeader
 
 PAGE = 4096
 HEADER = StreamHeader(page_size=PAGE, record_limit=1 << 20, stream=7, chain="native+zstd")

@@ -49,7 +49,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from benchmarks.realmemory import RecordedTrace, find_corpus, read_trace
+from stages.bench.realmemory import RecordedTrace, find_corpus, read_trace
 from pipeline.batch import Batch, Flag
 from pipeline.errors import CorruptData, TransportError
 from pipeline.pipeline import Pipeline

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.realmemory import find_corpus
+from stages.bench.realmemory import find_corpus
 from pipeline.batch import Batch, Flag
 from pipeline.stage import StageContext
 from pipeline.units import parse_size
 from stages.classify import Classify
-from stages.demo import DemoOptions, run_demo
+from stages.apps.demo import DemoOptions, run_demo
 from stages.entropy import Decode, Zstd
 from stages.replica import ReplicaSink
 from stages.rle import RunLengthEncode

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from benchmarks.realmemory import REPO_ROOT, PagePairs, find_corpus, load_trace_pairs
+from stages.bench.realmemory import REPO_ROOT, PagePairs, find_corpus, load_trace_pairs
 from pipeline.batch import DEFAULT_PAGE_SIZE
 from pipeline.errors import ConfigError, PagepipeError
 from stages.codecs import Encoded, get_codec, list_codecs

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.realmemory import CORPUS_ENV, find_corpus, load_trace_pairs, read_trace
+from stages.bench.realmemory import CORPUS_ENV, find_corpus, load_trace_pairs, read_trace
 from pipeline.errors import CorruptData, TransportError
 
 PAGE = 64

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks.capture_memory import (PAGE_SIZE, MemcachedLoad, Region, capture, changed_pages, free_port, main,
+from stages.bench.capture_memory import (PAGE_SIZE, MemcachedLoad, Region, capture, changed_pages, free_port, main,
                                        read_regions, spawned_memcached, spawned_python, stopped, writable_regions)
-from benchmarks.realmemory import load_trace_pairs
+from stages.bench.realmemory import load_trace_pairs
 from pipeline.errors import ConfigError, TrackerError
 from stages.trackers.procmem import process_state
 

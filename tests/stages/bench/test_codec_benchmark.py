@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from benchmarks.codecs import (CAPTURES_ENV, SYNTHETIC_PATTERNS, CodecResult, DatasetResult, batch_slices, check_targets, main,
+from stages.bench.codecs import (CAPTURES_ENV, SYNTHETIC_PATTERNS, CodecResult, DatasetResult, batch_slices, check_targets, main,
                                measure, resolve_data, select_codecs, synthetic_pairs)
-from benchmarks.realmemory import CORPUS_ENV, find_corpus
+from stages.bench.realmemory import CORPUS_ENV, find_corpus
 from pipeline.errors import ConfigError
 from stages.codecs import list_codecs
 

@@ -29,15 +29,16 @@ from rich.live import Live
 from rich.table import Table
 
 from pipeline.bus import Message
+from pipeline.subcommand import Subcommand
 from pipeline.errors import ConfigError, PagepipeError
 from pipeline.pipeline import Pipeline
 from pipeline.units import parse_duration, parse_size
-from stages.acks import AckListener
+from stages.common.acks import AckListener
 from stages.classify import Classify
 from stages.entropy import Decode, Lz4, Zstd
 from stages.framer import Deframe, Frame
 from stages.replica import ReplicaSink
-from stages.replica_store import load_replica
+from stages.common.replica_store import load_replica
 from stages.rle import RUN_FORMATS, RunLengthEncode
 from stages.trackers.region import RegionSource, tracked_array
 from stages.trackers.workload import make_workload
@@ -342,8 +343,12 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     return 0 if result.identical else 1
 
 
+COMMAND = Subcommand("replicate a built-in workload live, then compare replica and source byte for byte",
+                     add_arguments, run)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``pagepipe demo [options]`` (also ``python -m stages.demo``)."""
+    """``pagepipe demo [options]`` (also ``python -m stages.apps.demo``)."""
     parser = argparse.ArgumentParser(prog="pagepipe demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

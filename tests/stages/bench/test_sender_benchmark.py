@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.sender import CONFIGS, SENDER_CHAIN, main
+from stages.bench.sender import CONFIGS, SENDER_CHAIN, main
 
 PAGE = 4096
 BASE_PAGES, EPOCHS, CHANGED = 40, 3, 6

@@ -1,7 +1,7 @@
 """The runtime benchmark runs end to end on tiny settings and reports every figure (never judged on speed here)."""
 import json
 
-from benchmarks import runtime
+from stages.bench import runtime
 
 FIGURES = ("pyzmq_gbps", "chain3_gbps", "chain1_gbps", "chain3_of_pyzmq", "overhead_cpu_us",
            "overhead_wall_us", "zstd_w1_mbps", "zstd_w2_mbps", "scaling")

@@ -31,7 +31,7 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.realmemory import find_corpus, read_trace
+from stages.bench.realmemory import find_corpus, read_trace
 from pipeline.batch import ANY, ENCODED, PAGES, Batch, Flag, PageKind
 from pipeline.pipeline import Pipeline
 from pipeline.stage import Property, Stage, StageContext

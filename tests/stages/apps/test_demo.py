@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from stages.demo import DemoOptions, DemoResult, Progress, main, progress_table, run_demo
-from stages.replica_store import read_manifest, verify_replica
+from stages.apps.demo import DemoOptions, DemoResult, Progress, main, progress_table, run_demo
+from stages.common.replica_store import read_manifest, verify_replica
 
 
 def test_demo_replica_equals_source_and_every_epoch_is_acknowledged(tmp_path):

@@ -1,7 +1,6 @@
 """The replica on disk: atomic commits, journal recovery, loading and verification."""
 from __future__ import annotations
 
-import argparse
 import ctypes
 import errno
 import json
@@ -12,15 +11,14 @@ import time
 
 import numpy as np
 import pytest
-from rich.console import Console
 
 from pipeline.batch import PageKind
 from pipeline.errors import ReplicaError
-from stages import replica_store
+from stages.common import replica_store
 from stages.codecs import get_codec
-from stages.pages import combine_digests, digest_pages
-from stages.replica_store import (DIGESTS, IMAGE, JOURNAL, MANIFEST, MANIFEST_TEMPORARY, Layout, ReplicaStore,
-                                  add_command_arguments, load_replica, read_manifest, run_command, verify_replica,
+from stages.common.pages import combine_digests, digest_pages
+from stages.common.replica_store import (DIGESTS, IMAGE, JOURNAL, MANIFEST, MANIFEST_TEMPORARY, Layout, ReplicaStore,
+                                  load_replica, read_manifest, verify_replica,
                                   whole_pages)
 
 PAGE = 4096
@@ -381,27 +379,6 @@ def test_store_killed_mid_commit_restarts_at_one_committed_epoch(tmp_path, delay
     assert np.all(image == store.epoch % 256), "replica mixes two epochs"
     store.close()
     assert verify_replica(tmp_path).ok
-
-
-def _verify_command(path) -> tuple[int, str]:
-    parser = argparse.ArgumentParser()
-    add_command_arguments(parser)
-    console = Console(record=True, width=200)
-    code = run_command(parser.parse_args(["verify", str(path)]), console)
-    return code, console.export_text()
-
-
-def test_verify_command_reports_consistent_and_damaged_replicas(tmp_path):
-    store = ReplicaStore(tmp_path, fsync=False)
-    commit(store, 1, ALL_PAGES, 3)
-    store.close()
-    code, text = _verify_command(tmp_path)
-    assert code == 0 and "epoch 1, 8 pages, consistent" in text
-    with open(tmp_path / IMAGE, "r+b") as image:
-        image.seek(9 * PAGE)
-        image.write(b"\x00\x01")
-    code, text = _verify_command(tmp_path)
-    assert code == 1 and "damaged pages: 9" in text
 
 
 def _commit_many(path: str, epochs: int) -> None:

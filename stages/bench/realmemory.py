@@ -31,7 +31,7 @@ from pipeline.errors import CorruptData, TransportError
 
 CORPUS_ENV = "PAGEPIPE_CORPUS"
 CORPUS_FILE = "memcached-trace.npz"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _EPOCH_KEY = re.compile(r"^epoch(\d{3,})_(pages|data)$")
 
 

@@ -1,0 +1,1 @@
+"""Applications built from the stages (the demo, the replica command): not stages themselves."""

@@ -1,0 +1,34 @@
+"""``pagepipe replica verify DIR``: check a replica directory, read-only."""
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from pipeline.subcommand import Subcommand
+from stages.common.replica_store import verify_replica
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``pagepipe replica verify DIR``."""
+    actions = parser.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser("verify", help="check a replica directory, read-only")
+    verify.add_argument("path", help="the replica directory")
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Print what ``verify`` found; 0 if the replica is consistent, 1 if not."""
+    report = verify_replica(args.path)
+    if report.ok:
+        console.print(f"replica {report.path}: epoch {report.epoch}, {report.pages} pages, consistent",
+                      markup=False, highlight=False)
+        return 0
+    for problem in report.problems:
+        console.print(f"replica {report.path}: {problem}" if not problem.startswith("replica ") else problem,
+                      markup=False, highlight=False)
+    if report.bad_pages:
+        console.print(f"  damaged pages: {', '.join(map(str, report.bad_pages))}", markup=False, highlight=False)
+    return 1
+
+
+COMMAND = Subcommand("check a replica directory: replica verify DIR", add_arguments, run)

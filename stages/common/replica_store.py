@@ -1,0 +1,813 @@
+"""The replica on disk: page image, per-page digests, manifest and journal.
+
+A replica directory always holds exactly one committed checkpoint (epoch)::
+
+    DIR/manifest.json  format, version, page size, regions, epoch, digests
+    DIR/pages.img      page number p at byte p * page_size (a sparse file)
+    DIR/digests.u64    the 64-bit digest of every page of pages.img (uint64 LE)
+    DIR/journal        non-empty only while an epoch is being applied
+
+``ReplicaStore.commit`` applies one verified epoch atomically (the first
+commit into an empty replica needs no journal: until its manifest exists the
+replica is simply empty). The journal is
+a redo log of the epoch's *encodings* (FULL pages, or DELTA runs, which carry
+the new bytes themselves, so applying them twice gives the same page): the
+epoch's page numbers, digests, encodings and the new manifest, checksummed
+(fsync). Then the encodings are applied onto the image and the digests
+written (fsync), manifest.json is replaced atomically (fsync of the directory)
+and the journal emptied. Opening a store replays a complete journal and
+discards an incomplete one, so a receiver killed at any moment restarts at
+exactly one committed epoch. Journaling encodings rather than pages keeps
+the journal a few percent of the page data for delta epochs.
+With ``fsync=False`` the order is the same but a power loss may lose recent
+epochs (a killed process loses nothing: the page cache survives it).
+A commit creates and deletes no file (journal and manifest files stay open
+between commits): on ext4 that halves the fixed cost of a small commit.
+The format is specified in docs/FORMAT.md (section replica).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import xxhash
+
+from pipeline.batch import PageKind
+from pipeline.errors import ConfigError, ReplicaError
+from stages.codecs import Encoded, PageCodec, get_codec
+from stages.common.pages import combine_digests, digest_pages
+
+FORMAT_NAME = "pagepipe-replica"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MANIFEST_TEMPORARY = MANIFEST + ".tmp"
+IMAGE = "pages.img"
+DIGESTS = "digests.u64"
+JOURNAL = "journal"
+JOURNAL_MAGIC = b"PPJRNL\x00\x01"
+JOURNAL_END = b"PPJEND\x00\x01"
+_JOURNAL_HEAD = struct.Struct("<8sI")        # magic, header length
+_JOURNAL_TAIL = struct.Struct("<Q8s")        # xxh3-64 of everything before, end magic
+MAX_JOURNAL_HEADER = 1 << 20
+MIN_PAGE_SIZE, MAX_PAGE_SIZE = 512, 65536
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+DEFAULT_MAX_PAGES = 1 << 26   # 256 GiB of 4 KiB pages; bounds what an untrusted layout can make us allocate
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The tracked regions, mapped onto dense page-number ranges."""
+
+    page_size: int
+    regions: tuple[dict[str, Any], ...]
+
+    @property
+    def total_pages(self) -> int:
+        """One past the highest page number of any region."""
+        return max((r["first_page"] + r["npages"] for r in self.regions), default=0)
+
+    @property
+    def page_count(self) -> int:
+        """Pages inside regions (holes between regions excluded)."""
+        return sum(r["npages"] for r in self.regions)
+
+    @classmethod
+    def from_untrusted(cls, page_size: Any, regions: Any, *, max_pages: int) -> "Layout":
+        """Validate a layout from the wire or a manifest; raise ReplicaError saying what is wrong."""
+        if not isinstance(page_size, int) or page_size < MIN_PAGE_SIZE or page_size > MAX_PAGE_SIZE \
+                or page_size & (page_size - 1):
+            raise ReplicaError(f"layout: page size {page_size!r} is not a power of two in "
+                               f"{MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}")
+        if not isinstance(regions, list):
+            raise ReplicaError(f"layout: regions must be a list, got {type(regions).__name__}")
+        clean = []
+        for index, region in enumerate(regions):
+            try:
+                entry = {"name": str(region["name"]), "start": int(region["start"]),
+                         "first_page": int(region["first_page"]), "npages": int(region["npages"])}
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ReplicaError(f"layout: region {index} is malformed ({exc!r})") from None
+            if entry["first_page"] < 0 or entry["npages"] < 0:
+                raise ReplicaError(f"layout: region {index} ({entry['name']}) has a negative page range")
+            clean.append(entry)
+        clean.sort(key=lambda r: r["first_page"])
+        for before, after in zip(clean, clean[1:]):
+            if before["first_page"] + before["npages"] > after["first_page"]:
+                raise ReplicaError(f"layout: regions {before['name']!r} and {after['name']!r} overlap")
+        layout = cls(page_size, tuple(clean))
+        if layout.total_pages > max_pages:
+            raise ReplicaError(f"layout: {layout.total_pages} pages exceed the limit of {max_pages}")
+        return layout
+
+    def as_json(self) -> dict[str, Any]:
+        return {"page_size": self.page_size, "regions": [dict(r) for r in self.regions]}
+
+    @cached_property
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        firsts = np.array([r["first_page"] for r in self.regions], dtype=np.uint64)
+        return firsts, firsts + np.array([r["npages"] for r in self.regions], dtype=np.uint64)
+
+    @cached_property
+    def _gapless(self) -> bool:
+        """Whether the regions cover one range of page numbers without holes."""
+        firsts, ends = self._bounds
+        return bool(firsts.size) and bool(np.all(firsts[1:] == ends[:-1]))
+
+    def outside(self, page_numbers: np.ndarray) -> np.ndarray:
+        """Boolean mask of the page numbers that fall in no region."""
+        firsts, ends = self._bounds
+        if self._gapless:
+            return (page_numbers < firsts[0]) | (page_numbers >= ends[-1])
+        index = np.searchsorted(firsts, page_numbers, side="right").astype(np.int64) - 1
+        inside = index >= 0
+        inside[inside] = page_numbers[inside] < ends[index[inside]]
+        return ~inside
+
+
+def whole_pages(pages: np.ndarray, zero: np.ndarray | None = None) -> Encoded:
+    """Raw pages as an encoding (kind FULL, or ZERO where ``zero`` is True), valid in every run format."""
+    page_size = pages.shape[1]
+    kinds = np.full(pages.shape[0], PageKind.FULL, dtype=np.uint8)
+    if zero is not None and zero.any():
+        kinds[zero] = PageKind.ZERO
+        pages = pages[~zero]
+    sizes = np.where(kinds == PageKind.FULL, page_size, 0).astype(np.uint64)
+    offsets = np.concatenate([np.zeros(1, dtype=np.uint64), np.cumsum(sizes, dtype=np.uint64)])
+    payload = np.ascontiguousarray(pages).reshape(-1)
+    return Encoded(payload=payload, offsets=offsets, kinds=kinds, codec="native", raw_size=int(payload.size))
+
+
+def layout_page_numbers(layout: Layout) -> np.ndarray:
+    """Every page number inside the layout's regions, ascending (uint64)."""
+    if not layout.regions:
+        return np.empty(0, dtype=np.uint64)
+    return np.concatenate([np.arange(r["first_page"], r["first_page"] + r["npages"], dtype=np.uint64)
+                           for r in layout.regions])
+
+
+def clear_replica(path: str | os.PathLike) -> None:
+    """Delete a replica's files (not the directory), leaving it empty."""
+    for name in (MANIFEST, IMAGE, DIGESTS, JOURNAL, MANIFEST_TEMPORARY):
+        try:
+            (Path(path) / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise ReplicaError(f"replica {path}: cannot delete {name} ({exc.strerror or exc})") from None
+
+
+def ensure_replica_directory(path: str | os.PathLike) -> Path:
+    """The replica directory, created if missing; ReplicaError naming the path if it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReplicaError(f"replica {path}: cannot create directory ({exc.strerror or exc})") from None
+    if not path.is_dir():
+        raise ReplicaError(f"replica {path}: not a directory")
+    return path
+
+
+def _hex(value: int) -> str:
+    return f"0x{value & _MASK64:016x}"
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, buffers: list) -> None:
+    for buffer in buffers:
+        view = memoryview(buffer)
+        if view.nbytes == 0:
+            continue
+        view = view.cast("B")
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+
+def _load_libc_function(name: str, argtypes: list) -> Any:
+    """A libc function (Linux) returning int and setting errno, or None where there is none."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _load_libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                                ctypes.c_uint])
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_FALLOCATE = _load_libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def _zero_page_digest(page_size: int) -> int:
+    return int(digest_pages(np.zeros((1, page_size), dtype=np.uint8))[0])
+
+
+def _page_runs(page_numbers: np.ndarray) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in sorted, unique ``page_numbers``."""
+    breaks = np.flatnonzero(np.diff(page_numbers) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [page_numbers.shape[0]]])
+    return [(int(page_numbers[a]), int(b - a)) for a, b in zip(starts, stops)]
+
+
+class _JournalFile:
+    """``DIR/journal``, kept open between commits: rewritten from its start for each commit and
+    truncated to nothing once the commit is done (an empty journal is no commit in progress), so
+    a commit creates and deletes no file."""
+
+    def __init__(self, path: Path, fsync: bool):
+        self.path = path
+        self.fsync = fsync
+        self._fd: int | None = None
+
+    def write(self, parts: list) -> None:
+        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+            self.close()   # deleted behind our back: a journal nobody would find is no journal
+        created = self._fd is None
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        _write_all(self._fd, parts)
+        if self.fsync:
+            os.fsync(self._fd)
+            if created:
+                _fsync_directory(self.path.parent)
+
+    def clear(self) -> None:
+        """The commit is done: empty the journal (delete it if another store wrote it)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _ManifestFile:
+    """Replaces ``DIR/manifest.json`` atomically.
+
+    The new text goes into ``manifest.json.tmp``, which then trades places with
+    ``manifest.json`` in one atomic step (renameat2 RENAME_EXCHANGE); both files stay
+    open for the next commit. A rename over an existing file would cost more: ext4 flushes
+    the renamed file's data first (about 0.1 ms per commit). Where the exchange is not
+    available: write a new ``manifest.json.tmp`` and rename it over (os.replace).
+    """
+
+    def __init__(self, directory: Path, fsync: bool):
+        self.path = directory / MANIFEST
+        self.temporary = directory / MANIFEST_TEMPORARY
+        self.fsync = fsync
+        self._exchange_works = _RENAMEAT2 is not None
+        self._spare: int | None = None   # the file named manifest.json.tmp
+        self._live: int | None = None    # the file named manifest.json
+
+    def replace(self, text: str) -> None:
+        data = text.encode()
+        if not (self._spare is not None and self._exchanged(data)):
+            self._replaced(data)
+        if self.fsync:
+            _fsync_directory(self.path.parent)
+
+    def _exchanged(self, data: bytes) -> bool:
+        """Write ``data`` into the spare file and swap it in; False (nothing replaced) if that cannot be done."""
+        try:
+            if os.fstat(self._spare).st_ino != os.stat(self.temporary).st_ino:
+                return False   # replaced or deleted behind our back: not our file any more
+        except FileNotFoundError:
+            return False
+        os.pwrite(self._spare, data, 0)
+        os.ftruncate(self._spare, len(data))
+        if self.fsync:
+            os.fsync(self._spare)
+        if _RENAMEAT2(_AT_FDCWD, bytes(self.temporary), _AT_FDCWD, bytes(self.path), _RENAME_EXCHANGE) != 0:
+            error = ctypes.get_errno()
+            if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                self._exchange_works = False   # this file system cannot: rename from now on
+                return False
+            raise OSError(error, os.strerror(error), str(self.temporary))
+        written = self._spare   # now manifest.json; manifest.json.tmp is the previous manifest
+        self._spare = self._live if self._live is not None else os.open(self.temporary, os.O_RDWR)
+        self._live = written
+        return True
+
+    def _replaced(self, data: bytes) -> None:
+        """Write a new manifest.json.tmp and rename it over manifest.json; then prepare a spare file."""
+        self.close()
+        with open(self.temporary, "wb") as temporary:
+            temporary.write(data)
+            temporary.flush()
+            if self.fsync:
+                os.fsync(temporary.fileno())
+        os.replace(self.temporary, self.path)
+        if self._exchange_works:
+            self._spare = os.open(self.temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def close(self) -> None:
+        for fd in (self._spare, self._live):
+            if fd is not None:
+                os.close(fd)
+        self._spare = self._live = None
+
+
+class ReplicaStore:
+    """An open replica directory; the only code that writes it.
+
+    ``epoch`` is 0 while the store is empty (no layout, nothing committed).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True, max_pages: int = DEFAULT_MAX_PAGES,
+                 writable: bool = True):
+        self.path = Path(path)
+        self.fsync = fsync
+        self.max_pages = max_pages
+        self.writable = writable
+        self.layout: Layout | None = None
+        self.epoch = 0
+        self.manifest: dict[str, Any] = {}
+        self._image: np.memmap | None = None
+        self._digests: np.memmap | None = None
+        self._journal = _JournalFile(self.path / JOURNAL, fsync)
+        self._manifest_file = _ManifestFile(self.path, fsync)
+        if writable:
+            ensure_replica_directory(self.path)
+        try:
+            self.recovered_journal = self._recover_journal() if writable else "none"
+            """What opening did with an interrupted commit: none, replayed or discarded."""
+            if (self.path / MANIFEST).exists():
+                self._load_manifest()
+        except OSError as exc:
+            self.close()
+            raise ReplicaError(f"replica {self.path}: cannot open ({exc.strerror or exc}"
+                               f"{': ' + str(exc.filename) if exc.filename else ''})") from None
+
+    # ---- reading -------------------------------------------------------
+    @property
+    def is_empty(self) -> bool:
+        return self.epoch == 0
+
+    def read_pages(self, page_numbers: np.ndarray, page_size: int) -> np.ndarray:
+        """Copies of the committed contents of these pages (zeros beyond the image or for another page size)."""
+        if self._image is None or self._image.shape[1] != page_size:
+            return np.zeros((page_numbers.shape[0], page_size), dtype=np.uint8)
+        image = self._image.view(np.ndarray)
+        present = page_numbers < image.shape[0]
+        if present.all():
+            return image[page_numbers.astype(np.intp)]
+        out = np.zeros((page_numbers.shape[0], page_size), dtype=np.uint8)
+        out[present] = image[page_numbers[present].astype(np.intp)]
+        return out
+
+    def decoded_digests(self, encoding: Encoded, page_numbers: np.ndarray, page_size: int) -> np.ndarray:
+        """Digests of the pages ``encoding`` (plain run format) makes from the committed pages
+        ``page_numbers`` (zero pages beyond the image or for another page size), writing nothing.
+
+        Raises CorruptData (the codec's message) if the encoding does not decode, ConfigError
+        if its codec is not a run format.
+        """
+        if self._image is None or self._image.shape[1] != page_size:
+            previous, rows = np.empty((0, page_size), dtype=np.uint8), np.full(page_numbers.shape[0], -1)
+        else:
+            previous = self._image.view(np.ndarray)
+            rows = page_numbers.astype(np.int64)
+            rows[page_numbers >= previous.shape[0]] = -1
+        return run_format(encoding.codec).digest_decoded(encoding, previous, rows)
+
+    def pending_journal(self) -> tuple[dict[str, Any], np.ndarray, np.ndarray, list[Encoded]] | None:
+        """A complete journal not yet applied (manifest, page numbers, digests, encodings), or None.
+
+        Only a read-only store sees one: a writable store replays it when it opens.
+        """
+        try:
+            return _read_journal(self.path / JOURNAL) if (self.path / JOURNAL).exists() else None
+        except (ReplicaError, OSError):
+            return None
+
+    def image_digest(self) -> int:
+        """Order-independent digest of every page of the layout, from the digest file."""
+        if self._digests is None or self.layout is None:
+            return 0
+        page_numbers = layout_page_numbers(self.layout)
+        return combine_digests(page_numbers, np.asarray(self._digests[page_numbers.astype(np.intp)]))
+
+    # ---- writing -------------------------------------------------------
+    def commit(self, epoch: int, layout: Layout, page_numbers: np.ndarray, encodings: Sequence[Encoded],
+               digests: np.ndarray, epoch_digest: int, **extra: Any) -> None:
+        """Apply one verified epoch atomically (journal, apply, manifest, drop journal).
+
+        ``encodings`` are the epoch's pages in a plain run format (no entropy layer; FULL,
+        ZERO, DELTA or UNCHANGED), one after another in the order of ``page_numbers``
+        (uint64, unique, inside ``layout``); ``digests`` are the digests of the pages they
+        produce and ``epoch_digest`` is ``combine_digests(page_numbers, digests)``, both
+        verified by the caller (``decoded_digests``), so the encodings are known to decode
+        and are applied in one pass. ``extra`` goes into the manifest.
+        """
+        if self.is_empty or layout.page_size != self.layout.page_size:
+            self._discard_image()   # leftovers of an interrupted first commit, or another page size
+        self._ensure_files(layout)
+        manifest = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, **layout.as_json(),
+            "total_pages": layout.total_pages, "epoch": int(epoch), "epoch_digest": _hex(epoch_digest),
+            "image_digest": _hex(self._next_image_digest(layout, page_numbers, digests, epoch_digest)),
+            "committed_at": time.time(), **extra,
+        }
+        journaled = not self.is_empty   # the first commit has no previous epoch to protect
+        encodings = list(encodings)
+        if journaled:
+            self._write_journal(manifest, page_numbers, encodings, digests)
+        self._apply(manifest, layout, page_numbers, encodings, digests, journaled, prechecked=True)
+
+    def _next_image_digest(self, layout: Layout, page_numbers: np.ndarray, digests: np.ndarray,
+                           epoch_digest: int) -> int:
+        """The image digest once these pages are applied: updated by difference (combine_digests is a
+        sum mod 2**64, and ``epoch_digest`` that sum over the new pages) while the layout stays,
+        recomputed over the whole layout when it changes."""
+        rows = page_numbers.astype(np.intp)
+        if layout == self.layout and "image_digest" in self.manifest:
+            previous = int(str(self.manifest["image_digest"]), 16)
+            removed = combine_digests(page_numbers, self._digests.view(np.ndarray)[rows])
+            return (previous - removed + epoch_digest) & _MASK64
+        layout_pages = layout_page_numbers(layout)
+        new_digests = np.array(self._digests[layout_pages.astype(np.intp)])
+        new_digests[np.searchsorted(layout_pages, page_numbers)] = digests
+        return combine_digests(layout_pages, new_digests)
+
+    def close(self) -> None:
+        self._image = self._digests = None
+        self._journal.close()
+        self._manifest_file.close()
+
+    # ---- internals -----------------------------------------------------
+    def _discard_image(self) -> None:
+        self._image = self._digests = None
+        for name in (IMAGE, DIGESTS):
+            (self.path / name).unlink(missing_ok=True)
+
+    def _ensure_files(self, layout: Layout) -> None:
+        """Grow the image and digest files (sparse) to cover the layout, and map them."""
+        total = max(layout.total_pages, 1)
+        if self._image is not None and self._image.shape[0] >= total:
+            return
+        zero_digest = _zero_page_digest(layout.page_size)
+        image_path, digest_path = self.path / IMAGE, self.path / DIGESTS
+        old_pages = os.path.getsize(digest_path) // 8 if digest_path.exists() else 0
+        try:
+            with open(image_path, "ab") as image_file:
+                if os.fstat(image_file.fileno()).st_size < total * layout.page_size:
+                    image_file.truncate(total * layout.page_size)
+            with open(digest_path, "ab") as digest_file:
+                if old_pages < total:
+                    digest_file.truncate(old_pages * 8)
+                    np.full(total - old_pages, zero_digest, dtype="<u8").tofile(digest_file)
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot grow the image ({exc.strerror})") from None
+        self._map(layout.page_size)
+
+    def _map(self, page_size: int) -> None:
+        image_size = os.path.getsize(self.path / IMAGE)
+        mode = "r+" if self.writable else "r"
+        self._image = np.memmap(self.path / IMAGE, dtype=np.uint8, mode=mode,
+                                shape=(image_size // page_size, page_size))
+        self._digests = np.memmap(self.path / DIGESTS, dtype="<u8", mode=mode)
+
+    def _write_journal(self, manifest: dict[str, Any], page_numbers: np.ndarray, encodings: list[Encoded],
+                       digests: np.ndarray) -> None:
+        header = json.dumps({"manifest": manifest, "count": int(page_numbers.shape[0]),
+                             "encodings": [{"codec": e.codec, "pages": int(e.kinds.shape[0]),
+                                            "bytes": int(e.payload.shape[0])} for e in encodings]}).encode()
+        body = [_JOURNAL_HEAD.pack(JOURNAL_MAGIC, len(header)), header,
+                np.ascontiguousarray(page_numbers, dtype="<u8"), np.ascontiguousarray(digests, dtype="<u8")]
+        for encoding in encodings:
+            body += [np.ascontiguousarray(encoding.kinds, dtype=np.uint8),
+                     np.ascontiguousarray(encoding.offsets, dtype="<u8"),
+                     np.ascontiguousarray(encoding.payload, dtype=np.uint8)]
+        hasher = xxhash.xxh3_64()
+        for part in body:
+            hasher.update(part)
+        body.append(_JOURNAL_TAIL.pack(hasher.intdigest(), JOURNAL_END))
+        try:
+            self._journal.write(body)
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot write the journal ({exc.strerror})") from None
+
+    def _apply(self, manifest: dict[str, Any], layout: Layout, page_numbers: np.ndarray,
+               encodings: list[Encoded], digests: np.ndarray, journaled: bool = True, *,
+               prechecked: bool = False) -> None:
+        """Apply encodings onto the image, write digests and manifest; drop the journal."""
+        rows = page_numbers.astype(np.intp)
+        try:
+            _apply_encodings(self._image.view(np.ndarray), page_numbers, encodings, prechecked=prechecked)
+        except ReplicaError as exc:
+            raise ReplicaError(f"replica {self.path}: epoch {manifest['epoch']}: {exc}") from None
+        try:
+            self._digests[rows] = digests
+            if self.fsync:
+                self._image.flush()
+                self._digests.flush()
+            self._manifest_file.replace(json.dumps(manifest))
+            if journaled:
+                self._journal.clear()
+            self._release_dropped_pages(self.layout, layout)
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot apply epoch {manifest['epoch']} ({exc.strerror})") from None
+        self.layout, self.epoch, self.manifest = layout, int(manifest["epoch"]), manifest
+
+    def _release_dropped_pages(self, old: Layout | None, new: Layout) -> None:
+        """Zero the pages of regions the committed layout dropped, freeing their disk blocks where the file
+        system can punch holes: nothing reads them any more, and a later layout that reuses their page
+        numbers must find zeros there, as in never-written memory."""
+        if old is None or old == new or old.page_size != new.page_size:
+            return
+        old_pages = layout_page_numbers(old)
+        dropped = old_pages[new.outside(old_pages)]
+        dropped = dropped[dropped < self._image.shape[0]]
+        if not dropped.size:
+            return
+        rows = dropped.astype(np.intp)
+        if not self._punch_holes(_page_runs(dropped), new.page_size):
+            self._image.view(np.ndarray)[rows] = 0
+        self._digests[rows] = _zero_page_digest(new.page_size)
+        if self.fsync:
+            self._image.flush()
+            self._digests.flush()
+
+    def _punch_holes(self, runs: list[tuple[int, int]], page_size: int) -> bool:
+        """Deallocate these page runs of the image (they read as zeros after); False where unsupported."""
+        if _FALLOCATE is None:
+            return False
+        fd = os.open(self.path / IMAGE, os.O_RDWR)
+        try:
+            for first, count in runs:
+                if _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, first * page_size,
+                              count * page_size) != 0:
+                    return False
+        finally:
+            os.close(fd)
+        return True
+
+    def _load_manifest(self) -> None:
+        manifest = read_manifest(self.path)
+        self.layout = Layout.from_untrusted(manifest["page_size"], manifest["regions"], max_pages=self.max_pages)
+        image_path = self.path / IMAGE
+        needed = max(self.layout.total_pages, 1)
+        if not image_path.exists() or os.path.getsize(image_path) < needed * self.layout.page_size \
+                or not (self.path / DIGESTS).exists() or os.path.getsize(self.path / DIGESTS) < needed * 8:
+            raise ReplicaError(f"replica {self.path}: {IMAGE} or {DIGESTS} is missing or shorter than the layout")
+        self._map(self.layout.page_size)
+        self.epoch, self.manifest = int(manifest["epoch"]), manifest
+
+    def _recover_journal(self) -> str:
+        """Replay a complete journal, discard an incomplete one; say which happened."""
+        self._remove_temporaries()
+        journal_path = self.path / JOURNAL
+        if not journal_path.exists() or journal_path.stat().st_size == 0:
+            return "none"   # an empty journal: no commit was in progress
+        try:
+            manifest, page_numbers, digests, encodings = _read_journal(journal_path)
+        except ReplicaError:
+            journal_path.unlink()
+            return "discarded"
+        layout = Layout.from_untrusted(manifest["page_size"], manifest["regions"], max_pages=self.max_pages)
+        try:
+            self._load_manifest()
+            if self.layout.page_size != layout.page_size:
+                self._discard_image()
+        except ReplicaError:
+            self._discard_image()
+        self._ensure_files(layout)
+        self._apply(manifest, layout, page_numbers, encodings, digests)
+        if not np.array_equal(digest_pages(self.read_pages(page_numbers, layout.page_size)), digests):
+            raise ReplicaError(f"replica {self.path}: replayed journal of epoch {manifest['epoch']} "
+                               f"does not reproduce its page digests")
+        return "replayed"
+
+    def _remove_temporaries(self) -> None:
+        (self.path / MANIFEST_TEMPORARY).unlink(missing_ok=True)
+
+
+@lru_cache(maxsize=8)
+def run_format(name: str) -> PageCodec:
+    """The run format (page codec without entropy layer) called ``name``; ConfigError if there is none.
+
+    Cached: run formats hold no state, and the receiver looks one up for every batch.
+    """
+    codec = get_codec(name)
+    if not isinstance(codec, PageCodec):
+        raise ConfigError(f"codec {name!r} is not a plain run format")
+    return codec
+
+
+def _apply_encodings(image: np.ndarray, page_numbers: np.ndarray, encodings: Sequence[Encoded], *,
+                     prechecked: bool = False) -> None:
+    """Apply consecutive encodings onto rows ``page_numbers`` of ``image`` (idempotent).
+
+    ``prechecked``: they passed ``decoded_digests``, so each is applied in one pass.
+    """
+    rows = page_numbers.astype(np.intp)
+    start = 0
+    try:
+        for encoding in encodings:
+            count = encoding.kinds.shape[0]
+            run_format(encoding.codec).decode(encoding, image, rows=rows[start:start + count], prechecked=prechecked)
+            start += count
+    except (ConfigError, ValueError) as exc:
+        raise ReplicaError(f"journaled encodings do not apply ({exc})") from None
+
+
+def _read_journal(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, list[Encoded]]:
+    """Parse and checksum a journal; ReplicaError if it is incomplete or damaged."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size < _JOURNAL_HEAD.size + _JOURNAL_TAIL.size:
+        raise ReplicaError(f"{path}: journal truncated at {data.size} bytes")
+    magic, header_length = _JOURNAL_HEAD.unpack_from(data, 0)
+    checksum, end = _JOURNAL_TAIL.unpack_from(data, data.size - _JOURNAL_TAIL.size)
+    body_end = data.size - _JOURNAL_TAIL.size
+    if magic != JOURNAL_MAGIC or end != JOURNAL_END or header_length > MAX_JOURNAL_HEADER:
+        raise ReplicaError(f"{path}: journal incomplete (bad magic or end marker)")
+    if xxhash.xxh3_64_intdigest(data[:body_end]) != checksum:
+        raise ReplicaError(f"{path}: journal checksum mismatch")
+    offset = _JOURNAL_HEAD.size
+    try:
+        header = json.loads(bytes(data[offset:offset + header_length]))
+        manifest, count = header["manifest"], int(header["count"])
+        pieces = [(str(e["codec"]), int(e["pages"]), int(e["bytes"])) for e in header["encodings"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReplicaError(f"{path}: journal header malformed ({exc!r})") from None
+    offset += header_length
+    needed = offset + 16 * count + sum(9 * pages + 8 + nbytes for _, pages, nbytes in pieces)
+    if count < 0 or needed != body_end or sum(pages for _, pages, _ in pieces) != count \
+            or any(pages < 0 or nbytes < 0 for _, pages, nbytes in pieces):
+        raise ReplicaError(f"{path}: journal lengths do not add up to {count} pages")
+    page_numbers = data[offset:offset + 8 * count].view("<u8")
+    digests = data[offset + 8 * count:offset + 16 * count].view("<u8")
+    offset += 16 * count
+    encodings = []
+    for codec, pages, nbytes in pieces:
+        kinds = data[offset:offset + pages]
+        offsets = data[offset + pages:offset + 9 * pages + 8].view("<u8").copy()   # aligned for the kernels
+        payload = data[offset + 9 * pages + 8:offset + 9 * pages + 8 + nbytes]
+        encodings.append(Encoded(payload=payload, offsets=offsets, kinds=kinds, codec=codec, raw_size=nbytes))
+        offset += 9 * pages + 8 + nbytes
+    return manifest, page_numbers, digests, encodings
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a replica directory, checked for format and version."""
+    manifest_path = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise ReplicaError(f"replica {path}: no {MANIFEST} (nothing committed yet?)") from None
+    except (OSError, ValueError) as exc:
+        raise ReplicaError(f"replica {path}: {MANIFEST} unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ReplicaError(f"replica {path}: {MANIFEST} is not a {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ReplicaError(f"replica {path}: manifest version {manifest.get('version')!r} unsupported "
+                           f"(this reader knows {FORMAT_VERSION})")
+    for key in ("page_size", "regions", "epoch", "image_digest"):
+        if key not in manifest:
+            raise ReplicaError(f"replica {path}: manifest lacks {key!r}")
+    return manifest
+
+
+def region_keys(regions: tuple[dict[str, Any], ...]) -> list[str]:
+    """Region names, made unique by appending the start address where names repeat."""
+    names = [r["name"] for r in regions]
+    return [name if names.count(name) == 1 else f"{name}@0x{r['start']:x}" for name, r in zip(names, regions)]
+
+
+def _commit_state(path: Path) -> tuple[bytes, bytes]:
+    """The manifest's bytes and the journal's head and header bytes (b"" where absent or empty).
+
+    Every commit writes a journal whose header holds its new manifest, then the manifest;
+    both name the epoch and commit time, so any commit that begins or ends changes this
+    (file sizes, inode numbers and timestamps do not always: the journal is rewritten in
+    place, the manifest files swap names, and ext4's timestamps are coarse).
+    """
+    try:
+        manifest = (path / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        manifest = b""
+    try:
+        with open(path / JOURNAL, "rb") as journal:
+            head = journal.read(_JOURNAL_HEAD.size)
+            if len(head) == _JOURNAL_HEAD.size:
+                head += journal.read(min(_JOURNAL_HEAD.unpack(head)[1], MAX_JOURNAL_HEADER))
+    except FileNotFoundError:
+        head = b""
+    return manifest, head
+
+
+def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, np.ndarray]:
+    """The committed memory of a replica: one uint8 array (npages * page_size bytes) per region.
+
+    Keys are region names (``name@0xSTART`` where names repeat). Read-only, so it
+    may run while a receiver commits: the image is only written while a complete
+    journal exists, and applying that journal (idempotent) to the copy in memory
+    gives its epoch; a copy during which a commit began or ended is taken again. The
+    result is always exactly one committed epoch; the files are never written.
+    """
+    path = Path(path)
+    for _ in range(attempts):
+        before = _commit_state(path)
+        regions = _load_once(path)
+        if _commit_state(path) == before:
+            return regions
+    raise ReplicaError(f"replica {path}: a new commit began during each of {attempts} attempts to read it")
+
+
+def _load_once(path: Path) -> dict[str, np.ndarray]:
+    """The regions as the image and a complete journal (if any) make them."""
+    store = ReplicaStore(path, fsync=False, writable=False)
+    try:
+        journal = store.pending_journal()
+        if journal is not None:
+            manifest = journal[0]
+            layout = Layout.from_untrusted(manifest["page_size"], manifest["regions"], max_pages=store.max_pages)
+        elif store.layout is not None:
+            layout = store.layout
+        else:
+            raise ReplicaError(f"replica {path}: nothing committed yet")
+        image = np.zeros((max(layout.total_pages, 1), layout.page_size), dtype=np.uint8)
+        if store._image is not None and store._image.shape[1] == layout.page_size:
+            rows = min(image.shape[0], store._image.shape[0])
+            image[:rows] = store._image[:rows]
+        if journal is not None:
+            _, page_numbers, _, encodings = journal
+            _apply_encodings(image, page_numbers, encodings)
+        return {key: image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1)
+                for key, r in zip(region_keys(layout.regions), layout.regions)}
+    finally:
+        store.close()
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_replica`` found."""
+
+    path: str
+    epoch: int
+    pages: int
+    bad_pages: list[int]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyReport:
+    """Check a replica, read-only: manifest, file sizes, every page against its stored digest, the image
+    digest, and that no interrupted commit is pending."""
+    problems: list[str] = []
+    try:
+        store = ReplicaStore(path, fsync=False, writable=False)
+    except ReplicaError as exc:
+        return VerifyReport(str(path), 0, 0, [], [str(exc)])
+    try:
+        journal = store.pending_journal()
+        if journal is not None:
+            return VerifyReport(str(path), store.epoch, 0, [], [
+                f"replica {path}: the commit of epoch {journal[0].get('epoch')} was interrupted; opening the "
+                f"replica for writing (a restarted replica-sink) completes it"])
+        if store.is_empty:
+            return VerifyReport(str(path), 0, 0, [], [f"replica {path}: nothing committed yet"])
+        page_numbers = layout_page_numbers(store.layout)
+        bad: list[int] = []
+        for start in range(0, page_numbers.size, 4096):
+            chunk = page_numbers[start:start + 4096].astype(np.intp)
+            actual = digest_pages(np.asarray(store._image[chunk]))
+            mismatched = chunk[actual != np.asarray(store._digests[chunk])]
+            bad.extend(int(p) for p in mismatched[:max_listed - len(bad)])
+            if mismatched.size:
+                problems.append(f"{mismatched.size} pages from page {int(mismatched[0])} differ from their digest")
+        stored = int(str(store.manifest["image_digest"]), 16)
+        computed = store.image_digest()
+        if computed != stored:
+            problems.append(f"image digest {_hex(computed)} != manifest {_hex(stored)}")
+        return VerifyReport(str(path), store.epoch, int(page_numbers.size), bad, problems)
+    finally:
+        store.close()
