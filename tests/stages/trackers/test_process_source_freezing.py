@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -202,3 +203,36 @@ def test_a_checkpoint_slower_than_the_interval_still_leaves_min_run_between_paus
 def test_min_run_defaults_to_half_the_interval():
     assert ProcessSource(pid=1, interval=0.04).min_run_seconds == pytest.approx(0.02)
     assert ProcessSource(pid=1, interval=0.04, min_run="5ms").min_run_seconds == pytest.approx(0.005)
+
+
+RUNNING = textwrap.dedent("""
+    import sys
+    from pipeline.stage import StageContext
+    from stages.trackers.process import ProcessSource
+
+    source = ProcessSource(pid=int(sys.argv[1]), interval=0, copy=sys.argv[2])
+    source.start(StageContext("process-src"))
+    print("started", flush=True)
+    for batch in source.produce():
+        pass
+""")
+
+
+def test_killing_pagepipe_at_random_moments_never_leaves_the_target_stopped(child):
+    """15 kills (SIGKILL or SIGTERM) at random moments of a process-src checkpointing back to back, the start-up
+    included: the target always runs on (``pagepipe bench kill_campaign`` does this to whole pipelines)."""
+    rng = random.Random(8)
+    for run in range(15):
+        holder = subprocess.Popen([sys.executable, "-c", RUNNING, str(child.process.pid), rng.choice(["all", "changed"])],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            if rng.random() < 0.8:
+                holder.stdout.readline()  # most kills once checkpoints run, the others during the start-up
+            time.sleep(rng.uniform(0, 0.1))
+            holder.send_signal(rng.choice([signal.SIGKILL, signal.SIGTERM]))
+            holder.wait(timeout=10)
+        finally:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()
+        assert_runs_on(child)
