@@ -29,7 +29,9 @@ class Tracked:
     anonymous: bool
 
 
-SharedKey = tuple[str, int]  # (device, inode)
+SharedKey = tuple[str, int, str]
+"""(device, inode, name): SysV segments show their id as inode on the device of MAP_SHARED anonymous memory,
+whose inode numbers are of another series; the name (/SYSV... or /dev/zero) keeps them apart."""
 
 
 class ProcessLayout:
@@ -94,7 +96,7 @@ def _shared_views(mappings: dict[int, list[Mapping]]) -> dict[SharedKey, list[tu
     for pid, maps in mappings.items():
         for mapping in maps:
             if _is_shared(mapping):
-                views.setdefault((mapping.device, mapping.inode), []).append((pid, mapping))
+                views.setdefault((mapping.device, mapping.inode, mapping.name), []).append((pid, mapping))
     return views
 
 

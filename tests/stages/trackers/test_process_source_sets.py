@@ -26,10 +26,22 @@ from tracker_streams import replay
 SHARED_PAGES = 256
 
 FAMILY = textwrap.dedent(f"""
-    import mmap, os, random, sys, time
+    import ctypes, mmap, os, random, sys, time
     PAGE, PAGES = mmap.PAGESIZE, {SHARED_PAGES}
     shared = mmap.mmap(-1, PAGES * PAGE)      # MAP_SHARED anonymous memory, inherited by every child
     private = bytearray(64 * PAGE)            # copy-on-write after each fork
+    path = f"/dev/shm/pagepipe-test-{{os.getpid()}}"  # POSIX shared memory, as shm_open makes it
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    os.ftruncate(fd, 16 * PAGE)
+    posix = mmap.mmap(fd, 16 * PAGE)
+    os.unlink(path)                           # the mappings stay; nothing left in /dev/shm
+    os.close(fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    segment = libc.shmget(0, 16 * PAGE, 0o1600)  # SysV shared memory (IPC_PRIVATE, IPC_CREAT)
+    sysv = (ctypes.c_char * (16 * PAGE)).from_address(libc.shmat(segment, None, 0))
+    libc.shmctl(segment, 0, None)             # IPC_RMID: freed once the last process detaches
 
     def work(seed, seconds=None):
         rng = random.Random(seed)
@@ -40,6 +52,8 @@ FAMILY = textwrap.dedent(f"""
                 at = page * PAGE + 8 * rng.randrange(PAGE // 8)
                 shared[at:at + 8] = rng.randbytes(8)
                 private[rng.randrange(len(private))] = rng.randrange(256)
+                posix[rng.randrange(16 * PAGE)] = rng.randrange(256)
+                sysv[rng.randrange(16 * PAGE)] = rng.randrange(256)
             time.sleep(0.001)
 
     for seed in range(int(sys.argv[1])):
@@ -131,7 +145,10 @@ def assert_replica_equals_every_process(replica: Path, members: list[int]) -> No
                                                   err_msg=f"region {key} in pid {pid}")
                     shared_compared[pid] = shared_compared.get(pid, 0) + (last - first) // PAGE_SIZE
     assert private_pids == set(members), "the layout names every process of the set"
-    assert all(shared_compared.get(pid, 0) >= SHARED_PAGES for pid in members), shared_compared
+    for pid in members:  # every page of every shared mapping of every process was compared
+        mapped = sum(high - low for low, high, _, _, inode, shared in mappings_of(pid) if shared and inode)
+        assert shared_compared.get(pid, 0) == mapped // PAGE_SIZE, f"pid {pid}"
+    assert sum(count >= SHARED_PAGES + 32 for count in shared_compared.values()) >= 4, shared_compared
 
 
 def test_a_process_tree_sharing_memory_replicates_to_every_processs_memory(family, tmp_path):
@@ -159,8 +176,9 @@ def test_each_shared_object_is_sent_once_and_processes_are_followed(family):
             if batch.flags & Flag.LAYOUT:
                 seen_pids.update(batch.meta["pids"])
                 shared = [r for r in batch.meta["regions"] if r["name"].startswith("shared ")]
-                pages = sum(r["npages"] for r in shared if "/dev/zero" in r["name"])
-                assert pages == SHARED_PAGES, "the mapping every process shares is tracked once"
+                for kind, npages in (("/dev/zero", SHARED_PAGES), ("/dev/shm/", 16), ("/SYSV", 16)):
+                    pages = sum(r["npages"] for r in shared if kind in r["name"])
+                    assert pages == npages, f"the {kind} mapping every process shares is tracked once"
     finally:
         source.stop()
     replay(with_source)
