@@ -236,3 +236,19 @@ def test_killing_pagepipe_at_random_moments_never_leaves_the_target_stopped(chil
             holder.wait()
             holder.stdout.close()
         assert_runs_on(child)
+
+
+def test_a_target_someone_else_stopped_is_checkpointed_and_left_stopped(child):
+    os.kill(child.process.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while set(thread_states(child.process.pid)) != {"T"}:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    source = ProcessSource(pid=child.process.pid, interval=0, checkpoints=3)
+    with started(source) as stream:
+        batches = list(stream)
+    assert [b.epoch for b in batches if b.flags & Flag.EPOCH_END] == [1, 2, 3]
+    time.sleep(0.1)
+    assert set(thread_states(child.process.pid)) == {"T"}, "still stopped, as its owner wants"
+    os.kill(child.process.pid, signal.SIGCONT)
+    assert_runs_on(child)
