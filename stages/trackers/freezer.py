@@ -105,6 +105,11 @@ class PtraceFreezer:
                 time.sleep(0.001)
         return None
 
+    def stops(self, pid: int) -> dict:
+        """How each thread of a stopped process is stopped (tid -> ptrace.Stop), for requests that need a thread in
+        a ptrace-stop (syscall injection, through ``tracer``); empty if ``pid`` is not stopped."""
+        return self._stops.get(pid, {})
+
     def _explain(self, pid: int, exc: TrackerError) -> TrackerError:
         try:
             tracer = tracer_of(pid)

@@ -106,12 +106,13 @@ def guarded_inject(guardian: Guardian, pid: int, stop: ptrace.Stop, number: int,
     """
     tid = stop.tid
     stopped_by_others = stop.kind == "group"
+    stop_pending = not stopped_by_others and sigstop_pending(pid)  # e.g. left stopped at the end: keep it so
     gadget = ptrace.find_syscall_instruction(pid)
     owed: list[int] = [stop.signal] if stop.kind == "signal" and stop.signal else []
-    guardian.watch(pid, continue_after=not stopped_by_others)
+    guardian.watch(pid, continue_after=not (stopped_by_others or stop_pending))
     try:
         if not stopped_by_others:
-            _enter_group_stop(pid, tid, owed)
+            _enter_group_stop(pid, tid, owed, send=not stop_pending)
         injection = ptrace.prepare_injection(tid, gadget)
         guardian.hold(injection, number, marker)
         result, arrived = ptrace.inject_syscall(tid, number, arguments, gadget, injection)
@@ -120,19 +121,31 @@ def guarded_inject(guardian: Guardian, pid: int, stop: ptrace.Stop, number: int,
         try:
             guardian.release()
         except TrackerError:
-            if not stopped_by_others:
+            if not (stopped_by_others or stop_pending):
                 os.kill(pid, signal.SIGCONT)
             raise
-    stop.kind, stop.signal = ("group" if stopped_by_others else "interrupt"), 0
+    stop.kind, stop.signal = ("group" if stopped_by_others or stop_pending else "interrupt"), 0
     for owed_signal in owed:
         if owed_signal not in (signal.SIGSTOP, signal.SIGTRAP):
             os.kill(pid, owed_signal)  # delivered when the process runs again
     return result
 
 
-def _enter_group_stop(pid: int, tid: int, owed: list[int]) -> None:
-    """SIGSTOP the process and let thread ``tid`` take it, so a group-stop is in effect."""
-    os.kill(pid, signal.SIGSTOP)
+def sigstop_pending(pid: int) -> bool:
+    """Whether a SIGSTOP waits to be taken by the process (or one of its threads)."""
+    bit = 1 << (signal.SIGSTOP - 1)
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return any(int(line.split()[1], 16) & bit for line in status if line.startswith(("ShdPnd:", "SigPnd:")))
+    except FileNotFoundError:
+        return False
+
+
+def _enter_group_stop(pid: int, tid: int, owed: list[int], send: bool = True) -> None:
+    """SIGSTOP the process (unless one is pending already) and let thread ``tid`` take it, so a group-stop is
+    in effect."""
+    if send:
+        os.kill(pid, signal.SIGSTOP)
     deliver = 0
     while True:
         ptrace._ptrace(ptrace.PTRACE_CONT, tid, 0, deliver, "CONT")

@@ -206,6 +206,13 @@ class RemoteUffd:
         self.detach({})
         self.close()
 
+    def disarm(self) -> None:
+        """Unregister every range and close our copy, without touching the target: its descriptor stays, and
+        the marker file with it, for the next attach to close (for a target that must not run)."""
+        self.target_fd = -1
+        self._marker = ""  # kept on disk
+        self.detach({})
+
     def _close_stale(self, stops: dict[int, ptrace.Stop]) -> None:
         """A marker of this very process names a descriptor a crashed run injected: close it if it still is a uffd."""
         try:
@@ -369,6 +376,10 @@ class KernelDirtyPages:
         """The process exited: close our side only."""
         self.uffd.abandon()
 
+    def disarm(self) -> None:
+        """Unregister everything and close our side, leaving the descriptor in the target (see RemoteUffd.disarm)."""
+        self.uffd.disarm()
+
     def close(self) -> None:
         self.uffd.close()
 
@@ -405,6 +416,7 @@ class KernelDirtyPages:
             plan.whole.append((region, self._arm(region)))
         addresses = np.union1d(scan.written, scan.dropped)
         if len(addresses) and scanned:
+            scanned.sort(key=lambda region: region.start)
             starts = np.array([region.start for region in scanned], dtype=np.uint64)
             ends = starts + np.array([region.npages for region in scanned], dtype=np.uint64) * page
             index = np.searchsorted(starts, addresses, side="right") - 1

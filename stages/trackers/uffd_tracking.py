@@ -23,11 +23,16 @@ the reason warned once per mapping:
 
 ``close()`` disarms and closes the injected descriptor in every process,
 stopping each briefly with the freezer's tracer; a process that exited needs
-nothing. Same interface as DigestTracking: ``paused`` / ``resumed`` /
+nothing. A process left stopped (``stop-at-end=true``, or stopped by someone
+else) is only disarmed: its descriptor stays, noted in the marker file for
+the next attach to close, because running even one injected close() in it
+lets the kernel update the thread's rseq area (the current CPU), and the
+stopped process must stay byte-identical to its final checkpoint. Same interface as DigestTracking: ``paused`` / ``resumed`` /
 ``forget`` / ``forget_process`` / ``close`` / ``counters``.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -36,7 +41,8 @@ from pipeline.errors import TrackerError
 
 from . import ptrace
 from .digest_tracking import DigestTracking, Reader
-from .procmem import ProcessGone
+from .injection_guard import sigstop_pending
+from .procmem import ProcessGone, thread_states
 from .proclayout import Tracked
 from .remote_uffd import KernelDirtyPages
 
@@ -63,6 +69,7 @@ class UffdTracking:
         self.counters = self.digest.counters
         self._kernel: dict[int, KernelDirtyPages | None] = {}  # None: this process is digested whole
         self._warned: set[str] = set()
+        self._new_untracked: dict[str, list[str]] = {}
         self._numbers: list[np.ndarray] = []
         self._data: list[np.ndarray] = []
 
@@ -117,6 +124,7 @@ class UffdTracking:
             for region, resident in whole:
                 self._read_whole(pid, region, resident)
             armed_pages += sum(item.region.npages for item in items if item.region.first_page not in plan.digest)
+        self._warn_new()
         self.digest.paused(sorted(digested, key=lambda t: t.region.first_page), next_page, everything)
         self.counters.update(written_pages=written, armed_pages=armed_pages,
                              tracked_pages=self.counters.get("tracked_pages", 0) + armed_pages)
@@ -138,12 +146,15 @@ class UffdTracking:
             try:
                 if tracer is None:
                     raise TrackerError("no tracer to stop it with")
+                if _let_stop_settle(pid):  # left stopped: stays byte-identical to its last checkpoint
+                    kernel.disarm()
+                    continue
                 stops = tracer.stop_threads(pid)
                 try:
                     kernel.detach(stops)
                 finally:
                     tracer.release_threads(stops)
-            except ptrace.ThreadGone:
+            except (ptrace.ThreadGone, ProcessGone):
                 kernel.abandon()
             except TrackerError as exc:
                 kernel.abandon()
@@ -162,10 +173,17 @@ class UffdTracking:
         return UNTRACKED_SHARED if item.region.name.startswith("shared ") else UNTRACKED_FILE
 
     def _note(self, item: Tracked, reason: str) -> None:
+        """Remember a region digested for ``reason``; warned once per mapping, grouped (see _warn_new)."""
         name = item.region.name
         if name not in self._warned:
             self._warned.add(name)
-            self._warn(f"{name}: digested, not tracked by the kernel: {reason}")
+            self._new_untracked.setdefault(reason, []).append(name)
+
+    def _warn_new(self) -> None:
+        for reason, names in self._new_untracked.items():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            self._warn(f"digested, not tracked by the kernel ({reason}): {shown}")
+        self._new_untracked = {}
 
     def _attached(self, pid: int) -> KernelDirtyPages | None:
         """The process's kernel tracking, injected on first use; None where that failed (mode=auto)."""
@@ -214,6 +232,19 @@ class UffdTracking:
             self._read(pid, [(address, count, int(row)) for (address, count, _), row in zip(runs, rows)], out)
         self._numbers.append(np.arange(region.first_page, region.first_page + region.npages, dtype=np.uint64))
         self._data.append(out)
+
+
+def _let_stop_settle(pid: int, timeout: float = 2.0) -> bool:
+    """Whether the process is stopped (SIGSTOP: left stopped at the end, or by someone else), after letting a
+    stop under way finish."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = thread_states(pid)
+        if set(states) <= set("TZX"):
+            return "T" in states
+        if not (sigstop_pending(pid) or "T" in states) or time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
 
 
 def _address_runs(addresses: np.ndarray, page_size: int) -> list[tuple[int, int, int]]:
