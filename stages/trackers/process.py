@@ -6,16 +6,8 @@ frozen), re-reads their writable mappings (following those that appear, grow,
 shrink or vanish, and processes that start and exit), finds the pages that
 changed, and resumes them; compression and sending happen while they run.
 Shared memory is tracked once per object (proclayout.py). How changed pages
-are found is its own part (``self.tracking``), chosen by ``mode=``: ``uffd``
-asks the kernel which pages were written (a userfaultfd injected into each
-process, uffd_tracking.py): the first checkpoint sends every page, every
-later one reads only the written pages, so the pause follows the dirty pages,
-not the size; mappings the kernel cannot track for us (shared, file-backed,
-ranges the process watches with its own userfaultfd) are digested and named
-in a warning. ``digest`` reads every page that may hold data and compares
-digests (digest_tracking.py), where ``copy=`` chooses what the pause does.
-``auto`` (default) is uffd where the kernel and permissions allow, else
-digest with a warning saying why.
+are found is its own part (``self.tracking``): today by digest
+(digest_tracking.py), where ``copy=`` chooses what the pause does.
 
 Timing: ``interval`` is the time from the start of one checkpoint to the start
 of the next; ``min-run`` is the least time the processes run between two
@@ -42,7 +34,6 @@ from stages.common.acks import AckListener
 from stages.common.layout import Mapping
 
 from .digest_tracking import DigestTracking
-from .uffd_tracking import UffdTracking
 from .epochs import EpochStream
 from .freezer import AlreadyTraced, PtraceFreezer, SignalFreezer, open_freezer
 from .procmem import ProcessGone, past_end_of_file, read_pages, writable_mappings
@@ -50,6 +41,8 @@ from .proclayout import ProcessLayout, Tracked
 from .targets import TargetSet, outside_sharers, shared_objects
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+SHARERS_RECHECK = 10.0
+"""Seconds between two looks through /proc for processes outside the set that map its shared memory."""
 
 
 @dataclass
@@ -86,21 +79,19 @@ class ProcessSource(Stage):
     tree = Property("bool", False, "Also every descendant of pid=/pids=, followed as they start and exit")
     cgroup = Property("str", "", "Checkpoint every process of this cgroup (a path, absolute or under "
                       "/sys/fs/cgroup), followed as they join and leave (instead of pid=)")
-    interval = Property("duration", "25ms", "Time from the start of one checkpoint to the start of the next",
+    interval = Property("duration", "25ms", "Time from the start of one checkpoint to the start of the next "
+                        "(start to start; the next one also waits until the processes ran min-run)",
                         minimum=0)
-    min_run = Property("duration", None, "Least time the processes run between two pauses, whatever a "
-                       "checkpoint takes (default: half the interval)", minimum=0)
+    min_run = Property("duration", None, "Least time the processes run between the end of one pause and the "
+                       "start of the next, whatever a checkpoint takes (default: half the interval); the "
+                       "statistics' stopped_fraction is the share of time they were stopped", minimum=0)
     checkpoints = Property("int", 0, "Checkpoints to take, then end (0: until the processes exit or close())",
                            minimum=0)
     stop_at_end = Property("bool", False, "Leave the processes stopped after the final checkpoint")
     batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1, maximum=1 << 16)
     stop_timeout = Property("duration", "2s", "How long to wait for the processes to stop", minimum=0)
-    mode = Property("choice", "auto", "How changed pages are found: uffd: the kernel lists the written pages "
-                    "(userfaultfd injected with ptrace; shared and file-backed mappings digested) | digest: read "
-                    "and compare every page | auto: uffd where possible, else digest with a warning",
-                    choices=("auto", "uffd", "digest"))
-    copy = Property("choice", "all", "(pages found by digest) all: the pause copies every resident page, changes "
-                    "are found after the processes resume (shortest pause; memory as large as theirs) | changed: the pause "
+    copy = Property("choice", "all", "all: the pause copies every resident page, changes are found after the "
+                    "processes resume (shortest pause; memory as large as theirs) | changed: the pause "
                     "digests chunk by chunk and copies only changed pages (4 MiB of memory)",
                     choices=("all", "changed"))
     ack_endpoint = Property("str", "", "Bind an ack listener here (e.g. tcp://*:5556) for the receiver's "
@@ -110,7 +101,7 @@ class ProcessSource(Stage):
         super().__init__(**properties)
         self.targets: TargetSet | None = None
         self.freezer: PtraceFreezer | SignalFreezer | None = None
-        self.tracking: DigestTracking | UffdTracking | None = None
+        self.tracking: DigestTracking | None = None
         self._layout = ProcessLayout(PAGE_SIZE)
         self._tracked: list[Tracked] = []
         self._mappings: dict[int, list[Mapping]] = {}
@@ -118,7 +109,7 @@ class ProcessSource(Stage):
         self._resync_requested = False
         self._close_requested = threading.Event()
         self._ack_listener: AckListener | None = None
-        self._sharers_checked: tuple = ()
+        self._sharers_checked: tuple = ((), 0.0)
         self._sharers_warned: set[tuple[int, str]] = set()
         self._stopped_seconds = 0.0
 
@@ -161,13 +152,7 @@ class ProcessSource(Stage):
             raise TrackerError(f"{self._where}: pid {gone} exited before tracking began") from None
         except TrackerError as exc:
             raise TrackerError(f"{self._where}: {exc}") from None
-        if self.mode == "digest":
-            self.tracking = DigestTracking(PAGE_SIZE, self.copy, self._read_pages, context.warn)
-        else:
-            self.tracking = UffdTracking(PAGE_SIZE, self.copy, self._read_pages,
-                                         lambda message: context.warn(f"{self._where}: {message}"),
-                                         tracer=lambda: getattr(self.freezer, "tracer", None),
-                                         stops=lambda pid: self.freezer.stops(pid), strict=self.mode == "uffd")
+        self.tracking = DigestTracking(PAGE_SIZE, self.copy, self._read_pages, context.warn)
         if self.ack_endpoint:
             try:
                 self._ack_listener = AckListener(self.ack_endpoint).attach(self)
@@ -203,7 +188,7 @@ class ProcessSource(Stage):
 
     # ---- the schedule ---------------------------------------------------------------
     def produce(self) -> Iterator[Batch]:
-        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self.tracking.name, pids=self._members,
+        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking="digest", pids=self._members,
                              **({"pid": self.pid} if self.pid else {}))
         epoch = 0
         first_start = next_start = time.monotonic()
@@ -317,13 +302,15 @@ class ProcessSource(Stage):
             self.tracking.counters["past_eof_pages"] = self.tracking.counters.get("past_eof_pages", 0) + len(refused)
 
     def _warn_about_outside_sharers(self, snapshot: _Snapshot) -> None:
-        """Name the processes outside the set that map its writable shared memory (once each; looked up
-        again when the members or their shared objects change, with the processes running)."""
+        """Name the processes outside the set that map its writable shared memory (once each). All of /proc is
+        read for this, with the processes running: again when their shared objects change, and at most every
+        SHARERS_RECHECK seconds otherwise (processes outside that map the memory later)."""
         objects = set().union(*(shared_objects(m) for m in self._mappings.values())) if self._mappings else set()
-        key = (tuple(self._members), tuple(sorted(objects)))
-        if key == self._sharers_checked:
+        key = tuple(sorted(objects))
+        checked, when = self._sharers_checked
+        if key == checked and time.monotonic() - when < SHARERS_RECHECK:
             return
-        self._sharers_checked = key
+        self._sharers_checked = (key, time.monotonic())
         for pid, names in sorted(outside_sharers(self._members, objects).items()):
             for name in sorted(names):
                 if (pid, name) not in self._sharers_warned:
