@@ -6,8 +6,16 @@ frozen), re-reads their writable mappings (following those that appear, grow,
 shrink or vanish, and processes that start and exit), finds the pages that
 changed, and resumes them; compression and sending happen while they run.
 Shared memory is tracked once per object (proclayout.py). How changed pages
-are found is its own part (``self.tracking``): today by digest
-(digest_tracking.py), where ``copy=`` chooses what the pause does.
+are found is its own part (``self.tracking``), chosen by ``mode=``: ``uffd``
+asks the kernel which pages were written (a userfaultfd injected into each
+process, uffd_tracking.py): the first checkpoint sends every page, every
+later one reads only the written pages, so the pause follows the dirty pages,
+not the size; mappings the kernel cannot track for us (shared, file-backed,
+ranges the process watches with its own userfaultfd) are digested and named
+in a warning. ``digest`` reads every page that may hold data and compares
+digests (digest_tracking.py), where ``copy=`` chooses what the pause does.
+``auto`` (default) is uffd where the kernel and permissions allow, else
+digest with a warning saying why.
 
 Timing: ``interval`` is the time from the start of one checkpoint to the start
 of the next; ``min-run`` is the least time the processes run between two
@@ -34,6 +42,7 @@ from stages.common.acks import AckListener
 from stages.common.layout import Mapping
 
 from .digest_tracking import DigestTracking
+from .uffd_tracking import UffdTracking
 from .epochs import EpochStream
 from .freezer import AlreadyTraced, PtraceFreezer, SignalFreezer, open_freezer
 from .procmem import ProcessGone, past_end_of_file, read_pages, writable_mappings
@@ -90,8 +99,12 @@ class ProcessSource(Stage):
     stop_at_end = Property("bool", False, "Leave the processes stopped after the final checkpoint")
     batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1, maximum=1 << 16)
     stop_timeout = Property("duration", "2s", "How long to wait for the processes to stop", minimum=0)
-    copy = Property("choice", "all", "all: the pause copies every resident page, changes are found after the "
-                    "processes resume (shortest pause; memory as large as theirs) | changed: the pause "
+    mode = Property("choice", "auto", "How changed pages are found: uffd: the kernel lists the written pages "
+                    "(userfaultfd injected with ptrace; shared and file-backed mappings digested) | digest: read "
+                    "and compare every page | auto: uffd where possible, else digest with a warning",
+                    choices=("auto", "uffd", "digest"))
+    copy = Property("choice", "all", "(pages found by digest) all: the pause copies every resident page, changes "
+                    "are found after the processes resume (shortest pause; memory as large as theirs) | changed: the pause "
                     "digests chunk by chunk and copies only changed pages (4 MiB of memory)",
                     choices=("all", "changed"))
     ack_endpoint = Property("str", "", "Bind an ack listener here (e.g. tcp://*:5556) for the receiver's "
@@ -101,7 +114,7 @@ class ProcessSource(Stage):
         super().__init__(**properties)
         self.targets: TargetSet | None = None
         self.freezer: PtraceFreezer | SignalFreezer | None = None
-        self.tracking: DigestTracking | None = None
+        self.tracking: DigestTracking | UffdTracking | None = None
         self._layout = ProcessLayout(PAGE_SIZE)
         self._tracked: list[Tracked] = []
         self._mappings: dict[int, list[Mapping]] = {}
@@ -152,7 +165,13 @@ class ProcessSource(Stage):
             raise TrackerError(f"{self._where}: pid {gone} exited before tracking began") from None
         except TrackerError as exc:
             raise TrackerError(f"{self._where}: {exc}") from None
-        self.tracking = DigestTracking(PAGE_SIZE, self.copy, self._read_pages, context.warn)
+        if self.mode == "digest":
+            self.tracking = DigestTracking(PAGE_SIZE, self.copy, self._read_pages, context.warn)
+        else:
+            self.tracking = UffdTracking(PAGE_SIZE, self.copy, self._read_pages,
+                                         lambda message: context.warn(f"{self._where}: {message}"),
+                                         tracer=lambda: getattr(self.freezer, "tracer", None),
+                                         stops=lambda pid: self.freezer.stops(pid), strict=self.mode == "uffd")
         if self.ack_endpoint:
             try:
                 self._ack_listener = AckListener(self.ack_endpoint).attach(self)
@@ -188,7 +207,7 @@ class ProcessSource(Stage):
 
     # ---- the schedule ---------------------------------------------------------------
     def produce(self) -> Iterator[Batch]:
-        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking="digest", pids=self._members,
+        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self.tracking.name, pids=self._members,
                              **({"pid": self.pid} if self.pid else {}))
         epoch = 0
         first_start = next_start = time.monotonic()
