@@ -189,17 +189,18 @@ def test_nothing_of_ours_is_left_in_a_target_that_runs_on(changing, tmp_path):
 
 def test_a_descriptor_left_by_a_killed_run_is_closed_by_the_next(changing, tmp_path):
     command = ["pagepipe", "launch", f"process-src pid={changing.pid} mode=uffd interval=10ms ! null-sink"]
-    killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not userfaultfd_descriptors(changing.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
     finally:
-        killed.kill()
+        os.killpg(killed.pid, signal.SIGKILL)  # pagepipe and its workers, as a crash would
         killed.wait()
-    deadline = time.monotonic() + 30  # the worker holding the target dies after the launcher
-    while not set(thread_states(changing.pid)) <= set("RS") and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (set(thread_states(changing.pid)) <= set("RS") and "TracerPid:\t0"
+                                               in open(f"/proc/{changing.pid}/status").read()):
         time.sleep(0.05)
     assert changing.process.poll() is None and set(thread_states(changing.pid)) <= set("RS")
     stale = userfaultfd_descriptors(changing.pid)
