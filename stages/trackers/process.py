@@ -27,6 +27,7 @@ final checkpoint with ``stop-at-end=true``.
 """
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -50,6 +51,8 @@ from .proclayout import ProcessLayout, Tracked
 from .targets import TargetSet, outside_sharers, shared_objects
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PAUSE_WINDOW = 1000
+"""Steady checkpoints whose pauses the median and p99 statistics cover."""
 SHARERS_RECHECK = 10.0
 """Seconds between two looks through /proc for processes outside the set that map its shared memory."""
 
@@ -125,6 +128,7 @@ class ProcessSource(Stage):
         self._sharers_checked: tuple = ((), 0.0)
         self._sharers_warned: set[tuple[int, str]] = set()
         self._stopped_seconds = 0.0
+        self._steady_pauses: collections.deque[float] = collections.deque(maxlen=PAUSE_WINDOW)
 
     @property
     def _where(self) -> str:
@@ -231,7 +235,8 @@ class ProcessSource(Stage):
             if len(numbers):
                 yield from stream.pages(epoch, numbers, data, resync)
             yield stream.end(epoch, snapshot.pause, snapshot.when, resync)
-            self._post_statistics(epoch, snapshot.pause, time.monotonic() - first_start)
+            self._post_statistics(epoch, snapshot.pause, time.monotonic() - first_start,
+                                  steady=not (resync or epoch == 1))
             if final:
                 yield stream.end_of_stream(epoch)
                 return
@@ -239,8 +244,14 @@ class ProcessSource(Stage):
             next_start = max(started + self.interval, resumed + self.min_run_seconds)
             self._close_requested.wait(max(0.0, next_start - time.monotonic()))
 
-    def _post_statistics(self, epoch: int, pause: float, elapsed: float) -> None:
+    def _post_statistics(self, epoch: int, pause: float, elapsed: float, steady: bool) -> None:
+        """Counters of the pauses: the last, the longest, median and p99 of the last PAUSE_WINDOW steady ones
+        (the first, full checkpoint and resyncs apart), and the time stopped."""
         self._stopped_seconds += pause
+        if steady:
+            self._steady_pauses.append(pause * 1e3)
+            median, p99 = np.percentile(self._steady_pauses, [50, 99])
+            self.counters.update(pause_ms_median=float(median), pause_ms_p99=float(p99))
         if self._ack_listener is not None:
             self.counters["acknowledged_epoch"] = self._ack_listener.acked_epoch
         self.counters.update(checkpoints=epoch, pause_ms=pause * 1e3,
