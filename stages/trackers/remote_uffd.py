@@ -21,9 +21,12 @@ Facts the design follows:
 - Write-protect bits live in this process's page tables: a write to shared
   memory through another process's mapping is invisible here, so shared
   mappings are not tracked by this class (process-src digests them).
-- ``madvise(MADV_DONTNEED)`` empties a page-table entry without marking the
-  page written: the resident (PRESENT|SWAPPED) set is compared between scans
-  and the pages that left it are reported as dropped (they read as zeros).
+- ``madvise(MADV_DONTNEED)`` empties a page-table entry, which a kernel may
+  not report as written: the resident (PRESENT|SWAPPED) set is compared
+  between scans and the pages that left it are reported as dropped (they read
+  as zeros). Where the written scan does report such pages (this kernel, 6.18,
+  with WP_UNPOPULATED: probed once at first use on our own memory), that
+  second walk of the page tables is skipped.
 - A range the target already registered with its own userfaultfd cannot be
   registered again (EBUSY): ``register`` says so and the caller digests it.
 """
@@ -281,15 +284,19 @@ class RemoteUffd:
         written: list[np.ndarray] = []
         dropped: list[np.ndarray] = []
         lost: list[tuple[int, int]] = []
+        compare_resident = not dropped_pages_show_as_written()
         for start, end in list(self._armed.items()):
             try:
-                now = self._resident_ranges(start, end - start)  # before the written scan re-arms (fills) pages
+                # before the written scan re-arms (fills) pages
+                now = self._resident_ranges(start, end - start) if compare_resident else None
                 written.append(self._scanner.written(start, end - start))
             except UffdError as exc:
                 if exc.errno != errno.EPERM:
                     raise
                 lost.append((start, end))  # part of it is no longer armed (munmap + mmap at the same place)
                 self.forget(start)
+                continue
+            if now is None:
                 continue
             before = self._resident[start]
             if not np.array_equal(now, before):
@@ -315,6 +322,42 @@ def _clip(ranges: np.ndarray, start: int, end: int) -> np.ndarray:
         return ranges
     clipped = np.clip(ranges, np.uint64(start), np.uint64(end))
     return clipped[clipped[:, 1] > clipped[:, 0]]
+
+
+_DROPPED_SHOW_AS_WRITTEN: bool | None = None
+
+
+def dropped_pages_show_as_written() -> bool:
+    """Whether this kernel's written-page scan also reports pages emptied by MADV_DONTNEED (probed once on a
+    mapping of our own). Then the resident-set comparison, a second walk of every page table, is skipped."""
+    global _DROPPED_SHOW_AS_WRITTEN
+    if _DROPPED_SHOW_AS_WRITTEN is None:
+        _DROPPED_SHOW_AS_WRITTEN = _probe_dropped_pages()
+    return _DROPPED_SHOW_AS_WRITTEN
+
+
+def _probe_dropped_pages() -> bool:
+    import mmap
+
+    from .uffd import WriteTracker
+    page = mmap.PAGESIZE
+    memory = mmap.mmap(-1, 4 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = (ctypes.c_char * len(memory)).from_buffer(memory)
+    try:
+        start = ctypes.addressof(buffer)
+        memory[:] = b"x" * len(memory)
+        tracker = WriteTracker()
+        try:
+            tracker.register(start, len(memory))
+            _libc.madvise(ctypes.c_void_p(start + page), ctypes.c_size_t(page), 4)  # MADV_DONTNEED
+            return bool(int(start + page) in set(tracker.collect(start, len(memory)).tolist()))
+        finally:
+            tracker.close()
+    except TrackerError:
+        return False
+    finally:
+        del buffer
+        memory.close()
 
 
 def _pages_left(before: np.ndarray, now: np.ndarray, page_size: int) -> np.ndarray:
