@@ -135,13 +135,14 @@ def read_memory(pid: int, address: int, nbytes: int) -> bytes:
         return mem.read(nbytes)
 
 
-def replicate(pid: int, tmp_path: Path, extra: str = "", checkpoints: int = 25):
+def replicate(pid: int, tmp_path: Path, extra: str = "", checkpoints: int = 25, timeout: float = 300,
+              interval: str = "10ms"):
     """process-src -> frame -> file, then file -> replica-sink; returns the run's result and the replica."""
     stream, replica = tmp_path / "stream", tmp_path / "replica"
-    result = Pipeline.parse(f"process-src name=src pid={pid} interval=10ms checkpoints={checkpoints} {extra} "
-                            f"! frame ! file-sink path={stream}").run(mode="inline", timeout=120)
+    result = Pipeline.parse(f"process-src name=src pid={pid} interval={interval} checkpoints={checkpoints} {extra} "
+                            f"! frame ! file-sink path={stream}").run(mode="inline", timeout=timeout)
     Pipeline.parse(f"file-src path={stream} ! deframe ! decode ! replica-sink path={replica} fsync=false").run(
-        mode="inline", timeout=120)
+        mode="inline", timeout=timeout)
     return result, replica
 
 
