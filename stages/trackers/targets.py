@@ -102,12 +102,13 @@ class TargetSet:
         return sorted(members)
 
 
-def shared_objects(mappings: Iterable[Mapping]) -> set[tuple[str, int]]:
-    """(device, inode) of the writable shared mappings among ``mappings``."""
-    return {(m.device, m.inode) for m in mappings if m.shared and m.inode}
+def shared_objects(mappings: Iterable[Mapping]) -> set[tuple[str, int, str]]:
+    """(device, inode, name) of the writable shared mappings among ``mappings`` (the name keeps SysV segments,
+    whose inode is their id, apart from MAP_SHARED anonymous memory on the same device)."""
+    return {(m.device, m.inode, m.name) for m in mappings if m.shared and m.inode}
 
 
-def outside_sharers(members: Iterable[int], objects: set[tuple[str, int]]) -> dict[int, set[str]]:
+def outside_sharers(members: Iterable[int], objects: set[tuple[str, int, str]]) -> dict[int, set[str]]:
     """Processes outside ``members`` that map any of ``objects`` writable and shared: pid -> mapping names."""
     inside = set(members)
     found: dict[int, set[str]] = {}
@@ -123,7 +124,8 @@ def outside_sharers(members: Iterable[int], objects: set[tuple[str, int]]) -> di
             continue  # gone, or not ours to read
         for line in lines:
             fields = line.split(maxsplit=5)
-            if len(fields) >= 5 and fields[1][1] == "w" and fields[1][3] == "s" \
-                    and (fields[3], int(fields[4])) in objects:
-                found.setdefault(pid, set()).add(fields[5] if len(fields) == 6 else "[anon]")
+            if len(fields) == 6 and fields[1][1] == "w" and fields[1][3] == "s":
+                name = fields[5].removesuffix(" (deleted)")
+                if (fields[3], int(fields[4]), name) in objects:
+                    found.setdefault(pid, set()).add(name)
     return found
