@@ -271,6 +271,9 @@ class RemoteUffd:
     def rekey(self, keep: dict[tuple[int, int], int]) -> None:
         """Track exactly the ranges of ``keep`` (each inside the armed range starting at its value: they stay
         registered); armed ranges none of them lies in left the layout and are unregistered."""
+        if len(keep) == len(self._armed) and all(parent == start and self._armed.get(start) == end
+                                                 for (start, end), parent in keep.items()):
+            return  # the same ranges as before: nothing to move
         armed, resident = self._armed, self._resident
         self._armed = {start: end for start, end in keep}
         self._resident = {start: _clip(resident[parent], start, end) for (start, end), parent in keep.items()}
