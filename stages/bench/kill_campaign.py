@@ -41,7 +41,6 @@ TARGET = textwrap.dedent("""
         beat = mmap.mmap(file.fileno(), 8)
     data = bytearray(int(sys.argv[2]))
     rng, count = random.Random(1), 0
-    print("ready", flush=True)
     while True:
         count += 1
         beat[:8] = struct.pack("<Q", count)
@@ -139,11 +138,12 @@ def _wait_for_end(launcher: subprocess.Popen, family: set[int], target: int) -> 
 def one_run(rng: random.Random, workdir: Path, target_bytes: int) -> Outcome:
     beat = workdir / "heartbeat"
     beat.write_bytes(bytes(8))
-    target = subprocess.Popen([sys.executable, "-c", TARGET, str(beat), str(target_bytes)], stdout=subprocess.PIPE,
-                              text=True)
+    target = subprocess.Popen([sys.executable, "-c", TARGET, str(beat), str(target_bytes)])
     launcher = None
     try:
-        target.stdout.readline()
+        deadline = time.monotonic() + 30
+        while not _heartbeat(beat) and target.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the target is up once it beats
         sink = (f"file-sink path={workdir / 'stream'}" if rng.random() < 0.5
                 else "zmq-sink endpoint=tcp://127.0.0.1:9 timeout=300ms")
         launcher = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch", "--timeout", "60",
@@ -180,7 +180,6 @@ def one_run(rng: random.Random, workdir: Path, target_bytes: int) -> Outcome:
             launcher.wait()
         target.kill()
         target.wait()
-        target.stdout.close()
 
 
 def campaign(runs: int, seed: int = 1, target_bytes: int = 32 << 20, verbose: bool = False) -> list[Outcome]:

@@ -135,6 +135,24 @@ class ProcessSource(Stage):
         return self.name or self.factory_name
 
     @property
+    def _set(self) -> TargetSet:
+        if self.targets is None:
+            raise TrackerError(f"{self._where}: not started")
+        return self.targets
+
+    @property
+    def _freezer(self) -> PtraceFreezer | SignalFreezer:
+        if self.freezer is None:
+            raise TrackerError(f"{self._where}: not started (or stopped)")
+        return self.freezer
+
+    @property
+    def _tracking(self) -> DigestTracking | UffdTracking:
+        if self.tracking is None:
+            raise TrackerError(f"{self._where}: not started (or stopped)")
+        return self.tracking
+
+    @property
     def min_run_seconds(self) -> float:
         return self.interval / 2 if self.min_run is None else self.min_run
 
@@ -150,12 +168,12 @@ class ProcessSource(Stage):
     def start(self, context: StageContext) -> None:
         """Check that the processes exist and their memory can be read; TrackerError saying why not."""
         super().start(context)
-        self.targets = self._target_set()
+        targets = self.targets = self._target_set()
         try:
-            members = self.targets.members()
+            members = targets.members()
             if not members:
                 missing = "no process in" if self.cgroup else "no process with"
-                raise TrackerError(f"{missing} {self.targets.describe()}")
+                raise TrackerError(f"{missing} {targets.describe()}")
             readable = 0
             for pid in members:
                 try:
@@ -163,7 +181,7 @@ class ProcessSource(Stage):
                 except ProcessGone:
                     continue  # exited meanwhile: the set follows such changes
             if not readable:
-                raise TrackerError(f"{self.targets.describe()}: no writable memory to track (a kernel thread?)")
+                raise TrackerError(f"{targets.describe()}: no writable memory to track (a kernel thread?)")
             self.freezer = open_freezer(members, self.stop_timeout, context.warn)
         except ProcessGone as gone:
             raise TrackerError(f"{self._where}: pid {gone} exited before tracking began") from None
@@ -175,13 +193,17 @@ class ProcessSource(Stage):
             self.tracking = UffdTracking(PAGE_SIZE, self.copy, self._read_pages,
                                          lambda message: context.warn(f"{self._where}: {message}"),
                                          tracer=lambda: getattr(self.freezer, "tracer", None),
-                                         stops=lambda pid: self.freezer.stops(pid), strict=self.mode == "uffd")
+                                         stops=self._thread_stops, strict=self.mode == "uffd")
         if self.ack_endpoint:
             try:
                 self._ack_listener = AckListener(self.ack_endpoint).attach(self)
             except TransportError as exc:
                 self.stop()
                 raise TransportError(f"{self._where}: {exc}") from None
+
+    def _thread_stops(self, pid: int) -> dict:
+        """How each thread of a stopped process is stopped (ptrace only; empty when stopped by signal)."""
+        return self.freezer.stops(pid) if isinstance(self.freezer, PtraceFreezer) else {}
 
     def _check_readable(self, pid: int) -> bool:
         """Whether the process has writable memory (one exiting has none); TrackerError if it cannot be read."""
@@ -211,7 +233,7 @@ class ProcessSource(Stage):
 
     # ---- the schedule ---------------------------------------------------------------
     def produce(self) -> Iterator[Batch]:
-        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self.tracking.name, pids=self._members,
+        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self._tracking.name, pids=self._members,
                              **({"pid": self.pid} if self.pid else {}))
         epoch = 0
         first_start = next_start = time.monotonic()
@@ -226,9 +248,9 @@ class ProcessSource(Stage):
                 yield stream.end_of_stream(epoch)
                 return
             resumed = time.monotonic()
-            self.counters.update(self.tracking.counters)
+            self.counters.update(self._tracking.counters)
             epoch += 1
-            numbers, data = self.tracking.resumed()
+            numbers, data = self._tracking.resumed()
             if snapshot.layout_changed:
                 stream.layout_extra["pids"] = snapshot.members
                 yield stream.layout(epoch, [t.region for t in snapshot.tracked], snapshot.vanished)
@@ -258,7 +280,8 @@ class ProcessSource(Stage):
                              pause_ms_max=max(pause * 1e3, self.counters.get("pause_ms_max", 0.0)),
                              stopped_seconds=self._stopped_seconds,
                              stopped_fraction=self._stopped_seconds / elapsed if elapsed > 0 else 1.0,
-                             processes=len(self._members), freezer=self.freezer.method)
+                             processes=len(self._members),
+                             stopped_by_ptrace=int(isinstance(self.freezer, PtraceFreezer)))
 
     # ---- one checkpoint -------------------------------------------------------------
     def _checkpoint(self, epoch: int, final: bool, everything: bool) -> _Snapshot:
@@ -276,9 +299,9 @@ class ProcessSource(Stage):
         except TrackerError as exc:
             resumed = "resumed" if self.freezer is not None else "not stopped"
             raise TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc} "
-                               f"({self.targets.describe()} {resumed})") from None
+                               f"({self._set.describe()} {resumed})") from None
         finally:
-            self.freezer.thaw(keep_stopped)
+            self._freezer.thaw(keep_stopped)
         snapshot.pause = time.perf_counter() - began
         snapshot.when = when
         return snapshot
@@ -286,13 +309,13 @@ class ProcessSource(Stage):
     def _freeze(self) -> list[int]:
         """Stop every process of the set; a process someone else started tracing switches to SIGSTOP."""
         try:
-            return self.freezer.freeze(self.targets.members)
+            return self._freezer.freeze(self._set.members)
         except AlreadyTraced as exc:
             self.context.warn(f"{self._where}: {exc}: stopping with SIGSTOP/SIGCONT from now on, a guardian "
                               f"process resumes the processes if pagepipe dies while they are stopped")
-            self.freezer.close()
+            self._freezer.close()
             self.freezer = SignalFreezer(self.stop_timeout)
-            return self.freezer.freeze(self.targets.members)
+            return self._freezer.freeze(self._set.members)
 
     def _paused(self, members: list[int], everything: bool) -> _Snapshot:
         """With every process stopped: follow the processes and their mappings, read what may have changed."""
@@ -305,16 +328,16 @@ class ProcessSource(Stage):
         if not mappings:
             raise ProcessGone(members[0])
         for pid in set(self._mappings) - set(mappings):
-            self.tracking.forget_process(pid)
+            self._tracking.forget_process(pid)
         self._mappings = mappings
         self._members = sorted(mappings)
         tracked, vanished = self._layout.update(mappings)
         snapshot = _Snapshot(tracked, vanished, everything or tracked != self._tracked or bool(vanished),
                              self._members)
         self._tracked = tracked
-        self.tracking.counters["past_eof_pages"] = 0
-        self.tracking.forget(vanished)
-        self.tracking.paused(tracked, self._layout.next_page, everything)
+        self._tracking.counters["past_eof_pages"] = 0
+        self._tracking.forget(vanished)
+        self._tracking.paused(tracked, self._layout.next_page, everything)
         return snapshot
 
     def _read_pages(self, pid: int, runs: list[tuple[int, int, int]], out: np.ndarray) -> None:
@@ -329,7 +352,8 @@ class ProcessSource(Stage):
                 raise TrackerError(f"pid {pid}: the page at {address:#x} ({where}) cannot be read; "
                                    f"not sending it as zeros")
         if refused:
-            self.tracking.counters["past_eof_pages"] = self.tracking.counters.get("past_eof_pages", 0) + len(refused)
+            counters = self._tracking.counters
+            counters["past_eof_pages"] = counters.get("past_eof_pages", 0) + len(refused)
 
     def _warn_about_outside_sharers(self, snapshot: _Snapshot) -> None:
         """Name the processes outside the set that map its writable shared memory (once each). All of /proc is
@@ -346,6 +370,6 @@ class ProcessSource(Stage):
                 if (pid, name) not in self._sharers_warned:
                     self._sharers_warned.add((pid, name))
                     self.context.warn(f"{self._where}: pid {pid} is not checkpointed but maps {name} shared and "
-                                      f"writable with {self.targets.describe()}: its writes reach the replica "
+                                      f"writable with {self._set.describe()}: its writes reach the replica "
                                       f"at whatever moment a copy reads them (add it with pids=, tree= or cgroup=)")
 

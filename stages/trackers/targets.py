@@ -65,19 +65,20 @@ class TargetSet:
     def members(self) -> list[int]:
         """The live processes of the set now, ascending."""
         if self.cgroup is not None:
-            return self._cgroup_members()
+            return self._cgroup_members(self.cgroup)
         found = [pid for pid in self.roots if alive(pid)]
         if not self.tree:
             return found
         return self._with_descendants(found)
 
-    def _cgroup_members(self) -> list[int]:
+    @staticmethod
+    def _cgroup_members(cgroup: Path) -> list[int]:
         try:
-            text = (self.cgroup / "cgroup.procs").read_text()
+            text = (cgroup / "cgroup.procs").read_text()
         except FileNotFoundError:
-            raise TrackerError(f"cgroup {self.cgroup}: no such cgroup (no cgroup.procs there)") from None
+            raise TrackerError(f"cgroup {cgroup}: no such cgroup (no cgroup.procs there)") from None
         except OSError as exc:
-            raise TrackerError(f"cgroup {self.cgroup}: cannot list its processes: {exc.strerror}") from None
+            raise TrackerError(f"cgroup {cgroup}: cannot list its processes: {exc.strerror}") from None
         return sorted(pid for pid in map(int, text.split()) if alive(pid))
 
     def _with_descendants(self, roots: list[int]) -> list[int]:
