@@ -144,7 +144,7 @@ class Pipeline:
         if limit <= 0:
             raise ConfigError(f"max-inflight {max_inflight!r} must be positive")
         execution = InlineExecution(plan) if mode == "inline" else ProcessExecution(plan, limit, start_method)
-        return PipelineHandle(execution, Collector([on_message], stage_order=plan.names()))
+        return PipelineHandle(execution, Collector([on_message], stage_order=plan.element_names()))
 
 
 class PipelineHandle:

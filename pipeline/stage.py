@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from .batch import ANY, Batch, Flag
 from .errors import ConfigError
+from .fusion import Fusion
 from .units import parse_duration, parse_size
 
 PROPERTY_TYPES = ("int", "float", "bool", "str", "size", "duration", "choice", "object")
@@ -25,10 +26,12 @@ class Property:
     ``type`` is one of PROPERTY_TYPES: ``size`` accepts ``32MiB``, ``duration``
     accepts ``25ms`` (stored in seconds), ``choice`` one of ``choices``,
     ``object`` any Python value (Python API only, not from a launch string).
+    ``internal=True`` marks a property only the runtime or fusion sets: it is
+    left out of ``pagepipe inspect``.
     """
 
     def __init__(self, type: str, default: Any, doc: str, *, minimum: float | None = None,
-                 maximum: float | None = None, choices: Iterable[str] | None = None):
+                 maximum: float | None = None, choices: Iterable[str] | None = None, internal: bool = False):
         if type not in PROPERTY_TYPES:
             raise ValueError(f"unknown property type {type!r}")
         self.type = type
@@ -37,6 +40,7 @@ class Property:
         self.minimum = minimum
         self.maximum = maximum
         self.choices = tuple(choices) if choices is not None else None
+        self.internal = internal
         self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -123,6 +127,11 @@ class Stage:
     accepted; empty for sources) and ``output_caps`` (format produced; None for
     sinks), declare ``Property`` attributes, and implement ``process`` (or
     ``produce`` for sources).
+
+    Merging stages never changes results: the runtime may run neighbours as
+    one fused stage (``fuse``), but only stages whose own class declares how
+    they fuse, and the fused stage does exactly what they would do apart,
+    reporting statistics under every original element's name (pipeline.fusion).
     """
 
     factory_name: ClassVar[str] = ""
@@ -133,6 +142,8 @@ class Stage:
     max_workers: ClassVar[int] = 64
     runs_in_caller: ClassVar[bool] = False  # must run in the process that owns its memory
     back_to_back: ClassVar[bool] = False
+    fusion: Fusion | None = None
+    """Set by a fused stage: its original elements and the traffic between them (pipeline.fusion)."""
     """Sources: ``produce`` yields each epoch's batches and its end one right after another, never waiting in
     between, so the process executor may hold small page batches until the epoch's end and send them together."""
 
@@ -184,10 +195,16 @@ class Stage:
         return self.output_caps
 
     def fuse(self, downstream: "Stage") -> "Stage | None":
-        """A single stage doing this stage's and ``downstream``'s work, or None.
+        """A single stage doing exactly this stage's and ``downstream``'s work, or None.
 
         The executors use it to run, for example, xor-delta and rle as one
-        fused kernel when they would otherwise sit side by side.
+        fused kernel when they would otherwise sit side by side. The runtime
+        asks only a stage whose own class defines ``fuse`` (a subclass that
+        inherits it is never fused); an implementation accepts only downstream
+        classes it knows exactly (``type(downstream) is X``) and gives the fused
+        stage a ``Fusion`` with one member per original element
+        (``Fusion.join(self, downstream)`` for a plain pair), so each element's
+        statistics stay its own. See pipeline.fusion.
         """
         return None
 

@@ -15,6 +15,7 @@ import numpy as np
 import xxhash
 
 from pipeline.batch import ANY, DELTAS, PAGES, Batch, Flag
+from pipeline.fusion import Fusion
 from pipeline.stage import Property, Stage, StageContext
 from stages.basic import Identity, TestSource
 
@@ -142,22 +143,31 @@ class LaggingSink(Stage):
 
 
 class Doubler(Identity):
-    """Pass-through that fuses with a following Doubler-or-Identity into one FusedPair."""
+    """Pass-through counting its batches; a user's stage that opts in to fusing with a following identity."""
 
     factory_name = "doubler"
 
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        self.counters["passed"] = self.counters.get("passed", 0) + 1
+        yield batch
+
     def fuse(self, downstream: Stage) -> Stage | None:
-        if isinstance(downstream, Identity) and not isinstance(downstream, Doubler):
-            return FusedPair(**self.property_values())
-        return None
+        return FusedPair(**self.property_values()) if type(downstream) is Identity else None
 
 
-class FusedPair(Identity):
+class FusedPair(Doubler):
+    """doubler ! identity in one stage: counts the link between them, so both keep their statistics."""
+
     factory_name = "fused-pair"
 
-    def process(self, batch: Batch) -> Iterable[Batch]:
-        self.counters["fused"] = self.counters.get("fused", 0) + 1
-        yield batch
+    def __init__(self, **properties):
+        super().__init__(**properties)
+        self.fusion = Fusion([self, Identity()])
+
+    def handle(self, batch: Batch) -> Iterator[Batch]:
+        for out in super().handle(batch):
+            self.fusion.links[0].count(out)
+            yield out
 
 
 class CallerSource(Stage):

@@ -138,6 +138,8 @@ def test_fuses_into_xor_delta_with_as_many_workers():
     (out,) = list(fused.handle(pages_batch([1, 2, 3], zero=[3])))
     assert dict(zip(out.page_numbers.tolist(), out.kinds.tolist())) == {1: PageKind.RAW, 2: PageKind.FULL,
                                                                          3: PageKind.ZERO}
-    assert fused.counters["raw"] == 1 and fused.counters["zero"] == 1 and fused.counters["misses"] == 1
+    classify_member, xor_delta_member, _ = fused.fusion.members  # each element keeps its own counters
+    assert classify_member.counters == {"zero": 1, "raw": 1, "normal": 1}
+    assert xor_delta_member is fused and fused.counters["misses"] == 1 and "raw" not in fused.counters
     assert Classify().fuse(XorDelta(workers=2)) is None
     assert Classify().fuse(Classify()) is None
