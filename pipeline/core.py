@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 from .batch import Batch, Flag
 from .bus import WorkerStatistics, plain_counters
+from .errors import ConfigError
 from .fusion import Fusion
 from .routing import EpochPageCounter, FanIn
 from .stage import Stage, StageContext
@@ -65,7 +66,11 @@ class WorkerCore:
         A source that ends without an end-of-stream marker gets one, so
         downstream workers always learn that the stream is over.
         """
-        outputs = iter(self.stage.produce())
+        produced = self.stage.produce()
+        if produced is None or not hasattr(produced, "__iter__"):
+            raise ConfigError(f"{self.context.stage_name}: produce() returned {type(produced).__name__}, not an "
+                              "iterable of batches (yield each batch)")
+        outputs = iter(produced)
         ended = False
         while True:
             batch = self._next(outputs)
@@ -92,6 +97,8 @@ class WorkerCore:
             self.stats.busy_seconds += time.perf_counter() - began
 
     def _emit(self, batch: Batch) -> None:
+        if not isinstance(batch, Batch):
+            raise ConfigError(f"{self.context.stage_name}: emitted {type(batch).__name__}, not a pipeline Batch")
         if self.page_counter is not None:
             batch = self.page_counter.stamp(batch)
         self._last_epoch = batch.epoch
