@@ -14,8 +14,9 @@ unchanged, so ``pytest.raises(CorruptData)`` works::
         harness.end_epoch()
     assert harness.statistics()["my-classify"]["counters"]["raw"] == 2
 
-``pages_batch`` makes a PAGES batch from page numbers (and optionally data or
-kinds), ``layout_batch`` a LAYOUT marker. Sources run with ``produce()``.
+``pages_batch`` makes a PAGES batch from page numbers (and optionally data,
+kinds or zero pages), ``layout_batch`` a LAYOUT marker, ``page_kinds`` reads a
+batch's kinds by page. Sources run with ``produce()``.
 """
 from __future__ import annotations
 
@@ -31,23 +32,33 @@ from .stage import Stage, StageContext
 
 
 def pages_batch(page_numbers: Iterable[int], data: np.ndarray | None = None, *, kinds: Iterable[int] | None = None,
-                epoch: int = 1, page_size: int = DEFAULT_PAGE_SIZE, flags: Flag = Flag.NONE,
-                **fields: Any) -> Batch:
+                zero: Iterable[int] = (), epoch: int = 1, page_size: int = DEFAULT_PAGE_SIZE,
+                flags: Flag = Flag.NONE, **fields: Any) -> Batch:
     """A PAGES batch of ``page_numbers``.
 
     ``data``: the pages' contents, any array of ``n * page_size`` bytes (reshaped to ``(n, page_size)``);
-    by default page p is filled with the byte ``p % 255 + 1`` (never all zeros). ``kinds``: default NORMAL.
-    Other ``fields`` (``meta=``, ``stream=``, ``format=``...) go to the Batch as they are.
+    by default page p is filled with the byte ``p % 255 + 1`` (never all zeros), except the pages listed in
+    ``zero``. ``kinds``: default NORMAL. Other ``fields`` (``meta=``, ``stream=``, ``format=``...) go to the
+    Batch as they are.
     """
     numbers = np.asarray(list(page_numbers) if not isinstance(page_numbers, np.ndarray) else page_numbers,
                          dtype=np.uint64)
     if data is None:
         data = np.repeat((numbers % 255 + 1).astype(np.uint8)[:, None], page_size, axis=1)
     data = np.ascontiguousarray(np.asarray(data, dtype=np.uint8).reshape(numbers.shape[0], page_size))
+    zero_rows = np.isin(numbers, np.asarray(list(zero), dtype=np.uint64))
+    if zero_rows.any():
+        data = data.copy()
+        data[zero_rows] = 0
     kinds_array = (np.full(numbers.shape[0], PageKind.NORMAL, np.uint8) if kinds is None
                    else np.asarray(list(kinds) if not isinstance(kinds, np.ndarray) else kinds, dtype=np.uint8))
     return Batch(format=fields.pop("format", PAGES), epoch=epoch, flags=flags, page_size=page_size,
                  page_numbers=numbers, kinds=kinds_array, data=data, **fields)
+
+
+def page_kinds(batch: Batch) -> dict[int, PageKind]:
+    """Page number -> kind of every page of ``batch``."""
+    return {int(page): PageKind(int(kind)) for page, kind in zip(batch.page_numbers, batch.kinds)}
 
 
 def layout_batch(regions: Iterable[dict[str, Any] | Sequence[Any]], epoch: int = 1, *,
@@ -75,7 +86,7 @@ class Harness:
         self.outputs: list[Batch] = []
         """Everything the last stage emitted so far."""
         self._pulled: list[Batch] = []
-        self._epoch = 0
+        self._epoch = 1  # markers pushed without an epoch get the last pushed batch's (pages_batch: 1)
         self._stopped = False
         self._cores: list[WorkerCore] = []
         emit = self._pulled.append
@@ -96,6 +107,11 @@ class Harness:
 
     def _poster(self, stage: str, worker: int):
         return lambda kind, **fields: self.messages.append(Message(kind, stage, worker, fields))
+
+    @property
+    def stage(self) -> Stage:
+        """The first (or only) stage."""
+        return self.stages[0]
 
     # ---- pushing ------------------------------------------------------------
     def push(self, *batches: Batch) -> list[Batch]:
