@@ -81,19 +81,25 @@ def deframe_all(data: bytes, chunk: int | None = None, **properties) -> list[Bat
     return list(deframe_stream(chunks, **properties))
 
 
+HANDMADE = wire.StreamHeader(PAGE, 1 << 20, bytes(range(1, 17)), "")
+
+
 def stream_of(*records: tuple, header: wire.StreamHeader | None = None) -> bytes:
     """Hand-made stream: (type, epoch, body) records numbered from 0.
 
     A commit whose body is None gets the true counts and stream digest of the page records before it.
     """
-    parts = [wire.encode_stream_header(header or wire.StreamHeader(PAGE, 1 << 20, 0, ""))]
-    entries, checksums = 0, []
+    header = header or HANDMADE
+    parts = [wire.encode_stream_header(header)]
+    entries, checksums, layout_digest = 0, [], 0
     for sequence, (record_type, epoch, body) in enumerate(records):
         if body is None:
             body = wire.commit_body(wire.Commit(entries, len(checksums), wire.stream_digest(checksums),
-                                                None, None, None, {}))
+                                                None, None, None, {}, layout_digest), header.version)
             entries, checksums = 0, []
-        record, checksum = wire.encode_record(record_type, 0, epoch, sequence, body)
+        if record_type == RecordType.LAYOUT:
+            layout_digest = wire.layout_digest(body)
+        record, checksum = wire.encode_record(record_type, 0, epoch, sequence, body, header.checksum_seed)
         if record_type in (RecordType.PAGES, RecordType.ENCODED):
             entries += struct.unpack_from("<I", bytes(memoryview(body[0]).cast("B")))[0]
             checksums.append(checksum)
@@ -115,8 +121,19 @@ def commit_record(epoch: int, pages: int | None = None, records: int = 0, stream
     """A commit: the true one (pages None) or one claiming the given counts and digest."""
     if pages is None:
         return RecordType.EPOCH_COMMIT, epoch, None
-    commit = wire.Commit(pages, records, stream_digest, None, None, None, {})
+    commit = wire.Commit(pages, records, stream_digest, None, None, None, {},
+                         wire.layout_digest(wire.layout_body(REGIONS, {})))
     return RecordType.EPOCH_COMMIT, epoch, wire.commit_body(commit)
+
+
+def whole(batch: Batch) -> np.ndarray:
+    """The pages a deframed page batch carries: its data, or its whole-page encoding decoded."""
+    if batch.format == PAGES:
+        return batch.data
+    pages = np.zeros((batch.npages, PAGE), dtype=np.uint8)
+    get_codec(batch.meta["codec"]).decode(Encoded(batch.payload, batch.offsets, batch.kinds, batch.meta["codec"],
+                                                  batch.meta["raw_size"]), pages)
+    return pages
 
 
 def data_batches(batches):
@@ -137,8 +154,10 @@ def test_pages_layout_and_epoch_ends_come_back_as_sent():
         assert after.page_numbers.tolist() == before.page_numbers.tolist()
         assert after.kinds.tolist() == before.kinds.tolist()
         assert np.array_equal(after.data, before.data)
-    assert got[2].meta == {"pages": 4, "digest": 123, "time": 5.0, "pause_ms": 0.7}
-    assert got[4].meta == {"pages": 1, "digest": 9, "note": "x"}
+    identity = got[0].meta["stream_id"]
+    assert len(identity) == 32 and all(b.meta["stream_id"] == identity for b in got if b.is_control)
+    assert got[2].meta == {"pages": 4, "digest": 123, "time": 5.0, "pause_ms": 0.7, "stream_id": identity}
+    assert got[4].meta == {"pages": 1, "digest": 9, "note": "x", "stream_id": identity}
 
 
 def test_numpy_scalars_in_marker_metadata_survive_the_wire():
@@ -146,7 +165,8 @@ def test_numpy_scalars_in_marker_metadata_survive_the_wire():
             epoch_end(1, 1, digest=np.uint64(1 << 63), pause_ms=np.float32(0.5), sizes=np.arange(2)), end(1)]
     got = deframe_all(frame_all(sent)[0])
     assert got[0].meta["generation"] == 3
-    assert got[2].meta == {"pages": 1, "digest": 1 << 63, "pause_ms": 0.5, "sizes": [0, 1]}
+    assert got[2].meta == {"pages": 1, "digest": 1 << 63, "pause_ms": 0.5, "sizes": [0, 1],
+                           "stream_id": got[0].meta["stream_id"]}
 
 
 def test_the_stream_header_leads_the_first_output_even_after_a_held_layout():
@@ -194,7 +214,7 @@ def test_big_page_batches_are_split_at_the_record_limit_and_rejoin(npages, limit
     got = data_batches(deframe_all(data, max_record=limit))
     assert (len(got) > 0) == (npages > 0)      # deframe's own limit proves each record stayed within it
     assert np.concatenate([b.page_numbers for b in got] or [[]]).tolist() == batch.page_numbers.tolist()
-    assert np.array_equal(np.concatenate([b.data for b in got] or [np.empty((0, PAGE), np.uint8)]), batch.data)
+    assert np.array_equal(np.concatenate([whole(b) for b in got] or [np.empty((0, PAGE), np.uint8)]), batch.data)
 
 
 def test_an_encoded_batch_without_entropy_layer_is_split_by_entries():
@@ -247,9 +267,9 @@ def test_the_frozen_v1_stream_deframes_to_the_same_batches_forever():
     assert [summary(b) for b in deframe_all(data, chunk=777)] == expected
 
 
-def test_reframing_the_frozen_stream_writes_it_byte_for_byte():
+def test_reframing_the_frozen_stream_as_version_1_writes_it_byte_for_byte():
     data = (FIXTURES / "stream-v1.pagepipe").read_bytes()
-    assert frame_all(deframe_all(data))[0] == data
+    assert frame_all(deframe_all(data), version=1)[0] == data
 
 
 # ---- structural faults ----------------------------------------------------------------
@@ -285,7 +305,7 @@ def test_a_commit_whose_stream_digest_differs_is_refused_even_when_counts_agree(
 
 
 def test_a_codec_chain_the_receiver_does_not_know_is_refused_from_the_header():
-    header = wire.StreamHeader(PAGE, 1 << 20, 0, "brotli")
+    header = wire.StreamHeader(PAGE, 1 << 20, bytes(range(1, 17)), "brotli")
     with pytest.raises(CorruptData, match="codec chain 'brotli' is not known to this receiver"):
         deframe_all(stream_of(layout_record(), header=header))
 
@@ -421,6 +441,6 @@ def test_a_receiver_that_resumes_mid_stream_starts_at_the_next_segment():
 
 def test_a_new_segment_inside_an_open_epoch_is_a_torn_epoch():
     data = stream_of(layout_record(), pages_record(4, [0])) + wire.encode_stream_header(
-        wire.StreamHeader(PAGE, 1 << 20, 0, ""))
+        dataclasses.replace(HANDMADE, segment=1))
     with pytest.raises(CorruptData, match="epoch 4: a new stream segment starts inside an epoch"):
         deframe_all(data)
