@@ -310,7 +310,7 @@ class Deframe(Stage):
 
     def _begin_segment(self, header: wire.StreamHeader) -> None:
         """A stream header: the stream's first, or a sender starting afresh (a resync or a restart)."""
-        where = {"offset": self._reader.offset, "epoch": self._open_epoch}
+        where = {"offset": self._reader.segment_offset, "epoch": self._open_epoch}
         if self._open_epoch is not None:
             raise wire.corrupt("a new stream segment starts inside an epoch (torn epoch)", **where)
         if self._ended:
@@ -499,9 +499,11 @@ class Deframe(Stage):
 
 
 def deframe_stream(chunks: Iterable, max_record: int = wire.DEFAULT_RECORD_LIMIT,
-                   context: StageContext | None = None) -> Iterator[Batch]:
-    """Every batch a whole stream (an iterable of byte chunks) deframes to, checked, ending at end of stream."""
-    stage = Deframe(max_record=max_record)
+                   context: StageContext | None = None, **properties: Any) -> Iterator[Batch]:
+    """Every batch a whole stream (an iterable of byte chunks) deframes to, checked, ending at end of stream.
+
+    ``properties``: other deframe properties (``resume=True``)."""
+    stage = Deframe(max_record=max_record, **properties)
     stage.start(context or StageContext(stage_name=Deframe.factory_name))
     try:
         for chunk in chunks:

@@ -444,3 +444,96 @@ def test_a_new_segment_inside_an_open_epoch_is_a_torn_epoch():
         dataclasses.replace(HANDMADE, segment=1))
     with pytest.raises(CorruptData, match="epoch 4: a new stream segment starts inside an epoch"):
         deframe_all(data)
+
+
+# ---- version 2: stream identity, layout digest, stream offsets (issue 10) ------------------
+
+def segment_header(identity: bytes, segment: int) -> bytes:
+    return wire.encode_stream_header(wire.StreamHeader(PAGE, 1 << 20, identity, "", segment))
+
+
+def test_frame_writes_the_chosen_identity_in_every_segment_and_deframe_reports_it():
+    identity = "0123456789abcdef" * 2
+    sent = [layout(), pages_batch(1, [0]), epoch_end(1, 1), pages_batch(2, [0, 1], flags=Flag.RESYNC),
+            epoch_end(2, 2, Flag.RESYNC), end(2)]
+    data, _ = frame_all(sent, stream_id=identity)
+    headers = [item for item in wire.RecordReader().feed(data) if isinstance(item, wire.StreamHeader)]
+    assert [(h.stream_hex, h.segment, h.version) for h in headers] == [(identity, 0, 2), (identity, 1, 2)]
+    assert {b.meta["stream_id"] for b in deframe_all(data) if b.is_control} == {identity}
+
+
+def test_every_frame_draws_a_fresh_random_identity():
+    data = [frame_all([layout(), pages_batch(1, [0]), epoch_end(1, 1), end(1)])[0] for _ in range(2)]
+    first, second = (wire.parse_stream_header(memoryview(d))[0].stream_id for d in data)
+    assert first != second and len(first) == 16
+
+
+def test_a_segment_of_another_stream_is_refused_without_resume():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    intruder = dataclasses.replace(HANDMADE, stream_id=bytes(range(2, 18)))
+    data += stream_of(layout_record(2), pages_record(999999, [1]), commit_record(999999), header=intruder)
+    with pytest.raises(CorruptData, match="a segment of another stream .* inside stream") as info:
+        deframe_all(data)
+    assert info.value.offset == data.index(wire.encode_stream_header(intruder))
+
+
+def test_with_resume_another_stream_starts_a_new_epoch_order_and_is_named():
+    data = stream_of(layout_record(), pages_record(5, [0]), commit_record(5))
+    intruder = dataclasses.replace(HANDMADE, stream_id=bytes(range(2, 18)))
+    data += stream_of(layout_record(1), pages_record(1, [1]), commit_record(1), header=intruder)
+    got = deframe_all(data, resume=True)
+    ends = [(b.epoch, b.meta["stream_id"]) for b in got if b.flags & Flag.EPOCH_END]
+    assert ends == [(5, HANDMADE.stream_hex), (1, intruder.stream_hex)]
+
+
+def test_a_stale_segment_of_the_same_stream_is_refused():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    data += stream_of(layout_record(2), pages_record(2, [1]), commit_record(2), header=HANDMADE)   # segment 0 again
+    with pytest.raises(CorruptData, match="stale segment 0 of this stream after segment 0"):
+        deframe_all(data)
+
+
+def test_a_segment_of_the_same_stream_keeps_the_epoch_order():
+    data = stream_of(layout_record(), pages_record(4, [0]), commit_record(4))
+    data += stream_of(layout_record(2), pages_record(2, [1]), commit_record(2),
+                      header=dataclasses.replace(HANDMADE, segment=1))
+    with pytest.raises(CorruptData, match="epoch 2 after epoch 4 was committed"):
+        deframe_all(data)
+
+
+def test_records_of_another_stream_fail_their_checksum():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    other = dataclasses.replace(HANDMADE, stream_id=bytes(range(2, 18)))
+    spliced = data[:len(wire.encode_stream_header(HANDMADE))] + stream_of(
+        layout_record(), pages_record(1, [0]), commit_record(1), header=other)[len(wire.encode_stream_header(other)):]
+    with pytest.raises(CorruptData, match="record checksum mismatch"):
+        deframe_all(spliced)
+
+
+def test_a_layout_altered_behind_a_recomputed_checksum_cannot_be_committed():
+    grown = [dict(REGIONS[0], npages=13_000_000), REGIONS[1]] if REGIONS[1]["first_page"] > 13_000_000 else \
+        [REGIONS[0], dict(REGIONS[1], npages=13_000_000)]
+    records = [layout_record(), pages_record(1, [0]), commit_record(1)]
+    honest = stream_of(*records)
+    header_size = len(wire.encode_stream_header(HANDMADE))
+    forged_layout = stream_of(layout_record(regions=grown))[header_size:]       # valid checksum, other regions
+    commit_digest = wire.layout_digest(wire.layout_body(REGIONS, {}))
+    items = [item for item in wire.RecordReader().feed(honest) if isinstance(item, wire.Record)]
+    forged = honest[:header_size] + forged_layout + honest[header_size + 32 + len(items[0].body):]
+    with pytest.raises(CorruptData, match=f"layout digest {commit_digest:#x}, the layout in force"):
+        deframe_all(forged)
+
+
+def test_damage_in_a_later_segment_header_is_reported_at_its_stream_offset():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    second = bytearray(segment_header(HANDMADE.stream_id, 1))
+    second[-1] ^= 0xFF
+    with pytest.raises(CorruptData, match="stream header checksum mismatch") as info:
+        deframe_all(data + bytes(second))
+    assert info.value.offset == len(data) + len(second) - 8
+
+
+def test_a_reserved_record_type_is_named_when_refused():
+    data = stream_of(layout_record(), (0x0006, 1, [b"channel"]))
+    with pytest.raises(CorruptData, match="reserved for CHANNEL"):
+        deframe_all(data)
