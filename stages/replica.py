@@ -57,6 +57,7 @@ from pipeline.batch import ENCODED, PAGES, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, ReplicaError
 from pipeline.stage import Property, Stage, StageContext
 from stages.common.acks import AckSender
+from stages.common.security import CurveProperties
 from stages.codecs import ChainCodec, Codec, Encoded, get_codec
 from stages.common.pages import combine_digests, digest_pages
 from stages.common.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaLock, ReplicaLocked, ReplicaStore,
@@ -195,7 +196,7 @@ class PendingEpoch:
                 np.concatenate([empty, *self.digests]))
 
 
-class ReplicaSink(Stage):
+class ReplicaSink(CurveProperties, Stage):
     """Applies verified epochs atomically to a replica directory and acknowledges them."""
 
     factory_name = "replica-sink"
@@ -206,7 +207,8 @@ class ReplicaSink(Stage):
 
     path = Property("str", "", "Replica directory (created if missing)")
     fsync = Property("bool", True, "fsync journal, image and manifest at every commit (power-loss safety)")
-    ack_endpoint = Property("str", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks)")
+    ack_endpoint = Property("str", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks); on tcp give "
+                            "secret-key= and server-key= (the sender's public key)")
     ack_bind = Property("bool", False, "Bind the ack socket instead of connecting it")
     ack_queue = Property("int", 10000, "Ack messages held for a sender that is not reading; beyond, dropped "
                          "with a warning", minimum=1)
@@ -239,7 +241,9 @@ class ReplicaSink(Stage):
         self.pending: PendingEpoch | None = None
         self._codecs: dict[str, Codec] = {}
         self._last_resync_request = -float("inf")
-        self.acks = AckSender(self.ack_endpoint, bind=self.ack_bind, queue=self.ack_queue) if self.ack_endpoint else None
+        self.acks = AckSender(self.ack_endpoint, bind=self.ack_bind, queue=self.ack_queue, secret_key=self.secret_key,
+                              server_key=self.server_key, authorized_keys=self.authorized_keys,
+                              insecure=self.insecure) if self.ack_endpoint else None   # keys: stages.common.security
         self._ask_resync(f"receiver started, replica at epoch {self.store.epoch}")
 
     def _open_store(self) -> ReplicaStore:

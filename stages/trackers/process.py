@@ -27,6 +27,8 @@ from pipeline.errors import ConfigError, TrackerError, TransportError
 from pipeline.stage import Property, Stage, StageContext
 from stages.common.acks import AckListener
 from stages.common.pages import digest_pages
+from stages.common.security import CurveProperties
+from stages.common.wire import new_stream_id
 
 from .epochs import EpochStream
 from stages.common.layout import Region, remap
@@ -67,7 +69,7 @@ def _runs(resident: np.ndarray | None, offset: int, count: int, start: int) -> l
             for first, last in zip(firsts, lasts)]
 
 
-class ProcessSource(Stage):
+class ProcessSource(CurveProperties, Stage):
     """Checkpoints of another process by page digest, stopping it for each (SIGSTOP .. SIGCONT)."""
 
     factory_name = "process-src"
@@ -85,8 +87,9 @@ class ProcessSource(Stage):
                     "process resumes (shortest pause; memory as large as the process) | changed: the pause "
                     "digests chunk by chunk and copies only changed pages (4 MiB of memory)",
                     choices=("all", "changed"))
-    ack_endpoint = Property("str", "", "Bind an ack listener here (e.g. tcp://*:5556) for the receiver's "
-                            "replica-sink ack-endpoint=: its resync requests reach this tracker ('' = none)")
+    ack_endpoint = Property("str", "", "Bind an ack listener here (e.g. tcp://primary:5556) for the receiver's "
+                            "replica-sink ack-endpoint=: its resync requests reach this tracker ('' = none); on "
+                            "tcp give secret-key= and authorized-keys= (the receivers' public keys)")
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
@@ -101,6 +104,8 @@ class ProcessSource(Stage):
         self._resync_requested = False
         self._close_requested = threading.Event()
         self._ack_listener: AckListener | None = None
+        self.stream_id = new_stream_id().hex()
+        """This tracker's stream identity: frame writes it into the wire, acknowledgements must name it."""
 
     @property
     def _where(self) -> str:
@@ -125,7 +130,10 @@ class ProcessSource(Stage):
             raise TrackerError(f"{self._where}: {exc}") from None
         if self.ack_endpoint:
             try:
-                self._ack_listener = AckListener(self.ack_endpoint).attach(self)
+                self._ack_listener = AckListener(
+                    self.ack_endpoint, secret_key=self.secret_key, authorized_keys=self.authorized_keys,
+                    server_key=self.server_key, insecure=self.insecure,
+                    max_connections=self.max_connections).attach(self)
             except TransportError as exc:
                 self.stop()
                 raise TransportError(f"{self._where}: {exc}") from None
@@ -157,7 +165,7 @@ class ProcessSource(Stage):
         self._close_requested.set()
 
     def produce(self) -> Iterator[Batch]:
-        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking="digest", pid=self.pid)
+        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking="digest", pid=self.pid, stream_id=self.stream_id)
         epoch = 0
         next_checkpoint = time.monotonic()
         while True:
@@ -178,6 +186,8 @@ class ProcessSource(Stage):
             yield stream.end(epoch, snapshot.pause, snapshot.when, resync)
             if self._ack_listener is not None:
                 self.counters["acknowledged_epoch"] = self._ack_listener.acked_epoch
+                for text in self._ack_listener.take_warnings():   # refused peers, posted from this thread
+                    self.context.warn(f"{self._where}: {text}")
             self.counters.update(checkpoints=epoch, pause_ms=snapshot.pause * 1e3,
                                  pause_ms_max=max(snapshot.pause * 1e3, self.counters.get("pause_ms_max", 0.0)))
             if final:
