@@ -369,8 +369,10 @@ class Deframe(Stage):
             self.counters["skipped_records"] += 1
             return
         batch = self._handlers[record.type](record)
-        if batch is not None:
-            yield batch
+        if isinstance(batch, list):
+            yield from batch
+        elif batch is not None:
+            yield from _in_parts(batch)
 
     def _on_layout(self, record: Record) -> Batch | None:
         """The new layout; None when a segment merely repeats the current one."""
@@ -385,7 +387,7 @@ class Deframe(Stage):
         return self._control(Flag.LAYOUT | _batch_flags(record), record.epoch, record.sequence,
                              {**extra, "regions": regions})
 
-    def _on_pages(self, record: Record) -> Batch:
+    def _on_pages(self, record: Record) -> Batch | list[Batch]:
         """Whole pages. ZERO entries are expanded into zero pages only while they cost no more memory
         than the record's own bytes; a record of more becomes a ``native`` whole-page encoding (FULL,
         RAW and ZERO entries, NORMAL sent as FULL), so memory stays within twice what was received."""
@@ -398,11 +400,19 @@ class Deframe(Stage):
         if (whole == 0).any():
             index = int(np.argmin(whole))
             raise record.error(f"page entry {index}: kind {int(kinds[index])} is not a whole page")
-        offsets = np.zeros(kinds.shape[0] + 1, dtype=np.uint64)
-        np.cumsum((whole != PageKind.ZERO) * np.uint64(page_size), out=offsets[1:])
-        payload = rows.reshape(-1)
-        return self._data(record, ENCODED, page_numbers, whole, payload=payload, offsets=offsets,
-                          meta={"codec": "native", "raw_size": int(payload.shape[0])})
+        parts, row = [], 0
+        for first in range(0, kinds.shape[0], MAX_BATCH_ENTRIES):   # made part by part: no array of all entries
+            part = whole[first:first + MAX_BATCH_ENTRIES]
+            offsets = np.zeros(part.shape[0] + 1, dtype=np.uint64)
+            np.cumsum(part != PageKind.ZERO, dtype=np.uint64, out=offsets[1:])
+            stored = int(offsets[-1])
+            offsets *= np.uint64(page_size)
+            payload = rows[row:row + stored].reshape(-1)
+            row += stored
+            parts.append(self._data(record, ENCODED, page_numbers[first:first + part.shape[0]], part,
+                                    payload=payload, offsets=offsets,
+                                    meta={"codec": "native", "raw_size": int(payload.shape[0])}))
+        return parts
 
     def _on_encoded(self, record: Record) -> Batch:
         pages = wire.parse_encoded(record, self._reader.header.page_size)
@@ -457,11 +467,12 @@ class Deframe(Stage):
         self._check_epoch(record)
         if self._starts is None:
             raise record.error("page record before any layout record")
-        if page_numbers.size:
-            region = np.searchsorted(self._starts, page_numbers, side="right").astype(np.int64) - 1
-            inside = (region >= 0) & (page_numbers < self._ends[np.maximum(region, 0)])
+        for first in range(0, page_numbers.size, MAX_BATCH_ENTRIES):     # in slices: bounded temporaries
+            numbers = page_numbers[first:first + MAX_BATCH_ENTRIES]
+            region = np.searchsorted(self._starts, numbers, side="right").astype(np.int64) - 1
+            inside = (region >= 0) & (numbers < self._ends[np.maximum(region, 0)])
             if not inside.all():
-                index = int(np.argmin(inside))
+                index = first + int(np.argmin(inside))
                 raise record.error(f"page entry {index}: page number {int(page_numbers[index])} "
                                    f"is outside the layout")
         self._epoch_entries += int(page_numbers.size)
@@ -496,6 +507,29 @@ class Deframe(Stage):
               meta: dict | None = None, **arrays: np.ndarray) -> Batch:
         return Batch(format=fmt, epoch=record.epoch, sequence=record.sequence, flags=_batch_flags(record),
                      page_numbers=page_numbers, kinds=kinds, meta=meta or {}, **self._header_fields(), **arrays)
+
+
+MAX_BATCH_ENTRIES = 1 << 16
+"""Page entries per batch deframe emits: a record of more (such as 16 MiB of ZERO entries) is cut into
+batches of views, so that no stage downstream makes arrays of millions of entries at once. A record whose
+payload is one entropy frame cannot be cut."""
+
+
+def _in_parts(batch: Batch) -> Iterator[Batch]:
+    """``batch``, cut into batches of at most MAX_BATCH_ENTRIES entries where it is a page batch that can be."""
+    if batch.is_control or batch.npages <= MAX_BATCH_ENTRIES or "+" in str(batch.meta.get("codec", "")):
+        yield batch
+        return
+    for start in range(0, batch.npages, MAX_BATCH_ENTRIES):
+        end = min(start + MAX_BATCH_ENTRIES, batch.npages)
+        part = {"page_numbers": batch.page_numbers[start:end], "kinds": batch.kinds[start:end]}
+        if batch.format == PAGES:
+            part["data"] = batch.data[start:end]
+        else:
+            first, last = int(batch.offsets[start]), int(batch.offsets[end])
+            part.update(payload=batch.payload[first:last], offsets=batch.offsets[start:end + 1] - np.uint64(first),
+                        meta={**batch.meta, "raw_size": last - first})
+        yield batch.with_(**part)
 
 
 def deframe_stream(chunks: Iterable, max_record: int = wire.DEFAULT_RECORD_LIMIT,

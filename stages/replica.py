@@ -79,7 +79,7 @@ _RAW = int(PageKind.RAW)   # a plain int: comparing arrays with an IntEnum membe
 _CODECS_KEPT = 8   # codec names are untrusted: keep only the first few looked up
 
 
-SPILL_BYTES = 16 << 20     # memory an open epoch holds before its encodings go to disk
+SPILL_BYTES = 8 << 20      # memory an open epoch holds before its encodings go to disk
 MAX_BATCH_RAW = 64 << 20   # largest payload one batch may decompress to (decode's default max-batch)
 ENTRY_COST = 8 + 8 + 1 + 8  # per page entry held: page number, digest, kind, offset
 BATCH_COST = 2048          # per batch held: its arrays' and objects' bookkeeping

@@ -537,7 +537,7 @@ def parse_pages(record: Record, page_size: int) -> tuple[np.ndarray, np.ndarray,
         raise record.error(f"{stored} pages with data announced, kinds say {carries}")
     rows = cursor.array("u1", stored * page_size, "page data").reshape(stored, page_size)
     cursor.end()
-    return page_numbers.astype(np.uint64), kinds, rows
+    return page_numbers.astype(np.uint64, copy=False), kinds, rows
 
 
 def expand_pages(kinds: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -586,7 +586,7 @@ def parse_encoded(record: Record, page_size: int) -> EncodedPages:
     if "+" not in chain and payload_len != raw_size:
         raise record.error(f"chain {chain!r} has no entropy layer but payload is {payload_len} bytes, "
                            f"raw size {raw_size}")
-    return EncodedPages(page_numbers.astype(np.uint64), kinds, offsets, payload, chain, raw_size)
+    return EncodedPages(page_numbers.astype(np.uint64, copy=False), kinds, offsets, payload, chain, raw_size)
 
 
 def parse_commit(record: Record, version: int = VERSION) -> Commit:
