@@ -126,6 +126,19 @@ class ReplicaLock:
             self._fd = None
 
 
+def replica_locked(path: str | os.PathLike) -> bool:
+    """Whether a writer holds the replica's lock now (asked with F_OFD_GETLK: takes nothing)."""
+    try:
+        fd = os.open(Path(path) / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    finally:
+        os.close(fd)
+    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+
+
 def disk_free_bytes(path: str | os.PathLike) -> int | None:
     """Bytes an unprivileged writer may still allocate on the file system of ``path`` (None if unknown)."""
     try:
