@@ -17,6 +17,7 @@ from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import StageContext
 from stages.common import wire
 from stages.codecs import Encoded, get_codec
+from stages import framer
 from stages.framer import Deframe, Frame, deframe_stream
 from stages.common.wire import RecordType
 
@@ -537,3 +538,14 @@ def test_a_reserved_record_type_is_named_when_refused():
     data = stream_of(layout_record(), (0x0006, 1, [b"channel"]))
     with pytest.raises(CorruptData, match="reserved for CHANNEL"):
         deframe_all(data)
+
+
+def test_a_page_record_of_many_entries_is_cut_into_batches_of_views(monkeypatch):
+    monkeypatch.setattr(framer, "MAX_BATCH_ENTRIES", 4)
+    numbers = list(range(10))
+    sent = [layout(), pages_batch(1, numbers, zero=[1, 2, 3, 4, 5, 6]), epoch_end(1, 10), end(1)]
+    data, _ = frame_all(sent)
+    got = data_batches(deframe_all(data))
+    assert [b.npages for b in got] == [4, 4, 2]
+    assert np.concatenate([b.page_numbers for b in got]).tolist() == numbers
+    np.testing.assert_array_equal(np.concatenate([whole(b) for b in got]), sent[1].data)
