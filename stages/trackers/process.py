@@ -41,6 +41,8 @@ from pipeline.errors import ConfigError, TrackerError, TransportError
 from pipeline.stage import Property, Stage, StageContext
 from stages.common.acks import AckListener
 from stages.common.layout import Mapping
+from stages.common.security import CurveProperties
+from stages.common.wire import new_stream_id
 
 from .digest_tracking import DigestTracking
 from .uffd_tracking import UffdTracking
@@ -79,7 +81,7 @@ def _pid_list(text: str) -> list[int]:
     return pids
 
 
-class ProcessSource(Stage):
+class ProcessSource(CurveProperties, Stage):
     """Checkpoints of other processes, stopped together for each (ptrace), pages found by digest."""
 
     factory_name = "process-src"
@@ -110,8 +112,9 @@ class ProcessSource(Stage):
                     "are found after the processes resume (shortest pause; memory as large as theirs) | changed: the pause "
                     "digests chunk by chunk and copies only changed pages (4 MiB of memory)",
                     choices=("all", "changed"))
-    ack_endpoint = Property("str", "", "Bind an ack listener here (e.g. tcp://*:5556) for the receiver's "
-                            "replica-sink ack-endpoint=: its resync requests reach this tracker ('' = none)")
+    ack_endpoint = Property("str", "", "Bind an ack listener here (e.g. tcp://primary:5556) for the receiver's "
+                            "replica-sink ack-endpoint=: its resync requests reach this tracker ('' = none); on "
+                            "tcp give secret-key= and authorized-keys= (the receivers' public keys)")
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
@@ -129,6 +132,8 @@ class ProcessSource(Stage):
         self._sharers_warned: set[tuple[int, str]] = set()
         self._stopped_seconds = 0.0
         self._steady_pauses: collections.deque[float] = collections.deque(maxlen=PAUSE_WINDOW)
+        self.stream_id = new_stream_id().hex()
+        """This tracker's stream identity: frame writes it into the wire, acknowledgements must name it."""
 
     @property
     def _where(self) -> str:
@@ -196,7 +201,10 @@ class ProcessSource(Stage):
                                          stops=self._thread_stops, strict=self.mode == "uffd")
         if self.ack_endpoint:
             try:
-                self._ack_listener = AckListener(self.ack_endpoint).attach(self)
+                self._ack_listener = AckListener(
+                    self.ack_endpoint, secret_key=self.secret_key, authorized_keys=self.authorized_keys,
+                    server_key=self.server_key, insecure=self.insecure,
+                    max_connections=self.max_connections).attach(self)
             except TransportError as exc:
                 self.stop()
                 raise TransportError(f"{self._where}: {exc}") from None
@@ -234,7 +242,7 @@ class ProcessSource(Stage):
     # ---- the schedule ---------------------------------------------------------------
     def produce(self) -> Iterator[Batch]:
         stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self._tracking.name, pids=self._members,
-                             **({"pid": self.pid} if self.pid else {}))
+                             stream_id=self.stream_id, **({"pid": self.pid} if self.pid else {}))
         epoch = 0
         first_start = next_start = time.monotonic()
         while True:
@@ -276,6 +284,8 @@ class ProcessSource(Stage):
             self.counters.update(pause_ms_median=float(median), pause_ms_p99=float(p99))
         if self._ack_listener is not None:
             self.counters["acknowledged_epoch"] = self._ack_listener.acked_epoch
+            for text in self._ack_listener.take_warnings():   # refused peers, posted from this thread
+                self.context.warn(f"{self._where}: {text}")
         self.counters.update(checkpoints=epoch, pause_ms=pause * 1e3,
                              pause_ms_max=max(pause * 1e3, self.counters.get("pause_ms_max", 0.0)),
                              stopped_seconds=self._stopped_seconds,

@@ -259,7 +259,8 @@ def test_resync_requests_and_acks_from_the_receivers_ack_channel_reach_the_track
     try:
         with started(source) as stream:
             first = next_epoch(stream)
-            assert receiver.ack(1) and receiver.request_resync("receiver started, replica at epoch 1")
+            assert receiver.ack(1, stream_id=source.stream_id) and receiver.request_resync("receiver started, replica at epoch 1")
+            assert first[0].meta["stream_id"] == source.stream_id   # what frame writes into the wire
             deadline = time.monotonic() + 10
             while not source._resync_requested and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -272,7 +273,7 @@ def test_resync_requests_and_acks_from_the_receivers_ack_channel_reach_the_track
 
 
 def test_an_ack_endpoint_that_cannot_be_bound_is_a_clear_error(child):
-    source = ProcessSource(pid=child.process.pid, ack_endpoint="tcp://256.0.0.1:1")
+    source = ProcessSource(pid=child.process.pid, ack_endpoint="tcp://256.0.0.1:1", insecure=True)
     with pytest.raises(TransportError, match="process-src: ack channel: cannot bind 'tcp://256.0.0.1:1'"):
         source.start(StageContext("process-src"))
 
