@@ -131,7 +131,7 @@ class RemoteUffd:
     the copy of the pages it found. The tracer is shared with the freezer.
     """
 
-    def __init__(self, pid: int, tracer: ptrace.Tracer):
+    def __init__(self, pid: int, tracer: ptrace.Tracer, guardian: Guardian | None = None):
         self.pid = pid
         self.tracer = tracer
         self.target_fd = -1
@@ -142,7 +142,8 @@ class RemoteUffd:
         self._resident: dict[int, np.ndarray] = {}  # start -> resident [start, end) ranges at the last scan
         self.stale_closed: list[int] = []
         self.foreign: list[int] = []  # userfaultfds the target holds itself
-        self._guardian: Guardian | None = None
+        self._guardian = guardian  # shared by the caller (who closes it), or ours, started at attach
+        self._own_guardian = guardian is None
 
     # -- attach / detach ----------------------------------------------------------------------
 
@@ -239,10 +240,10 @@ class RemoteUffd:
         return self.tracer.call(guarded_inject, self._guardian, self.pid, candidates[0], number, arguments, marker)
 
     def close(self) -> None:
-        """End the injection guardian (after ``detach``)."""
-        if self._guardian is not None:
+        """End our injection guardian, if it is ours (after ``detach``)."""
+        if self._guardian is not None and self._own_guardian:
             self._guardian.close()
-            self._guardian = None
+        self._guardian = None
 
     # -- ranges -------------------------------------------------------------------------------
 
@@ -288,7 +289,10 @@ class RemoteUffd:
         dropped: list[np.ndarray] = []
         lost: list[tuple[int, int]] = []
         compare_resident = not dropped_pages_show_as_written()
-        for start, end in list(self._armed.items()):
+        # Touching ranges are scanned in one call, unless each needs its own resident walk.
+        groups = [[item] for item in sorted(self._armed.items())] if compare_resident else _touching(self._armed)
+        for group in groups:
+            start, end = group[0][0], group[-1][1]
             try:
                 # before the written scan re-arms (fills) pages
                 now = self._resident_ranges(start, end - start) if compare_resident else None
@@ -296,8 +300,11 @@ class RemoteUffd:
             except UffdError as exc:
                 if exc.errno != errno.EPERM:
                     raise
-                lost.append((start, end))  # part of it is no longer armed (munmap + mmap at the same place)
-                self.forget(start)
+                # Part of it is no longer armed (munmap + mmap at the same place); pages the call had already
+                # re-armed in the group are not listed: every range of the group is sent again.
+                for lost_start, lost_end in group:
+                    lost.append((lost_start, lost_end))
+                    self.forget(lost_start)
                 continue
             if now is None:
                 continue
@@ -317,6 +324,17 @@ class RemoteUffd:
         assert self._scanner is not None
         addresses = self._scanner.resident(start, length)
         return ((addresses - np.uint64(start)) // np.uint64(self._scanner.page_size)).astype(np.int64)
+
+
+def _touching(armed: dict[int, int]) -> list[list[tuple[int, int]]]:
+    """Armed (start, end) ranges in address order, grouped where each ends where the next starts."""
+    groups: list[list[tuple[int, int]]] = []
+    for start, end in sorted(armed.items()):
+        if groups and groups[-1][-1][1] == start:
+            groups[-1].append((start, end))
+        else:
+            groups.append([(start, end)])
+    return groups
 
 
 def _clip(ranges: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -407,8 +425,8 @@ class KernelDirtyPages:
     sent whole again.
     """
 
-    def __init__(self, pid: int, tracer: ptrace.Tracer):
-        self.uffd = RemoteUffd(pid, tracer)
+    def __init__(self, pid: int, tracer: ptrace.Tracer, guardian: Guardian | None = None):
+        self.uffd = RemoteUffd(pid, tracer, guardian)
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self._untracked: dict[tuple[int, int], str] = {}  # (start, end) of regions that cannot be armed -> why
 
@@ -456,7 +474,12 @@ class KernelDirtyPages:
             plan.digest[region.first_page] = reason
         self.uffd.rekey(keep)
         scan = self.uffd.scan()
+        fresh = {region.start: (index, region) for index, (region, _) in enumerate(plan.whole)}
         for start, _end in scan.lost:  # replaced at the same address: not armed any more, send it again
+            if start in fresh:  # armed just now, in the same scan call as a lost neighbour: arm it again
+                position, region = fresh[start]
+                plan.whole[position] = (region, self._arm(region))
+                continue
             region = next(region for region in scanned if region.start == start)
             scanned.remove(region)
             plan.whole.append((region, self._arm(region)))
