@@ -315,7 +315,7 @@ class Deframe(Stage):
             raise wire.corrupt("a new stream segment starts inside an epoch (torn epoch)", **where)
         if self._ended:
             raise wire.corrupt("a new stream segment after the end-of-stream record", **where)
-        self._check_chain(header.chain, None)
+        self._check_chain(header.chain, None, where["offset"])
         if header.version == 1 or header.stream_id != self._identity:
             self._new_stream(header, where)
         elif header.segment <= self._segment:
@@ -478,12 +478,12 @@ class Deframe(Stage):
         self._epoch_entries += int(page_numbers.size)
         self._epoch_checksums.append(record.checksum)
 
-    def _check_chain(self, chain: str, record: Record | None) -> None:
+    def _check_chain(self, chain: str, record: Record | None, header_offset: int = 0) -> None:
         """Refuse a codec chain this receiver cannot decode."""
         if not chain or chain in self._known_chains:
             return
         from .codecs import EntropyCodec, get_codec
-        where = {"offset": record.offset, "sequence": record.sequence} if record else {"offset": 0}
+        where = {"offset": record.offset, "sequence": record.sequence} if record else {"offset": header_offset}
         try:
             codec = get_codec(chain)
         except (PagepipeError, KeyError, ValueError) as exc:

@@ -571,3 +571,11 @@ def test_a_page_record_of_many_entries_is_cut_into_batches_of_views(monkeypatch)
     assert [b.npages for b in got] == [4, 4, 2]
     assert np.concatenate([b.page_numbers for b in got]).tolist() == numbers
     np.testing.assert_array_equal(np.concatenate([whole(b) for b in got]), sent[1].data)
+
+
+def test_an_unknown_chain_in_a_later_segment_header_is_reported_at_that_header():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    later = wire.encode_stream_header(dataclasses.replace(HANDMADE, chain="brotli", segment=1))
+    with pytest.raises(CorruptData, match="codec chain 'brotli'") as info:
+        deframe_all(data + later)
+    assert info.value.offset == len(data)
