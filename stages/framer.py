@@ -268,7 +268,8 @@ class Deframe(Stage):
     max_record = Property("size", "16MiB", "Records with a bigger body are refused as corrupt",
                           minimum=_MIN_RECORD_LIMIT, maximum=_MAX_RECORD_LIMIT)
     resume = Property("bool", False, "Join a running stream: drop input batches until one starts a segment "
-                                     "(needs record-aligned batches, as zmq-src delivers)")
+                                     "(needs record-aligned batches, as zmq-src delivers), and take a segment of "
+                                     "another stream identity (a restarted sender) as a new epoch order")
 
     def start(self, context: StageContext) -> None:
         super().start(context)
