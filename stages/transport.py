@@ -36,6 +36,9 @@ _ZERO_COPY_BYTES = 64 << 10
 _END_MESSAGE = b""
 MESSAGE_BYTES = 1 << 20
 """zmq-sink sends the stream in messages of at most this size; zmq-src's max-message is never below it."""
+CURVE_FRAME_OVERHEAD = 64
+"""What CurveZMQ adds to a frame on the wire (33 bytes: command name, nonce, MAC, flags), which is what
+ZeroMQ checks against ZMQ_MAXMSGSIZE; rounded up."""
 _PEER_COMMAND_BYTES = 64 << 10
 """Largest frame a zmq-sink accepts from its receiver, which sends only handshake commands."""
 _REFUSALS_POLL_MS = 1000
@@ -171,7 +174,7 @@ class ZmqSource(_ZmqStage):
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message + CURVE_FRAME_OVERHEAD)
 
     def produce(self) -> Iterator[Batch]:
         sequence = 0

@@ -270,10 +270,13 @@ def test_zmq_src_drops_a_sender_whose_message_exceeds_the_limit(tmp_path):
             source.stop()
 
 
-def test_zmq_sink_sends_a_large_batch_in_messages_any_receiver_accepts(tmp_path):
-    endpoint = f"ipc://{tmp_path}/pieces.ipc"
-    source = started(ZmqSource(endpoint=endpoint, timeout="10s"))
-    sink = started(ZmqSink(endpoint=endpoint, timeout="10s"))
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_zmq_sink_sends_a_large_batch_in_messages_any_receiver_accepts(tmp_path, transport, curve_keys):
+    """Pieces of 1 MiB, the smallest max-message a zmq-src takes, also when CurveZMQ makes each frame longer."""
+    endpoint = f"ipc://{tmp_path}/pieces.ipc" if transport == "ipc" else free_tcp_endpoint()
+    keyed = transport == "tcp"
+    source = started(ZmqSource(endpoint=endpoint, timeout="10s", **(curve_keys.server() if keyed else {})))
+    sink = started(ZmqSink(endpoint=endpoint, timeout="10s", **(curve_keys.client() if keyed else {})))
     data = np.random.default_rng(3).integers(0, 256, (5 << 20) + 7, dtype=np.uint8)
     try:
         feed(sink, [Batch(format=STREAM, payload=data), Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)])
