@@ -1,8 +1,11 @@
 """Transport stages: move the wire stream over ZeroMQ or to/from a file, and replay recorded streams.
 
-- ``zmq-sink`` / ``zmq-src``: PUSH/PULL, one message per STREAM batch (large
-  payloads sent without copying); an empty message marks the end of stream.
-  The receiver's acknowledgements travel on a separate socket (stages.common.acks).
+- ``zmq-sink`` / ``zmq-src``: PUSH/PULL, the stream in messages of at most 1 MiB
+  (large payloads sent without copying); an empty message marks the end of stream.
+  On tcp both ends run CurveZMQ with keys, or say ``insecure=true``; the end
+  that binds admits only allowed keys and at most ``max-connections``
+  (stages.common.security, docs/SECURITY.md). The receiver's acknowledgements
+  travel on a separate socket (stages.common.acks).
 - ``file-sink`` / ``file-src``: the stream as a file (a *trace*), the same
   bytes as on the wire.
 - ``trace-src``: replays a trace as the tracker stream it was made from:
