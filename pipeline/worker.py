@@ -116,6 +116,8 @@ class WorkerSpec:
     stage_target: str
     properties: dict[str, Any]
     stage_name: str
+    elements: list[str] = field(default_factory=list)
+    """The original elements the stage runs (several for a fused stage); statistics are posted per element."""
     worker_index: int = 0
     worker_count: int = 1
     output_format: str | None = None
@@ -175,7 +177,10 @@ class Worker:
 
     # ---- bus -----------------------------------------------------------
     def post(self, kind: str, **fields: Any) -> None:
-        message = Message(kind, self.spec.stage_name, self.spec.worker_index, fields)
+        self._post_as(self.spec.stage_name, kind, fields)
+
+    def _post_as(self, stage: str, kind: str, fields: dict[str, Any]) -> None:
+        message = Message(kind, stage, self.spec.worker_index, fields)
         if self._bus is not None:
             with self._bus_lock:
                 self._bus.send_json(message.to_dict(), default=json_default)
@@ -219,7 +224,7 @@ class Worker:
             self.stage = import_target(spec.stage_target)(**spec.properties)
         context = StageContext(spec.stage_name, spec.worker_index, spec.worker_count, post=self.post)
         self.core = WorkerCore(self.stage, context, len(spec.inputs), spec.output_format,
-                               self._emit, spec.stamp_pages)
+                               self._emit, spec.stamp_pages, spec.elements)
         self._hold_data = not spec.inputs and self.stage.back_to_back
         standalone_hwm = max(2, spec.max_inflight // STANDALONE_BATCH_ESTIMATE)
         for source in spec.inputs:
@@ -296,7 +301,8 @@ class Worker:
         stats.queue_bytes = sum(self._inflight.values())
         if self.stop_event is None:  # a process of its own
             stats.cpu_seconds = time.process_time() - self._cpu_at_start
-        self.post("stats", **self.core.statistics())
+        for element, stats in self.core.statistics():
+            self._post_as(element, "stats", stats)
 
     # ---- receiving -----------------------------------------------------
     def _produce(self) -> None:

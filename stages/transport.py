@@ -11,8 +11,9 @@
 - ``trace-src``: replays a trace as the tracker stream it was made from:
   decodes each epoch onto a page image and emits the touched pages whole
   (``preload=true``: the whole trace decoded before the first batch). It
-  fuses with the single-worker stages after it that consume only pages
-  (``classify ! xor-delta ! rle``), so the pages stay in its process.
+  fuses with the built-in single-worker page consumers after it
+  (``classify ! xor-delta ! rle``, exact classes only), so the pages stay in
+  its process.
 - ``write_trace_from_npz``: turns the recorded corpus (.npz) into a trace.
 """
 from __future__ import annotations
@@ -28,8 +29,11 @@ import zmq
 
 from pipeline.batch import ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, TransportError
+from pipeline.fusion import Fusion
 from pipeline.stage import Property, Stage, StageContext
 
+from .classify import Classify
+from .xor_delta import XorDelta
 from .codecs import Encoded, get_codec
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
@@ -344,8 +348,9 @@ class TraceSource(Stage):
                        "(holds every epoch's pages; for benchmarks that time the chain, not the decoding)")
 
     def fuse(self, downstream: Stage) -> Stage | None:
-        """Run a single-worker stage that consumes only pages in this process (``TraceSourceInto``)."""
-        if downstream.input_caps != (PAGES,) or downstream.workers != 1 or downstream.runs_in_caller:
+        """Run a single-worker built-in classify or xor-delta in this process (``TraceSourceInto``); never a
+        subclass or another stage, whose results fusion could change."""
+        if type(self) is not TraceSource or type(downstream) not in (Classify, XorDelta) or downstream.workers != 1:
             return None
         return TraceSourceInto.around(self, downstream)
 
@@ -443,7 +448,8 @@ class TraceSourceInto(TraceSource):
     factory_name = "trace-src+"
     description = "trace-src with its page consumer fused in (one process, pages never cross a boundary)"
 
-    consumer = Property("object", None, "Set by fusing: (stage class, property values) fed every replayed batch")
+    consumer = Property("object", None, "Set by fusing: (stage class, property values) fed every replayed batch",
+                        internal=True)
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
@@ -452,6 +458,8 @@ class TraceSourceInto(TraceSource):
         consumer_class, consumer_properties = self.consumer
         self._consumer: Stage = consumer_class(**consumer_properties)
         self.output_caps = self._consumer.output_caps
+        self.fusion = Fusion.join(self, self._consumer)
+        self._replayed = self.fusion.link_after(self)
 
     @classmethod
     def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":
@@ -460,7 +468,7 @@ class TraceSourceInto(TraceSource):
     def fuse(self, downstream: Stage) -> Stage | None:
         """Keep fusing while the consumer fuses with its own downstream (classify ! xor-delta ! rle)."""
         fused = self._consumer.fuse(downstream) if downstream.workers == 1 else None
-        return None if fused is None else type(self).around(self, fused)
+        return None if fused is None else TraceSourceInto.around(self, fused)
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -468,8 +476,8 @@ class TraceSourceInto(TraceSource):
 
     def produce(self) -> Iterator[Batch]:
         for batch in super().produce():
+            self._replayed.count(batch)
             yield from self._consumer.handle(batch)
-            self.counters.update(self._consumer.counters)
 
     def stop(self) -> None:
         self._consumer.stop()

@@ -516,10 +516,14 @@ def test_trace_src_fused_with_the_sender_chain_writes_the_same_stream_as_unfused
     chain = f"trace-src path={tmp_path / 'raw.trace'} batch-pages=7 ! classify ! xor-delta ! rle ! zstd ! frame"
     fused = Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'fused'}")
     result = fused.run(mode=mode, timeout=60)
-    Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'apart'}").run(mode=mode, timeout=60, fuse=False)
+    apart = Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'apart'}").run(mode=mode, timeout=60, fuse=False)
     assert (tmp_path / "fused").read_bytes() == (tmp_path / "apart").read_bytes()
-    counters = result.statistics[("trace-src0+classify0+xor-delta0+rle0", 0)]["counters"]
-    assert counters["hits"] + counters["misses"] == counters["normal"] > 0       # the consumers' counters surface
+    assert result.totals("xor-delta0")["fused_as"] == "trace-src0+classify0+xor-delta0+rle0"
+    for element in ("trace-src0", "classify0", "xor-delta0", "rle0"):   # each element's statistics, as apart
+        for key in ("batches_in", "pages_in", "bytes_in", "batches_out", "pages_out", "bytes_out", "counters"):
+            assert result.totals(element)[key] == apart.totals(element)[key], (element, key)
+    counters = result.totals("xor-delta0")["counters"]
+    assert counters["hits"] + counters["misses"] == result.totals("classify0")["counters"]["normal"] > 0
 
 
 def test_trace_src_into_needs_a_consumer():
