@@ -302,7 +302,7 @@ class Deframe(Stage):
 
     def _on_layout(self, record: Record) -> Batch | None:
         """The new layout; None when a segment merely repeats the current one."""
-        regions, extra = wire.parse_layout(record)
+        regions, extra = wire.parse_layout(record, self._reader.header.page_size)
         if (regions, extra) == self._layout:
             return None
         self._layout = (regions, extra)

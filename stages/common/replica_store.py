@@ -44,6 +44,7 @@ import xxhash
 from pipeline.batch import PageKind
 from pipeline.errors import ConfigError, ReplicaError
 from stages.codecs import Encoded, PageCodec, get_codec
+from stages.common.layout import array_spec
 from stages.common.pages import combine_digests, digest_pages
 
 FORMAT_NAME = "pagepipe-replica"
@@ -98,6 +99,12 @@ class Layout:
                 raise ReplicaError(f"layout: region {index} is malformed ({exc!r})") from None
             if entry["first_page"] < 0 or entry["npages"] < 0:
                 raise ReplicaError(f"layout: region {index} ({entry['name']}) has a negative page range")
+            if region.get("dtype"):   # an array: its dtype and shape give it back (absent: plain bytes)
+                try:
+                    dtype, shape = array_spec(region["dtype"], region.get("shape"), entry["npages"] * page_size)
+                except ValueError as exc:
+                    raise ReplicaError(f"layout: region {index} ({entry['name']}): {exc}") from None
+                entry.update(dtype=dtype, shape=list(shape))
             clean.append(entry)
         clean.sort(key=lambda r: r["first_page"])
         for before, after in zip(clean, clean[1:]):
@@ -721,7 +728,7 @@ def _commit_state(path: Path) -> tuple[bytes, bytes]:
     return manifest, head
 
 
-def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, np.ndarray]:
+def load_replica(path: str | os.PathLike, *, attempts: int = 100, typed: bool = False) -> dict[str, np.ndarray]:
     """The committed memory of a replica: one uint8 array (npages * page_size bytes) per region.
 
     Keys are region names (``name@0xSTART`` where names repeat). Read-only, so it
@@ -729,17 +736,18 @@ def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, n
     journal exists, and applying that journal (idempotent) to the copy in memory
     gives its epoch; a copy during which a commit began or ended is taken again. The
     result is always exactly one committed epoch; the files are never written.
+    ``typed``: each region as the array it was (``load_arrays``).
     """
     path = Path(path)
     for _ in range(attempts):
         before = _commit_state(path)
-        regions = _load_once(path)
+        regions = _load_once(path, typed)
         if _commit_state(path) == before:
             return regions
     raise ReplicaError(f"replica {path}: a new commit began during each of {attempts} attempts to read it")
 
 
-def _load_once(path: Path) -> dict[str, np.ndarray]:
+def _load_once(path: Path, typed: bool = False) -> dict[str, np.ndarray]:
     """The regions as the image and a complete journal (if any) make them."""
     store = ReplicaStore(path, fsync=False, writable=False)
     try:
@@ -758,10 +766,28 @@ def _load_once(path: Path) -> dict[str, np.ndarray]:
         if journal is not None:
             _, page_numbers, _, encodings = journal
             _apply_encodings(image, page_numbers, encodings)
-        return {key: image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1)
-                for key, r in zip(region_keys(layout.regions), layout.regions)}
+        regions = {key: (r, image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1))
+                   for key, r in zip(region_keys(layout.regions), layout.regions)}
+        return {key: region_array(r, data) if typed else data for key, (r, data) in regions.items()}
     finally:
         store.close()
+
+
+def region_array(region: dict[str, Any], data: np.ndarray) -> np.ndarray:
+    """A region's bytes (``npages * page_size`` uint8) as the array it was: its dtype and shape from the
+    layout, or the bytes themselves for a region without them (replicas written before they travelled)."""
+    if not region.get("dtype"):
+        return data
+    dtype = np.dtype(region["dtype"])
+    shape = tuple(region.get("shape", ()))
+    count = int(np.prod(shape, dtype=np.int64))
+    return data[:count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The committed memory of a replica as the arrays the sender tracked: ``load_replica`` with each
+    region's dtype and shape applied (uint8 bytes where the layout names none)."""
+    return load_replica(path, typed=True)
 
 
 @dataclass

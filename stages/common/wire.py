@@ -28,6 +28,7 @@ import xxhash
 from pipeline.batch import PageKind
 from pipeline.errors import CorruptData
 
+from .layout import array_spec
 from .pages import check_page_size
 
 MAGIC = b"PAGEPIPE"
@@ -170,7 +171,15 @@ def encode_record(record_type: int, flags: int, epoch: int, sequence: int, body:
     return [head + _U64.pack(checksum), *body], checksum
 
 
+REGION_ARRAYS = "region_arrays"
+"""Layout metadata key: {"<region index>": {"dtype": "<f8", "shape": [..]}} for regions holding numpy arrays."""
+
+
 def layout_body(regions: list[dict], extra: dict[str, Any]) -> list:
+    arrays = {str(index): {"dtype": region["dtype"], "shape": list(region.get("shape", ()))}
+              for index, region in enumerate(regions) if region.get("dtype")}
+    if arrays:
+        extra = {**extra, REGION_ARRAYS: arrays}
     parts = [_U32.pack(len(regions)) + bytes(4)]
     for region in regions:
         name = str(region["name"]).encode("utf-8")
@@ -406,8 +415,9 @@ class _BodyCursor:
             raise self.record.error(f"{len(self.body) - self.position} unexpected bytes after the body's fields")
 
 
-def parse_layout(record: Record) -> tuple[list[dict], dict[str, Any]]:
-    """Regions ({"name","start","first_page","npages"}) sorted by first page, checked not to overlap."""
+def parse_layout(record: Record, page_size: int | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """Regions ({"name","start","first_page","npages"}, plus "dtype" and "shape" for arrays), checked not to
+    overlap (and each array to fit its pages, given ``page_size``), and the other metadata."""
     cursor = _BodyCursor(record)
     count, reserved = cursor.unpack(_PAGES_HEAD, "layout head")
     if count > MAX_REGIONS or reserved:
@@ -425,11 +435,28 @@ def parse_layout(record: Record) -> tuple[list[dict], dict[str, Any]]:
         regions.append({"name": name, "start": start, "first_page": first_page, "npages": npages})
     extra = cursor.extra()
     cursor.end()
+    _attach_arrays(record, regions, extra.pop(REGION_ARRAYS, {}), page_size)
     ordered = sorted(regions, key=lambda region: region["first_page"])
     for before, after in zip(ordered, ordered[1:]):
         if before["first_page"] + before["npages"] > after["first_page"]:
             raise record.error(f"layout regions {before['name']!r} and {after['name']!r} overlap")
     return regions, extra
+
+
+def _attach_arrays(record: Record, regions: list[dict], arrays: Any, page_size: int | None) -> None:
+    """Give regions their array dtype and shape from the layout metadata, checked."""
+    if not isinstance(arrays, dict):
+        raise record.error(f"layout {REGION_ARRAYS} is not a JSON object")
+    for key, spec in arrays.items():
+        if not key.isdigit() or int(key) >= len(regions) or not isinstance(spec, dict):
+            raise record.error(f"layout {REGION_ARRAYS}: entry {key!r} names no region")
+        region = regions[int(key)]
+        capacity = region["npages"] * page_size if page_size is not None else None
+        try:
+            region["dtype"], shape = array_spec(spec.get("dtype"), spec.get("shape"), capacity)
+        except ValueError as exc:
+            raise record.error(f"layout region {key} ({region['name']!r}): {exc}") from None
+        region["shape"] = list(shape)
 
 
 def _check_kinds(record: Record, kinds: np.ndarray) -> None:

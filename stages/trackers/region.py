@@ -42,8 +42,12 @@ def tracked_array(shape: int | tuple[int, ...], dtype: Any = np.uint8) -> np.nda
     """A zero-filled array in its own page-aligned anonymous mapping (trackable in userfaultfd mode)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
-    nbytes = max(PAGE_SIZE, -(-count * dtype.itemsize // PAGE_SIZE) * PAGE_SIZE)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).reshape(shape)
+    return np.frombuffer(page_mapping(count * dtype.itemsize), dtype=dtype, count=count).reshape(shape)
+
+
+def page_mapping(nbytes: int) -> mmap.mmap:
+    """A zero-filled anonymous mapping of ``nbytes`` rounded up to whole pages (at least one)."""
+    return mmap.mmap(-1, max(PAGE_SIZE, -(-nbytes // PAGE_SIZE) * PAGE_SIZE))
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class TrackedBuffer:
         if view.nbytes == 0:
             raise TrackerError(f"{where}: {name} is empty")
         self.name = name
+        typed = isinstance(buffer, np.ndarray) and buffer.dtype.fields is None and not buffer.dtype.hasobject
+        self.dtype = buffer.dtype.str if typed else ""
+        """The array's dtype and shape, carried in the layout so a replica gives the same array back."""
+        self.shape = tuple(int(n) for n in buffer.shape) if typed else ()
         self.bytes = np.frombuffer(view.cast("B"), dtype=np.uint8)
         self.address = self.bytes.ctypes.data
         self.nbytes = self.bytes.size
@@ -83,7 +91,7 @@ class TrackedBuffer:
         return self.address % PAGE_SIZE == 0 and self.tail == 0
 
     def region(self) -> Region:
-        return Region(self.name, self.address, self.first_page, self.npages)
+        return Region(self.name, self.address, self.first_page, self.npages, self.dtype, self.shape)
 
     def check_mapped(self, where: str) -> None:
         """TrackerError if the memory was unmapped behind the tracker's back."""
