@@ -25,9 +25,21 @@ Policy (docs/FORMAT.md, section replica):
   payload that does not decode, an epoch over ``max-epoch``) raise CorruptData
   (``on-error=fail``, the default) or are treated like a torn epoch
   (``on-error=resync``). Nothing is ever written outside a commit.
+- Failover: when the receiving source declares the sender lost (``zmq-src
+  failover=true``: no message, heartbeats included, for its failover-after),
+  the SENDER_LOST marker reaches the sink, which discards the epoch in
+  progress (nothing partial is committed), makes the replica durable (fsync,
+  also with ``fsync=false``), runs ``on-failover`` and posts a ``failover``
+  bus message (fields: replica, epoch, silence, command_pid) for a Python
+  caller to act on. From then on the replica is fenced: the lost sender's
+  stream is stale and every epoch that still arrives is refused (and reported
+  discarded on the ack channel), unless ``after-failover=resync``, which asks
+  the returning sender for a resync and follows it again from its next full epoch.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from typing import Iterable
 
@@ -115,13 +127,21 @@ class ReplicaSink(Stage):
     max_pages = Property("int", DEFAULT_MAX_PAGES, "Largest layout accepted, in pages", minimum=1)
     verify_on_start = Property("bool", True, "Check every page of an existing replica before resuming from it")
     resync_interval = Property("duration", "2s", "Repeat an unanswered resync request after this long")
+    on_failover = Property("str", "", "Shell command run once the sender is lost (zmq-src failover=true), with "
+                           "PAGEPIPE_REPLICA and PAGEPIPE_EPOCH in its environment; it outlives the pipeline")
+    after_failover = Property("choice", "refuse", "A sender heard again after failover: refuse its epochs (stale), "
+                              "or ask it for a resync and follow it again", choices=("refuse", "resync"))
 
     def start(self, context: StageContext) -> None:
         super().start(context)
         if not self.path:
             raise ConfigError("replica-sink: property path is required")
         self.counters.update(epochs_committed=0, epochs_discarded=0, pages_applied=0, bytes_applied=0,
-                             resyncs_requested=0, acks_dropped=0, commit_seconds=0.0, last_epoch=0)
+                             resyncs_requested=0, acks_dropped=0, commit_seconds=0.0, last_epoch=0,
+                             failovers=0, epochs_refused=0)
+        self.failed_over = False
+        """True once the sender was declared lost: the replica is fenced (see after-failover)."""
+        self._refused_epoch: int | None = None
         self.store = self._open_store()
         self.layout: Layout | None = self.store.layout
         self.in_sync = not self.store.is_empty
@@ -153,6 +173,8 @@ class ReplicaSink(Stage):
 
     # ---- data ----------------------------------------------------------
     def process(self, batch: Batch) -> Iterable[Batch]:
+        if self.failed_over and self._refuse(batch):
+            return ()
         pending = self._pending_for(batch.epoch)
         if pending.doomed:
             return ()
@@ -258,6 +280,11 @@ class ReplicaSink(Stage):
 
     # ---- control ---------------------------------------------------------
     def control(self, batch: Batch) -> Iterable[Batch]:
+        if batch.flags & Flag.SENDER_LOST:
+            self._fail_over(batch)
+            return ()
+        if self.failed_over and batch.flags & (Flag.LAYOUT | Flag.EPOCH_END) and self._refuse(batch):
+            return ()
         if batch.flags & Flag.LAYOUT:
             self._set_layout(batch)
         if batch.flags & Flag.EPOCH_END:
@@ -308,6 +335,10 @@ class ReplicaSink(Stage):
         self.store.commit(epoch, self.layout, page_numbers, pending.encodings, digests, digest,
                           stream=marker.stream, resync=bool(marker.flags & Flag.RESYNC))
         self.in_sync = True
+        if self.failed_over:
+            self.failed_over = False
+            self.context.warn(f"replica-sink: following the sender again from its resync epoch {epoch} "
+                              f"(after-failover=resync)")
         self._last_resync_request = -float("inf")   # answered: a later problem asks again at once
         self.counters["commit_seconds"] += time.perf_counter() - started
         self.counters["epochs_committed"] += 1
@@ -316,6 +347,52 @@ class ReplicaSink(Stage):
         self.counters["last_epoch"] = epoch
         if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream):
             self._ack_dropped(f"acknowledgement of epoch {epoch}")
+
+    # ---- failover --------------------------------------------------------
+    def _fail_over(self, marker: Batch) -> None:
+        """The sender is lost: drop the epoch in progress, make the replica durable, run on-failover, post
+        ``failover``; then fence the replica."""
+        if self.failed_over:
+            return
+        if self.pending is not None:
+            self.counters["epochs_discarded"] += 1
+            self.context.warn(f"replica-sink: epoch {self.pending.epoch} discarded (torn: the sender was lost "
+                              f"before its commit record); replica stays at epoch {self.store.epoch}")
+            self.pending = None
+        self.store.sync()
+        self.failed_over = True
+        self.in_sync = False
+        self.counters["failovers"] += 1
+        silence = marker.meta.get("silence")
+        pid = self._run_failover_command(silence) if self.on_failover else None
+        self.context.warn(f"replica-sink: sender lost; failing over at epoch {self.store.epoch} of {self.path}"
+                          + (f" (on-failover started pid {pid})" if pid else ""))
+        self.context.post("failover", replica=str(os.path.abspath(self.path)), epoch=self.store.epoch,
+                          silence=silence, last_heard=marker.meta.get("last_heard"), command_pid=pid)
+
+    def _run_failover_command(self, silence: object) -> int:
+        """Start on-failover in a session of its own, not waited for: the one process pagepipe starts that
+        deliberately outlives the pipeline (it is how the backup takes over)."""
+        environment = {**os.environ, "PAGEPIPE_REPLICA": os.path.abspath(self.path),
+                       "PAGEPIPE_EPOCH": str(self.store.epoch), "PAGEPIPE_SILENCE": f"{silence}"}
+        child = subprocess.Popen(self.on_failover, shell=True, env=environment, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, close_fds=True)
+        return child.pid
+
+    def _refuse(self, batch: Batch) -> bool:
+        """After failover: True if this batch of the stale sender is refused (always, unless after-failover=
+        resync, which asks the sender for a resync and lets its batches through to wait for a full epoch)."""
+        if self.after_failover == "resync":
+            self._ask_resync("the replica failed over; rejoining the sender needs a full epoch")
+            return False
+        if self._refused_epoch != batch.epoch:
+            self._refused_epoch = batch.epoch
+            self.counters["epochs_refused"] += 1
+            self.context.warn(f"replica-sink: epoch {batch.epoch} refused: the replica failed over at epoch "
+                              f"{self.store.epoch} and this sender is stale (after-failover=resync accepts it)")
+        if batch.flags & Flag.EPOCH_END and self.acks is not None:
+            self.acks.discarded(batch.epoch, "the replica failed over; this sender is stale")
+        return True
 
     def _doom(self, pending: PendingEpoch, reason: str) -> None:
         pending.doom(reason)

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -136,20 +137,41 @@ class ZmqSource(_ZmqStage):
     max_message = Property("size", "256MiB", "Messages larger than this are refused by ZeroMQ (peer dropped)",
                            minimum=1 << 16)
     hwm = Property("int", 8, "Messages queued from the sender before it blocks", minimum=1)
+    failover = Property("bool", False, "Failure detection: once the sender was heard, declare it lost after "
+                        "failover-after without a message (its heartbeats included) and send SENDER_LOST on")
+    failover_after = Property("duration", "1s", "Silence after which failover declares the sender lost; longer "
+                              "than the sender's heartbeat and than any blip it should ride out", minimum=0.01)
 
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
 
-    def produce(self) -> Iterator[Batch]:
-        poll_ms = int(self.timeout * 1000) if self.timeout else None
+    def produce(self) -> Iterator[Batch | None]:
         sequence = 0
+        last_heard: float | None = None     # monotonic time of the last message; None until one came
+        waited_since = time.monotonic()
         while True:
+            now = time.monotonic()
+            waits = [self.idle_every] if self.idle_every else []
+            if self.timeout:
+                waits.append(self.timeout - (now - waited_since))
+            if self.failover and last_heard is not None:
+                waits.append(self.failover_after - (now - last_heard))
+            poll_ms = max(0, math.ceil(min(waits) * 1000)) if waits else None
             if not self._socket.poll(poll_ms, zmq.POLLIN):
-                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
-                                     f"for {self.timeout:g} s")
+                now = time.monotonic()
+                if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
+                    yield self._sender_lost(last_heard, now)
+                    last_heard = None   # armed again by the next message (a returning sender)
+                elif self.timeout and now - waited_since >= self.timeout:
+                    raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
+                                         f"for {self.timeout:g} s")
+                else:
+                    yield None
+                continue
             message = self._socket.recv(copy=False)
+            last_heard = waited_since = time.monotonic()
             self.counters["messages"] += 1
             if len(message) == 0:
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
@@ -158,6 +180,15 @@ class ZmqSource(_ZmqStage):
             payload = np.frombuffer(message.buffer, dtype=np.uint8)
             yield Batch(format=STREAM, sequence=sequence, payload=payload)
             sequence += 1
+
+    def _sender_lost(self, last_heard: float, now: float) -> Batch:
+        """The SENDER_LOST marker: nothing arrived for failover-after (heartbeats included)."""
+        self.counters["senders_lost"] = self.counters.get("senders_lost", 0) + 1
+        silence = now - last_heard
+        self.context.warn(f"{self.factory_name}: nothing from the sender on {self.endpoint} for {silence:.2f} s "
+                          f"(failover-after={self.failover_after:g} s): it is lost")
+        return Batch.control(Flag.SENDER_LOST, 0, format=STREAM, silence=silence,
+                             last_heard=time.time() - silence)
 
 
 # ---- files ----------------------------------------------------------------------

@@ -461,6 +461,24 @@ class ReplicaStore:
         new_digests[np.searchsorted(layout_pages, page_numbers)] = digests
         return combine_digests(layout_pages, new_digests)
 
+    def sync(self) -> None:
+        """Make the committed epoch durable now (what ``fsync=True`` does at every commit): image, digests,
+        manifest and the directory reach the disk."""
+        try:
+            if self._image is not None:
+                self._image.flush()
+                self._digests.flush()
+            for name in (IMAGE, DIGESTS, MANIFEST):
+                if (self.path / name).exists():
+                    fd = os.open(self.path / name, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            _fsync_directory(self.path)
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot make it durable ({exc.strerror or exc})") from None
+
     def close(self) -> None:
         self._image = self._digests = None
         self._journal.close()

@@ -50,6 +50,7 @@ PAGES_ENTRY_SIZE = 9                            # per entry of a PAGES body: pag
 ENCODED_ENTRY_SIZE = 13                         # per entry of an ENCODED body: page number, kind, length
 _REGION = struct.Struct("<QQQH")                # start, first page, page count, name length
 _COMMIT = struct.Struct("<QQQB7xQdd")           # pages, records, stream digest, has digest, digest, time, pause ms
+_HEARTBEAT = struct.Struct("<dI4x")             # unix time sent, heartbeat interval in ms
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -62,6 +63,7 @@ class RecordType(IntEnum):
     ENCODED = 0x0003
     EPOCH_COMMIT = 0x0004
     END_OF_STREAM = 0x0005
+    HEARTBEAT = 0x8001      # optional: the sender is alive (a reader that does not know it skips it)
 
 
 OPTIONAL_RECORD = 0x8000
@@ -532,6 +534,27 @@ def parse_commit(record: Record) -> Commit:
         raise record.error(f"commit digest flag {has_digest} is not 0 or 1")
     return Commit(pages, records, digest_of_stream, digest if has_digest else None,
                   None if math.isnan(time) else time, None if math.isnan(pause_ms) else pause_ms, extra)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A heartbeat record's body: when the sender wrote it, and how often it writes them."""
+
+    time: float
+    interval_ms: int
+
+
+def heartbeat_body(heartbeat: Heartbeat) -> list:
+    return [_HEARTBEAT.pack(heartbeat.time, heartbeat.interval_ms)]
+
+
+def parse_heartbeat(record: Record) -> Heartbeat:
+    cursor = _BodyCursor(record)
+    time, interval_ms = cursor.unpack(_HEARTBEAT, "heartbeat")
+    cursor.end()
+    if not math.isfinite(time):
+        raise record.error(f"heartbeat time {time!r} is not a number")
+    return Heartbeat(time, interval_ms)
 
 
 def parse_end_of_stream(record: Record) -> None:

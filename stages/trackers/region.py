@@ -425,15 +425,20 @@ class RegionSource(Stage):
             self._condition.notify_all()
 
     # ---- the runtime's side --------------------------------------------------
-    def produce(self) -> Iterator[Batch]:
-        """Emit staged checkpoints in order; blocks until the next is staged; ends after close()."""
+    def produce(self) -> Iterator[Batch | None]:
+        """Emit staged checkpoints in order; waits for the next (yielding None every ``idle_every``); ends
+        after close()."""
         self._ensure_ready()
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: bool(self._queue))
-                item = self._queue.popleft()
-                if isinstance(item, _Staged):
-                    self._slabs.handed_downstream(item.slab)
+                item = None
+                if self._condition.wait_for(lambda: bool(self._queue), self.idle_every or None):
+                    item = self._queue.popleft()
+                    if isinstance(item, _Staged):
+                        self._slabs.handed_downstream(item.slab)
+            if item is None:
+                yield None      # waiting for a checkpoint: the executor's timers run meanwhile
+                continue
             if isinstance(item, TrackerError):
                 raise item
             if isinstance(item, _Closed):
