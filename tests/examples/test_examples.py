@@ -104,3 +104,17 @@ def test_codec_comparison_refuses_a_bad_chain_before_starting_the_child(tmp_path
     assert completed.returncode == 2
     assert "'bogus' is not one of" in completed.stderr and "Traceback" not in completed.stderr
     assert not live_processes_started_by_run(tmp_path)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_failover_backup_resumes_the_killed_primary_and_matches_an_uninterrupted_run(seed, tmp_path):
+    completed = run_example("failover.py", "--steps", "60", "--rate", "30", "--size", "96", "--seed", str(seed),
+                            cwd=tmp_path)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert "every output the primary released is covered by the replica's checkpoint: yes" in output
+    assert "outputs repeated by the resumed run: 0" in output
+    assert "final output and grid equal an uninterrupted run: yes" in output
+    assert re.search(r"failure detected [\d.]+ s after its last heartbeat", output)
+    assert re.search(r"resumed from the replica in [\d.]+ ms", output)
+    assert not live_processes_started_by_run(tmp_path), "the example left a process running"
