@@ -23,6 +23,7 @@ begins while the files are read makes the reading start again.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +81,37 @@ def _read_verified(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_region(image: Any, region: dict[str, Any], page_size: int, digests: np.ndarray, path: Path) -> np.ndarray:
-    """One region's pages read from the image into a fresh mapping, each checked against its digest."""
+    """One region's pages read from the image into a fresh mapping, each checked against its digest.
+
+    Each piece is digested by a helper thread while the next is read (both release the GIL), so the check
+    costs little more than the read.
+    """
     first, npages = region["first_page"], region["npages"]
-    mapping = page_mapping(npages * page_size)
+    mapping = page_mapping(npages * page_size, prefault=True)
     data = np.frombuffer(mapping, dtype=np.uint8, count=npages * page_size)
     view = memoryview(mapping)
     pages_per_chunk = max(1, CHUNK_BYTES // page_size)
-    for low in range(0, npages, pages_per_chunk):
-        high = min(npages, low + pages_per_chunk)
-        start, end = low * page_size, high * page_size
-        read = os.preadv(image.fileno(), [view[start:end]], (first + low) * page_size)
-        if read != end - start:
-            raise ReplicaError(f"replica {path}: {IMAGE} ends inside region {region['name']!r}")
-        actual = digest_pages(data[start:end].reshape(-1, page_size))
+
+    def check(low: int, high: int) -> None:
+        actual = digest_pages(data[low * page_size:high * page_size].reshape(-1, page_size))
         bad = np.flatnonzero(actual != digests[first + low:first + high])
         if bad.size:
             raise ReplicaError(f"replica {path}: region {region['name']!r}: page {first + low + int(bad[0])} "
                                f"differs from its digest ({bad.size} pages in this piece); nothing resumed")
-    view.release()
+
+    checking = None
+    with ThreadPoolExecutor(1, thread_name_prefix="resume-verify") as verifier:
+        try:
+            for low in range(0, npages, pages_per_chunk):
+                high = min(npages, low + pages_per_chunk)
+                start, end = low * page_size, high * page_size
+                if os.preadv(image.fileno(), [view[start:end]], (first + low) * page_size) != end - start:
+                    raise ReplicaError(f"replica {path}: {IMAGE} ends inside region {region['name']!r}")
+                if checking is not None:
+                    checking.result()
+                checking = verifier.submit(check, low, high)
+            if checking is not None:
+                checking.result()
+        finally:
+            view.release()
     return data
