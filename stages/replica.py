@@ -66,7 +66,8 @@ _PAGES_KINDS = _kind_table(PageKind.NORMAL, PageKind.ZERO, PageKind.RAW, PageKin
 _ENCODED_KINDS = _kind_table(PageKind.ZERO, PageKind.RAW, PageKind.FULL, PageKind.DELTA, PageKind.UNCHANGED)
 _USES_PREVIOUS = _kind_table(PageKind.DELTA, PageKind.UNCHANGED)
 _RAW = int(PageKind.RAW)   # a plain int: comparing arrays with an IntEnum member is slower
-_CODECS_KEPT = 8   # codec names are untrusted: keep only the first few looked up
+_CODECS_KEPT = 8
+SETTLE_INTERVAL = 0.002   # codec names are untrusted: keep only the first few looked up
 
 
 class EpochRejected(Exception):
@@ -116,6 +117,9 @@ class ReplicaSink(Stage):
 
     path = Property("str", "", "Replica directory (created if missing)")
     fsync = Property("bool", True, "fsync journal, image and manifest at every commit (power-loss safety)")
+    settle = Property("choice", "idle", "With fsync: acknowledge an epoch once its journal is durable and flush "
+                      "the rest while idle (idle), or only after every flush (commit); equally safe",
+                      choices=("idle", "commit"))
     ack_endpoint = Property("str", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks)")
     ack_bind = Property("bool", False, "Bind the ack socket instead of connecting it")
     ack_queue = Property("int", 10000, "Ack messages held for a sender that is not reading; beyond, dropped "
@@ -143,6 +147,7 @@ class ReplicaSink(Stage):
         """True once the sender was declared lost: the replica is fenced (see after-failover)."""
         self._refused_epoch: int | None = None
         self.store = self._open_store()
+        self.tick_interval = SETTLE_INTERVAL if self.store.settle_later and self.fsync else 0.0
         self.layout: Layout | None = self.store.layout
         self.in_sync = not self.store.is_empty
         self.pending: PendingEpoch | None = None
@@ -158,7 +163,8 @@ class ReplicaSink(Stage):
         """
         ensure_replica_directory(self.path)
         try:
-            store = ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages)
+            store = ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages,
+                                 settle_later=self.settle == "idle")
             if store.recovered_journal != "none":
                 self.context.warn(f"replica-sink: {store.recovered_journal} an interrupted commit in {self.path}")
             if not store.is_empty and self.verify_on_start:
@@ -169,7 +175,8 @@ class ReplicaSink(Stage):
         except ReplicaError as exc:
             self.context.warn(f"replica-sink: replica {self.path} is inconsistent, starting empty: {exc}")
             clear_replica(self.path)
-            return ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages)
+            return ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages,
+                                settle_later=self.settle == "idle")
 
     # ---- data ----------------------------------------------------------
     def process(self, batch: Batch) -> Iterable[Batch]:
@@ -347,6 +354,11 @@ class ReplicaSink(Stage):
         self.counters["last_epoch"] = epoch
         if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream):
             self._ack_dropped(f"acknowledgement of epoch {epoch}")
+
+    def tick(self) -> Iterable[Batch]:
+        """Between inputs: finish the last commit's flushes (``settle=idle``) before the next epoch needs them."""
+        self.store.settle()
+        return ()
 
     # ---- failover --------------------------------------------------------
     def _fail_over(self, marker: Batch) -> None:

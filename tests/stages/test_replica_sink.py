@@ -511,3 +511,21 @@ def test_failover_makes_a_replica_without_fsync_durable(tmp_path, monkeypatch):
     feed(sink, [sender_lost()])
     assert len(calls) >= 4              # image, digests, manifest, directory
     sink.stop()
+
+
+def test_with_fsync_an_epoch_is_acknowledged_at_its_durable_journal_and_settled_at_the_next_tick(tmp_path):
+    from stages.common.replica_store import JOURNAL
+    sender = Sender()
+    sink = ReplicaSink(path=str(tmp_path), fsync=True)
+    sink.start(StageContext("replica-sink"))
+    assert sink.tick_interval > 0
+    feed(sink, [sender.layout()] + sender.full_epoch() + sender.epoch_batches(sender.dirty(4)))
+    assert sink.store.unsettled and (tmp_path / JOURNAL).stat().st_size > 0
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    assert list(sink.tick()) == []
+    assert not sink.store.unsettled and (tmp_path / JOURNAL).stat().st_size == 0
+    sink.stop()
+    committing = ReplicaSink(path=str(tmp_path / "b"), fsync=True, settle="commit")
+    committing.start(StageContext("replica-sink"))
+    assert committing.tick_interval == 0
+    committing.stop()

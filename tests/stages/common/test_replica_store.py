@@ -474,3 +474,25 @@ def test_a_region_that_reuses_dropped_page_numbers_starts_as_zeros(tmp_path):
     assert not stack[0].any()
     np.testing.assert_array_equal(stack[1], filled([9], 3)[0])
     assert verify_replica(tmp_path).ok
+
+
+def test_a_commit_left_to_settle_is_durable_by_its_journal_and_settles_later(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=True, settle_later=True)
+    commit(store, 1, ALL_PAGES, 1)              # the first commit has no journal: settled at once
+    assert not store.unsettled
+    second = commit(store, 2, [1, 9], 2)
+    assert store.unsettled and os.path.getsize(tmp_path / JOURNAL) > 0
+    assert read_manifest(tmp_path)["epoch"] == 2
+    assert verify_replica(tmp_path).ok          # applied, only its flushes are pending
+    np.testing.assert_array_equal(load_replica(tmp_path)["heap"].reshape(6, PAGE)[1], second[0])
+    reopened = ReplicaStore(tmp_path)           # as after a crash before settling: the journal is replayed
+    assert reopened.recovered_journal == "replayed" and reopened.epoch == 2 and not reopened.unsettled
+    reopened.close()
+    store = ReplicaStore(tmp_path, fsync=True, settle_later=True)
+    commit(store, 3, [2], 3)
+    commit(store, 4, [3], 4)                    # settles epoch 3 first
+    store.settle()
+    assert not store.unsettled and os.path.getsize(tmp_path / JOURNAL) == 0
+    commit(store, 5, [4], 5)
+    store.close()                               # settles too
+    assert os.path.getsize(tmp_path / JOURNAL) == 0 and read_manifest(tmp_path)["epoch"] == 5
