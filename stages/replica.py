@@ -147,7 +147,6 @@ class ReplicaSink(Stage):
         """True once the sender was declared lost: the replica is fenced (see after-failover)."""
         self._refused_epoch: int | None = None
         self.store = self._open_store()
-        self.tick_interval = SETTLE_INTERVAL if self.store.settle_later and self.fsync else 0.0
         self.layout: Layout | None = self.store.layout
         self.in_sync = not self.store.is_empty
         self.pending: PendingEpoch | None = None
@@ -352,12 +351,16 @@ class ReplicaSink(Stage):
         self.counters["pages_applied"] += page_numbers.shape[0]
         self.counters["bytes_applied"] += pending.page_bytes
         self.counters["last_epoch"] = epoch
+        if self.store.unsettled:
+            self.tick_interval = SETTLE_INTERVAL    # settle soon, between inputs
         if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream):
             self._ack_dropped(f"acknowledgement of epoch {epoch}")
 
     def tick(self) -> Iterable[Batch]:
-        """Between inputs: finish the last commit's flushes (``settle=idle``) before the next epoch needs them."""
+        """Between inputs: finish the last commit's flushes (``settle=idle``) before the next epoch needs them.
+        The timer runs only while a commit is unsettled."""
         self.store.settle()
+        self.tick_interval = 0.0
         return ()
 
     # ---- failover --------------------------------------------------------

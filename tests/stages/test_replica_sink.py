@@ -518,14 +518,16 @@ def test_with_fsync_an_epoch_is_acknowledged_at_its_durable_journal_and_settled_
     sender = Sender()
     sink = ReplicaSink(path=str(tmp_path), fsync=True)
     sink.start(StageContext("replica-sink"))
-    assert sink.tick_interval > 0
-    feed(sink, [sender.layout()] + sender.full_epoch() + sender.epoch_batches(sender.dirty(4)))
-    assert sink.store.unsettled and (tmp_path / JOURNAL).stat().st_size > 0
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    assert sink.tick_interval == 0              # nothing to settle: no timer
+    feed(sink, sender.epoch_batches(sender.dirty(4)))
+    assert sink.tick_interval > 0 and sink.store.unsettled and (tmp_path / JOURNAL).stat().st_size > 0
     np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
     assert list(sink.tick()) == []
-    assert not sink.store.unsettled and (tmp_path / JOURNAL).stat().st_size == 0
+    assert not sink.store.unsettled and (tmp_path / JOURNAL).stat().st_size == 0 and sink.tick_interval == 0
     sink.stop()
     committing = ReplicaSink(path=str(tmp_path / "b"), fsync=True, settle="commit")
     committing.start(StageContext("replica-sink"))
-    assert committing.tick_interval == 0
+    feed(committing, [sender.layout()] + sender.full_epoch(resync=True) + sender.epoch_batches(sender.dirty(4)))
+    assert committing.tick_interval == 0 and not committing.store.unsettled
     committing.stop()
