@@ -41,7 +41,6 @@ import numpy as np
 
 from pipeline.errors import PagepipeError
 from pipeline.pipeline import Pipeline
-from stages.apps.demo import free_tcp_endpoint
 from stages.basic import NullSink
 from stages.classify import Classify
 from stages.common.acks import AckListener
@@ -134,7 +133,7 @@ def backup(args: argparse.Namespace, scratch: Path) -> int:
     chooser = random.Random(args.seed)
     kill_after = chooser.randint(max(1, args.steps // 5), max(1, args.steps // 2))   # outputs released first
     replica, out, marker = scratch / "replica", scratch / "output.txt", scratch / "on-failover.txt"
-    stream, ack = free_tcp_endpoint(), free_tcp_endpoint()
+    stream, ack = f"ipc://{scratch}/stream", f"ipc://{scratch}/acks"   # Unix sockets: no keys needed
     receiver = Pipeline.chain(
         ZmqSource(endpoint=stream, failover=True), Deframe(), Decode(),
         ReplicaSink(path=str(replica), ack_endpoint=ack, ack_bind=True,

@@ -63,6 +63,8 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{label:<16}{value}", highlight=False)
     console.print("Properties:", highlight=False)
     for prop in stage_class.properties().values():
+        if prop.internal:  # set by the runtime or by fusion, never by a user
+            continue
         console.print(f"  {prop.name:<18}{prop.type:<10}default {prop.default!r}", highlight=False)
         if prop.describe_range():
             console.print(f"  {'':<18}{'':<10}range   {prop.describe_range()}", highlight=False)

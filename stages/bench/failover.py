@@ -46,7 +46,7 @@ def primary(stream: str, rate: float, size: int) -> None:
     rng = np.random.default_rng(0)
     source = RegionSource(regions={"memory": memory})
     sender = Pipeline.chain(source, Classify(), XorDelta(), RunLengthEncode(), Zstd(), Frame(),
-                            ZmqSink(endpoint=stream, timeout="600s"))
+                            ZmqSink(endpoint=stream, timeout="600s", insecure=True))
     with sender.start(mode="inline"):
         began, index = time.monotonic(), 0
         while True:
@@ -73,7 +73,7 @@ def watch(seconds: float, rate: float, size: int, kill_after: float | None) -> t
             failovers.append((message, time.time()))
 
     with tempfile.TemporaryDirectory(prefix="bench-failover-") as replica:
-        receiver = Pipeline.parse(f"zmq-src endpoint={stream} failover=true ! deframe ! decode ! "
+        receiver = Pipeline.parse(f"zmq-src endpoint={stream} insecure=true failover=true ! deframe ! decode ! "
                                   f"replica-sink path={replica} fsync=false")
         with receiver.start(mode="process", on_message=collect):
             child = subprocess.Popen([sys.executable, "-m", __name__, "--role", "primary", "--stream", stream,

@@ -52,11 +52,12 @@ def release_latencies(size: int, dirty: float, rate: float, seconds: float, fsyn
     source = RegionSource(regions={"memory": memory})
     stream = free_tcp_endpoint()
     with tempfile.TemporaryDirectory(prefix="bench-outputcommit-") as replica:
-        listener = AckListener("tcp://127.0.0.1:*").attach(source)
-        receiver = Pipeline.parse(f"zmq-src endpoint={stream} ! deframe ! decode ! replica-sink path={replica} "
-                                  f"fsync={str(fsync).lower()} ack-endpoint={listener.endpoint}")
+        listener = AckListener("tcp://127.0.0.1:*", insecure=True).attach(source)   # loopback: no keys
+        receiver = Pipeline.parse(f"zmq-src endpoint={stream} insecure=true ! deframe ! decode ! replica-sink "
+                                  f"path={replica} fsync={str(fsync).lower()} ack-endpoint={listener.endpoint} "
+                                  f"insecure=true")
         sender = Pipeline.chain(source, Classify(), XorDelta(), RunLengthEncode(), Zstd(), Frame(),
-                                ZmqSink(endpoint=stream))
+                                ZmqSink(endpoint=stream, insecure=True))
         latencies = []
         try:
             with receiver.start(mode=mode) as receiving, sender.start(mode=mode):
