@@ -90,23 +90,42 @@ class WorkerStatistics:
     def snapshot(self, counters: dict[str, Any]) -> dict[str, Any]:
         """The statistics as a bus message body (JSON-able)."""
         self.elapsed_seconds = time.monotonic() - self.started
-        self.counters = {str(k): v.item() if isinstance(v, np.generic) else v for k, v in counters.items()
-                         if isinstance(v, (int, float, str, bool, np.generic))}
+        self.counters = plain_counters(counters)
         values = asdict(self)
         del values["started"]
         return values
 
 
+def plain_counters(counters: dict[str, Any]) -> dict[str, Any]:
+    """A stage's counters as JSON-able values (numpy scalars as Python numbers; other values left out)."""
+    return {str(k): v.item() if isinstance(v, np.generic) else v for k, v in counters.items()
+            if isinstance(v, (int, float, str, bool, np.generic))}
+
+
 def stage_totals(statistics: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per-stage sums of per-worker statistics, in first-seen order, with a ``workers`` count."""
+    """Per-stage sums of per-worker statistics, in first-seen order, with a ``workers`` count.
+
+    The stage's own ``counters`` are summed the same way (numbers; other values as the last worker has them);
+    ``fused_as`` names the fused node an element ran in, if it did.
+    """
     totals: dict[str, dict[str, Any]] = {}
     for (stage, _), stats in statistics.items():
-        total = totals.setdefault(stage, {"workers": 0})
+        total = totals.setdefault(stage, {"workers": 0, "counters": {}})
         total["workers"] += 1
-        for key, value in stats.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "worker":
-                total[key] = total.get(key, 0) + value
+        _add_numbers(total, stats, skip=("worker",))
+        _add_numbers(total["counters"], stats.get("counters") or {}, keep_other=True)
+        if "fused_as" in stats:
+            total["fused_as"] = stats["fused_as"]
     return totals
+
+
+def _add_numbers(total: dict[str, Any], values: dict[str, Any], skip: tuple[str, ...] = (),
+                 keep_other: bool = False) -> None:
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in skip:
+            total[key] = total.get(key, 0) + value
+        elif keep_other and not isinstance(value, dict):
+            total[key] = value
 
 
 @dataclass

@@ -11,18 +11,26 @@ import time
 from typing import Callable, Iterator
 
 from .batch import Batch, Flag
-from .bus import WorkerStatistics
+from .bus import WorkerStatistics, plain_counters
+from .errors import ConfigError
+from .fusion import Fusion
 from .routing import EpochPageCounter, FanIn
 from .stage import Stage, StageContext
+
+IDLE_EVERY = 0.02
+"""Seconds a waiting source goes without yielding (see ``Stage.idle_every``): bounds how late a timer runs inline."""
+_DONE = object()
 
 
 class WorkerCore:
     """Drive one stage instance: fan-in barrier, ``handle``, epoch-end stamping, statistics."""
 
     def __init__(self, stage: Stage, context: StageContext, inputs: int, output_format: str | None,
-                 emit: Callable[[Batch], None], stamp_pages: bool):
+                 emit: Callable[[Batch], None], stamp_pages: bool, elements: list[str] | None = None):
         self.stage = stage
         self.context = context
+        self.elements = elements or [context.stage_name]
+        """The original elements the stage runs (several when it is a fused stage), for their statistics."""
         self.fan_in = FanIn(max(inputs, 1))
         self.output_format = output_format
         self.emit = emit
@@ -30,15 +38,23 @@ class WorkerCore:
         self.stats = WorkerStatistics(context.stage_name, context.worker_index)
         self.finished = False
         self._last_epoch = 0
+        self._next_tick = 0.0
 
     def start(self) -> None:
+        self.stage.context = self.context  # also when the stage's start() forgets super().start(context)
         self.stage.start(self.context)
 
     def stop(self) -> None:
         self.stage.stop()
 
-    def statistics(self) -> dict:
-        return self.stats.snapshot(self.stage.counters)
+    def statistics(self) -> list[tuple[str, dict]]:
+        """(element name, statistics message body) of each element this worker runs."""
+        whole = self.stats.snapshot(self.stage.counters)
+        fusion = self.stage.fusion
+        if len(self.elements) == 1 or fusion is None:
+            return [(self.elements[0], whole)]
+        return [(name, member_statistics(whole, fusion, index, name, self.context.stage_name))
+                for index, name in enumerate(self.elements)]
 
     def feed(self, input_index: int, batch: Batch) -> bool:
         """Give the stage one batch from upstream worker ``input_index``; True once the stream has ended."""
@@ -55,12 +71,20 @@ class WorkerCore:
         A source that ends without an end-of-stream marker gets one, so
         downstream workers always learn that the stream is over.
         """
-        outputs = iter(self.stage.produce())
+        self.stage.idle_every = IDLE_EVERY
+        produced = self.stage.produce()
+        if produced is None or not hasattr(produced, "__iter__"):
+            raise ConfigError(f"{self.context.stage_name}: produce() returned {type(produced).__name__}, not an "
+                              "iterable of batches (yield each batch)")
+        outputs = iter(produced)
         ended = False
         while True:
             batch = self._next(outputs)
-            if batch is None:
+            if batch is _DONE:
                 break
+            if batch is None:   # the source is waiting: a chance for timers and stop requests
+                yield
+                continue
             ended = bool(batch.is_control and batch.flags & Flag.END_OF_STREAM)
             self._emit(batch)
             yield
@@ -68,22 +92,54 @@ class WorkerCore:
             self._emit(Batch.control(Flag.END_OF_STREAM, self._last_epoch, format=self.output_format or "any"))
         self.finished = True
 
+    def tick(self) -> None:
+        """Run the stage's timer (``Stage.tick``) if it is due, emitting what it yields."""
+        interval = self.stage.tick_interval
+        if interval <= 0 or self.finished:
+            return
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + interval
+        self._drive(iter(self.stage.tick()))
+
+    def tick_wait(self) -> float | None:
+        """Seconds until the stage's timer is due (None: it has none)."""
+        if self.stage.tick_interval <= 0 or self.finished:
+            return None
+        return max(0.0, self._next_tick - time.monotonic())
+
     def _drive(self, outputs: Iterator[Batch]) -> None:
-        while (batch := self._next(outputs)) is not None:
+        while (batch := self._next(outputs)) is not _DONE:
             self._emit(batch)
 
-    def _next(self, outputs: Iterator[Batch]) -> Batch | None:
+    def _next(self, outputs: Iterator[Batch]) -> Batch | None | object:
         began = time.perf_counter()
         try:
             return next(outputs)
         except StopIteration:
-            return None
+            return _DONE
         finally:
             self.stats.busy_seconds += time.perf_counter() - began
 
     def _emit(self, batch: Batch) -> None:
+        if not isinstance(batch, Batch):
+            raise ConfigError(f"{self.context.stage_name}: emitted {type(batch).__name__}, not a pipeline Batch")
         if self.page_counter is not None:
             batch = self.page_counter.stamp(batch)
         self._last_epoch = batch.epoch
         self.stats.count_out(batch)
         self.emit(batch)
+
+
+def member_statistics(whole: dict, fusion: Fusion, index: int, name: str, node_name: str) -> dict:
+    """Statistics of member ``index`` of a fused stage: traffic through its own links, its own counters, the
+    shared worker's time; ``fused_as`` names the node it ran in."""
+    stats = dict(whole, stage=name, counters=plain_counters(fusion.members[index].counters), fused_as=node_name)
+    if index > 0:
+        link = fusion.links[index - 1]
+        stats.update(batches_in=link.batches, pages_in=link.pages, bytes_in=link.bytes)
+    if index < len(fusion.links):
+        link = fusion.links[index]
+        stats.update(batches_out=link.batches, pages_out=link.pages, bytes_out=link.bytes)
+    return stats

@@ -66,7 +66,7 @@ class InlineExecution:
                 inputs = nodes[node.upstream].workers if node.upstream is not None else 1
                 emit = self._emitter(node, worker)
                 self.cores[index].append(
-                    WorkerCore(stage, context, inputs, node.output_format, emit, node.stamps_pages))
+                    WorkerCore(stage, context, inputs, node.output_format, emit, node.stamps_pages, node.elements))
 
     def _poster(self, stage: str, worker: int) -> Callable[..., None]:
         return lambda kind, **fields: self._post(Message(kind, stage, worker, fields))
@@ -97,12 +97,16 @@ class InlineExecution:
         running: list[tuple[WorkerCore, Iterator[None]]] = [
             (core, core.produce()) for node, cores in zip(self.plan.nodes, self.cores) if node.upstream is None
             for core in cores]
+        every_core = [core for cores in self.cores for core in cores]
         last_stats = time.monotonic()
         while running:
             for entry in list(running):
                 core, steps = entry
                 if self._guard(core, next, steps, StopIteration) is StopIteration:
                     running.remove(entry)
+            for core in every_core:   # timers, between source batches (waiting sources yield None often enough)
+                if core.stage.tick_interval > 0:
+                    self._guard(core, core.tick)
             if should_stop():
                 return
             if time.monotonic() - last_stats >= STATS_INTERVAL:
@@ -112,7 +116,8 @@ class InlineExecution:
     def _post_statistics(self, final: bool) -> None:
         for node, cores in zip(self.plan.nodes, self.cores):
             for core in cores:
-                self._post(Message("stats", node.name, core.context.worker_index, core.statistics()))
+                for element, stats in core.statistics():
+                    self._post(Message("stats", element, core.context.worker_index, stats))
                 if final and node.output_format is None:
                     self._post(Message("eos", node.name, core.context.worker_index))
                 if final:

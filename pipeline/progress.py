@@ -14,16 +14,24 @@ from .units import format_size
 def statistics_table(statistics: dict[tuple[str, int], dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in ("stage", "workers", "batches in", "pages in", "in", "batches out", "pages out", "out",
-                   "busy", "in flight"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
+                   "busy", "in flight", "counters"):
+        table.add_column(column, justify="left" if column in ("stage", "counters") else "right")
     for stage, total in stage_totals(statistics).items():
         elapsed = max(total.get("elapsed_seconds", 0.0) / max(total["workers"], 1), 1e-9)
         busy = total.get("busy_seconds", 0.0) / total["workers"] / elapsed
-        table.add_row(stage, str(total["workers"]), str(total.get("batches_in", 0)), str(total.get("pages_in", 0)),
+        name = f"{stage} (in {total['fused_as']})" if "fused_as" in total else stage
+        table.add_row(name, str(total["workers"]), str(total.get("batches_in", 0)), str(total.get("pages_in", 0)),
                       format_size(total.get("bytes_in", 0)), str(total.get("batches_out", 0)),
                       str(total.get("pages_out", 0)), format_size(total.get("bytes_out", 0)),
-                      f"{100 * busy:.0f}%", format_size(total.get("queue_bytes", 0)))
+                      f"{100 * busy:.0f}%", format_size(total.get("queue_bytes", 0)),
+                      counters_text(total.get("counters", {})))
     return table
+
+
+def counters_text(counters: dict[str, Any]) -> str:
+    """A stage's own counters, compactly: ``hits=120 misses=4``."""
+    return " ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in counters.items())
 
 
 class Progress:

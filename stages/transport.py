@@ -1,21 +1,27 @@
 """Transport stages: move the wire stream over ZeroMQ or to/from a file, and replay recorded streams.
 
-- ``zmq-sink`` / ``zmq-src``: PUSH/PULL, one message per STREAM batch (large
-  payloads sent without copying); an empty message marks the end of stream.
-  ``channels=N`` spreads the stream over N connections and reassembles it in
-  order at the receiver (stages.common.channels).
-  The receiver's acknowledgements travel on a separate socket (stages.common.acks).
+- ``zmq-sink`` / ``zmq-src``: PUSH/PULL, the stream in messages of at most 1 MiB
+  (large payloads sent without copying); an empty message marks the end of stream.
+  ``channels=N`` spreads the stream over N connections (each with its own
+  ZeroMQ context, I/O threads and keys) and reassembles it in order at the
+  receiver (stages.common.channels).
+  On tcp both ends run CurveZMQ with keys, or say ``insecure=true``; the end
+  that binds admits only allowed keys and at most ``max-connections``
+  (stages.common.security, docs/SECURITY.md). The receiver's acknowledgements
+  travel on a separate socket (stages.common.acks).
 - ``file-sink`` / ``file-src``: the stream as a file (a *trace*), the same
   bytes as on the wire.
 - ``trace-src``: replays a trace as the tracker stream it was made from:
   decodes each epoch onto a page image and emits the touched pages whole
   (``preload=true``: the whole trace decoded before the first batch). It
-  fuses with the single-worker stages after it that consume only pages
-  (``classify ! xor-delta ! rle``), so the pages stay in its process.
+  fuses with the built-in single-worker page consumers after it
+  (``classify ! xor-delta ! rle``, exact classes only), so the pages stay in
+  its process.
 - ``write_trace_from_npz``: turns the recorded corpus (.npz) into a trace.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -27,16 +33,28 @@ import zmq
 
 from pipeline.batch import ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, TransportError
+from pipeline.fusion import Fusion
 from pipeline.stage import Property, Stage, StageContext
 
+from .classify import Classify
+from .xor_delta import XorDelta
 from .codecs import Encoded, get_codec
-from .common.channels import END, MAX_CHANNELS, Reassembler, Spreader, channel_endpoints, parse_envelope
 from .common import wire
+from .common.channels import END, MAX_CHANNELS, Reassembler, Spreader, channel_endpoints, parse_envelope
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
+from .common.security import CurveProperties, Gatekeeper, LinkSecurity
 
 _ZERO_COPY_BYTES = 64 << 10
 _END_MESSAGE = b""
+MESSAGE_BYTES = 1 << 20
+"""zmq-sink sends the stream in messages of at most this size; zmq-src's max-message is never below it."""
+CURVE_FRAME_OVERHEAD = 64
+"""What CurveZMQ adds to a frame on the wire (33 bytes: command name, nonce, MAC, flags), which is what
+ZeroMQ checks against ZMQ_MAXMSGSIZE; rounded up."""
+_PEER_COMMAND_BYTES = 64 << 10
+"""Largest frame a zmq-sink accepts from its receiver, which sends only handshake commands."""
+_REFUSALS_POLL_MS = 1000
 
 
 def _payload_of(batch: Batch) -> np.ndarray | None:
@@ -45,54 +63,83 @@ def _payload_of(batch: Batch) -> np.ndarray | None:
 
 # ---- ZeroMQ ---------------------------------------------------------------------
 
-class _ZmqStage(Stage):
-    """Shared socket set-up of zmq-sink and zmq-src: one socket per channel, bound or connected, and counters."""
+class _ZmqStage(CurveProperties, Stage):
+    """Shared socket set-up of zmq-sink and zmq-src: one socket per channel, bound or connected, its keys and
+    counters.
+
+    On tcp both ends need keys (stages.common.security) unless insecure=true; the end that binds
+    admits only the peers on its allow-list and at most max-connections at once. Each channel has a
+    ZeroMQ context of its own (its I/O threads do its encryption; its gatekeeper answers its peers).
+    """
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
     endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path (with channels=N: the first "
                                    "of N consecutive ports or paths path, path.1, ..., or N endpoints, comma-separated)")
-    channels = Property("int", 1, "Connections the stream is spread over, each with its own ZeroMQ I/O thread "
+    channels = Property("int", 1, "Connections the stream is spread over, each with its own ZeroMQ context "
                                   "(stages.common.channels); sender and receiver must agree",
                         minimum=1, maximum=MAX_CHANNELS)
 
     def start(self, context: StageContext) -> None:
         super().start(context)
-        self._sockets = self._open()
-        self._socket = self._sockets[0]
-        self.counters.update({"messages": 0, self.bytes_counter: 0})
-
-    def _open(self) -> list[zmq.Socket]:
         if not self.endpoint:
             raise TransportError(f"{self.factory_name}: no endpoint= given")
         endpoints = channel_endpoints(self.endpoint, self.channels)
-        self._zmq = zmq.Context(io_threads=min(self.channels, os.cpu_count() or 1))
-        sockets: list[zmq.Socket] = []
-        for endpoint in endpoints:
-            sock = self._zmq.socket(self.socket_type)
-            sockets.append(sock)
-            self._configure(sock)
-            try:
-                (sock.bind if self.bind else sock.connect)(endpoint)
-            except zmq.ZMQError as exc:
-                for opened in sockets:
-                    opened.close(0)
-                self._zmq.term()
-                verb = "bind" if self.bind else "connect"
-                raise TransportError(f"{self.factory_name}: cannot {verb} {endpoint}: {exc}") from None
-        return sockets
+        securities = [self.link_security(endpoint, self.bind) for endpoint in endpoints]
+        self._links: list[tuple[zmq.Context, zmq.Socket, Gatekeeper | None]] = []
+        try:
+            for endpoint, security in zip(endpoints, securities):
+                self._links.append(self._open(endpoint, security))
+        except BaseException:
+            self.stop()
+            raise
+        self._sockets = [sock for _, sock, _ in self._links]
+        self._socket = self._sockets[0]
+        self.counters.update({"messages": 0, self.bytes_counter: 0})
+
+    def _open(self, endpoint: str, security: LinkSecurity) -> tuple[zmq.Context, zmq.Socket, Gatekeeper | None]:
+        context = security.context()
+        sock = context.socket(self.socket_type)
+        self._configure(sock)
+        gatekeeper = None
+        try:
+            gatekeeper = security.apply(sock)
+            (sock.bind if self.bind else sock.connect)(endpoint)
+        except (zmq.ZMQError, TransportError) as exc:
+            self._close_link(context, sock, gatekeeper)
+            verb = "bind" if self.bind else "connect"
+            raise TransportError(f"{self.factory_name}: cannot {verb} {endpoint}: {exc}") from None
+        return context, sock, gatekeeper
 
     def _configure(self, sock: zmq.Socket) -> None:
         """Socket options set before bind/connect."""
 
+    def _post_refusals(self) -> None:
+        """Post the gatekeepers' refusals (peers without an allowed key, connections beyond the limit)."""
+        totals: dict[str, int] = {}
+        for _, _, gatekeeper in getattr(self, "_links", ()):
+            if gatekeeper is not None:
+                for text in gatekeeper.take_warnings():
+                    self.context.warn(text)
+                for key, value in gatekeeper.counters.items():
+                    totals[key] = totals.get(key, 0) + value
+        self.counters.update(totals)
+
+    def _close_link(self, context: zmq.Context, sock: zmq.Socket, gatekeeper: Gatekeeper | None) -> None:
+        if gatekeeper is not None:
+            for text in gatekeeper.take_warnings():
+                self.context.warn(text)
+            gatekeeper.close()
+        sock.close()
+        context.term()
+
     def stop(self) -> None:
-        sockets = getattr(self, "_sockets", None)
-        if sockets:
-            for sock in sockets:
-                sock.close()
-            self._zmq.term()
-            self._sockets = []
-            self._socket = None
+        links = getattr(self, "_links", None)
+        if links:
+            self._post_refusals()
+            self._links, self._sockets, self._socket = [], [], None
+            for link in links:
+                self._close_link(*link)
 
 
 class ZmqSink(_ZmqStage):
@@ -109,6 +156,7 @@ class ZmqSink(_ZmqStage):
     hwm = Property("int", 8, "Messages queued towards the receiver before sending blocks", minimum=1)
 
     def _configure(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.MAXMSGSIZE, _PEER_COMMAND_BYTES)   # a receiver sends nothing but handshake commands
         sock.setsockopt(zmq.SNDHWM, self.hwm)
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
         sock.setsockopt(zmq.LINGER, int(self.timeout * 1000))     # flush what is queued at stop, for a while
@@ -120,12 +168,15 @@ class ZmqSink(_ZmqStage):
 
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
-        if payload is not None:
-            if self._spreader is None:
-                self._send(self._socket, payload)
-            else:
-                channel, envelope = self._spreader.next(batch.epoch)
-                self._send(self._sockets[channel], payload, envelope)
+        if payload is not None:   # the stream is bytes: pieces of at most MESSAGE_BYTES fit any receiver's limit
+            view = memoryview(payload).cast("B")
+            for start in range(0, len(view), MESSAGE_BYTES):
+                if self._spreader is None:
+                    self._send(self._socket, view[start:start + MESSAGE_BYTES])
+                else:
+                    channel, envelope = self._spreader.next(batch.epoch)
+                    self._send(self._sockets[channel], view[start:start + MESSAGE_BYTES], envelope)
+        self._post_refusals()
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
@@ -164,27 +215,42 @@ class ZmqSource(_ZmqStage):
     bind = Property("bool", True, "Bind the endpoint (default; false: connect to a sender that binds)")
     timeout = Property("duration", 0, "Longest wait for the next message before TransportError; 0 waits forever",
                        minimum=0)
-    max_message = Property("size", "256MiB", "Messages larger than this are refused by ZeroMQ (peer dropped)",
-                           minimum=1 << 16)
-    hwm = Property("int", 8, "Messages queued from the sender before it blocks", minimum=1)
+    max_message = Property("size", "1MiB", "Messages (ZeroMQ frames) larger than this are refused by ZeroMQ as they "
+                           "are announced, and the peer dropped (zmq-sink sends at most 1 MiB)",
+                           minimum=MESSAGE_BYTES, maximum=1 << 30)
+    hwm = Property("int", 8, "Messages queued from each sender before it blocks", minimum=1)
+    failover = Property("bool", False, "Failure detection: once the sender was heard, declare it lost after "
+                        "failover-after without a message (its heartbeats included) and send SENDER_LOST on")
+    failover_after = Property("duration", "1s", "Silence after which failover declares the sender lost; longer "
+                              "than the sender's heartbeat and than any blip it should ride out", minimum=0.01)
 
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message + CURVE_FRAME_OVERHEAD)
 
-    def produce(self) -> Iterator[Batch]:
+    def produce(self) -> Iterator[Batch | None]:
         if self.channels > 1:
             yield from self._produce_from_channels()
             return
-        poll_ms = int(self.timeout * 1000) if self.timeout else None
         sequence = 0
+        last_heard: float | None = None     # monotonic time of the last message; None until one came
+        waited_since = time.monotonic()
         while True:
-            if not self._socket.poll(poll_ms, zmq.POLLIN):
-                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
-                                     f"for {self.timeout:g} s")
-            message = self._socket.recv(copy=False)
+            message = self._next_message(waited_since, last_heard)
+            if message is None:     # idle_every passed, or the sender fell silent
+                now = time.monotonic()
+                if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
+                    yield self._sender_lost(last_heard, now)
+                    last_heard = None   # armed again by the next message (a returning sender)
+                else:
+                    yield None
+                continue
+            last_heard = waited_since = time.monotonic()
             self.counters["messages"] += 1
+            if message.more:
+                self._refuse_multipart()
+                continue
             if len(message) == 0:
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                 return
@@ -193,14 +259,59 @@ class ZmqSource(_ZmqStage):
             yield Batch(format=STREAM, sequence=sequence, payload=payload)
             sequence += 1
 
-    def _produce_from_channels(self) -> Iterator[Batch]:
-        """Messages from every channel, checked and handed on in stream order (stages.common.channels)."""
-        poll_ms = int(self.timeout * 1000) if self.timeout else None
+    def _sender_lost(self, last_heard: float, now: float) -> Batch:
+        """The SENDER_LOST marker: nothing arrived for failover-after (heartbeats included)."""
+        self.counters["senders_lost"] = self.counters.get("senders_lost", 0) + 1
+        silence = now - last_heard
+        self.context.warn(f"{self.factory_name}: nothing from the sender on {self.endpoint} for {silence:.2f} s "
+                          f"(failover-after={self.failover_after:g} s): it is lost")
+        return Batch.control(Flag.SENDER_LOST, 0, format=STREAM, silence=silence,
+                             last_heard=time.time() - silence)
+
+    def _next_message(self, waited_since: float, last_heard: float | None) -> zmq.Frame | None:
+        """The next frame, or None once ``idle_every`` passed without one (the executor's timers run) or the
+        sender was silent for failover-after; posts refusals while waiting; TransportError after ``timeout``
+        without a frame."""
+        began = time.monotonic()
+        while True:
+            now = time.monotonic()
+            waits = [_REFUSALS_POLL_MS / 1000]
+            if self.idle_every:
+                waits.append(began + self.idle_every - now)
+            if self.timeout:
+                waits.append(waited_since + self.timeout - now)
+            if self.failover and last_heard is not None:
+                waits.append(last_heard + self.failover_after - now)
+            if self._socket.poll(max(0, math.ceil(min(waits) * 1000)), zmq.POLLIN):
+                return self._socket.recv(copy=False)
+            self._post_refusals()
+            now = time.monotonic()
+            if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
+                return None
+            if self.timeout and now - waited_since >= self.timeout:
+                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
+                                     f"for {self.timeout:g} s")
+            if self.idle_every and now - began >= self.idle_every:
+                return None
+
+    def _refuse_multipart(self) -> None:
+        """zmq-sink never sends multipart messages: drop one whole, so it cannot pass for stream bytes."""
+        while self._socket.getsockopt(zmq.RCVMORE):
+            self._socket.recv(copy=False)
+        self.counters["multipart_refused"] = self.counters.get("multipart_refused", 0) + 1
+        self.context.warn(f"{self.factory_name}: dropped a multipart message on {self.endpoint} "
+                          f"(not from zmq-sink, or from one with channels= set: set the same channels= here)")
+
+    def _produce_from_channels(self) -> Iterator[Batch | None]:
+        """Messages from every channel, checked and handed on in stream order (stages.common.channels), with
+        the single channel's timeout, failover, idle ticks and refusal reports."""
         reassembler = Reassembler(self.channels, limit=max(2, self.hwm),
                                   starts_segment=lambda message: wire.starts_segment(message.buffer))
         poller, registered = zmq.Poller(), set()
         self.counters.update(dropped_messages=0)
         sequence = 0
+        last_heard: float | None = None
+        waited_since = began = time.monotonic()
         while True:
             for channel, sock in enumerate(self._sockets):
                 wanted = reassembler.wants(channel)
@@ -210,10 +321,29 @@ class ZmqSource(_ZmqStage):
                 elif not wanted and channel in registered:
                     poller.unregister(sock)
                     registered.discard(channel)
-            ready = dict(poller.poll(poll_ms))
+            now = time.monotonic()
+            waits = [_REFUSALS_POLL_MS / 1000]
+            if self.idle_every:
+                waits.append(began + self.idle_every - now)
+            if self.timeout:
+                waits.append(waited_since + self.timeout - now)
+            if self.failover and last_heard is not None:
+                waits.append(last_heard + self.failover_after - now)
+            ready = dict(poller.poll(max(0, math.ceil(min(waits) * 1000))))
             if not ready:
-                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
-                                     f"({self.channels} channels) for {self.timeout:g} s")
+                self._post_refusals()
+                now = time.monotonic()
+                if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
+                    yield self._sender_lost(last_heard, now)
+                    last_heard = None
+                elif self.timeout and now - waited_since >= self.timeout:
+                    raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
+                                         f"({self.channels} channels) for {self.timeout:g} s")
+                elif self.idle_every and now - began >= self.idle_every:
+                    began = now
+                    yield None
+                continue
+            last_heard = waited_since = time.monotonic()
             for channel, sock in enumerate(self._sockets):
                 if sock in ready:
                     frames = sock.recv_multipart(copy=False)
@@ -227,6 +357,7 @@ class ZmqSource(_ZmqStage):
             self.counters["dropped_messages"] = reassembler.dropped
             for message in reassembler.ready():
                 if message is END:
+                    self._post_refusals()       # the final statistics count every channel's peers
                     yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                     return
                 self.counters["bytes_in"] += len(message)
@@ -361,8 +492,9 @@ class TraceSource(Stage):
                        "(holds every epoch's pages; for benchmarks that time the chain, not the decoding)")
 
     def fuse(self, downstream: Stage) -> Stage | None:
-        """Run a single-worker stage that consumes only pages in this process (``TraceSourceInto``)."""
-        if downstream.input_caps != (PAGES,) or downstream.workers != 1 or downstream.runs_in_caller:
+        """Run a single-worker built-in classify or xor-delta in this process (``TraceSourceInto``); never a
+        subclass or another stage, whose results fusion could change."""
+        if type(self) is not TraceSource or type(downstream) not in (Classify, XorDelta) or downstream.workers != 1:
             return None
         return TraceSourceInto.around(self, downstream)
 
@@ -464,7 +596,8 @@ class TraceSourceInto(TraceSource):
     factory_name = "trace-src+"
     description = "trace-src with its page consumer fused in (one process, pages never cross a boundary)"
 
-    consumer = Property("object", None, "Set by fusing: (stage class, property values) fed every replayed batch")
+    consumer = Property("object", None, "Set by fusing: (stage class, property values) fed every replayed batch",
+                        internal=True)
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
@@ -473,6 +606,8 @@ class TraceSourceInto(TraceSource):
         consumer_class, consumer_properties = self.consumer
         self._consumer: Stage = consumer_class(**consumer_properties)
         self.output_caps = self._consumer.output_caps
+        self.fusion = Fusion.join(self, self._consumer)
+        self._replayed = self.fusion.link_after(self)
 
     @classmethod
     def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":
@@ -481,7 +616,7 @@ class TraceSourceInto(TraceSource):
     def fuse(self, downstream: Stage) -> Stage | None:
         """Keep fusing while the consumer fuses with its own downstream (classify ! xor-delta ! rle)."""
         fused = self._consumer.fuse(downstream) if downstream.workers == 1 else None
-        return None if fused is None else type(self).around(self, fused)
+        return None if fused is None else TraceSourceInto.around(self, fused)
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -489,8 +624,8 @@ class TraceSourceInto(TraceSource):
 
     def produce(self) -> Iterator[Batch]:
         for batch in super().produce():
+            self._replayed.count(batch)
             yield from self._consumer.handle(batch)
-            self.counters.update(self._consumer.counters)
 
     def stop(self) -> None:
         self._consumer.stop()

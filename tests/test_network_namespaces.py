@@ -3,9 +3,9 @@
 The test makes the namespaces itself (only addresses inside them, 10.200.N.1 and
 10.200.N.2 on the veth) and removes them afterwards, also on failure. The sender
 side runs ``pagepipe launch`` (the whole sender chain, ending in ``zmq-sink
-channels=3``); the receiver side runs each stage as its own ``pagepipe stage``
-process, linked over the namespace's loopback, as a process manager on a real
-host would (README, "Stages on other hosts"). The replica must hold the last
+channels=3`` with CurveZMQ keys); the receiver side runs each stage as its own
+``pagepipe stage`` process, linked by ipc sockets, as a process manager on a real
+host would (README, "Cores, channels and hosts"). The replica must hold the last
 checkpoint exactly. Skipped, saying why, where namespaces cannot be made
 (not root, no ``ip``, no CAP_NET_ADMIN).
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from stages.bench.channels import replica_state
+from stages.common.security import write_keypair
 
 PAGEPIPE = str(Path(sys.executable).parent / "pagepipe")
 EPOCHS, PAGES, CHANNELS = 8, 400, 3   # batch-pages=32: what stages.bench.channels.replica_state expects
@@ -83,18 +84,23 @@ def _in(namespace: str, *command: str, log: Path) -> subprocess.Popen:
 def test_sender_and_receiver_in_two_network_namespaces_replicate_over_several_tcp_channels(two_hosts, tmp_path):
     sender_ns, receiver_ns, address = two_hosts
     replica = tmp_path / "replica"
+    keys = tmp_path / "keys"
+    sender_secret, receiver_secret = (str(write_keypair(keys, name)[1]) for name in ("primary", "backup"))
+    (keys / "allowed").mkdir()
+    (keys / "allowed" / "primary.key").write_bytes((keys / "primary.key").read_bytes())
     stream = f"tcp://{address}:5555"                  # channels on ports 5555, 5556, 5557 of the receiver host
+    link = f"ipc://{tmp_path}/rx"
     receiver_commands = [
-        [PAGEPIPE, "stage", "zmq-src", "endpoint=tcp://*:5555", f"channels={CHANNELS}", "timeout=60s",
-         "--output", "tcp://127.0.0.1:6001"],
-        [PAGEPIPE, "stage", "deframe", "resume=true", "--input", "tcp://127.0.0.1:6001",
-         "--output", "tcp://127.0.0.1:6002"],
-        [PAGEPIPE, "stage", "decode", "--input", "tcp://127.0.0.1:6002", "--output", "tcp://127.0.0.1:6003"],
-        [PAGEPIPE, "stage", "replica-sink", f"path={replica}", "fsync=false", "--input", "tcp://127.0.0.1:6003"],
+        [PAGEPIPE, "stage", "zmq-src", f"endpoint={stream}", f"channels={CHANNELS}", "timeout=60s",
+         f"secret-key={receiver_secret}", f"authorized-keys={keys / 'allowed'}", "--output", f"{link}1"],
+        [PAGEPIPE, "stage", "deframe", "resume=true", "--input", f"{link}1", "--output", f"{link}2"],
+        [PAGEPIPE, "stage", "decode", "--input", f"{link}2", "--output", f"{link}3"],
+        [PAGEPIPE, "stage", "replica-sink", f"path={replica}", "fsync=false", "--input", f"{link}3"],
     ]
     sender_command = [PAGEPIPE, "launch", "--mode=process", "--timeout=120",
                       f"test-src epochs={EPOCHS} pages={PAGES} batch-pages=32 pattern=random resync=true ! classify "
-                      f"! xor-delta ! rle ! zstd ! frame ! zmq-sink endpoint={stream} channels={CHANNELS} timeout=30s"]
+                      f"! xor-delta ! rle ! zstd ! frame ! zmq-sink endpoint={stream} channels={CHANNELS} "
+                      f"timeout=30s secret-key={sender_secret} server-key={keys / 'backup.key'}"]
     processes: list[subprocess.Popen] = []
     try:
         for index, command in enumerate(receiver_commands):

@@ -3,7 +3,8 @@
 ``pagepipe bench channels [--kills 50] [--channels 3]``. Each round runs a
 receiver (``zmq-src channels=C ! deframe ! decode ! replica-sink``) and a
 sender (``test-src pattern=counter resync=true ! classify ! xor-delta ! rle ! frame !
-zmq-sink channels=C``) in process mode over tcp on this machine, with one
+zmq-sink channels=C``) in process mode over tcp on this machine (loopback,
+``insecure=true``: the relay stands for the network), with one
 channel routed through a TCP relay (``CuttableRelay``) that drops its
 connections, data in flight included, at a random moment once the stream
 flows through it. ZeroMQ reconnects;
@@ -170,10 +171,11 @@ def run_round(directory: Path, channels: int, epochs: int, pages: int, cut_after
     replica = directory / f"replica-{rng.randrange(1 << 30)}"
     receiver = Pipeline.parse(
         f"zmq-src endpoint={','.join(f'tcp://127.0.0.1:{port}' for port in ports)} channels={channels} timeout=3s "
+        f"insecure=true "
         f"! deframe ! decode ! replica-sink path={replica} fsync=false")
     sender = Pipeline.parse(
         f"test-src epochs={epochs} pages={pages} batch-pages={BATCH_PAGES} pattern=random resync=true ! classify ! xor-delta ! rle ! frame "
-        f"! zmq-sink endpoint={','.join(sender_endpoints)} channels={channels} timeout=3s")
+        f"! zmq-sink endpoint={','.join(sender_endpoints)} channels={channels} timeout=3s insecure=true")
     completed, failure = False, ""
     try:
         with receiver.start(mode="process") as received:

@@ -6,6 +6,7 @@ A replica directory always holds exactly one committed checkpoint (epoch)::
     DIR/pages.img      page number p at byte p * page_size (a sparse file)
     DIR/digests.u64    the 64-bit digest of every page of pages.img (uint64 LE)
     DIR/journal        non-empty only while an epoch is being applied
+    DIR/lock           locked (open file description lock) by the one writer
 
 ``ReplicaStore.commit`` applies one verified epoch atomically (the first
 commit into an empty replica needs no journal: until its manifest exists the
@@ -21,6 +22,13 @@ exactly one committed epoch. Journaling encodings rather than pages keeps
 the journal a few percent of the page data for delta epochs.
 With ``fsync=False`` the order is the same but a power loss may lose recent
 epochs (a killed process loses nothing: the page cache survives it).
+With ``settle_later`` (replica-sink's default ``settle=idle``) the durable
+journal is the commit point: ``commit`` returns after applying the epoch and
+replacing the manifest unflushed, and ``settle`` (called before the next
+commit, or while the sink is idle) flushes image, digests and manifest and
+empties the journal: one flush on the acknowledgement's path instead of five,
+with the same guarantee (a crash before ``settle`` leaves a complete journal,
+replayed on open; readers apply it too).
 A commit creates and deletes no file (journal and manifest files stay open
 between commits): on ext4 that halves the fixed cost of a small commit.
 The format is specified in docs/FORMAT.md (section replica).
@@ -29,9 +37,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -44,6 +54,7 @@ import xxhash
 from pipeline.batch import PageKind
 from pipeline.errors import ConfigError, ReplicaError
 from stages.codecs import Encoded, PageCodec, get_codec
+from stages.common.layout import array_spec
 from stages.common.pages import combine_digests, digest_pages
 
 FORMAT_NAME = "pagepipe-replica"
@@ -53,6 +64,7 @@ MANIFEST_TEMPORARY = MANIFEST + ".tmp"
 IMAGE = "pages.img"
 DIGESTS = "digests.u64"
 JOURNAL = "journal"
+LOCK = "lock"
 JOURNAL_MAGIC = b"PPJRNL\x00\x01"
 JOURNAL_END = b"PPJEND\x00\x01"
 _JOURNAL_HEAD = struct.Struct("<8sI")        # magic, header length
@@ -61,6 +73,87 @@ MAX_JOURNAL_HEADER = 1 << 20
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 512, 65536
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 DEFAULT_MAX_PAGES = 1 << 26   # 256 GiB of 4 KiB pages; bounds what an untrusted layout can make us allocate
+
+
+class ReplicaLocked(ReplicaError):
+    """Another writer (a running replica-sink) holds the replica's lock."""
+
+
+_FLOCK = struct.Struct("hh4xqqi4x")     # struct flock on 64-bit Linux: type, whence, start, len, pid
+_HELD_LOCKS: set[int] = set()           # lock descriptors of this process, closed in forked children
+_HELD_LOCKS_GUARD = threading.Lock()
+
+
+def _close_locks_in_child() -> None:
+    """A forked child must not keep the parent's replica locked: close its copies of the lock descriptors
+    (the lock stays with the parent's copy, and goes when the parent's process ends)."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+class ReplicaLock:
+    """The one-writer lock of a replica directory: an open-file-description lock (``F_OFD_SETLK``) on
+    ``DIR/lock``, exclusive, taken without waiting.
+
+    Unlike a POSIX record lock it conflicts between two openers in one process, and closing another
+    descriptor of the file does not drop it; unlike ``flock`` nothing outlives its process: the
+    descriptor is close-on-exec and closed in forked children. Readers take no lock.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path) / LOCK
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ReplicaError(f"replica {path}: cannot open the lock file {self.path} "
+                               f"({exc.strerror or exc})") from None
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        except OSError as exc:
+            os.close(self._fd)
+            self._fd = None
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise ReplicaLocked(f"replica {path}: another receiver is writing it (its lock file {self.path} "
+                                    f"is held); one replica-sink per replica directory") from None
+            raise ReplicaError(f"replica {path}: cannot lock {self.path} ({exc.strerror or exc})") from None
+        with _HELD_LOCKS_GUARD:
+            _HELD_LOCKS.add(self._fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with _HELD_LOCKS_GUARD:
+                _HELD_LOCKS.discard(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def replica_locked(path: str | os.PathLike) -> bool:
+    """Whether a writer holds the replica's lock now (asked with F_OFD_GETLK: takes nothing)."""
+    try:
+        fd = os.open(Path(path) / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    finally:
+        os.close(fd)
+    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+
+
+def disk_free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still allocate on the file system of ``path`` (None if unknown)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 @dataclass(frozen=True)
@@ -98,6 +191,12 @@ class Layout:
                 raise ReplicaError(f"layout: region {index} is malformed ({exc!r})") from None
             if entry["first_page"] < 0 or entry["npages"] < 0:
                 raise ReplicaError(f"layout: region {index} ({entry['name']}) has a negative page range")
+            if region.get("dtype"):   # an array: its dtype and shape give it back (absent: plain bytes)
+                try:
+                    dtype, shape = array_spec(region["dtype"], region.get("shape"), entry["npages"] * page_size)
+                except ValueError as exc:
+                    raise ReplicaError(f"layout: region {index} ({entry['name']}): {exc}") from None
+                entry.update(dtype=dtype, shape=list(shape))
             clean.append(entry)
         clean.sort(key=lambda r: r["first_page"])
         for before, after in zip(clean, clean[1:]):
@@ -217,7 +316,9 @@ _FALLOCATE = _load_libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctype
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
 
 
-def _zero_page_digest(page_size: int) -> int:
+@lru_cache(maxsize=8)
+def zero_page_digest(page_size: int) -> int:
+    """The page digest of an all-zero page."""
     return int(digest_pages(np.zeros((1, page_size), dtype=np.uint8))[0])
 
 
@@ -284,14 +385,28 @@ class _ManifestFile:
         self._spare: int | None = None   # the file named manifest.json.tmp
         self._live: int | None = None    # the file named manifest.json
 
-    def replace(self, text: str) -> None:
+    def replace(self, text: str, sync: bool | None = None) -> None:
+        """Replace the manifest; ``sync`` (default: the store's fsync) makes it durable now, else ``sync()`` later."""
+        sync = self.fsync if sync is None else sync
         data = text.encode()
-        if not (self._spare is not None and self._exchanged(data)):
-            self._replaced(data)
-        if self.fsync:
+        if not (self._spare is not None and self._exchanged(data, sync)):
+            self._replaced(data, sync)
+        if sync:
             _fsync_directory(self.path.parent)
 
-    def _exchanged(self, data: bytes) -> bool:
+    def sync(self) -> None:
+        """Make the current manifest and its name durable (after a ``replace(sync=False)``)."""
+        if self._live is not None:
+            os.fsync(self._live)
+        else:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_directory(self.path.parent)
+
+    def _exchanged(self, data: bytes, sync: bool) -> bool:
         """Write ``data`` into the spare file and swap it in; False (nothing replaced) if that cannot be done."""
         try:
             if os.fstat(self._spare).st_ino != os.stat(self.temporary).st_ino:
@@ -300,7 +415,7 @@ class _ManifestFile:
             return False
         os.pwrite(self._spare, data, 0)
         os.ftruncate(self._spare, len(data))
-        if self.fsync:
+        if sync:
             os.fsync(self._spare)
         if _RENAMEAT2(_AT_FDCWD, bytes(self.temporary), _AT_FDCWD, bytes(self.path), _RENAME_EXCHANGE) != 0:
             error = ctypes.get_errno()
@@ -313,13 +428,13 @@ class _ManifestFile:
         self._live = written
         return True
 
-    def _replaced(self, data: bytes) -> None:
+    def _replaced(self, data: bytes, sync: bool) -> None:
         """Write a new manifest.json.tmp and rename it over manifest.json; then prepare a spare file."""
         self.close()
         with open(self.temporary, "wb") as temporary:
             temporary.write(data)
             temporary.flush()
-            if self.fsync:
+            if sync:
                 os.fsync(temporary.fileno())
         os.replace(self.temporary, self.path)
         if self._exchange_works:
@@ -339,9 +454,16 @@ class ReplicaStore:
     """
 
     def __init__(self, path: str | os.PathLike, *, fsync: bool = True, max_pages: int = DEFAULT_MAX_PAGES,
-                 writable: bool = True):
+                 writable: bool = True, lock: ReplicaLock | None = None, settle_later: bool = False):
+        """Open a replica; a writable store holds its lock (``lock``, or one it takes and releases on close):
+        ReplicaLocked if another writer holds it. Every failure is a ReplicaError naming the path."""
         self.path = Path(path)
         self.fsync = fsync
+        self.settle_later = settle_later
+        """With fsync, a commit returns once its journal is durable (the commit point: a complete journal is
+        replayed on open) and leaves the other flushes (image, digests, manifest) and emptying the journal to
+        ``settle``, which the next commit, ``sync`` and ``close`` call first (replica-sink calls it while idle)."""
+        self.unsettled = False
         self.max_pages = max_pages
         self.writable = writable
         self.layout: Layout | None = None
@@ -351,17 +473,23 @@ class ReplicaStore:
         self._digests: np.memmap | None = None
         self._journal = _JournalFile(self.path / JOURNAL, fsync)
         self._manifest_file = _ManifestFile(self.path, fsync)
+        self._lock, self._owns_lock = lock, False
         if writable:
             ensure_replica_directory(self.path)
+            if lock is None:
+                self._lock, self._owns_lock = ReplicaLock(self.path), True
         try:
             self.recovered_journal = self._recover_journal() if writable else "none"
             """What opening did with an interrupted commit: none, replayed or discarded."""
             if (self.path / MANIFEST).exists():
                 self._load_manifest()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:        # ValueError: numpy cannot map a file (too short, too big)
             self.close()
-            raise ReplicaError(f"replica {self.path}: cannot open ({exc.strerror or exc}"
-                               f"{': ' + str(exc.filename) if exc.filename else ''})") from None
+            raise ReplicaError(f"replica {self.path}: cannot open ({getattr(exc, 'strerror', None) or exc}"
+                               f"{': ' + str(exc.filename) if getattr(exc, 'filename', None) else ''})") from None
+        except ReplicaError:
+            self.close()
+            raise
 
     # ---- reading -------------------------------------------------------
     @property
@@ -424,6 +552,15 @@ class ReplicaStore:
         verified by the caller (``decoded_digests``), so the encodings are known to decode
         and are applied in one pass. ``extra`` goes into the manifest.
         """
+        self.settle()
+        try:
+            self._commit(epoch, layout, page_numbers, encodings, digests, epoch_digest, extra)
+        except (OSError, ValueError) as exc:    # anything a full disk or a failed mapping raises
+            raise ReplicaError(f"replica {self.path}: cannot commit epoch {epoch} "
+                               f"({getattr(exc, 'strerror', None) or exc})") from None
+
+    def _commit(self, epoch: int, layout: Layout, page_numbers: np.ndarray, encodings: Sequence[Encoded],
+                digests: np.ndarray, epoch_digest: int, extra: dict[str, Any]) -> None:
         if self.is_empty or layout.page_size != self.layout.page_size:
             self._discard_image()   # leftovers of an interrupted first commit, or another page size
         self._ensure_files(layout)
@@ -454,10 +591,60 @@ class ReplicaStore:
         new_digests[np.searchsorted(layout_pages, page_numbers)] = digests
         return combine_digests(layout_pages, new_digests)
 
+    def settle(self) -> None:
+        """Finish a commit left unsettled (``settle_later``): flush image, digests and manifest, empty the journal."""
+        if not self.unsettled:
+            return
+        try:
+            self._image.flush()
+            self._digests.flush()
+            self._manifest_file.sync()
+            self._journal.clear()
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot settle epoch {self.epoch} ({exc.strerror})") from None
+        self.unsettled = False
+
+    def sync(self) -> None:
+        """Make the committed epoch durable now (what ``fsync=True`` does at every commit): image, digests,
+        manifest and the directory reach the disk."""
+        self.settle()
+        try:
+            if self._image is not None:
+                self._image.flush()
+                self._digests.flush()
+            for name in (IMAGE, DIGESTS, MANIFEST):
+                if (self.path / name).exists():
+                    fd = os.open(self.path / name, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            _fsync_directory(self.path)
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot make it durable ({exc.strerror or exc})") from None
+
+    def check_room(self, layout: Layout) -> None:
+        """ReplicaError unless ``layout`` fits: at most ``max_pages`` pages, and the bytes its image and
+        digest files would grow by fit in the file system's free space (checked before allocating)."""
+        if layout.total_pages > self.max_pages:
+            raise ReplicaError(f"replica {self.path}: layout of {layout.total_pages} pages exceeds "
+                               f"max-pages={self.max_pages}")
+        have_image = self._image.shape[0] if self._image is not None and self._image.shape[1] == layout.page_size else 0
+        growth = max(layout.total_pages - have_image, 0) * (layout.page_size + 8)
+        free = disk_free_bytes(self.path)
+        if free is not None and growth > free:
+            raise ReplicaError(f"replica {self.path}: layout of {layout.total_pages} pages needs {growth} more bytes, "
+                               f"the disk has {free} free")
+
     def close(self) -> None:
+        if self.unsettled:
+            self.settle()
         self._image = self._digests = None
         self._journal.close()
         self._manifest_file.close()
+        if self._owns_lock and self._lock is not None:
+            self._lock.release()
+        self._lock = None
 
     # ---- internals -----------------------------------------------------
     def _discard_image(self) -> None:
@@ -470,7 +657,8 @@ class ReplicaStore:
         total = max(layout.total_pages, 1)
         if self._image is not None and self._image.shape[0] >= total:
             return
-        zero_digest = _zero_page_digest(layout.page_size)
+        self.check_room(layout)
+        zero_digest = zero_page_digest(layout.page_size)
         image_path, digest_path = self.path / IMAGE, self.path / DIGESTS
         old_pages = os.path.getsize(digest_path) // 8 if digest_path.exists() else 0
         try:
@@ -483,7 +671,10 @@ class ReplicaStore:
                     np.full(total - old_pages, zero_digest, dtype="<u8").tofile(digest_file)
         except OSError as exc:
             raise ReplicaError(f"replica {self.path}: cannot grow the image ({exc.strerror})") from None
-        self._map(layout.page_size)
+        try:
+            self._map(layout.page_size)
+        except (OSError, ValueError) as exc:
+            raise ReplicaError(f"replica {self.path}: cannot map the image ({getattr(exc, 'strerror', None) or exc})") from None
 
     def _map(self, page_size: int) -> None:
         image_size = os.path.getsize(self.path / IMAGE)
@@ -517,18 +708,20 @@ class ReplicaStore:
                prechecked: bool = False) -> None:
         """Apply encodings onto the image, write digests and manifest; drop the journal."""
         rows = page_numbers.astype(np.intp)
+        later = self.fsync and self.settle_later and journaled   # the durable journal is the commit point
         try:
             _apply_encodings(self._image.view(np.ndarray), page_numbers, encodings, prechecked=prechecked)
         except ReplicaError as exc:
             raise ReplicaError(f"replica {self.path}: epoch {manifest['epoch']}: {exc}") from None
         try:
             self._digests[rows] = digests
-            if self.fsync:
+            if self.fsync and not later:
                 self._image.flush()
                 self._digests.flush()
-            self._manifest_file.replace(json.dumps(manifest))
-            if journaled:
+            self._manifest_file.replace(json.dumps(manifest), sync=self.fsync and not later)
+            if journaled and not later:
                 self._journal.clear()
+            self.unsettled = later
             self._release_dropped_pages(self.layout, layout)
         except OSError as exc:
             raise ReplicaError(f"replica {self.path}: cannot apply epoch {manifest['epoch']} ({exc.strerror})") from None
@@ -548,7 +741,7 @@ class ReplicaStore:
         rows = dropped.astype(np.intp)
         if not self._punch_holes(_page_runs(dropped), new.page_size):
             self._image.view(np.ndarray)[rows] = 0
-        self._digests[rows] = _zero_page_digest(new.page_size)
+        self._digests[rows] = zero_page_digest(new.page_size)
         if self.fsync:
             self._image.flush()
             self._digests.flush()
@@ -598,6 +791,7 @@ class ReplicaStore:
             self._discard_image()
         self._ensure_files(layout)
         self._apply(manifest, layout, page_numbers, encodings, digests)
+        self.settle()
         if not np.array_equal(digest_pages(self.read_pages(page_numbers, layout.page_size)), digests):
             raise ReplicaError(f"replica {self.path}: replayed journal of epoch {manifest['epoch']} "
                                f"does not reproduce its page digests")
@@ -721,7 +915,7 @@ def _commit_state(path: Path) -> tuple[bytes, bytes]:
     return manifest, head
 
 
-def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, np.ndarray]:
+def load_replica(path: str | os.PathLike, *, attempts: int = 100, typed: bool = False) -> dict[str, np.ndarray]:
     """The committed memory of a replica: one uint8 array (npages * page_size bytes) per region.
 
     Keys are region names (``name@0xSTART`` where names repeat). Read-only, so it
@@ -729,17 +923,18 @@ def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, n
     journal exists, and applying that journal (idempotent) to the copy in memory
     gives its epoch; a copy during which a commit began or ended is taken again. The
     result is always exactly one committed epoch; the files are never written.
+    ``typed``: each region as the array it was (``load_arrays``).
     """
     path = Path(path)
     for _ in range(attempts):
         before = _commit_state(path)
-        regions = _load_once(path)
+        regions = _load_once(path, typed)
         if _commit_state(path) == before:
             return regions
     raise ReplicaError(f"replica {path}: a new commit began during each of {attempts} attempts to read it")
 
 
-def _load_once(path: Path) -> dict[str, np.ndarray]:
+def _load_once(path: Path, typed: bool = False) -> dict[str, np.ndarray]:
     """The regions as the image and a complete journal (if any) make them."""
     store = ReplicaStore(path, fsync=False, writable=False)
     try:
@@ -758,10 +953,28 @@ def _load_once(path: Path) -> dict[str, np.ndarray]:
         if journal is not None:
             _, page_numbers, _, encodings = journal
             _apply_encodings(image, page_numbers, encodings)
-        return {key: image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1)
-                for key, r in zip(region_keys(layout.regions), layout.regions)}
+        regions = {key: (r, image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1))
+                   for key, r in zip(region_keys(layout.regions), layout.regions)}
+        return {key: region_array(r, data) if typed else data for key, (r, data) in regions.items()}
     finally:
         store.close()
+
+
+def region_array(region: dict[str, Any], data: np.ndarray) -> np.ndarray:
+    """A region's bytes (``npages * page_size`` uint8) as the array it was: its dtype and shape from the
+    layout, or the bytes themselves for a region without them (replicas written before they travelled)."""
+    if not region.get("dtype"):
+        return data
+    dtype = np.dtype(region["dtype"])
+    shape = tuple(region.get("shape", ()))
+    count = int(np.prod(shape, dtype=np.int64))
+    return data[:count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The committed memory of a replica as the arrays the sender tracked: ``load_replica`` with each
+    region's dtype and shape applied (uint8 bytes where the layout names none)."""
+    return load_replica(path, typed=True)
 
 
 @dataclass
@@ -789,7 +1002,7 @@ def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyRe
         return VerifyReport(str(path), 0, 0, [], [str(exc)])
     try:
         journal = store.pending_journal()
-        if journal is not None:
+        if journal is not None and journal[0].get("epoch") != store.epoch:   # else applied, not yet settled
             return VerifyReport(str(path), store.epoch, 0, [], [
                 f"replica {path}: the commit of epoch {journal[0].get('epoch')} was interrupted; opening the "
                 f"replica for writing (a restarted replica-sink) completes it"])

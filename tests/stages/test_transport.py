@@ -25,6 +25,8 @@ from stages.transport import (FileSink, FileSource, TraceSource, TraceSourceInto
 PAGE = 4096
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = Path(__file__).parent / "fixtures" / "stream-v1.pagepipe"
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "stream-v2.pagepipe"
+"""The current wire format: deframe ! frame reproduces it byte for byte (its stream identity travels along)."""
 CORPUS = find_corpus()
 
 
@@ -146,9 +148,9 @@ def test_file_sink_on_a_full_tmpfs_keeps_every_committed_epoch(tmp_path):
 
 # ---- ZeroMQ -------------------------------------------------------------------------
 
-def send_stream(endpoint: str, data: bytes) -> None:
+def send_stream(endpoint: str, data: bytes, properties: dict) -> None:
     """Child process: zmq-sink sends the stream in 5000-byte batches."""
-    sink = ZmqSink(endpoint=endpoint, timeout="10s")
+    sink = ZmqSink(endpoint=endpoint, timeout="10s", **properties)
     sink.start(StageContext("zmq-sink"))
     try:
         feed(sink, stream_batches(data))
@@ -157,11 +159,13 @@ def send_stream(endpoint: str, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
-def test_zmq_sink_in_another_process_delivers_the_stream_to_zmq_src(tmp_path, transport):
+def test_zmq_sink_in_another_process_delivers_the_stream_to_zmq_src(tmp_path, transport, curve_keys):
     endpoint = free_tcp_endpoint() if transport == "tcp" else f"ipc://{tmp_path}/stream.ipc"
+    keyed = transport == "tcp"      # CurveZMQ on tcp; ipc links need no keys
     data = FIXTURE.read_bytes()
-    source = started(ZmqSource(endpoint=endpoint, timeout="20s"))
-    sender = multiprocessing.get_context("spawn").Process(target=send_stream, args=(endpoint, data))
+    source = started(ZmqSource(endpoint=endpoint, timeout="20s", **(curve_keys.server() if keyed else {})))
+    sender = multiprocessing.get_context("spawn").Process(
+        target=send_stream, args=(endpoint, data, curve_keys.client() if keyed else {}))
     sender.start()
     try:
         received = list(source.produce())
@@ -220,7 +224,7 @@ def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_pat
 
 
 def test_zmq_sink_to_an_unreachable_endpoint_is_a_transport_error():
-    sink = started(ZmqSink(endpoint=free_tcp_endpoint(), timeout="300ms"))
+    sink = started(ZmqSink(endpoint=free_tcp_endpoint(), timeout="300ms", insecure=True))
     try:
         with pytest.raises(TransportError, match=r"zmq-sink: no receiver took data at tcp://127\.0\.0\.1:\d+"):
             feed(sink, framed_epochs(1))
@@ -248,25 +252,63 @@ def test_zmq_src_waiting_past_its_timeout_is_a_transport_error(tmp_path):
 
 def test_zmq_src_on_an_endpoint_in_use_is_a_transport_error():
     endpoint = free_tcp_endpoint()
-    first = started(ZmqSource(endpoint=endpoint, timeout="1s"))
+    first = started(ZmqSource(endpoint=endpoint, timeout="1s", insecure=True))
     try:
         with pytest.raises(TransportError, match=f"zmq-src: cannot bind {endpoint}"):
-            started(ZmqSource(endpoint=endpoint))
+            started(ZmqSource(endpoint=endpoint, insecure=True))
     finally:
         first.stop()
 
 
 def test_zmq_src_drops_a_sender_whose_message_exceeds_the_limit(tmp_path):
     endpoint = f"ipc://{tmp_path}/big.ipc"
-    source = started(ZmqSource(endpoint=endpoint, timeout="500ms", max_message=1 << 16))
-    sink = started(ZmqSink(endpoint=endpoint, timeout="2s"))
+    source = started(ZmqSource(endpoint=endpoint, timeout="500ms", max_message="1MiB"))
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(endpoint)
+        push.send(bytes((1 << 20) + 1))
+        try:
+            with pytest.raises(TransportError, match="nothing received"):
+                list(source.produce())
+        finally:
+            push.close(linger=0)
+            source.stop()
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_zmq_sink_sends_a_large_batch_in_messages_any_receiver_accepts(tmp_path, transport, curve_keys):
+    """Pieces of 1 MiB, the smallest max-message a zmq-src takes, also when CurveZMQ makes each frame longer."""
+    endpoint = f"ipc://{tmp_path}/pieces.ipc" if transport == "ipc" else free_tcp_endpoint()
+    keyed = transport == "tcp"
+    source = started(ZmqSource(endpoint=endpoint, timeout="10s", **(curve_keys.server() if keyed else {})))
+    sink = started(ZmqSink(endpoint=endpoint, timeout="10s", **(curve_keys.client() if keyed else {})))
+    data = np.random.default_rng(3).integers(0, 256, (5 << 20) + 7, dtype=np.uint8)
     try:
-        feed(sink, [Batch(format=STREAM, payload=np.zeros(1 << 17, np.uint8))])
-        with pytest.raises(TransportError, match="nothing received"):
-            list(source.produce())
+        feed(sink, [Batch(format=STREAM, payload=data), Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)])
+        received = list(source.produce())
     finally:
         sink.stop()
         source.stop()
+    assert [b.payload.nbytes for b in received[:-1]] == [1 << 20] * 5 + [7]
+    assert payload_bytes(received) == data.tobytes()
+
+
+def test_zmq_src_drops_multipart_messages_and_says_so(tmp_path):
+    endpoint = f"ipc://{tmp_path}/multi.ipc"
+    warnings = []
+    source = ZmqSource(endpoint=endpoint, timeout="10s")
+    source.start(StageContext("zmq-src", post=lambda kind, **fields: warnings.append(fields["message"])))
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(endpoint)
+        push.send_multipart([b"injected", b"parts"])
+        push.send(b"stream bytes")
+        push.send(b"")
+        try:
+            received = list(source.produce())
+        finally:
+            push.close(linger=0)
+            source.stop()
+    assert payload_bytes(received) == b"stream bytes"
+    assert source.counters["multipart_refused"] == 1 and "dropped a multipart message" in warnings[0]
 
 
 def test_a_zmq_stage_without_endpoint_is_a_transport_error():
@@ -427,9 +469,9 @@ def test_the_recorded_memcached_corpus_converts_and_replays_with_matching_digest
 @pytest.mark.parametrize("mode", ["inline", "process"])
 def test_file_src_deframe_frame_file_sink_copies_a_stream_byte_for_byte(tmp_path, mode):
     out = tmp_path / "copy"
-    Pipeline.parse(f"file-src path={FIXTURE} chunk-size=4096 ! deframe ! frame ! file-sink path={out}") \
+    Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=4096 ! deframe ! frame ! file-sink path={out}") \
         .run(mode=mode, timeout=60)
-    assert out.read_bytes() == FIXTURE.read_bytes()
+    assert out.read_bytes() == FIXTURE_V2.read_bytes()
 
 
 @pytest.mark.parametrize("mode", ["inline", "process"])
@@ -444,14 +486,17 @@ def test_trace_src_frame_file_sink_records_a_replayable_trace(tmp_path, mode):
         assert again[epoch][2]["digest"] == meta["digest"]
 
 
-def test_a_stream_crosses_two_pipelines_over_zmq(tmp_path):
+def test_a_stream_crosses_two_pipelines_over_zmq_with_keys(tmp_path, curve_keys):
     endpoint, out = free_tcp_endpoint(), tmp_path / "received"
-    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} timeout=20s ! deframe ! frame ! file-sink path={out}")
-    sender = Pipeline.parse(f"file-src path={FIXTURE} chunk-size=8192 ! zmq-sink endpoint={endpoint}")
+    keys = curve_keys
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} timeout=20s secret-key={keys.server_secret} "
+                              f"authorized-keys={keys.allowed} ! deframe ! frame ! file-sink path={out}")
+    sender = Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=8192 ! zmq-sink endpoint={endpoint} "
+                            f"secret-key={keys.client_secret} server-key={keys.server_public}")
     with receiver.start(mode="process") as handle:
         sender.run(mode="process", timeout=60)
         handle.wait(timeout=60)
-    assert out.read_bytes() == FIXTURE.read_bytes()
+    assert out.read_bytes() == FIXTURE_V2.read_bytes()
 
 
 @pytest.mark.parametrize("mode", ["inline", "process"])
@@ -486,10 +531,14 @@ def test_trace_src_fused_with_the_sender_chain_writes_the_same_stream_as_unfused
     chain = f"trace-src path={tmp_path / 'raw.trace'} batch-pages=7 ! classify ! xor-delta ! rle ! zstd ! frame"
     fused = Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'fused'}")
     result = fused.run(mode=mode, timeout=60)
-    Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'apart'}").run(mode=mode, timeout=60, fuse=False)
+    apart = Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'apart'}").run(mode=mode, timeout=60, fuse=False)
     assert (tmp_path / "fused").read_bytes() == (tmp_path / "apart").read_bytes()
-    counters = result.statistics[("trace-src0+classify0+xor-delta0+rle0", 0)]["counters"]
-    assert counters["hits"] + counters["misses"] == counters["normal"] > 0       # the consumers' counters surface
+    assert result.totals("xor-delta0")["fused_as"] == "trace-src0+classify0+xor-delta0+rle0"
+    for element in ("trace-src0", "classify0", "xor-delta0", "rle0"):   # each element's statistics, as apart
+        for key in ("batches_in", "pages_in", "bytes_in", "batches_out", "pages_out", "bytes_out", "counters"):
+            assert result.totals(element)[key] == apart.totals(element)[key], (element, key)
+    counters = result.totals("xor-delta0")["counters"]
+    assert counters["hits"] + counters["misses"] == result.totals("classify0")["counters"]["normal"] > 0
 
 
 def test_trace_src_into_needs_a_consumer():
@@ -497,19 +546,70 @@ def test_trace_src_into_needs_a_consumer():
         TraceSourceInto(path=str(FIXTURE))
 
 
+# ---- failure detection -------------------------------------------------------------------------
+
+def watch(source: ZmqSource, seconds: float, push: zmq.Socket | None = None, every: float | None = None) -> list:
+    """What the source yields for ``seconds`` (None while it waits), ``push`` sending a message every ``every``."""
+    import time
+    source.idle_every = 0.01
+    seen, stream = [], source.produce()
+    ends = time.monotonic() + seconds
+    next_send = time.monotonic()
+    while time.monotonic() < ends:
+        if push is not None and every is not None and time.monotonic() >= next_send:
+            push.send(b"beat")
+            next_send += every
+        item = next(stream)
+        seen.append(item if item is None else (Flag(item.flags).name if item.is_control else "data", time.monotonic()))
+    return seen
+
+
+@pytest.fixture
+def failover_source():
+    endpoint = free_tcp_endpoint()
+    source = started(ZmqSource(endpoint=endpoint, failover=True, failover_after="250ms", insecure=True))
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.connect(endpoint)
+    yield source, push
+    push.close(0)
+    context.term()
+    source.stop()
+
+
+def test_zmq_src_declares_a_silent_sender_lost_only_after_it_was_heard(failover_source):
+    source, push = failover_source
+    assert all(item is None for item in watch(source, 0.6))     # nobody yet: nothing to lose
+    push.send(b"last words")
+    seen = [item for item in watch(source, 0.8) if item is not None]
+    assert [name for name, _ in seen] == ["data", "SENDER_LOST"]
+    assert seen[1][1] - seen[0][1] >= 0.25
+    assert source.counters["senders_lost"] == 1
+    push.send(b"back again")      # a returning sender arms the detection again
+    assert [name for name, _ in (i for i in watch(source, 0.8) if i is not None)] == ["data", "SENDER_LOST"]
+
+
+def test_zmq_src_rides_out_gaps_shorter_than_failover_after(failover_source):
+    source, push = failover_source
+    seen = [item for item in watch(source, 1.2, push, every=0.1) if item is not None]
+    assert len(seen) >= 5 and {name for name, _ in seen} == {"data"}
+
+
 # ---- several channels ------------------------------------------------------------------
 
-def test_a_stream_spread_over_three_channels_arrives_byte_for_byte(tmp_path):
-    out = tmp_path / "received"
+def test_a_stream_spread_over_three_channels_with_keys_arrives_byte_for_byte(tmp_path, curve_keys):
+    out, keys = tmp_path / "received", curve_keys
     endpoints = ",".join(free_tcp_endpoint() for _ in range(3))
-    receiver = Pipeline.parse(f"zmq-src endpoint={endpoints} channels=3 timeout=20s ! deframe ! frame "
-                              f"! file-sink path={out}")
-    sender = Pipeline.parse(f"file-src path={FIXTURE} chunk-size=8192 ! zmq-sink endpoint={endpoints} channels=3")
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoints} channels=3 timeout=20s secret-key={keys.server_secret} "
+                              f"authorized-keys={keys.allowed} ! deframe ! frame ! file-sink path={out}")
+    sender = Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=8192 ! zmq-sink endpoint={endpoints} channels=3 "
+                            f"secret-key={keys.client_secret} server-key={keys.server_public}")
     with receiver.start(mode="process") as handle:
         sender.run(mode="process", timeout=60)
         result = handle.wait(timeout=60)
-    assert out.read_bytes() == FIXTURE.read_bytes()
-    assert result.statistics[("zmq-src0", 0)]["counters"]["messages"] > 3  # every channel carried messages, and its end
+    assert out.read_bytes() == FIXTURE_V2.read_bytes()
+    counters = result.statistics[("zmq-src0", 0)]["counters"]
+    assert counters["messages"] > 3 and counters["peers_admitted"] == 3   # one authenticated connection per channel
 
 
 def test_a_replica_fed_over_channels_holds_every_checkpoint_exactly(tmp_path):
