@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bus import stage_totals
-from pipeline.errors import CorruptData, TransportError
+from pipeline.errors import CorruptData, PagepipeError, TransportError
 from pipeline.pipeline import Pipeline
 from stages.bench.realmemory import RecordedTrace, find_corpus, read_trace
 from stages.bench.sender import TimedNullSink, write_repeated_trace
@@ -86,9 +86,9 @@ def sender_description(trace_file: Path, workers: int, endpoint: str) -> str:
 
 def run_once(trace_file: Path, workers: int, directory: Path) -> dict:
     """One sender/receiver pair with W workers and channels: throughput, processes, CPU seconds per stage."""
-    endpoint = f"ipc://{directory}/scaling-{workers}"
+    endpoint = f"ipc://{directory}/s{workers}-{time.monotonic_ns() % 10**9}"   # fresh for a retried run
     sink = TimedNullSink()
-    receiver = Pipeline.chain(ZmqSource(endpoint=endpoint, channels=workers, timeout="120s"), Deframe(), sink)
+    receiver = Pipeline.chain(ZmqSource(endpoint=endpoint, channels=workers, timeout="60s"), Deframe(), sink)
     sender = Pipeline.parse(sender_description(trace_file, workers, endpoint))
     before = os.times()
     with receiver.start(mode="process") as receiving:
@@ -106,6 +106,18 @@ def run_once(trace_file: Path, workers: int, directory: Path) -> dict:
             "processes": int(sum(v["workers"] for v in sender_totals.values())
                              + sum(v["workers"] for v in receiver_totals.values())),
             "cpu_per_gb": {name: seconds / (dirty / GB) for name, seconds in cpu.items()}}
+
+
+def run_retrying(trace_file: Path, workers: int, directory: Path, attempts: int = 3) -> dict:
+    """``run_once``, again after a failed run (said on stderr): a benchmark measures, the tests judge."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run_once(trace_file, workers, directory)
+        except PagepipeError as exc:
+            print(f"  workers={workers}: run {attempt} failed ({str(exc).splitlines()[0][:300]})", file=sys.stderr)
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def load_trace(quick: bool, pages: int | None) -> tuple[RecordedTrace, str]:
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         trace_file = write_repeated_trace(trace, rounds, Path(directory))
         del trace
         for workers in counts:
-            runs = [run_once(trace_file, workers, Path(directory)) for _ in range(args.repeats)]
+            runs = [run_retrying(trace_file, workers, Path(directory)) for _ in range(args.repeats)]
             best = sorted(runs, key=lambda run: run["gbps"])[len(runs) // 2]
             best["gbps"] = statistics.median(run["gbps"] for run in runs)
             results.append(best)
