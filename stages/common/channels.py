@@ -32,9 +32,9 @@ from pipeline.errors import ConfigError, CorruptData, TransportError
 
 from . import wire
 
-CHANNEL_RECORD = 0x0010
-"""Record type of a channel envelope. It leads a ZeroMQ message and is stripped by zmq-src: never part of
-the record stream deframe reads."""
+CHANNEL_RECORD = next(number for number, name in wire.RESERVED_RECORD_TYPES.items() if name == "CHANNEL")
+"""Record type of a channel envelope (0x0006, the number the wire format keeps for channels). It leads a
+ZeroMQ message and is stripped by zmq-src: never part of the record stream deframe reads, which refuses it."""
 ENVELOPE_END = 1
 """Envelope flag: this channel carries nothing more of the session (every channel gets one at the end)."""
 MAX_CHANNELS = 64
