@@ -169,6 +169,20 @@ class Run:
                 "supervisor": self.supervisor_cpu / gigabytes}
 
 
+def per_node(totals: dict[str, dict]) -> dict[str, dict]:
+    """Stage totals by the node that ran them: members of a fused node report the node's CPU and workers each,
+    so they count once, under the node's name."""
+    nodes: dict[str, dict] = {}
+    for name, values in totals.items():
+        nodes.setdefault(values.get("fused_as", name), values)
+    return nodes
+
+
+def cpu_seconds_by_node(statistics: dict) -> dict[str, float]:
+    """CPU seconds of each node's worker processes (their stage's start on), from a run's statistics."""
+    return {name: float(values.get("cpu_seconds", 0.0)) for name, values in per_node(stage_totals(statistics)).items()}
+
+
 def _sink_rate(stages: list[Stage]) -> tuple[float, RunResult]:
     """Run ``stages`` (the last a RateSink) in process mode; bytes per second at the sink, and the result."""
     run, result = measure(stages)
@@ -187,9 +201,9 @@ def measure(stages: list[Stage]) -> tuple[Run, RunResult]:
     counters = result.statistics[(stages[-1].name, 0)]["counters"]
     rate = counters["bytes_after_first"] / max(counters["last"] - counters["first"], 1e-9)
     totals = stage_totals(result.statistics)
-    stage_cpu = {name: float(values.get("cpu_seconds", 0.0)) for name, values in totals.items()}
+    stage_cpu = cpu_seconds_by_node(result.statistics)
     page_bytes = int(totals[stages[-1].name]["pages_in"]) * PAGE_SIZE
-    processes = sum(int(values["workers"]) for values in totals.values())
+    processes = sum(int(values["workers"]) for values in per_node(totals).values())
     supervisor = (after.user + after.system) - (before.user + before.system)
     return Run(rate, stage_cpu, supervisor, page_bytes, processes), result
 

@@ -52,8 +52,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from stages.bench.realmemory import RecordedTrace, find_corpus, read_trace
+from stages.bench.runtime import cpu_seconds_by_node
 from pipeline.batch import Batch, Flag
-from pipeline.bus import stage_totals
 from pipeline.errors import CorruptData, TransportError
 from pipeline.pipeline import Pipeline
 from pipeline.stage import Stage, StageContext
@@ -235,7 +235,7 @@ def run_runtime(trace_file: Path, chain: str, mode: str, cache: str, config: Run
     # trace-src may run fused with the stages after it: its node's name starts with its own
     (source_stats,) = [values for stage, values in stats.items() if stage.split("+")[0] == "trace-src0"]
     dirty = source_stats["pages_out"] * page_size
-    cpu = {name: float(values.get("cpu_seconds", 0.0)) for name, values in stage_totals(result.statistics).items()}
+    cpu = cpu_seconds_by_node(result.statistics)
     return sink["last_batch"] - sink["first_batch"], wall, dirty, cpu
 
 
