@@ -291,7 +291,8 @@ class Deframe(Stage):
     max_record = Property("size", "16MiB", "Records with a bigger body are refused as corrupt",
                           minimum=_MIN_RECORD_LIMIT, maximum=_MAX_RECORD_LIMIT)
     resume = Property("bool", False, "Join a running stream: drop input batches until one starts a segment "
-                                     "(needs record-aligned batches, as zmq-src delivers)")
+                                     "(needs record-aligned batches, as zmq-src delivers), and take a segment of "
+                                     "another stream identity (a restarted sender) as a new epoch order")
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -339,7 +340,7 @@ class Deframe(Stage):
             raise wire.corrupt("a new stream segment starts inside an epoch (torn epoch)", **where)
         if self._ended:
             raise wire.corrupt("a new stream segment after the end-of-stream record", **where)
-        self._check_chain(header.chain, None)
+        self._check_chain(header.chain, None, where["offset"])
         if header.version == 1 or header.stream_id != self._identity:
             self._new_stream(header, where)
         elif header.segment <= self._segment:
@@ -522,12 +523,12 @@ class Deframe(Stage):
         self._epoch_entries += int(page_numbers.size)
         self._epoch_checksums.append(record.checksum)
 
-    def _check_chain(self, chain: str, record: Record | None) -> None:
+    def _check_chain(self, chain: str, record: Record | None, header_offset: int = 0) -> None:
         """Refuse a codec chain this receiver cannot decode."""
         if not chain or chain in self._known_chains:
             return
         from .codecs import EntropyCodec, get_codec
-        where = {"offset": record.offset, "sequence": record.sequence} if record else {"offset": 0}
+        where = {"offset": record.offset, "sequence": record.sequence} if record else {"offset": header_offset}
         try:
             codec = get_codec(chain)
         except (PagepipeError, KeyError, ValueError) as exc:

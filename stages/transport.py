@@ -1,8 +1,11 @@
 """Transport stages: move the wire stream over ZeroMQ or to/from a file, and replay recorded streams.
 
-- ``zmq-sink`` / ``zmq-src``: PUSH/PULL, one message per STREAM batch (large
-  payloads sent without copying); an empty message marks the end of stream.
-  The receiver's acknowledgements travel on a separate socket (stages.common.acks).
+- ``zmq-sink`` / ``zmq-src``: PUSH/PULL, the stream in messages of at most 1 MiB
+  (large payloads sent without copying); an empty message marks the end of stream.
+  On tcp both ends run CurveZMQ with keys, or say ``insecure=true``; the end
+  that binds admits only allowed keys and at most ``max-connections``
+  (stages.common.security, docs/SECURITY.md). The receiver's acknowledgements
+  travel on a separate socket (stages.common.acks).
 - ``file-sink`` / ``file-src``: the stream as a file (a *trace*), the same
   bytes as on the wire.
 - ``trace-src``: replays a trace as the tracker stream it was made from:
@@ -41,6 +44,9 @@ _ZERO_COPY_BYTES = 64 << 10
 _END_MESSAGE = b""
 MESSAGE_BYTES = 1 << 20
 """zmq-sink sends the stream in messages of at most this size; zmq-src's max-message is never below it."""
+CURVE_FRAME_OVERHEAD = 64
+"""What CurveZMQ adds to a frame on the wire (33 bytes: command name, nonce, MAC, flags), which is what
+ZeroMQ checks against ZMQ_MAXMSGSIZE; rounded up."""
 _PEER_COMMAND_BYTES = 64 << 10
 """Largest frame a zmq-sink accepts from its receiver, which sends only handshake commands."""
 _REFUSALS_POLL_MS = 1000
@@ -180,7 +186,7 @@ class ZmqSource(_ZmqStage):
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message + CURVE_FRAME_OVERHEAD)
 
     def produce(self) -> Iterator[Batch | None]:
         sequence = 0

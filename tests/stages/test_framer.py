@@ -273,6 +273,28 @@ def test_reframing_the_frozen_stream_as_version_1_writes_it_byte_for_byte():
     assert frame_all(deframe_all(data), version=1)[0] == data
 
 
+V2_IDENTITY = "5041474550495045" + "0000000000000002"
+
+
+def test_the_frozen_v2_stream_deframes_to_the_same_batches_forever():
+    data = (FIXTURES / "stream-v2.pagepipe").read_bytes()
+    expected = json.loads((FIXTURES / "stream-v2.expected.json").read_text())
+    assert [summary(b) for b in deframe_all(data)] == expected
+    assert [summary(b) for b in deframe_all(data, chunk=333)] == expected
+    assert {b["meta"]["stream_id"] for b in expected if not b["page_numbers"]} == {V2_IDENTITY}
+
+
+def test_reframing_the_frozen_v2_stream_with_its_identity_writes_it_byte_for_byte():
+    data = (FIXTURES / "stream-v2.pagepipe").read_bytes()
+    assert frame_all(deframe_all(data), stream_id=V2_IDENTITY)[0] == data
+
+
+def test_the_v1_and_v2_fixtures_carry_the_same_pages():
+    old, new = (data_batches(deframe_all((FIXTURES / f"stream-v{v}.pagepipe").read_bytes())) for v in (1, 2))
+    assert [(b.epoch, b.page_numbers.tolist(), b.kinds.tolist()) for b in old] == \
+        [(b.epoch, b.page_numbers.tolist(), b.kinds.tolist()) for b in new]
+
+
 # ---- structural faults ----------------------------------------------------------------
 
 def test_a_page_outside_the_layout_is_refused_with_its_epoch():
@@ -614,3 +636,11 @@ def test_a_page_record_of_many_entries_is_cut_into_batches_of_views(monkeypatch)
     assert [b.npages for b in got] == [4, 4, 2]
     assert np.concatenate([b.page_numbers for b in got]).tolist() == numbers
     np.testing.assert_array_equal(np.concatenate([whole(b) for b in got]), sent[1].data)
+
+
+def test_an_unknown_chain_in_a_later_segment_header_is_reported_at_that_header():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    later = wire.encode_stream_header(dataclasses.replace(HANDMADE, chain="brotli", segment=1))
+    with pytest.raises(CorruptData, match="codec chain 'brotli'") as info:
+        deframe_all(data + later)
+    assert info.value.offset == len(data)
