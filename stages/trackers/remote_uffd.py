@@ -141,7 +141,6 @@ class RemoteUffd:
         self._armed: dict[int, int] = {}  # start -> end of each registered range
         self._resident: dict[int, np.ndarray] = {}  # start -> resident [start, end) ranges at the last scan
         self.stale_closed: list[int] = []
-        self.foreign: list[int] = []  # userfaultfds the target holds itself
         self._guardian = guardian  # shared by the caller (who closes it), or ours, started at attach
         self._own_guardian = guardian is None
 
@@ -153,7 +152,6 @@ class RemoteUffd:
         if self._guardian is None:
             self._guardian = Guardian()
         self._close_stale(stops)
-        self.foreign = userfaultfd_descriptors(self.pid)
         fd = self._inject(stops, syscall_number(), (_UFFD_FLAGS,))
         if fd < 0:
             hint = " (the target's sysctl vm.unprivileged_userfaultfd / seccomp?)" if -fd == errno.EPERM else ""
@@ -165,9 +163,9 @@ class RemoteUffd:
             self._uffd = UffdFile(_pidfd_getfd(self.pid, fd))
             try:
                 self._uffd.api(_FEATURES | UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
-            except TrackerError:
-                self._uffd.close()
-                self._uffd = UffdFile(_pidfd_getfd(self.pid, fd))  # the API handshake is once per descriptor
+            except UffdError as exc:  # an unknown feature leaves the handshake undone: ask for less
+                if exc.errno != errno.EINVAL:
+                    raise
                 self._uffd.api(_FEATURES)
             self._scanner = PagemapScanner(self.pid)
         except BaseException:
