@@ -251,6 +251,12 @@ class RedisFigures:
         return len(self.pauses) / self.seconds >= 35 and self.stopped_fraction <= 0.15
 
 
+def _die_with_us() -> None:
+    """In a child before exec: SIGKILL it when this process dies, however it dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -267,7 +273,8 @@ def start_redis(keys: int, value: int) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no", "--enable-debug-command", "yes"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              preexec_fn=_die_with_us)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -286,7 +293,8 @@ def start_redis(keys: int, value: int) -> tuple[subprocess.Popen, int]:
 def redis_load(port: int, value: int) -> subprocess.Popen:
     return subprocess.Popen(["redis-benchmark", "-p", str(port), "-t", "set,incr", "-r", "1000000", "-d",
                              str(value), "-P", "16", "-n", "100000000", "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_die_with_us)
 
 
 def _encode(batches, results) -> None:
