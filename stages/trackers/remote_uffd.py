@@ -72,6 +72,23 @@ def marker_directory() -> str:
     raise TrackerError("no writable folder for userfaultfd markers (/run/pagepipe or /tmp)")
 
 
+def prune_markers(directory: str) -> None:
+    """Remove the markers of processes that no longer exist (a process left stopped and killed later)."""
+    for name in os.listdir(directory):
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "uffd":
+            continue
+        try:
+            if start_time(int(parts[1])) == parts[2]:
+                continue
+        except (ptrace.ThreadGone, ValueError, IndexError, OSError):
+            pass
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+
+
 def start_time(pid: int) -> str:
     """The process's start time in clock ticks (field 22 of /proc/PID/stat): pid + start time name one process."""
     try:
@@ -148,7 +165,9 @@ class RemoteUffd:
 
     def attach(self, stops: dict[int, ptrace.Stop]) -> None:
         """Close a stale descriptor of a crashed run, inject a userfaultfd, take our copy, enable async WP."""
-        self._marker = os.path.join(marker_directory(), f"uffd-{self.pid}-{start_time(self.pid)}")
+        directory = marker_directory()
+        prune_markers(directory)
+        self._marker = os.path.join(directory, f"uffd-{self.pid}-{start_time(self.pid)}")
         if self._guardian is None:
             self._guardian = Guardian()
         self._close_stale(stops)
