@@ -536,7 +536,7 @@ def _watch_supervisor(pid: int) -> None:
     tracker see their pipes close and exit.
     """
     signal.signal(SUPERVISOR_GONE_SIGNAL, _raise_stopped)
-    main = threading.main_thread().ident
+    main = threading.get_ident()          # called on the main thread
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:

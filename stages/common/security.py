@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import zmq
 import zmq.auth
@@ -196,6 +197,16 @@ def link_security(where: str, endpoint: str, bind: bool, *, secret_key: str = ""
     return LinkSecurity(where, False, public, secret, server_key=load_key(server_key, secret=False, what=where)[0])
 
 
+class KeyOptions(TypedDict, total=False):
+    """Key settings of one end, as keyword arguments (``link_security``, AckListener, AckSender, the stages)."""
+
+    secret_key: str
+    public_key: str
+    server_key: str
+    authorized_keys: str
+    insecure: bool
+
+
 @dataclass(frozen=True)
 class StreamKeys:
     """Key pairs of one sender and one receiver, each end's allow-list holding the other's public key.
@@ -229,23 +240,23 @@ class StreamKeys:
         return keys
 
     @staticmethod
-    def words(properties: dict[str, str]) -> str:
+    def words(properties: KeyOptions) -> str:
         """Properties as launch-line words (``secret-key=... server-key=...``)."""
         return " ".join(f"{name.replace('_', '-')}={value}" for name, value in properties.items())
 
-    def receiver_source(self) -> dict[str, str]:
+    def receiver_source(self) -> KeyOptions:
         """zmq-src, binding the data link."""
         return {"secret_key": self.receiver_secret, "authorized_keys": self.receiver_allows}
 
-    def sender_sink(self) -> dict[str, str]:
+    def sender_sink(self) -> KeyOptions:
         """zmq-sink, connecting to the receiver."""
         return {"secret_key": self.sender_secret, "server_key": self.receiver_public}
 
-    def sender_acks(self) -> dict[str, str]:
+    def sender_acks(self) -> KeyOptions:
         """The sender's ack listener (process-src ack-endpoint=, AckListener), binding the ack link."""
         return {"secret_key": self.sender_secret, "authorized_keys": self.sender_allows}
 
-    def receiver_acks(self) -> dict[str, str]:
+    def receiver_acks(self) -> KeyOptions:
         """replica-sink's ack channel, connecting to the sender."""
         return {"secret_key": self.receiver_secret, "server_key": self.sender_public}
 
@@ -328,12 +339,14 @@ class Gatekeeper:
                 return
             if self._monitor in ready:
                 self._drain_monitor()
-            if self._zap in ready:
-                self._answer(self._zap.recv_multipart())
+            if self._zap is not None and self._zap in ready:
+                self._answer(self._zap, self._zap.recv_multipart())
 
     def _drain_monitor(self) -> None:
-        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            frames = self._monitor.recv_multipart()
+        monitor = self._monitor
+        assert monitor is not None           # registered with the poller only when there is one
+        while monitor.poll(0):
+            frames = monitor.recv_multipart()
             event, value = _EVENT.unpack(frames[0][:_EVENT.size])
             if event == zmq.EVENT_ACCEPTED:
                 if len(self._open) >= self.max_connections:
@@ -366,12 +379,12 @@ class Gatekeeper:
         self._warn(f"{self.where}: dropped a connection from {peer[0]}:{peer[1]}: already "
                    f"{self.max_connections} connections (max-connections)")
 
-    def _answer(self, request: list[bytes]) -> None:
+    def _answer(self, zap: zmq.Socket, request: list[bytes]) -> None:
         if len(request) < 6:
             return  # not a ZAP request; ZeroMQ itself never sends one
         version, request_id, _domain, address, _identity, mechanism, *credentials = request
         key = zmq.utils.z85.encode(credentials[0]) if mechanism == b"CURVE" and credentials else None
-        if key is not None and key in self.allowed:
+        if key is not None and self.allowed is not None and key in self.allowed:
             status, text, user = b"200", b"OK", key
             self.counters["peers_admitted"] += 1
         else:
@@ -380,7 +393,7 @@ class Gatekeeper:
             self.counters["peers_refused"] += 1
             self._warn(f"{self.where}: refused a peer at {address.decode(errors='replace')}: {reason}"
                        + (f" {key.decode()}" if key is not None else ""))
-        self._zap.send_multipart([version, request_id, status, text, user, b""])
+        zap.send_multipart([version, request_id, status, text, user, b""])
 
     def close(self) -> None:
         """Stop the thread (call from the thread that owns the guarded socket, before closing it)."""
