@@ -529,3 +529,52 @@ def test_trace_src_fused_with_the_sender_chain_writes_the_same_stream_as_unfused
 def test_trace_src_into_needs_a_consumer():
     with pytest.raises(ConfigError, match="no consumer= given"):
         TraceSourceInto(path=str(FIXTURE))
+
+
+# ---- failure detection -------------------------------------------------------------------------
+
+def watch(source: ZmqSource, seconds: float, push: zmq.Socket | None = None, every: float | None = None) -> list:
+    """What the source yields for ``seconds`` (None while it waits), ``push`` sending a message every ``every``."""
+    import time
+    source.idle_every = 0.01
+    seen, stream = [], source.produce()
+    ends = time.monotonic() + seconds
+    next_send = time.monotonic()
+    while time.monotonic() < ends:
+        if push is not None and every is not None and time.monotonic() >= next_send:
+            push.send(b"beat")
+            next_send += every
+        item = next(stream)
+        seen.append(item if item is None else (Flag(item.flags).name if item.is_control else "data", time.monotonic()))
+    return seen
+
+
+@pytest.fixture
+def failover_source():
+    endpoint = free_tcp_endpoint()
+    source = started(ZmqSource(endpoint=endpoint, failover=True, failover_after="250ms", insecure=True))
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.connect(endpoint)
+    yield source, push
+    push.close(0)
+    context.term()
+    source.stop()
+
+
+def test_zmq_src_declares_a_silent_sender_lost_only_after_it_was_heard(failover_source):
+    source, push = failover_source
+    assert all(item is None for item in watch(source, 0.6))     # nobody yet: nothing to lose
+    push.send(b"last words")
+    seen = [item for item in watch(source, 0.8) if item is not None]
+    assert [name for name, _ in seen] == ["data", "SENDER_LOST"]
+    assert seen[1][1] - seen[0][1] >= 0.25
+    assert source.counters["senders_lost"] == 1
+    push.send(b"back again")      # a returning sender arms the detection again
+    assert [name for name, _ in (i for i in watch(source, 0.8) if i is not None)] == ["data", "SENDER_LOST"]
+
+
+def test_zmq_src_rides_out_gaps_shorter_than_failover_after(failover_source):
+    source, push = failover_source
+    seen = [item for item in watch(source, 1.2, push, every=0.1) if item is not None]
+    assert len(seen) >= 5 and {name for name, _ in seen} == {"data"}

@@ -6,6 +6,7 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 
@@ -527,3 +528,27 @@ def test_one_writer_at_a_time_and_readers_alongside(tmp_path):
     writer.close()
     assert not replica_store.replica_locked(tmp_path)
     ReplicaStore(tmp_path, fsync=False).close()
+
+
+def test_a_commit_left_to_settle_is_durable_by_its_journal_and_settles_later(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=True, settle_later=True)
+    commit(store, 1, ALL_PAGES, 1)              # the first commit has no journal: settled at once
+    assert not store.unsettled
+    second = commit(store, 2, [1, 9], 2)
+    assert store.unsettled and os.path.getsize(tmp_path / JOURNAL) > 0
+    assert read_manifest(tmp_path)["epoch"] == 2
+    assert verify_replica(tmp_path).ok          # applied, only its flushes are pending
+    np.testing.assert_array_equal(load_replica(tmp_path)["heap"].reshape(6, PAGE)[1], second[0])
+    crashed = tmp_path.parent / f"{tmp_path.name}-crashed"
+    shutil.copytree(tmp_path, crashed)          # the files as a crash before settling leaves them
+    reopened = ReplicaStore(crashed)            # the journal is replayed
+    assert reopened.recovered_journal == "replayed" and reopened.epoch == 2 and not reopened.unsettled
+    reopened.close()
+    np.testing.assert_array_equal(load_replica(crashed)["heap"], load_replica(tmp_path)["heap"])
+    commit(store, 3, [2], 3)
+    commit(store, 4, [3], 4)                    # settles epoch 3 first
+    store.settle()
+    assert not store.unsettled and os.path.getsize(tmp_path / JOURNAL) == 0
+    commit(store, 5, [4], 5)
+    store.close()                               # settles too
+    assert os.path.getsize(tmp_path / JOURNAL) == 0 and read_manifest(tmp_path)["epoch"] == 5
