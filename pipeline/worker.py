@@ -82,6 +82,9 @@ SUPERVISOR_GONE_SIGNAL = signal.SIGUSR1
 SUPERVISOR_GONE_GRACE = 1.0
 """Seconds a worker whose supervisor died gets to stop its stage before it kills itself."""
 EXIT_SUPERVISOR_GONE = 3
+BUS_LINGER_MS = 10000
+"""The supervisor reads its bus all the time: bus messages it has not taken within this long have no reader, and
+a worker's exit never waits on them longer (the data links keep waiting: their last messages must arrive)."""
 _supervisor_gone = threading.Event()
 """Set by the supervisor watch (a process worker's supervisor has exited)."""
 
@@ -196,6 +199,7 @@ class Worker:
         try:
             if self.spec.bus_endpoint:
                 self._bus = self._socket(zmq.PUSH)
+                self._bus.linger = BUS_LINGER_MS if self.spec.linger_ms < 0 else min(self.spec.linger_ms, BUS_LINGER_MS)
                 self._bus.connect(self.spec.bus_endpoint)
             self._check_alive()
             self._build()
@@ -279,7 +283,7 @@ class Worker:
     def _close(self, code: int) -> None:
         orphaned = bool(self.spec.supervisor_pid) and not _alive(self.spec.supervisor_pid)
         for socket in self._sockets:
-            if code != 0 and (socket is not self._bus or orphaned):   # nobody reads an orphan's bus messages
+            if orphaned or (code != 0 and socket is not self._bus):   # nobody reads what an orphan sends
                 socket.linger = 0
             socket.close()
         self._context.term()
