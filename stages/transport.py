@@ -38,7 +38,7 @@ from pipeline.stage import Property, Stage, StageContext
 
 from .classify import Classify
 from .xor_delta import XorDelta
-from .codecs import Encoded, get_codec
+from .codecs import ChainCodec, Encoded, EntropyCodec, PageCodec, get_codec
 from .common import wire
 from .common.channels import END, MAX_CHANNELS, Reassembler, Spreader, channel_endpoints, parse_envelope
 from .framer import Frame, deframe_stream
@@ -74,6 +74,7 @@ class _ZmqStage(CurveProperties, Stage):
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
+    bind: bool                      # a property of each subclass, with its own default
     endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path (with channels=N: the first "
                                    "of N consecutive ports or paths path, path.1, ..., or N endpoints, comma-separated)")
     channels = Property("int", 1, "Connections the stream is spread over, each with its own ZeroMQ context "
@@ -169,7 +170,7 @@ class ZmqSink(_ZmqStage):
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:   # the stream is bytes: pieces of at most MESSAGE_BYTES fit any receiver's limit
-            view = memoryview(payload).cast("B")
+            view = payload.data.cast("B")
             for start in range(0, len(view), MESSAGE_BYTES):
                 if self._spreader is None:
                     self._send(self._socket, view[start:start + MESSAGE_BYTES])
@@ -392,7 +393,7 @@ class FileSink(Stage):
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:
-            self._write(memoryview(payload).cast("B"))
+            self._write(payload.data.cast("B"))
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
@@ -433,7 +434,7 @@ class FileSink(Stage):
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
-            self._fd = None
+            del self._fd
 
 
 class FileSource(Stage):
@@ -501,12 +502,13 @@ class TraceSource(Stage):
     def produce(self) -> Iterator[Batch]:
         self._image = np.zeros((0, 4096), dtype=np.uint8)
         self._touched: list[np.ndarray] = []
-        self._codecs: dict[str, object] = {}
+        self._codecs: dict[str, PageCodec | ChainCodec] = {}
         self._sequence = 0
         self._clock: tuple[float, float] | None = None   # (recorded time, wall time) of the first epoch
         context = StageContext(stage_name=self.factory_name, post=self.context.post)
         with _mapped(self.path, self.factory_name) as trace:
-            steps = (self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
+            steps: Iterable[tuple[float | None, Iterable[Batch]]] = (
+                self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
             if self.preload:
                 steps = [(recorded, list(batches)) for recorded, batches in steps]
             for recorded, batches in steps:
@@ -545,10 +547,16 @@ class TraceSource(Stage):
         if batch.format == ENCODED:
             chain = batch.meta["codec"]
             if chain not in self._codecs:
-                self._codecs[chain] = get_codec(chain)
+                codec = get_codec(chain)
+                if isinstance(codec, EntropyCodec):
+                    raise CorruptData(f"{self.factory_name}: {self.path}: epoch {batch.epoch} names codec {chain!r}, "
+                                      f"which does not encode pages")
+                self._codecs[chain] = codec
+            assert batch.payload is not None and batch.offsets is not None   # deframe emits them with ENCODED
             encoded = Encoded(batch.payload, batch.offsets, batch.kinds, chain, batch.meta["raw_size"])
             self._codecs[chain].decode(encoded, self._image, rows=batch.page_numbers)
         else:
+            assert batch.data is not None                                    # and data with PAGES
             self._image[batch.page_numbers] = batch.data
         self._touched.append(batch.page_numbers)
 
@@ -605,7 +613,7 @@ class TraceSourceInto(TraceSource):
             raise ConfigError(f"{self.factory_name}: built by fusing trace-src with a stage; no consumer= given")
         consumer_class, consumer_properties = self.consumer
         self._consumer: Stage = consumer_class(**consumer_properties)
-        self.output_caps = self._consumer.output_caps
+        setattr(self, "output_caps", self._consumer.output_caps)   # per instance: what the fused consumer emits
         self.fusion = Fusion.join(self, self._consumer)
         self._replayed = self.fusion.link_after(self)
 
