@@ -16,7 +16,8 @@ import numpy as np
 from pipeline.batch import ENCODED, PAGES, Batch
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import Property, Stage
-from stages.codecs import ENTROPY_CODECS, PageCodec, get_codec
+from stages.codecs import ENTROPY_CODECS, PageCodec, get_codec, split_chain_name
+from stages.common.checks import check_encoded_batch
 from stages.common.pages import check_page_size
 from stages.rle import RUN_FORMATS
 
@@ -28,21 +29,7 @@ def split_chain(batch: Batch, where: str) -> tuple[str, list[str]]:
     chain = batch.meta.get("codec")
     if not isinstance(chain, str) or not chain:
         raise CorruptData(f"{where}: {ENCODED} batch of epoch {batch.epoch} names no codec (meta['codec'] = {chain!r})")
-    run_format, *layers = chain.split("+")
-    return run_format, layers
-
-
-def check_encoded_batch(batch: Batch, where: str) -> None:
-    """Raise CorruptData naming ``where`` unless ``batch`` is a consistent ENCODED batch."""
-    if batch.format != ENCODED or batch.payload is None or batch.offsets is None:
-        raise CorruptData(f"{where}: expected an {ENCODED} batch with payload and offsets, got {batch.format!r} "
-                          f"(epoch {batch.epoch})")
-    if batch.payload.dtype != np.uint8 or batch.payload.ndim != 1:
-        raise CorruptData(f"{where}: payload of epoch {batch.epoch} is not a 1-D uint8 array")
-    try:
-        batch.validate()
-    except CorruptData as exc:
-        raise CorruptData(f"{where}: {exc}") from None
+    return split_chain_name(chain)
 
 
 class _Compress(Stage):

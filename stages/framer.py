@@ -18,7 +18,9 @@ from pipeline.batch import ANY, ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, PagepipeError
 from pipeline.stage import Property, Stage, StageContext
 
+from .codecs import is_entropy_coded
 from .common import wire
+from .common.checks import check_encoded_batch
 from .common.wire import Commit, Record, RecordFlag, RecordType
 
 _MIN_RECORD_LIMIT = 64 << 10
@@ -62,6 +64,8 @@ class Frame(Stage):
         chain = str(batch.meta.get("codec", "")) if batch.format == ENCODED else ""
         if batch.format == ENCODED and not chain:
             raise ConfigError(f"{self.factory_name}: encoded batch of epoch {batch.epoch} names no codec chain")
+        if batch.format == ENCODED:
+            check_encoded_batch(batch, self.factory_name)
         parts: list = []
         self._declare(batch, self.codec or chain, parts)
         self._enter_epoch(batch.epoch)
@@ -88,7 +92,7 @@ class Frame(Stage):
         if raw_size != int(offsets[-1]):
             raise CorruptData(f"{self.factory_name}: encoded batch of epoch {batch.epoch} has raw_size {raw_size} "
                               f"but its offsets end at {int(offsets[-1])}")
-        if "+" in chain:        # one entropy frame over the whole batch: it cannot be cut
+        if is_entropy_coded(chain):        # one entropy frame over the whole batch: it cannot be cut
             size = wire.encoded_body_size(batch.npages, len(batch.payload), chain)
             if size > self.max_record:
                 raise ConfigError(

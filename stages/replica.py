@@ -39,8 +39,9 @@ from pipeline.stage import Property, Stage, StageContext
 from stages.common.acks import AckSender
 from stages.codecs import ChainCodec, Codec, Encoded, get_codec
 from stages.common.pages import combine_digests, digest_pages
-from stages.common.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, clear_replica,
-                                  ensure_replica_directory, verify_replica, whole_pages)
+from stages.common.layout import Layout
+from stages.common.replica_store import (DEFAULT_MAX_PAGES, ReplicaStore, clear_replica, ensure_replica_directory,
+                                         replica_layout, verify_replica, whole_pages)
 
 
 def _kind_table(*kinds: PageKind) -> np.ndarray:
@@ -274,7 +275,7 @@ class ReplicaSink(Stage):
 
     def _set_layout(self, batch: Batch) -> None:
         try:
-            layout = Layout.from_untrusted(batch.page_size, batch.meta.get("regions"), max_pages=self.max_pages)
+            layout = replica_layout(batch.page_size, batch.meta.get("regions"), max_pages=self.max_pages)
         except ReplicaError as exc:
             raise CorruptData(f"replica-sink: epoch {batch.epoch} layout record: {exc}") from None
         if self.layout is not None and layout.page_size != self.layout.page_size:

@@ -14,10 +14,10 @@ from typing import Any, Iterable
 import numpy as np
 
 from pipeline.batch import DELTAS, ENCODED, Batch, PageKind
-from pipeline.errors import ConfigError, CorruptData
+from pipeline.errors import CorruptData
 from pipeline.stage import Property, Stage
-from stages.classify import first_bad_kind
-from stages.codecs import PAGE_CODECS, Encoded, PageCodec, get_codec
+from stages.common.checks import check_format_page_size, first_bad_kind
+from stages.codecs import PAGE_CODECS, Encoded, get_codec
 
 RUN_FORMATS = tuple(PAGE_CODECS)
 _DELTAS_KINDS = (PageKind.DELTA, PageKind.FULL, PageKind.RAW, PageKind.ZERO)
@@ -64,14 +64,6 @@ def assemble_encoded(batch: Batch, kinds: np.ndarray, delta_rows: np.ndarray, en
         offsets=np.concatenate([delta_offsets, whole_ends, zero_ends]),
         meta={**batch.meta, "codec": codec_name, "raw_size": int(payload.shape[0])},
     )
-
-
-def check_format_page_size(codec: PageCodec, batch: Batch, where: str) -> None:
-    """ConfigError naming ``where`` if the run format does not define the batch's page size (xbzrle, xen: 4096)."""
-    try:
-        codec.check_page_size(batch.page_size)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
 
 
 class RunLengthEncode(Stage):

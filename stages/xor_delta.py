@@ -44,9 +44,11 @@ from pipeline.batch import (
 from pipeline.errors import CorruptData
 from pipeline.fusion import Fusion
 from pipeline.stage import Property, Stage, StageContext
-from stages.classify import Classify, check_pages_batch, in_ranges, layout_regions, page_ranges
+from stages.classify import Classify
+from stages.common.checks import check_format_page_size, check_pages_batch
+from stages.common.layout import in_ranges, layout_regions, page_ranges, vanished_ranges
 from stages.codecs import PageCodec, get_codec
-from stages.rle import RunLengthEncode, check_format_page_size
+from stages.rle import RunLengthEncode
 
 DENSE_PAGE_LIMIT = 1 << 24
 """Page numbers below this (64 GiB of 4 KiB pages) use a dense numpy map, 4 bytes per number; above it, a dict."""
@@ -205,19 +207,6 @@ class PageCache:
         self.page_of_slot[:] = -1
         self._last_used[:] = 0
         self._index.clear()
-
-
-def vanished_ranges(batch: Batch, where: str) -> np.ndarray:
-    """[first, end) rows of a LAYOUT's ``meta["vanished"]`` page ranges (page numbers that no longer exist)."""
-    rows = []
-    for entry in batch.meta.get("vanished") or []:
-        try:
-            first, npages = int(entry["first_page"]), int(entry["npages"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptData(f"{where}: LAYOUT of epoch {batch.epoch} has a malformed vanished range "
-                              f"{entry!r}") from None
-        rows.append((first, first + npages))
-    return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
 _PLANNED_KIND = np.full((256, 2), 255, dtype=np.uint8)

@@ -59,7 +59,8 @@ from stages.codecs.encoded import Encoded
 from stages.codecs.entropy import EntropyCodec, Lz4Codec, ZstdCodec
 from stages.codecs.page_codec import NativeCodec, PageCodec, XbzrleCodec, XenCodec
 
-__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_codec", "list_codecs"]
+__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_codec", "is_entropy_coded", "list_codecs",
+           "split_chain_name"]
 
 Codec = Union[PageCodec, EntropyCodec, ChainCodec]
 
@@ -68,9 +69,23 @@ ENTROPY_CODECS: dict[str, type[EntropyCodec]] = {"zstd": ZstdCodec, "lz4": Lz4Co
 _OPTIONS = {"native": {"emit_zero"}, "xbzrle": set(), "xen": set(), "zstd": {"level"}, "lz4": set()}
 
 
+CHAIN_SEPARATOR = "+"
+
+
+def split_chain_name(name: str) -> tuple[str, list[str]]:
+    """A chain name as ``meta["codec"]`` carries it: "native+zstd" -> ("native", ["zstd"]); "native" -> ("native", [])."""
+    run_format, *layers = name.split(CHAIN_SEPARATOR)
+    return run_format, layers
+
+
+def is_entropy_coded(name: str) -> bool:
+    """Whether a chain compresses the whole payload, so a batch's offsets index the decompressed bytes."""
+    return bool(split_chain_name(name)[1])
+
+
 def list_codecs() -> list[str]:
     """Every codec name get_codec accepts: run formats, entropy coders, and their chains."""
-    chains = [f"{page}+{entropy}" for page in PAGE_CODECS for entropy in ENTROPY_CODECS]
+    chains = [f"{page}{CHAIN_SEPARATOR}{entropy}" for page in PAGE_CODECS for entropy in ENTROPY_CODECS]
     return [*PAGE_CODECS, *ENTROPY_CODECS, *chains]
 
 
@@ -85,7 +100,7 @@ def get_codec(name: str | dict[str, Any], **options: Any) -> Codec:
         name = name.get("id", "")
     if not isinstance(name, str):
         raise ConfigError(f"codec name must be a string, got {name!r}")
-    parts = name.strip().lower().split("+")
+    parts = name.strip().lower().split(CHAIN_SEPARATOR)
     page_name, entropy_names = (parts[0], parts[1:]) if parts[0] in PAGE_CODECS else ("", parts)
     if len(entropy_names) > 1 or any(part not in ENTROPY_CODECS for part in entropy_names) or parts == [""]:
         raise ConfigError(f"unknown codec {name!r}: expected a run format ({', '.join(PAGE_CODECS)}), "

@@ -28,6 +28,9 @@ import xxhash
 from pipeline.batch import PageKind
 from pipeline.errors import CorruptData
 
+from stages.codecs import is_entropy_coded
+
+from .layout import Region, check_regions
 from .pages import check_page_size
 
 MAGIC = b"PAGEPIPE"
@@ -407,7 +410,7 @@ class _BodyCursor:
 
 
 def parse_layout(record: Record) -> tuple[list[dict], dict[str, Any]]:
-    """Regions ({"name","start","first_page","npages"}) sorted by first page, checked not to overlap."""
+    """Regions as meta dicts ({"name","start","first_page","npages"}, in record order), checked not to overlap."""
     cursor = _BodyCursor(record)
     count, reserved = cursor.unpack(_PAGES_HEAD, "layout head")
     if count > MAX_REGIONS or reserved:
@@ -422,14 +425,14 @@ def parse_layout(record: Record) -> tuple[list[dict], dict[str, Any]]:
         if first_page + npages > MAX_PAGE_NUMBER:
             raise record.error(f"layout region {index} ({name!r}): pages {first_page}+{npages} beyond the "
                                f"page-number limit {MAX_PAGE_NUMBER}")
-        regions.append({"name": name, "start": start, "first_page": first_page, "npages": npages})
+        regions.append(Region(name, start, first_page, npages))
     extra = cursor.extra()
     cursor.end()
-    ordered = sorted(regions, key=lambda region: region["first_page"])
-    for before, after in zip(ordered, ordered[1:]):
-        if before["first_page"] + before["npages"] > after["first_page"]:
-            raise record.error(f"layout regions {before['name']!r} and {after['name']!r} overlap")
-    return regions, extra
+    try:
+        check_regions(regions)
+    except ValueError as exc:
+        raise record.error(f"layout {exc}") from None
+    return [region.to_meta() for region in regions], extra
 
 
 def _check_kinds(record: Record, kinds: np.ndarray) -> None:
@@ -490,7 +493,7 @@ def parse_encoded(record: Record, page_size: int) -> EncodedPages:
     np.cumsum(lengths, out=offsets[1:])
     if int(offsets[-1]) != raw_size:
         raise record.error(f"entry lengths sum to {int(offsets[-1])}, raw size says {raw_size}")
-    if "+" not in chain and payload_len != raw_size:
+    if not is_entropy_coded(chain) and payload_len != raw_size:
         raise record.error(f"chain {chain!r} has no entropy layer but payload is {payload_len} bytes, "
                            f"raw size {raw_size}")
     return EncodedPages(page_numbers.astype(np.uint64), kinds, offsets, payload, chain, raw_size)

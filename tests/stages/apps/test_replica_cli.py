@@ -6,7 +6,7 @@ from rich.console import Console
 
 from stages.apps.replica_cli import add_arguments, run
 from stages.common.pages import combine_digests, digest_pages
-from stages.common.replica_store import IMAGE, Layout, ReplicaStore, whole_pages
+from stages.common.replica_store import IMAGE, ReplicaStore, replica_layout, whole_pages
 
 PAGE = 4096
 REGIONS = [{"name": "heap", "start": 0x10000, "first_page": 0, "npages": 6},
@@ -17,7 +17,7 @@ ALL_PAGES = np.array([0, 1, 2, 3, 4, 5, 8, 9], dtype=np.uint64)
 def commit(store: ReplicaStore, epoch: int, page_numbers: np.ndarray, value: int) -> None:
     pages = np.full((len(page_numbers), PAGE), value, dtype=np.uint8)
     digests = digest_pages(pages)
-    store.commit(epoch, Layout.from_untrusted(PAGE, REGIONS, max_pages=1 << 20), page_numbers,
+    store.commit(epoch, replica_layout(PAGE, REGIONS, max_pages=1 << 20), page_numbers,
                  [whole_pages(pages)], digests, combine_digests(page_numbers, digests))
 
 
