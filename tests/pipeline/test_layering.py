@@ -55,7 +55,8 @@ def test_the_runtime_names_no_stage_or_benchmark_module_in_a_string():
 
 def test_the_string_scan_finds_module_names_in_importlib_and_entry_point_strings():
     source = ('import importlib\nimportlib.import_module("stages.transport")\n'
-              'TARGET = "stages.classify:Classify"\nBENCH = f"benchmarks.{1}"\nNOTE = "stages are elements"\nKEY = "stages"\n')
+              'TARGET = "stages.classify:Classify"\nBENCH = f"benchmarks.{1}"\n'
+              'NOTE = "stages are elements"\nKEY = "stages"\n')
     assert sorted(module_names_in_strings(source)) == ["benchmarks.", "stages.classify:Classify", "stages.transport"]
 
 
