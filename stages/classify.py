@@ -62,8 +62,10 @@ class Classify(Stage):
         one process hop fewer. Only these exact classes fuse (merging stages never changes results)."""
         from stages.xor_delta import XorDelta, XorDeltaRle  # that module builds on this one
 
-        if (type(self) is not Classify or type(downstream) not in (XorDelta, XorDeltaRle)
-                or downstream.classify is not None or downstream.workers != self.workers):
+        if type(self) is not Classify or not isinstance(downstream, XorDelta) \
+                or type(downstream) not in (XorDelta, XorDeltaRle):
+            return None
+        if downstream.classify is not None or downstream.workers != self.workers:
             return None
         return type(downstream)(**downstream.property_values(), classify=self.property_values())
 
