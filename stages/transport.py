@@ -34,9 +34,15 @@ from .xor_delta import XorDelta
 from .codecs import Encoded, get_codec
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
+from .common.security import CurveProperties, LinkSecurity
 
 _ZERO_COPY_BYTES = 64 << 10
 _END_MESSAGE = b""
+MESSAGE_BYTES = 1 << 20
+"""zmq-sink sends the stream in messages of at most this size; zmq-src's max-message is never below it."""
+_PEER_COMMAND_BYTES = 64 << 10
+"""Largest frame a zmq-sink accepts from its receiver, which sends only handshake commands."""
+_REFUSALS_POLL_MS = 1000
 
 
 def _payload_of(batch: Batch) -> np.ndarray | None:
@@ -45,8 +51,12 @@ def _payload_of(batch: Batch) -> np.ndarray | None:
 
 # ---- ZeroMQ ---------------------------------------------------------------------
 
-class _ZmqStage(Stage):
-    """Shared socket set-up of zmq-sink and zmq-src: one socket, bound or connected, and its counters."""
+class _ZmqStage(CurveProperties, Stage):
+    """Shared socket set-up of zmq-sink and zmq-src: one socket, bound or connected, its keys and counters.
+
+    On tcp both ends need keys (stages.common.security) unless insecure=true; the end that binds
+    admits only the peers on its allow-list and at most max-connections at once.
+    """
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
@@ -54,20 +64,22 @@ class _ZmqStage(Stage):
 
     def start(self, context: StageContext) -> None:
         super().start(context)
-        self._socket = self._open()
-        self.counters.update({"messages": 0, self.bytes_counter: 0})
-
-    def _open(self) -> zmq.Socket:
         if not self.endpoint:
             raise TransportError(f"{self.factory_name}: no endpoint= given")
-        self._zmq = zmq.Context()
+        security = self.link_security(self.endpoint, self.bind)
+        self._gatekeeper = None
+        self._socket = self._open(security)
+        self.counters.update({"messages": 0, self.bytes_counter: 0})
+
+    def _open(self, security: LinkSecurity) -> zmq.Socket:
+        self._zmq = security.context()
         sock = self._zmq.socket(self.socket_type)
         self._configure(sock)
         try:
+            self._gatekeeper = security.apply(sock)
             (sock.bind if self.bind else sock.connect)(self.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            self._zmq.term()
+        except (zmq.ZMQError, TransportError) as exc:
+            self._close(sock)
             verb = "bind" if self.bind else "connect"
             raise TransportError(f"{self.factory_name}: cannot {verb} {self.endpoint}: {exc}") from None
         return sock
@@ -75,12 +87,26 @@ class _ZmqStage(Stage):
     def _configure(self, sock: zmq.Socket) -> None:
         """Socket options set before bind/connect."""
 
+    def _post_refusals(self) -> None:
+        """Post the gatekeeper's refusals (peers without an allowed key, connections beyond the limit)."""
+        if self._gatekeeper is not None:
+            for text in self._gatekeeper.take_warnings():
+                self.context.warn(text)
+            self.counters.update(self._gatekeeper.counters)
+
+    def _close(self, sock: zmq.Socket, linger: int | None = None) -> None:
+        if self._gatekeeper is not None:
+            self._post_refusals()
+            self._gatekeeper.close()
+            self._gatekeeper = None
+        sock.close(linger)
+        self._zmq.term()
+
     def stop(self) -> None:
         sock = getattr(self, "_socket", None)
         if sock is not None:
-            sock.close()
-            self._zmq.term()
             self._socket = None
+            self._close(sock)
 
 
 class ZmqSink(_ZmqStage):
@@ -97,6 +123,7 @@ class ZmqSink(_ZmqStage):
     hwm = Property("int", 8, "Messages queued towards the receiver before sending blocks", minimum=1)
 
     def _configure(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.MAXMSGSIZE, _PEER_COMMAND_BYTES)   # a receiver sends nothing but handshake commands
         sock.setsockopt(zmq.SNDHWM, self.hwm)
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
         sock.setsockopt(zmq.LINGER, int(self.timeout * 1000))     # flush what is queued at stop, for a while
@@ -104,8 +131,11 @@ class ZmqSink(_ZmqStage):
 
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
-        if payload is not None:
-            self._send(payload)
+        if payload is not None:   # the stream is bytes: pieces of at most MESSAGE_BYTES fit any receiver's limit
+            view = memoryview(payload).cast("B")
+            for start in range(0, len(view), MESSAGE_BYTES):
+                self._send(view[start:start + MESSAGE_BYTES])
+        self._post_refusals()
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
@@ -137,9 +167,10 @@ class ZmqSource(_ZmqStage):
     bind = Property("bool", True, "Bind the endpoint (default; false: connect to a sender that binds)")
     timeout = Property("duration", 0, "Longest wait for the next message before TransportError; 0 waits forever",
                        minimum=0)
-    max_message = Property("size", "256MiB", "Messages larger than this are refused by ZeroMQ (peer dropped)",
-                           minimum=1 << 16)
-    hwm = Property("int", 8, "Messages queued from the sender before it blocks", minimum=1)
+    max_message = Property("size", "1MiB", "Messages (ZeroMQ frames) larger than this are refused by ZeroMQ as they "
+                           "are announced, and the peer dropped (zmq-sink sends at most 1 MiB)",
+                           minimum=MESSAGE_BYTES, maximum=1 << 30)
+    hwm = Property("int", 8, "Messages queued from each sender before it blocks", minimum=1)
 
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
@@ -147,14 +178,13 @@ class ZmqSource(_ZmqStage):
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
 
     def produce(self) -> Iterator[Batch]:
-        poll_ms = int(self.timeout * 1000) if self.timeout else None
         sequence = 0
         while True:
-            if not self._socket.poll(poll_ms, zmq.POLLIN):
-                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
-                                     f"for {self.timeout:g} s")
-            message = self._socket.recv(copy=False)
+            message = self._next_message()
             self.counters["messages"] += 1
+            if message.more:
+                self._refuse_multipart()
+                continue
             if len(message) == 0:
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                 return
@@ -162,6 +192,27 @@ class ZmqSource(_ZmqStage):
             payload = np.frombuffer(message.buffer, dtype=np.uint8)
             yield Batch(format=STREAM, sequence=sequence, payload=payload)
             sequence += 1
+
+    def _next_message(self) -> zmq.Frame:
+        """The next frame; posts refusals while waiting; TransportError after ``timeout`` without one."""
+        deadline = time.monotonic() + self.timeout if self.timeout else None
+        while True:
+            wait = _REFUSALS_POLL_MS if deadline is None else \
+                min(_REFUSALS_POLL_MS, max(0, int((deadline - time.monotonic()) * 1000)))
+            if self._socket.poll(wait, zmq.POLLIN):
+                return self._socket.recv(copy=False)
+            self._post_refusals()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
+                                     f"for {self.timeout:g} s")
+
+    def _refuse_multipart(self) -> None:
+        """zmq-sink never sends multipart messages: drop one whole, so it cannot pass for stream bytes."""
+        while self._socket.getsockopt(zmq.RCVMORE):
+            self._socket.recv(copy=False)
+        self.counters["multipart_refused"] = self.counters.get("multipart_refused", 0) + 1
+        self.context.warn(f"{self.factory_name}: dropped a multipart message on {self.endpoint} "
+                          f"(not from zmq-sink)")
 
 
 # ---- files ----------------------------------------------------------------------
