@@ -21,7 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from multiprocessing.context import DefaultContext
+from typing import Callable, cast
 
 import zmq
 
@@ -30,6 +31,7 @@ from .errors import ConfigError, CorruptData, StageFailed
 from .graph import Plan
 from .registry import class_path
 from .shm import ring_name
+from .stage import Stage
 from .worker import InputSpec, OutputSpec, Worker, WorkerSpec, run_worker_process
 
 TERMINATE_GRACE = 2.0
@@ -74,7 +76,9 @@ class _Thread:
 
     def __init__(self, worker: Worker):
         self.worker = worker
-        self.stop_event = worker.stop_event
+        if worker.stop_event is None:
+            raise ValueError("a caller-side worker needs a stop event")
+        self.stop_event: threading.Event = worker.stop_event
         self.thread = threading.Thread(target=self._run, name=f"pagepipe-{worker.spec.stage_name}", daemon=True)
         self.exitcode: int | None = None
 
@@ -105,7 +109,7 @@ class ProcessExecution:
         self._finished = False
 
     # ---- start ---------------------------------------------------------
-    def specs(self, directory: str) -> list[tuple[WorkerSpec, object]]:
+    def specs(self, directory: str) -> list[tuple[WorkerSpec, Stage | None]]:
         """Every worker's spec (and its caller-side stage object, for runs_in_caller stages)."""
         nodes = self.plan.nodes
 
@@ -166,7 +170,7 @@ class ProcessExecution:
             self._bus = self._context.socket(zmq.PULL)
             self._bus.linger = 0
             self._bus.bind(f"ipc://{self._directory}/bus")
-            context = multiprocessing.get_context(self.start_method)
+            context = cast(DefaultContext, multiprocessing.get_context(self.start_method))  # has Process()
             if self.start_method == "forkserver":
                 context.set_forkserver_preload(["pipeline.worker", "numpy", "zmq"])
             for spec, stage in specs:
@@ -185,12 +189,20 @@ class ProcessExecution:
             raise
 
     # ---- watch ---------------------------------------------------------
+    @property
+    def _bus_socket(self) -> zmq.Socket:
+        """The bus, once ``launch`` bound it."""
+        if self._bus is None:
+            raise RuntimeError("supervise() before launch()")
+        return self._bus
+
     def supervise(self, post: Callable[[Message], None], should_stop: Callable[[], bool]) -> None:
         """Forward bus messages until every worker is done; raise StageFailed on the first failure."""
+        bus = self._bus_socket
         pending = set(self.processes) | set(self.threads)
         judged: set[tuple[str, int]] = set()
         poller = zmq.Poller()
-        poller.register(self._bus, zmq.POLLIN)
+        poller.register(bus, zmq.POLLIN)
         sentinels = {process.sentinel: key for key, process in self.processes.items()}
         for sentinel in sentinels:
             poller.register(sentinel, zmq.POLLIN)
@@ -211,7 +223,7 @@ class ProcessExecution:
     def _drain_bus(self, post: Callable[[Message], None], pending: set) -> None:
         while True:
             try:
-                raw = self._bus.recv_json(zmq.NOBLOCK)
+                raw = self._bus_socket.recv_json(zmq.NOBLOCK)
             except zmq.Again:
                 return
             except ValueError as exc:
@@ -231,7 +243,7 @@ class ProcessExecution:
         while key in pending and time.monotonic() < deadline:
             self._drain_bus(post, pending)
             if key in pending:
-                self._bus.poll(20)
+                self._bus_socket.poll(20)
         if key in pending:
             process = self.processes.get(key)
             code = process.exitcode if process is not None else code

@@ -41,7 +41,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import zmq
 
@@ -198,7 +198,7 @@ class Worker:
             self._check_alive()
             self._build()
             self._cpu_at_start = time.process_time()
-            self.core.start()
+            self._core.start()
             if self.spec.inputs:
                 self._serve()
             else:
@@ -295,18 +295,25 @@ class Worker:
             self._post_statistics()
             self._check_alive()
 
+    @property
+    def _core(self) -> WorkerCore:
+        """The worker's engine, once ``_build`` made it."""
+        if self.core is None:
+            raise RuntimeError(f"{self.spec.stage_name}: worker used before it was built")
+        return self.core
+
     def _post_statistics(self) -> None:
-        stats = self.core.stats
+        stats = self._core.stats
         self._collect_credit()
         stats.queue_bytes = sum(self._inflight.values())
         if self.stop_event is None:  # a process of its own
             stats.cpu_seconds = time.process_time() - self._cpu_at_start
-        for element, stats in self.core.statistics():
-            self._post_as(element, "stats", stats)
+        for element, body in self._core.statistics():
+            self._post_as(element, "stats", body)
 
     # ---- receiving -----------------------------------------------------
     def _produce(self) -> None:
-        for _ in self.core.produce():
+        for _ in self._core.produce():
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Stopped()
             self._tick()
@@ -315,7 +322,7 @@ class Worker:
     def _serve(self) -> None:
         poller = zmq.Poller()
         registered: set[int] = set()
-        core = self.core
+        core = self._core
         if self._credit is not None:  # releases of forwarded batches must flow upstream while this worker idles
             poller.register(self._credit, zmq.POLLIN)
         while not core.finished:
@@ -346,13 +353,13 @@ class Worker:
         self._return_slots()
 
     def _drain(self, index: int, socket: zmq.Socket) -> None:
-        core = self.core
+        core = self._core
         threshold = self.spec.max_inflight // 4
         ring = self._receive_rings[index]
         for _ in range(DRAIN_LIMIT):
             # Ask for events rather than catch zmq.Again: messages mostly arrive one per wake-up, and raising
             # Again each time costs more than the question.
-            if not socket.get(_EVENTS) & _POLLIN:
+            if not cast(int, socket.get(_EVENTS)) & _POLLIN:
                 break
             first = socket.recv(_NOBLOCK, copy=False)
             frames = [first]
@@ -379,6 +386,8 @@ class Worker:
         while self._released:
             index, offset, kind = self._released.pop()
             _, credit, link = self._inputs[index]
+            if credit is None:  # rings (and so releases) exist only on credited links
+                continue
             try:
                 credit.send(RELEASE.pack(link, self.spec.worker_index, offset, kind), zmq.NOBLOCK)
             except zmq.Again:
@@ -447,7 +456,7 @@ class Worker:
         packed = ring.pack(frames)
         # wait while downstream makes progress; a ring that stays full (a receiver holding old slots)
         # falls back to the socket: never a deadlock
-        while packed is None and self._credit.poll(RING_WAIT_MS, _POLLIN):
+        while packed is None and self._credit is not None and self._credit.poll(RING_WAIT_MS, _POLLIN):
             self._collect_credit()
             packed = ring.pack(frames)
             self._tick()
@@ -461,7 +470,7 @@ class Worker:
 
     def _await_credit(self) -> None:
         """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
-        if self._credit.poll(POLL_MS, zmq.POLLIN):
+        if self._credit is not None and self._credit.poll(POLL_MS, zmq.POLLIN):
             self._collect_credit()
         else:
             self._check_alive()
@@ -469,7 +478,7 @@ class Worker:
 
     def _collect_credit(self) -> None:
         """Take every credit message waiting: bytes downstream workers have taken off their sockets."""
-        while self._credit is not None and self._credit.get(_EVENTS) & _POLLIN:
+        while self._credit is not None and cast(int, self._credit.get(_EVENTS)) & _POLLIN:
             message = self._credit.recv()
             if len(message) == RELEASE.size:
                 self._release(*RELEASE.unpack(message))
@@ -488,10 +497,10 @@ class Worker:
             if self._released:  # the held arrays may have been the last views of an upstream slot
                 self._return_slots()
             return
-        if kind != SLOT or link >= len(self._send_rings) or self._send_rings[link] is None \
-                or worker >= len(self._send_rings[link]):
+        rings = self._send_rings[link] if kind == SLOT and link < len(self._send_rings) else None
+        if rings is None or worker >= len(rings):
             raise CorruptData(f"ring release of kind {kind} for unknown link {link} worker {worker}")
-        self._send_rings[link][worker].release(offset)
+        rings[worker].release(offset)
 
     def _send(self, socket: zmq.Socket, frames: list) -> None:
         """Send one multipart message, waiting (and checking for stop) while the socket is full.
@@ -537,6 +546,7 @@ def _watch_supervisor(pid: int) -> None:
     """
     signal.signal(SUPERVISOR_GONE_SIGNAL, _raise_stopped)
     main = threading.main_thread().ident
+    assert main is not None  # the main thread is running: it called us
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
