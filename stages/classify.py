@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.batch import KIND_NORMAL, KIND_RAW, KIND_ZERO, PAGES, Batch, Flag
 from pipeline.errors import ConfigError
 from pipeline.stage import Property, Stage
-from stages.common.checks import check_pages_batch
+from stages.common.checks import check_pages_batch, page_data
 from stages.common.layout import in_ranges, layout_regions, page_ranges
 from stages.common.pages import find_zero_pages
 
@@ -98,7 +98,7 @@ class Classify(Stage):
     def classified_kinds(self, batch: Batch) -> np.ndarray:
         """The kinds of a checked PAGES batch's pages after classification (a new array); counts them."""
         kinds_in = batch.kinds
-        zero = find_zero_pages(batch.data)
+        zero = find_zero_pages(page_data(batch, self.factory_name))
         raw = None
         if kinds_in.any():  # pages that arrive ZERO or RAW keep their kind
             zero |= kinds_in == KIND_ZERO

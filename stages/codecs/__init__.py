@@ -117,4 +117,7 @@ def get_codec(name: str | dict[str, Any], **options: Any) -> Codec:
         if entropy_names else None
     if page_codec and entropy_codec:
         return ChainCodec(page_codec, entropy_codec)
-    return page_codec or entropy_codec
+    codec = page_codec or entropy_codec
+    if codec is None:  # an empty name, refused above
+        raise ConfigError(f"unknown codec {name!r}")
+    return codec

@@ -236,7 +236,7 @@ class AckListener:
                 self._socket.recv(copy=False)
             self.counters["malformed"] += 1
             return False
-        if self._security.curve and frame.get("User-Id").encode() not in self._security.allowed:
+        if self._security.curve and str(frame.get("User-Id")).encode() not in self._security.allowed:
             self.counters["unauthenticated"] += 1
             return False
         return True

@@ -11,6 +11,13 @@ from stages.codecs import PageCodec, is_entropy_coded
 from stages.common.pages import check_page_size
 
 
+def page_data(batch: Batch, where: str) -> np.ndarray:
+    """The batch's page contents; CorruptData naming ``where`` if it carries none."""
+    if batch.data is None:
+        raise CorruptData(f"{where}: {batch.format} batch of epoch {batch.epoch} carries no page data")
+    return batch.data
+
+
 def check_pages_batch(batch: Batch, where: str) -> None:
     """Raise CorruptData naming ``where`` unless ``batch`` is a consistent PAGES batch with known kinds."""
     if batch.format != PAGES:

@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import zmq
 import zmq.auth
@@ -232,7 +233,7 @@ class Gatekeeper:
         self._warnings: list[str] = []
         self._lock = threading.Lock()
         context = guarded.context
-        self._zap = None
+        self._zap: zmq.Socket | None = None
         if allowed is not None:
             self._zap = context.socket(zmq.REP)
             self._zap.linger = 0
@@ -274,12 +275,13 @@ class Gatekeeper:
                 return
             if self._monitor in ready:
                 self._drain_monitor()
-            if self._zap in ready:
-                self._answer(self._zap.recv_multipart())
+            if self._zap is not None and self._zap in ready:
+                self._answer(self._zap, self._zap.recv_multipart())
 
     def _drain_monitor(self) -> None:
-        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            frames = self._monitor.recv_multipart()
+        monitor = self._monitor
+        while monitor is not None and cast(int, monitor.get(zmq.EVENTS)) & zmq.POLLIN:
+            frames = monitor.recv_multipart()
             event, value = _EVENT.unpack(frames[0][:_EVENT.size])
             if event == zmq.EVENT_ACCEPTED:
                 if len(self._open) >= self.max_connections:
@@ -312,12 +314,12 @@ class Gatekeeper:
         self._warn(f"{self.where}: dropped a connection from {peer[0]}:{peer[1]}: already "
                    f"{self.max_connections} connections (max-connections)")
 
-    def _answer(self, request: list[bytes]) -> None:
+    def _answer(self, zap: zmq.Socket, request: list[bytes]) -> None:
         if len(request) < 6:
             return  # not a ZAP request; ZeroMQ itself never sends one
         version, request_id, _domain, address, _identity, mechanism, *credentials = request
         key = zmq.utils.z85.encode(credentials[0]) if mechanism == b"CURVE" and credentials else None
-        if key is not None and key in self.allowed:
+        if key is not None and self.allowed is not None and key in self.allowed:
             status, text, user = b"200", b"OK", key
             self.counters["peers_admitted"] += 1
         else:
@@ -326,7 +328,7 @@ class Gatekeeper:
             self.counters["peers_refused"] += 1
             self._warn(f"{self.where}: refused a peer at {address.decode(errors='replace')}: {reason}"
                        + (f" {key.decode()}" if key is not None else ""))
-        self._zap.send_multipart([version, request_id, status, text, user, b""])
+        zap.send_multipart([version, request_id, status, text, user, b""])
 
     def close(self) -> None:
         """Stop the thread (call from the thread that owns the guarded socket, before closing it)."""

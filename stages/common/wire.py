@@ -159,6 +159,7 @@ def encode_stream_header(header: StreamHeader) -> bytes:
     layout = _HEADER_FIXED[header.version]
     fixed_size = layout.size + len(chain)
     size = -(-fixed_size // 8) * 8 + 8
+    fields: tuple[int] | tuple[int, bytes]
     if header.version == 1:
         fields = (header.stream,)
     else:
@@ -270,6 +271,8 @@ def pages_body(page_numbers: np.ndarray, kinds: np.ndarray, data: np.ndarray | N
     parts = [_PAGES_HEAD.pack(len(page_numbers), stored),
              np.ascontiguousarray(page_numbers, dtype="<u8"), np.ascontiguousarray(kinds, dtype=np.uint8)]
     if stored:
+        if data is None:
+            raise ValueError(f"{stored} pages to store but no page data")
         rows = data if stored == len(kinds) else data[carries]
         parts.append(np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1))
     return parts
@@ -434,6 +437,8 @@ class RecordReader:
         return RECORD_HEADER_SIZE + length
 
     def _check(self, data: memoryview) -> Record:
+        if self.header is None:
+            raise corrupt("record before the stream header", offset=self.offset)
         record_type, flags, length, epoch, sequence, checksum = _RECORD_HEADER.unpack_from(data)
         hasher = xxhash.xxh3_64(data[:_CHECKED_HEADER_BYTES], seed=self.header.checksum_seed)
         hasher.update(data[RECORD_HEADER_SIZE:])
