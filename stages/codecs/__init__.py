@@ -59,8 +59,8 @@ from stages.codecs.encoded import Encoded
 from stages.codecs.entropy import EntropyCodec, Lz4Codec, ZstdCodec
 from stages.codecs.page_codec import NativeCodec, PageCodec, XbzrleCodec, XenCodec
 
-__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_codec", "is_entropy_coded", "list_codecs",
-           "split_chain_name"]
+__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_codec", "get_entropy_codec", "get_page_codec",
+           "is_entropy_coded", "list_codecs", "split_chain_name"]
 
 Codec = Union[PageCodec, EntropyCodec, ChainCodec]
 
@@ -81,6 +81,22 @@ def split_chain_name(name: str) -> tuple[str, list[str]]:
 def is_entropy_coded(name: str) -> bool:
     """Whether a chain compresses the whole payload, so a batch's offsets index the decompressed bytes."""
     return bool(split_chain_name(name)[1])
+
+
+def get_page_codec(name: str, **options: Any) -> PageCodec:
+    """``get_codec`` for a run format ("native", "xbzrle", "xen"); ConfigError for any other codec."""
+    codec = get_codec(name, **options)
+    if not isinstance(codec, PageCodec):
+        raise ConfigError(f"codec {name!r} is not a run format ({', '.join(PAGE_CODECS)})")
+    return codec
+
+
+def get_entropy_codec(name: str, **options: Any) -> EntropyCodec:
+    """``get_codec`` for an entropy coder ("zstd", "lz4"); ConfigError for any other codec."""
+    codec = get_codec(name, **options)
+    if not isinstance(codec, EntropyCodec):
+        raise ConfigError(f"codec {name!r} is not an entropy coder ({', '.join(ENTROPY_CODECS)})")
+    return codec
 
 
 def list_codecs() -> list[str]:

@@ -11,11 +11,17 @@ from stages.codecs import PageCodec, is_entropy_coded
 from stages.common.pages import check_page_size
 
 
+def array_of(batch: Batch, name: str, where: str) -> np.ndarray:
+    """The batch's ``name`` array (data, reference, payload or offsets); CorruptData naming ``where`` if absent."""
+    array = getattr(batch, name)
+    if array is None:
+        raise CorruptData(f"{where}: {batch.format} batch of epoch {batch.epoch} carries no {name}")
+    return array
+
+
 def page_data(batch: Batch, where: str) -> np.ndarray:
     """The batch's page contents; CorruptData naming ``where`` if it carries none."""
-    if batch.data is None:
-        raise CorruptData(f"{where}: {batch.format} batch of epoch {batch.epoch} carries no page data")
-    return batch.data
+    return array_of(batch, "data", where)
 
 
 def check_pages_batch(batch: Batch, where: str) -> None:
