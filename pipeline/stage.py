@@ -167,8 +167,8 @@ class Stage:
 
     def __init__(self, **properties: Any):
         self._properties: dict[str, Any] = {}
-        self.counters: dict[str, int | float] = {}
-        """Stage-specific statistics (hits, misses, ...), reported on the bus."""
+        self.counters: dict[str, Any] = {}
+        """Stage-specific statistics (hits, misses, ...: numbers, or a short text), reported on the bus."""
         self.context = StageContext(stage_name=self.factory_name)
         known = self.properties()
         for key, value in properties.items():

@@ -148,6 +148,24 @@ class ProcessSource(CurveProperties, Stage):
         roots = [self.pid] if self.pid else _pid_list(self.pids)
         return TargetSet(roots if not self.cgroup else (), self.tree, self.cgroup)
 
+    @property
+    def _live_freezer(self) -> PtraceFreezer | SignalFreezer:
+        if self.freezer is None:
+            raise TrackerError(f"{self._where}: not started")
+        return self.freezer
+
+    @property
+    def _live_tracking(self) -> DigestTracking | UffdTracking:
+        if self.tracking is None:
+            raise TrackerError(f"{self._where}: not started")
+        return self.tracking
+
+    @property
+    def _live_targets(self) -> TargetSet:
+        if self.targets is None:
+            raise TrackerError(f"{self._where}: not started")
+        return self.targets
+
     def start(self, context: StageContext) -> None:
         """Check that the processes exist and their memory can be read; TrackerError saying why not."""
         super().start(context)
@@ -176,7 +194,7 @@ class ProcessSource(CurveProperties, Stage):
             self.tracking = UffdTracking(PAGE_SIZE, self.copy, self._read_pages,
                                          lambda message: context.warn(f"{self._where}: {message}"),
                                          tracer=lambda: getattr(self.freezer, "tracer", None),
-                                         stops=lambda pid: self.freezer.stops(pid), strict=self.mode == "uffd")
+                                         stops=lambda pid: self._live_freezer.stops(pid), strict=self.mode == "uffd")
         if self.ack_endpoint:
             try:
                 self._ack_listener = AckListener(
@@ -215,7 +233,7 @@ class ProcessSource(CurveProperties, Stage):
 
     # ---- the schedule ---------------------------------------------------------------
     def produce(self) -> Iterator[Batch]:
-        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self.tracking.name, pids=self._members,
+        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self._live_tracking.name, pids=self._members,
                              stream_id=self.stream_id, **({"pid": self.pid} if self.pid else {}))
         epoch = 0
         first_start = next_start = time.monotonic()
@@ -230,9 +248,9 @@ class ProcessSource(CurveProperties, Stage):
                 yield stream.end_of_stream(epoch)
                 return
             resumed = time.monotonic()
-            self.counters.update(self.tracking.counters)
+            self.counters.update(self._live_tracking.counters)
             epoch += 1
-            numbers, data = self.tracking.resumed()
+            numbers, data = self._live_tracking.resumed()
             if snapshot.layout_changed:
                 stream.layout_extra["pids"] = snapshot.members
                 yield stream.layout(epoch, [t.region for t in snapshot.tracked], snapshot.vanished)
@@ -257,7 +275,7 @@ class ProcessSource(CurveProperties, Stage):
                              pause_ms_max=max(pause * 1e3, self.counters.get("pause_ms_max", 0.0)),
                              stopped_seconds=self._stopped_seconds,
                              stopped_fraction=self._stopped_seconds / elapsed if elapsed > 0 else 1.0,
-                             processes=len(self._members), freezer=self.freezer.method)
+                             processes=len(self._members), freezer=self._live_freezer.method)
 
     # ---- one checkpoint -------------------------------------------------------------
     def _checkpoint(self, epoch: int, final: bool, everything: bool) -> _Snapshot:
@@ -275,9 +293,9 @@ class ProcessSource(CurveProperties, Stage):
         except TrackerError as exc:
             resumed = "resumed" if self.freezer is not None else "not stopped"
             raise TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc} "
-                               f"({self.targets.describe()} {resumed})") from None
+                               f"({self._live_targets.describe()} {resumed})") from None
         finally:
-            self.freezer.thaw(keep_stopped)
+            self._live_freezer.thaw(keep_stopped)
         snapshot.pause = time.perf_counter() - began
         snapshot.when = when
         return snapshot
@@ -285,13 +303,13 @@ class ProcessSource(CurveProperties, Stage):
     def _freeze(self) -> list[int]:
         """Stop every process of the set; a process someone else started tracing switches to SIGSTOP."""
         try:
-            return self.freezer.freeze(self.targets.members)
+            return self._live_freezer.freeze(self._live_targets.members)
         except AlreadyTraced as exc:
             self.context.warn(f"{self._where}: {exc}: stopping with SIGSTOP/SIGCONT from now on, a guardian "
                               f"process resumes the processes if pagepipe dies while they are stopped")
-            self.freezer.close()
+            self._live_freezer.close()
             self.freezer = SignalFreezer(self.stop_timeout)
-            return self.freezer.freeze(self.targets.members)
+            return self._live_freezer.freeze(self._live_targets.members)
 
     def _paused(self, members: list[int], everything: bool) -> _Snapshot:
         """With every process stopped: follow the processes and their mappings, read what may have changed."""
@@ -304,16 +322,16 @@ class ProcessSource(CurveProperties, Stage):
         if not mappings:
             raise ProcessGone(members[0])
         for pid in set(self._mappings) - set(mappings):
-            self.tracking.forget_process(pid)
+            self._live_tracking.forget_process(pid)
         self._mappings = mappings
         self._members = sorted(mappings)
         tracked, vanished = self._layout.update(mappings)
         snapshot = _Snapshot(tracked, vanished, everything or tracked != self._tracked or bool(vanished),
                              self._members)
         self._tracked = tracked
-        self.tracking.counters["past_eof_pages"] = 0
-        self.tracking.forget(vanished)
-        self.tracking.paused(tracked, self._layout.next_page, everything)
+        self._live_tracking.counters["past_eof_pages"] = 0
+        self._live_tracking.forget(vanished)
+        self._live_tracking.paused(tracked, self._layout.next_page, everything)
         return snapshot
 
     def _read_pages(self, pid: int, runs: list[tuple[int, int, int]], out: np.ndarray) -> None:
@@ -328,7 +346,7 @@ class ProcessSource(CurveProperties, Stage):
                 raise TrackerError(f"pid {pid}: the page at {address:#x} ({where}) cannot be read; "
                                    f"not sending it as zeros")
         if refused:
-            self.tracking.counters["past_eof_pages"] = self.tracking.counters.get("past_eof_pages", 0) + len(refused)
+            self._live_tracking.counters["past_eof_pages"] = self._live_tracking.counters.get("past_eof_pages", 0) + len(refused)
 
     def _warn_about_outside_sharers(self, snapshot: _Snapshot) -> None:
         """Name the processes outside the set that map its writable shared memory (once each). All of /proc is
@@ -345,6 +363,6 @@ class ProcessSource(CurveProperties, Stage):
                 if (pid, name) not in self._sharers_warned:
                     self._sharers_warned.add((pid, name))
                     self.context.warn(f"{self._where}: pid {pid} is not checkpointed but maps {name} shared and "
-                                      f"writable with {self.targets.describe()}: its writes reach the replica "
+                                      f"writable with {self._live_targets.describe()}: its writes reach the replica "
                                       f"at whatever moment a copy reads them (add it with pids=, tree= or cgroup=)")
 

@@ -72,6 +72,8 @@ class TargetSet:
         return self._with_descendants(found)
 
     def _cgroup_members(self) -> list[int]:
+        if self.cgroup is None:
+            return []
         try:
             text = (self.cgroup / "cgroup.procs").read_text()
         except FileNotFoundError:
