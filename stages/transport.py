@@ -31,10 +31,11 @@ from pipeline.stage import Property, Stage, StageContext
 
 from .classify import Classify
 from .xor_delta import XorDelta
-from .codecs import Encoded, get_codec
+from .codecs import ChainCodec, Encoded, EntropyCodec, PageCodec, get_codec
+from .common.checks import array_of
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
-from .common.security import CurveProperties, LinkSecurity
+from .common.security import CurveProperties, Gatekeeper, LinkSecurity
 
 _ZERO_COPY_BYTES = 64 << 10
 _END_MESSAGE = b""
@@ -61,13 +62,14 @@ class _ZmqStage(CurveProperties, Stage):
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
     endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path")
+    bind = Property("bool", False, "Bind the endpoint instead of connecting (each stage sets its default)")
 
     def start(self, context: StageContext) -> None:
         super().start(context)
         if not self.endpoint:
             raise TransportError(f"{self.factory_name}: no endpoint= given")
         security = self.link_security(self.endpoint, self.bind)
-        self._gatekeeper = None
+        self._gatekeeper: Gatekeeper | None = None
         self._socket = self._open(security)
         self.counters.update({"messages": 0, self.bytes_counter: 0})
 
@@ -103,9 +105,8 @@ class _ZmqStage(CurveProperties, Stage):
         self._zmq.term()
 
     def stop(self) -> None:
-        sock = getattr(self, "_socket", None)
+        sock = self.__dict__.pop("_socket", None)  # set by start(); closed once
         if sock is not None:
-            self._socket = None
             self._close(sock)
 
 
@@ -280,10 +281,9 @@ class FileSink(Stage):
                              f"(errno {exc.errno}); {kept}") from None
 
     def stop(self) -> None:
-        fd = getattr(self, "_fd", None)
+        fd = self.__dict__.pop("_fd", None)  # opened by start(); closed once
         if fd is not None:
             os.close(fd)
-            self._fd = None
 
 
 class FileSource(Stage):
@@ -351,15 +351,16 @@ class TraceSource(Stage):
     def produce(self) -> Iterator[Batch]:
         self._image = np.zeros((0, 4096), dtype=np.uint8)
         self._touched: list[np.ndarray] = []
-        self._codecs: dict[str, object] = {}
+        self._codecs: dict[str, PageCodec | ChainCodec] = {}
         self._sequence = 0
         self._clock: tuple[float, float] | None = None   # (recorded time, wall time) of the first epoch
         context = StageContext(stage_name=self.factory_name, post=self.context.post)
         with _mapped(self.path, self.factory_name) as trace:
             steps = (self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
+            replayed: Iterable[tuple[float | None, Iterable[Batch]]] = steps
             if self.preload:
-                steps = [(recorded, list(batches)) for recorded, batches in steps]
-            for recorded, batches in steps:
+                replayed = [(recorded, list(batches)) for recorded, batches in steps]
+            for recorded, batches in replayed:
                 self._wait_for(recorded)
                 yield from batches
 
@@ -395,11 +396,15 @@ class TraceSource(Stage):
         if batch.format == ENCODED:
             chain = batch.meta["codec"]
             if chain not in self._codecs:
-                self._codecs[chain] = get_codec(chain)
-            encoded = Encoded(batch.payload, batch.offsets, batch.kinds, chain, batch.meta["raw_size"])
+                codec = get_codec(chain)
+                if isinstance(codec, EntropyCodec):
+                    raise CorruptData(f"{self.factory_name}: {self.path}: chain {chain!r} has no page format")
+                self._codecs[chain] = codec
+            encoded = Encoded(array_of(batch, "payload", self.factory_name),
+                              array_of(batch, "offsets", self.factory_name), batch.kinds, chain, batch.meta["raw_size"])
             self._codecs[chain].decode(encoded, self._image, rows=batch.page_numbers)
         else:
-            self._image[batch.page_numbers] = batch.data
+            self._image[batch.page_numbers] = array_of(batch, "data", self.factory_name)
         self._touched.append(batch.page_numbers)
 
     def _emit_epoch(self, marker: Batch) -> Iterator[Batch]:
@@ -451,9 +456,12 @@ class TraceSourceInto(TraceSource):
             raise ConfigError(f"{self.factory_name}: built by fusing trace-src with a stage; no consumer= given")
         consumer_class, consumer_properties = self.consumer
         self._consumer: Stage = consumer_class(**consumer_properties)
-        self.output_caps = self._consumer.output_caps
         self.fusion = Fusion.join(self, self._consumer)
         self._replayed = self.fusion.link_after(self)
+
+    def output_format(self, input_format: str | None) -> str | None:
+        """What the consumer emits for the pages it is fed."""
+        return self._consumer.output_format(PAGES)
 
     @classmethod
     def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":
