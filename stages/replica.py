@@ -46,7 +46,6 @@ Policy (docs/FORMAT.md, section replica):
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Iterable

@@ -124,6 +124,7 @@ def one_run(rng: random.Random, workdir: Path, target_bytes: int) -> Outcome:
     target = subprocess.Popen([sys.executable, "-c", TARGET, str(beat), str(target_bytes)], stdout=subprocess.PIPE,
                               text=True)
     launcher = None
+    assert target.stdout is not None  # stdout=PIPE
     try:
         target.stdout.readline()
         sink = (f"file-sink path={workdir / 'stream'}" if rng.random() < 0.5

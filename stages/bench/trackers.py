@@ -124,6 +124,7 @@ def process_pauses(child_bytes: int, checkpoints: int, interval: float) -> tuple
     """Pauses of process-src over a child with ``child_bytes`` of written memory, memory copies of the
     tracked bytes timed beside them, and the bytes tracked."""
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(child_bytes)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None  # stdout=PIPE
     try:
         child.stdout.readline()
         source = ProcessSource(pid=child.pid, interval=interval, checkpoints=checkpoints + 1)
@@ -136,9 +137,13 @@ def process_pauses(child_bytes: int, checkpoints: int, interval: float) -> tuple
                     baseline = MemoryCopy(sum(r["npages"] for r in batch.meta["regions"]) * PAGE_SIZE)
                 elif batch.flags & Flag.EPOCH_END and batch.epoch > 1:
                     pauses.append(batch.meta["pause_ms"] / 1e3)
+                    if baseline is None:
+                        raise RuntimeError("process-src sent an epoch before its layout")
                     baseline.measure()
         finally:
             source.stop()
+        if baseline is None:
+            raise RuntimeError("process-src sent no layout")
         return pauses, baseline.seconds, baseline.source.nbytes
     finally:
         child.kill()

@@ -59,7 +59,7 @@ from stages.codecs.encoded import Encoded
 from stages.codecs.entropy import EntropyCodec, Lz4Codec, ZstdCodec
 from stages.codecs.page_codec import NativeCodec, PageCodec, XbzrleCodec, XenCodec
 
-__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_codec", "get_entropy_codec", "get_page_codec",
+__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_chain_codec", "get_codec", "get_entropy_codec", "get_page_codec",
            "is_entropy_coded", "list_codecs", "split_chain_name"]
 
 Codec = Union[PageCodec, EntropyCodec, ChainCodec]
@@ -88,6 +88,14 @@ def get_page_codec(name: str, **options: Any) -> PageCodec:
     codec = get_codec(name, **options)
     if not isinstance(codec, PageCodec):
         raise ConfigError(f"codec {name!r} is not a run format ({', '.join(PAGE_CODECS)})")
+    return codec
+
+
+def get_chain_codec(name: str, **options: Any) -> PageCodec | ChainCodec:
+    """``get_codec`` for what encodes pages: a run format, alone or with an entropy coder; ConfigError otherwise."""
+    codec = get_codec(name, **options)
+    if isinstance(codec, EntropyCodec):
+        raise ConfigError(f"codec {name!r} has no run format ({', '.join(PAGE_CODECS)})")
     return codec
 
 
