@@ -101,9 +101,22 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", type=int, default=0, help="this worker's index (for sharded stages)")
     parser.add_argument("--workers", type=int, default=1, help="how many workers of this stage run")
     parser.add_argument("--max-inflight", default=str(DEFAULT_MAX_INFLIGHT), help="bytes queued per link (32MiB)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a tcp --input/--output: these runtime links are neither authenticated nor "
+                             "encrypted (between hosts, link stages with zmq-sink/zmq-src and keys)")
+
+
+def _check_runtime_links(args: argparse.Namespace) -> None:
+    """A runtime link over tcp carries batches to anyone who connects: only with --insecure, in so many words."""
+    for option, endpoint in (("--input", args.input), ("--output", args.output)):
+        if endpoint and not endpoint.lstrip("@>").startswith(("ipc://", "inproc://")) and not args.insecure:
+            raise ConfigError(f"stage: {option} {endpoint} is a network link without authentication or "
+                              f"encryption: use ipc://, or zmq-sink/zmq-src with keys between hosts "
+                              f"(docs/SECURITY.md), or pass --insecure to accept that")
 
 
 def run_stage(args: argparse.Namespace, console: Console) -> int:
+    _check_runtime_links(args)
     text = " ".join(args.element)
     description = parse_description(text)
     if len(description.items) != 1 or not isinstance(description.items[0], ElementWords):

@@ -11,12 +11,16 @@ When a process's mappings change, ``remap`` keeps the page numbers of every
 surviving address stable, gives addresses that appeared fresh numbers, and
 lists the numbers that vanished so the receiver can drop them.
 
+A region made from a numpy array also names the array's ``dtype`` (numpy's
+``dtype.str``, such as ``<f8``) and ``shape``, so a replica can give the same
+array back (``array_spec`` checks such a pair wherever it comes from).
+
 Errors here are ValueErrors saying what is wrong; each caller raises its own
 documented error (CorruptData, ReplicaError) with that text and where.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Iterable, Sequence
 
@@ -26,6 +30,7 @@ from pipeline.batch import Batch
 from pipeline.errors import CorruptData
 
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 512, 65536
+MAX_DIMENSIONS = 32
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,9 @@ class Region:
     start: int
     first_page: int
     npages: int
+    dtype: str = ""
+    """numpy dtype string of the array the region holds ("" for plain bytes)."""
+    shape: tuple[int, ...] = ()
 
     @property
     def end_page(self) -> int:
@@ -43,15 +51,53 @@ class Region:
         return self.first_page + self.npages
 
     def to_meta(self) -> dict[str, Any]:
-        return {"name": self.name, "start": self.start, "first_page": self.first_page, "npages": self.npages}
+        meta: dict[str, Any] = {"name": self.name, "start": self.start, "first_page": self.first_page,
+                                "npages": self.npages}
+        if self.dtype:
+            meta.update(dtype=self.dtype, shape=list(self.shape))
+        return meta
 
     @classmethod
-    def from_meta(cls, entry: Any, index: int = 0) -> "Region":
-        """A region from its (untrusted) meta dict; ValueError if a field is missing or not a number."""
+    def from_meta(cls, entry: Any, index: int = 0, page_size: int | None = None) -> "Region":
+        """A region from its (untrusted) meta dict; ValueError if a field is missing or not a number, or its
+        array's dtype and shape (when it names them) are not an array that fits its pages (of ``page_size``)."""
         try:
-            return cls(str(entry["name"]), int(entry["start"]), int(entry["first_page"]), int(entry["npages"]))
+            region = cls(str(entry["name"]), int(entry["start"]), int(entry["first_page"]), int(entry["npages"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"region {index} is malformed ({exc!r}): {entry!r}") from None
+        if not entry.get("dtype"):   # plain bytes
+            return region
+        capacity = None if page_size is None else region.npages * page_size
+        try:
+            dtype, shape = array_spec(entry["dtype"], entry.get("shape"), capacity)
+        except ValueError as exc:
+            raise ValueError(f"region {index} ({region.name}): {exc}") from None
+        return replace(region, dtype=dtype, shape=shape)
+
+
+def array_spec(dtype: Any, shape: Any, capacity: int | None = None) -> tuple[str, tuple[int, ...]]:
+    """A checked (dtype string, shape) pair of an array, from untrusted input; ValueError saying what is wrong.
+
+    The dtype must be a plain numpy dtype (no Python objects), the shape a list of
+    non-negative ints, and the array no bigger than ``capacity`` bytes when given.
+    """
+    if not isinstance(dtype, str) or len(dtype) > 64:
+        raise ValueError(f"dtype {dtype!r} is not a numpy dtype string")
+    try:
+        parsed = np.dtype(dtype)
+    except (TypeError, ValueError, SyntaxError):
+        raise ValueError(f"dtype {dtype!r} is not a numpy dtype") from None
+    if parsed.hasobject or parsed.itemsize == 0:
+        raise ValueError(f"dtype {dtype!r} holds Python objects or has no size")
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMENSIONS \
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"shape {shape!r} is not a list of at most {MAX_DIMENSIONS} non-negative ints")
+    nbytes = parsed.itemsize
+    for n in shape:
+        nbytes *= n
+    if capacity is not None and nbytes > capacity:
+        raise ValueError(f"an array {dtype} {list(shape)} of {nbytes} bytes does not fit in {capacity} bytes")
+    return parsed.str, tuple(shape)
 
 
 def check_regions(regions: Iterable[Region]) -> list[Region]:
@@ -66,11 +112,11 @@ def check_regions(regions: Iterable[Region]) -> list[Region]:
     return ordered
 
 
-def regions_from_meta(entries: Any) -> list[Region]:
+def regions_from_meta(entries: Any, page_size: int | None = None) -> list[Region]:
     """The regions of an untrusted LAYOUT ``meta["regions"]`` (or manifest), checked, sorted by first page."""
     if not isinstance(entries, list):
         raise ValueError(f"regions must be a list, got {type(entries).__name__}")
-    return check_regions(Region.from_meta(entry, index) for index, entry in enumerate(entries))
+    return check_regions(Region.from_meta(entry, index, page_size) for index, entry in enumerate(entries))
 
 
 def layout_regions(batch: Batch, where: str) -> list[Region]:
@@ -126,7 +172,7 @@ class Layout:
         if not isinstance(page_size, int) or page_size < MIN_PAGE_SIZE or page_size > MAX_PAGE_SIZE \
                 or page_size & (page_size - 1):
             raise ValueError(f"page size {page_size!r} is not a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}")
-        layout = cls(page_size, tuple(regions_from_meta(regions)))
+        layout = cls(page_size, tuple(regions_from_meta(regions, page_size)))
         if layout.total_pages > max_pages:
             raise ValueError(f"{layout.total_pages} pages exceed the limit of {max_pages}")
         return layout

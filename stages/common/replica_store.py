@@ -22,6 +22,13 @@ exactly one committed epoch. Journaling encodings rather than pages keeps
 the journal a few percent of the page data for delta epochs.
 With ``fsync=False`` the order is the same but a power loss may lose recent
 epochs (a killed process loses nothing: the page cache survives it).
+With ``settle_later`` (replica-sink's default ``settle=idle``) the durable
+journal is the commit point: ``commit`` returns after applying the epoch and
+replacing the manifest unflushed, and ``settle`` (called before the next
+commit, or while the sink is idle) flushes image, digests and manifest and
+empties the journal: one flush on the acknowledgement's path instead of five,
+with the same guarantee (a crash before ``settle`` leaves a complete journal,
+replayed on open; readers apply it too).
 A commit creates and deletes no file (journal and manifest files stay open
 between commits): on ext4 that halves the fixed cost of a small commit.
 The format is specified in docs/FORMAT.md (section replica).
@@ -39,7 +46,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import xxhash
@@ -301,27 +308,38 @@ class _ManifestFile:
         self._spare: int | None = None   # the file named manifest.json.tmp
         self._live: int | None = None    # the file named manifest.json
 
-    def replace(self, text: str) -> None:
+    def replace(self, text: str, sync: bool | None = None) -> None:
+        """Replace the manifest; ``sync`` (default: the store's fsync) makes it durable now, else ``sync()`` later."""
+        sync = self.fsync if sync is None else sync
         data = text.encode()
-        if not (self._spare is not None and self._exchanged(data)):
-            self._replaced(data)
-        if self.fsync:
+        if not (self._spare is not None and self._exchanged(data, sync)):
+            self._replaced(data, sync)
+        if sync:
             _fsync_directory(self.path.parent)
 
-    def _exchanged(self, data: bytes) -> bool:
+    def sync(self) -> None:
+        """Make the current manifest and its name durable (after a ``replace(sync=False)``)."""
+        if self._live is not None:
+            os.fsync(self._live)
+        else:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_directory(self.path.parent)
+
+    def _exchanged(self, data: bytes, sync: bool) -> bool:
         """Write ``data`` into the spare file and swap it in; False (nothing replaced) if that cannot be done."""
-        spare = self._spare
-        if spare is None:
-            return False
         try:
-            if os.fstat(spare).st_ino != os.stat(self.temporary).st_ino:
+            if os.fstat(self._spare).st_ino != os.stat(self.temporary).st_ino:
                 return False   # replaced or deleted behind our back: not our file any more
         except FileNotFoundError:
             return False
-        os.pwrite(spare, data, 0)
-        os.ftruncate(spare, len(data))
-        if self.fsync:
-            os.fsync(spare)
+        os.pwrite(self._spare, data, 0)
+        os.ftruncate(self._spare, len(data))
+        if sync:
+            os.fsync(self._spare)
         if _RENAMEAT2(_AT_FDCWD, bytes(self.temporary), _AT_FDCWD, bytes(self.path), _RENAME_EXCHANGE) != 0:
             error = ctypes.get_errno()
             if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -333,13 +351,13 @@ class _ManifestFile:
         self._live = written
         return True
 
-    def _replaced(self, data: bytes) -> None:
+    def _replaced(self, data: bytes, sync: bool) -> None:
         """Write a new manifest.json.tmp and rename it over manifest.json; then prepare a spare file."""
         self.close()
         with open(self.temporary, "wb") as temporary:
             temporary.write(data)
             temporary.flush()
-            if self.fsync:
+            if sync:
                 os.fsync(temporary.fileno())
         os.replace(self.temporary, self.path)
         if self._exchange_works:
@@ -359,11 +377,16 @@ class ReplicaStore:
     """
 
     def __init__(self, path: str | os.PathLike, *, fsync: bool = True, max_pages: int = DEFAULT_MAX_PAGES,
-                 writable: bool = True, lock: ReplicaLock | None = None):
+                 writable: bool = True, lock: ReplicaLock | None = None, settle_later: bool = False):
         """Open a replica; a writable store holds its lock (``lock``, or one it takes and releases on close):
         ReplicaLocked if another writer holds it. Every failure is a ReplicaError naming the path."""
         self.path = Path(path)
         self.fsync = fsync
+        self.settle_later = settle_later
+        """With fsync, a commit returns once its journal is durable (the commit point: a complete journal is
+        replayed on open) and leaves the other flushes (image, digests, manifest) and emptying the journal to
+        ``settle``, which the next commit, ``sync`` and ``close`` call first (replica-sink calls it while idle)."""
+        self.unsettled = False
         self.max_pages = max_pages
         self.writable = writable
         self.layout: Layout | None = None
@@ -386,7 +409,7 @@ class ReplicaStore:
         except (OSError, ValueError) as exc:        # ValueError: numpy cannot map a file (too short, too big)
             self.close()
             raise ReplicaError(f"replica {self.path}: cannot open ({getattr(exc, 'strerror', None) or exc}"
-                               f"{': ' + str(getattr(exc, 'filename')) if getattr(exc, 'filename', None) else ''})") from None
+                               f"{': ' + str(exc.filename) if getattr(exc, 'filename', None) else ''})") from None
         except ReplicaError:
             self.close()
             raise
@@ -452,6 +475,7 @@ class ReplicaStore:
         verified by the caller (``decoded_digests``), so the encodings are known to decode
         and are applied in one pass. ``extra`` goes into the manifest.
         """
+        self.settle()
         try:
             self._commit(epoch, layout, page_numbers, encodings, digests, epoch_digest, extra)
         except (OSError, ValueError) as exc:    # anything a full disk or a failed mapping raises
@@ -460,7 +484,7 @@ class ReplicaStore:
 
     def _commit(self, epoch: int, layout: Layout, page_numbers: np.ndarray, encodings: Sequence[Encoded],
                 digests: np.ndarray, epoch_digest: int, extra: dict[str, Any]) -> None:
-        if self.is_empty or self.layout is None or layout.page_size != self.layout.page_size:
+        if self.is_empty or layout.page_size != self.layout.page_size:
             self._discard_image()   # leftovers of an interrupted first commit, or another page size
         self._ensure_files(layout)
         manifest = {
@@ -483,12 +507,44 @@ class ReplicaStore:
         rows = page_numbers.astype(np.intp)
         if layout == self.layout and "image_digest" in self.manifest:
             previous = int(str(self.manifest["image_digest"]), 16)
-            removed = combine_digests(page_numbers, self._mapped()[1].view(np.ndarray)[rows])
+            removed = combine_digests(page_numbers, self._digests.view(np.ndarray)[rows])
             return (previous - removed + epoch_digest) & _MASK64
         layout_pages = layout.page_numbers()
-        new_digests = np.array(self._mapped()[1][layout_pages.astype(np.intp)])
+        new_digests = np.array(self._digests[layout_pages.astype(np.intp)])
         new_digests[np.searchsorted(layout_pages, page_numbers)] = digests
         return combine_digests(layout_pages, new_digests)
+
+    def settle(self) -> None:
+        """Finish a commit left unsettled (``settle_later``): flush image, digests and manifest, empty the journal."""
+        if not self.unsettled:
+            return
+        try:
+            self._image.flush()
+            self._digests.flush()
+            self._manifest_file.sync()
+            self._journal.clear()
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot settle epoch {self.epoch} ({exc.strerror})") from None
+        self.unsettled = False
+
+    def sync(self) -> None:
+        """Make the committed epoch durable now (what ``fsync=True`` does at every commit): image, digests,
+        manifest and the directory reach the disk."""
+        self.settle()
+        try:
+            if self._image is not None:
+                self._image.flush()
+                self._digests.flush()
+            for name in (IMAGE, DIGESTS, MANIFEST):
+                if (self.path / name).exists():
+                    fd = os.open(self.path / name, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            _fsync_directory(self.path)
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot make it durable ({exc.strerror or exc})") from None
 
     def check_room(self, layout: Layout) -> None:
         """ReplicaError unless ``layout`` fits: at most ``max_pages`` pages, and the bytes its image and
@@ -504,6 +560,8 @@ class ReplicaStore:
                                f"the disk has {free} free")
 
     def close(self) -> None:
+        if self.unsettled:
+            self.settle()
         self._image = self._digests = None
         self._journal.close()
         self._manifest_file.close()
@@ -541,15 +599,9 @@ class ReplicaStore:
         except (OSError, ValueError) as exc:
             raise ReplicaError(f"replica {self.path}: cannot map the image ({getattr(exc, 'strerror', None) or exc})") from None
 
-    def _mapped(self) -> tuple[np.memmap, np.memmap]:
-        """The image and digest files, mapped (``_ensure_files`` or opening an existing replica maps them)."""
-        if self._image is None or self._digests is None:
-            raise ReplicaError(f"replica {self.path}: its files are not mapped")
-        return self._image, self._digests
-
     def _map(self, page_size: int) -> None:
         image_size = os.path.getsize(self.path / IMAGE)
-        mode: Literal["r+", "r"] = "r+" if self.writable else "r"
+        mode = "r+" if self.writable else "r"
         self._image = np.memmap(self.path / IMAGE, dtype=np.uint8, mode=mode,
                                 shape=(image_size // page_size, page_size))
         self._digests = np.memmap(self.path / DIGESTS, dtype="<u8", mode=mode)
@@ -559,7 +611,7 @@ class ReplicaStore:
         header = json.dumps({"manifest": manifest, "count": int(page_numbers.shape[0]),
                              "encodings": [{"codec": e.codec, "pages": int(e.kinds.shape[0]),
                                             "bytes": int(e.payload.shape[0])} for e in encodings]}).encode()
-        body: list[bytes | np.ndarray] = [_JOURNAL_HEAD.pack(JOURNAL_MAGIC, len(header)), header,
+        body = [_JOURNAL_HEAD.pack(JOURNAL_MAGIC, len(header)), header,
                 np.ascontiguousarray(page_numbers, dtype="<u8"), np.ascontiguousarray(digests, dtype="<u8")]
         for encoding in encodings:
             body += [np.ascontiguousarray(encoding.kinds, dtype=np.uint8),
@@ -579,19 +631,20 @@ class ReplicaStore:
                prechecked: bool = False) -> None:
         """Apply encodings onto the image, write digests and manifest; drop the journal."""
         rows = page_numbers.astype(np.intp)
-        image, digest_file = self._mapped()
+        later = self.fsync and self.settle_later and journaled   # the durable journal is the commit point
         try:
-            _apply_encodings(image.view(np.ndarray), page_numbers, encodings, prechecked=prechecked)
+            _apply_encodings(self._image.view(np.ndarray), page_numbers, encodings, prechecked=prechecked)
         except ReplicaError as exc:
             raise ReplicaError(f"replica {self.path}: epoch {manifest['epoch']}: {exc}") from None
         try:
-            digest_file[rows] = digests
-            if self.fsync:
-                image.flush()
-                digest_file.flush()
-            self._manifest_file.replace(json.dumps(manifest))
-            if journaled:
+            self._digests[rows] = digests
+            if self.fsync and not later:
+                self._image.flush()
+                self._digests.flush()
+            self._manifest_file.replace(json.dumps(manifest), sync=self.fsync and not later)
+            if journaled and not later:
                 self._journal.clear()
+            self.unsettled = later
             self._release_dropped_pages(self.layout, layout)
         except OSError as exc:
             raise ReplicaError(f"replica {self.path}: cannot apply epoch {manifest['epoch']} ({exc.strerror})") from None
@@ -604,18 +657,17 @@ class ReplicaStore:
         if old is None or old == new or old.page_size != new.page_size:
             return
         old_pages = old.page_numbers()
-        image, digest_file = self._mapped()
         dropped = old_pages[new.outside(old_pages)]
-        dropped = dropped[dropped < image.shape[0]]
+        dropped = dropped[dropped < self._image.shape[0]]
         if not dropped.size:
             return
         rows = dropped.astype(np.intp)
         if not self._punch_holes(_page_runs(dropped), new.page_size):
-            image.view(np.ndarray)[rows] = 0
-        digest_file[rows] = zero_page_digest(new.page_size)
+            self._image.view(np.ndarray)[rows] = 0
+        self._digests[rows] = zero_page_digest(new.page_size)
         if self.fsync:
-            image.flush()
-            digest_file.flush()
+            self._image.flush()
+            self._digests.flush()
 
     def _punch_holes(self, runs: list[tuple[int, int]], page_size: int) -> bool:
         """Deallocate these page runs of the image (they read as zeros after); False where unsupported."""
@@ -656,12 +708,13 @@ class ReplicaStore:
         layout = replica_layout(manifest["page_size"], manifest["regions"], max_pages=self.max_pages)
         try:
             self._load_manifest()
-            if self.layout is None or self.layout.page_size != layout.page_size:
+            if self.layout.page_size != layout.page_size:
                 self._discard_image()
         except ReplicaError:
             self._discard_image()
         self._ensure_files(layout)
         self._apply(manifest, layout, page_numbers, encodings, digests)
+        self.settle()
         if not np.array_equal(digest_pages(self.read_pages(page_numbers, layout.page_size)), digests):
             raise ReplicaError(f"replica {self.path}: replayed journal of epoch {manifest['epoch']} "
                                f"does not reproduce its page digests")
@@ -760,9 +813,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 def region_keys(regions: Sequence[Region | dict[str, Any]]) -> list[str]:
     """Region names (of Regions or their meta dicts), made unique by appending the start address where names
     repeat."""
-    rows = [r if isinstance(r, Region) else Region.from_meta(r) for r in regions]
-    names = [r.name for r in rows]
-    return [name if names.count(name) == 1 else f"{name}@0x{r.start:x}" for name, r in zip(names, rows)]
+    pairs = [(r.name, r.start) if isinstance(r, Region) else (str(r["name"]), int(r["start"])) for r in regions]
+    names = [name for name, _ in pairs]
+    return [name if names.count(name) == 1 else f"{name}@0x{start:x}" for name, start in pairs]
 
 
 def _commit_state(path: Path) -> tuple[bytes, bytes]:
@@ -787,7 +840,7 @@ def _commit_state(path: Path) -> tuple[bytes, bytes]:
     return manifest, head
 
 
-def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, np.ndarray]:
+def load_replica(path: str | os.PathLike, *, attempts: int = 100, typed: bool = False) -> dict[str, np.ndarray]:
     """The committed memory of a replica: one uint8 array (npages * page_size bytes) per region.
 
     Keys are region names (``name@0xSTART`` where names repeat). Read-only, so it
@@ -795,17 +848,18 @@ def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, n
     journal exists, and applying that journal (idempotent) to the copy in memory
     gives its epoch; a copy during which a commit began or ended is taken again. The
     result is always exactly one committed epoch; the files are never written.
+    ``typed``: each region as the array it was (``load_arrays``).
     """
     path = Path(path)
     for _ in range(attempts):
         before = _commit_state(path)
-        regions = _load_once(path)
+        regions = _load_once(path, typed)
         if _commit_state(path) == before:
             return regions
     raise ReplicaError(f"replica {path}: a new commit began during each of {attempts} attempts to read it")
 
 
-def _load_once(path: Path) -> dict[str, np.ndarray]:
+def _load_once(path: Path, typed: bool = False) -> dict[str, np.ndarray]:
     """The regions as the image and a complete journal (if any) make them."""
     store = ReplicaStore(path, fsync=False, writable=False)
     try:
@@ -824,10 +878,28 @@ def _load_once(path: Path) -> dict[str, np.ndarray]:
         if journal is not None:
             _, page_numbers, _, encodings = journal
             _apply_encodings(image, page_numbers, encodings)
-        return {key: image[r.first_page:r.end_page].reshape(-1)
-                for key, r in zip(region_keys(layout.regions), layout.regions)}
+        regions = {key: (r, image[r.first_page:r.end_page].reshape(-1))
+                   for key, r in zip(region_keys(layout.regions), layout.regions)}
+        return {key: region_array(r, data) if typed else data for key, (r, data) in regions.items()}
     finally:
         store.close()
+
+
+def region_array(region: Region, data: np.ndarray) -> np.ndarray:
+    """A region's bytes (``npages * page_size`` uint8) as the array it was: its dtype and shape from the
+    layout, or the bytes themselves for a region without them (replicas written before they travelled)."""
+    if not region.dtype:
+        return data
+    dtype = np.dtype(region.dtype)
+    shape = region.shape
+    count = int(np.prod(shape, dtype=np.int64))
+    return data[:count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The committed memory of a replica as the arrays the sender tracked: ``load_replica`` with each
+    region's dtype and shape applied (uint8 bytes where the layout names none)."""
+    return load_replica(path, typed=True)
 
 
 @dataclass
@@ -855,21 +927,18 @@ def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyRe
         return VerifyReport(str(path), 0, 0, [], [str(exc)])
     try:
         journal = store.pending_journal()
-        if journal is not None:
+        if journal is not None and journal[0].get("epoch") != store.epoch:   # else applied, not yet settled
             return VerifyReport(str(path), store.epoch, 0, [], [
                 f"replica {path}: the commit of epoch {journal[0].get('epoch')} was interrupted; opening the "
                 f"replica for writing (a restarted replica-sink) completes it"])
         if store.is_empty:
             return VerifyReport(str(path), 0, 0, [], [f"replica {path}: nothing committed yet"])
-        if store.layout is None:
-            return VerifyReport(str(path), 0, 0, [], [f"replica {path}: no layout committed"])
-        image, digest_file = store._mapped()
         page_numbers = store.layout.page_numbers()
         bad: list[int] = []
         for start in range(0, page_numbers.size, 4096):
             chunk = page_numbers[start:start + 4096].astype(np.intp)
-            actual = digest_pages(np.asarray(image[chunk]))
-            mismatched = chunk[actual != np.asarray(digest_file[chunk])]
+            actual = digest_pages(np.asarray(store._image[chunk]))
+            mismatched = chunk[actual != np.asarray(store._digests[chunk])]
             bad.extend(int(p) for p in mismatched[:max_listed - len(bad)])
             if mismatched.size:
                 problems.append(f"{mismatched.size} pages from page {int(mismatched[0])} differ from their digest")

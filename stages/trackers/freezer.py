@@ -155,10 +155,6 @@ class SignalFreezer:
 
     method = "signal"
 
-    def stops(self, pid: int) -> dict:
-        """No thread is in a ptrace-stop here (they are signal-stopped): nothing for requests that need one."""
-        return {}
-
     def __init__(self, stop_timeout: float):
         self.stop_timeout = stop_timeout
         self._stopped: list[int] = []
@@ -167,12 +163,12 @@ class SignalFreezer:
                                           start_new_session=True, text=True)
 
     def _tell(self, line: str) -> None:
-        stdin = self._guardian.stdin
-        if stdin is None:  # opened with stdin=PIPE: never
-            raise TrackerError("freezer: the guardian process has no input pipe")
+        pipe = self._guardian.stdin
         try:
-            stdin.write(line + "\n")
-            stdin.flush()
+            if pipe is None:
+                raise ValueError("no pipe")
+            pipe.write(line + "\n")
+            pipe.flush()
         except (BrokenPipeError, ValueError):
             raise TrackerError("the guardian that resumes stopped processes has ended; not stopping any") from None
 

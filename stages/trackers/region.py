@@ -43,8 +43,28 @@ def tracked_array(shape: int | tuple[int, ...], dtype: Any = np.uint8) -> np.nda
     """A zero-filled array in its own page-aligned anonymous mapping (trackable in userfaultfd mode)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
-    nbytes = max(PAGE_SIZE, -(-count * dtype.itemsize // PAGE_SIZE) * PAGE_SIZE)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).reshape(shape)
+    return np.frombuffer(page_mapping(count * dtype.itemsize), dtype=dtype, count=count).reshape(shape)
+
+
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)   # Linux 5.14
+
+
+def page_mapping(nbytes: int, prefault: bool = False) -> mmap.mmap:
+    """A zero-filled anonymous mapping of ``nbytes`` rounded up to whole pages (at least one).
+
+    ``prefault``: about to be filled whole, so back it with transparent huge pages and fault it in one call
+    (several times faster than 4 KiB faults one by one; userfaultfd write tracking still reports 4 KiB
+    pages, since the kernel splits a huge page at its first tracked write). Best effort.
+    """
+    mapping = mmap.mmap(-1, max(PAGE_SIZE, -(-nbytes // PAGE_SIZE) * PAGE_SIZE))
+    if prefault:
+        for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE):
+            try:
+                if advice is not None:
+                    mapping.madvise(advice)
+            except OSError:
+                pass   # an older kernel, or no huge pages: ordinary faults then
+    return mapping
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,10 @@ class TrackedBuffer:
         if view.nbytes == 0:
             raise TrackerError(f"{where}: {name} is empty")
         self.name = name
+        typed = isinstance(buffer, np.ndarray) and buffer.dtype.fields is None and not buffer.dtype.hasobject
+        self.dtype = buffer.dtype.str if typed else ""
+        """The array's dtype and shape, carried in the layout so a replica gives the same array back."""
+        self.shape = tuple(int(n) for n in buffer.shape) if typed else ()
         self.bytes = np.frombuffer(view.cast("B"), dtype=np.uint8)
         self.address = self.bytes.ctypes.data
         self.nbytes = self.bytes.size
@@ -84,7 +108,7 @@ class TrackedBuffer:
         return self.address % PAGE_SIZE == 0 and self.tail == 0
 
     def region(self) -> Region:
-        return Region(self.name, self.address, self.first_page, self.npages)
+        return Region(self.name, self.address, self.first_page, self.npages, self.dtype, self.shape)
 
     def check_mapped(self, where: str) -> None:
         """TrackerError if the memory was unmapped behind the tracker's back."""
@@ -272,9 +296,8 @@ class RegionSource(Stage):
             try:
                 pages, staged = self._stage(epoch, everything=resync or epoch == 1, resync=resync)
             except TrackerError as exc:
-                failure = TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc}")
-                self._fail(failure, epoch)
-                raise failure from None
+                self._fail(TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc}"), epoch)
+                raise self._failure from None
             pause = time.perf_counter() - began
             with self._acknowledged:
                 self._epoch = epoch
@@ -366,12 +389,11 @@ class RegionSource(Stage):
             self._publish(staged)
             staged.clear()
 
-        slabs = self._live_slabs
         for buffer, rows in zip(self._buffers, dirty):
-            for low in range(0, len(rows), slabs.rows):
-                chunk = rows[low:low + slabs.rows]
+            for low in range(0, len(rows), self._slabs.rows):
+                chunk = rows[low:low + self._slabs.rows]
                 with self._condition:
-                    slab_index, slab = slabs.take(publish_staged)
+                    slab_index, slab = self._slabs.take(publish_staged)
                 data = slab[:len(chunk)]
                 copies.append((buffer, chunk, data))
                 staged.append(_Staged(epoch, (chunk + buffer.first_page).astype(np.uint64), data, slab_index, resync))
@@ -390,10 +412,8 @@ class RegionSource(Stage):
                 buffer.copy_rows(rows, out)
 
         shares = [copies[index::self.copy_threads] for index in range(self.copy_threads)]
-        helpers = self._copy_helpers  # made when copy-threads > 1, so only then are there other shares
-        helped = [helpers.submit(copy_share, share) for share in shares[1:] if share] if helpers is not None else []
-        for share in shares[:1] if helpers is not None else shares:
-            copy_share(share)
+        helped = [self._copy_helpers.submit(copy_share, share) for share in shares[1:] if share]
+        copy_share(shares[0])
         for copy in helped:
             copy.result()
 
@@ -425,44 +445,36 @@ class RegionSource(Stage):
             self._condition.notify_all()
 
     # ---- the runtime's side --------------------------------------------------
-    def produce(self) -> Iterator[Batch]:
-        """Emit staged checkpoints in order; blocks until the next is staged; ends after close()."""
+    def produce(self) -> Iterator[Batch | None]:
+        """Emit staged checkpoints in order; waits for the next (yielding None every ``idle_every``); ends
+        after close()."""
         self._ensure_ready()
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: bool(self._queue))
-                item = self._queue.popleft()
-                if isinstance(item, _Staged):
-                    self._live_slabs.handed_downstream(item.slab)
+                item = None
+                if self._condition.wait_for(lambda: bool(self._queue), self.idle_every or None):
+                    item = self._queue.popleft()
+                    if isinstance(item, _Staged):
+                        self._slabs.handed_downstream(item.slab)
+            if item is None:
+                yield None      # waiting for a checkpoint: the executor's timers run meanwhile
+                continue
             if isinstance(item, TrackerError):
                 raise item
             if isinstance(item, _Closed):
-                yield self._live_stream.end_of_stream(self._epoch)
+                yield self._stream.end_of_stream(self._epoch)
                 return
             yield self._emit(item)
             del item
             with self._condition:
                 self._condition.notify_all()  # a slab may have been released downstream
 
-    def _emit(self, item: _Staged | _Layout | _EpochEnd) -> Batch:
-        stream = self._live_stream
+    def _emit(self, item: object) -> Batch:
         if isinstance(item, _Staged):
-            return stream.batch(item.epoch, item.page_numbers, item.data, item.resync)
+            return self._stream.batch(item.epoch, item.page_numbers, item.data, item.resync)
         if isinstance(item, _Layout):
-            return stream.layout(item.epoch, item.regions)
-        return stream.end(item.epoch, item.pause, item.when, item.resync)
-
-    @property
-    def _live_slabs(self) -> StagingSlabs:
-        if self._slabs is None:
-            raise TrackerError(f"{self._where}: not started")
-        return self._slabs
-
-    @property
-    def _live_stream(self) -> EpochStream:
-        if self._stream is None:
-            raise TrackerError(f"{self._where}: not started")
-        return self._stream
+            return self._stream.layout(item.epoch, item.regions)
+        return self._stream.end(item.epoch, item.pause, item.when, item.resync)
 
     def stop(self) -> None:
         """End the stream, disarm write tracking and let go of the application's buffers."""
