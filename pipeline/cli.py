@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 from importlib.metadata import entry_points
-from typing import Callable, Sequence
+from typing import Sequence
 
 from rich.console import Console
 

@@ -37,6 +37,11 @@ class CorruptData(PagepipeError, ValueError):
     The message says what is wrong and where (record, page index, byte offset).
     """
 
+    offset: int | None = None
+    """Where in a stream the malformed bytes start, when a stream reader knows (also sequence and epoch)."""
+    sequence: int | None = None
+    epoch: int | None = None
+
 
 class TrackerError(PagepipeError):
     """A dirty tracker cannot track what it was given (buffer, region, process)."""

@@ -145,21 +145,21 @@ def fuse_neighbours(plan: Plan) -> Plan:
     for index, node in enumerate(nodes):
         while alive[index] and len(node.downstream) == 1:
             child_index = node.downstream[0]
-            child = nodes[child_index]
-            fused = node.stage.fuse(child.stage) if declares_fuse(node.stage) else None
+            below = nodes[child_index]
+            fused = node.stage.fuse(below.stage) if declares_fuse(node.stage) else None
             if fused is None:
                 break
-            elements = node.elements + child.elements
+            elements = node.elements + below.elements
             members = len(fused.fusion.members) if fused.fusion is not None else 0
             if members != len(elements):
                 raise ConfigError(f"{type(node.stage).__qualname__}.fuse: the fused stage accounts for {members} "
                                   f"elements, not {len(elements)} ({', '.join(elements)}); give it a "
                                   "pipeline.fusion.Fusion with one member per element")
             fused.workers = node.workers
-            fused.name = f"{node.name}+{child.name}"
+            fused.name = f"{node.name}+{below.name}"
             node.stage, node.name, node.elements = fused, fused.name, elements
-            node.output_format = child.output_format
-            node.downstream = child.downstream
+            node.output_format = below.output_format
+            node.downstream = below.downstream
             alive[child_index] = False
     keep = [i for i, live in enumerate(alive) if live]
     renumber = {old: new for new, old in enumerate(keep)}

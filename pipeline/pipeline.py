@@ -204,6 +204,8 @@ class PipelineHandle:
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """The final statistics once the pipeline ends; re-raises its failure (StageFailed)."""
+        if self._thread is None:
+            raise RuntimeError("wait() is for a pipeline started with start(); run() waits by itself")
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(f"pipeline still running after {timeout} s")

@@ -46,7 +46,7 @@ class Property:
         self.maximum = maximum
         self.choices = tuple(choices) if choices is not None else None
         self.internal = internal
-        self.bad_default = None
+        self.bad_default: ConfigError | None = None
         self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -55,7 +55,7 @@ class Property:
         try:
             self.default = self.parse(self.default)
         except ConfigError as exc:  # raised by check_stage_class, naming the class (Python would wrap it here)
-            self.bad_default: ConfigError | None = exc
+            self.bad_default = exc
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
@@ -99,8 +99,9 @@ class Property:
         if self.type == "duration":
             return parse_duration(value)
         if self.type == "choice":
-            if str(value) not in self.choices:
-                raise ConfigError(f"property {self.name}: {value!r} is not one of {', '.join(self.choices)}")
+            choices = self.choices or ()
+            if str(value) not in choices:
+                raise ConfigError(f"property {self.name}: {value!r} is not one of {', '.join(choices)}")
             return str(value)
         return str(value)
 
@@ -172,8 +173,8 @@ class Stage:
 
     def __init__(self, **properties: Any):
         self._properties: dict[str, Any] = {}
-        self.counters: dict[str, int | float] = {}
-        """Stage-specific statistics (hits, misses, ...), reported on the bus."""
+        self.counters: dict[str, Any] = {}
+        """Stage-specific statistics (hits, misses, ...: numbers, or a short text), reported on the bus."""
         self.context = StageContext(stage_name=self.factory_name)
         known = self.properties()
         for key, value in properties.items():

@@ -8,7 +8,7 @@ marker carries.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from stages.common.layout import Region, layout_meta
 class EpochStream:
     """Builds a tracker's batches in stream order."""
 
-    def __init__(self, page_size: int, batch_pages: int, **layout_extra: object):
+    def __init__(self, page_size: int, batch_pages: int, **layout_extra: Any):
         self.page_size = page_size
         self.batch_pages = batch_pages
         self.layout_extra = layout_extra
