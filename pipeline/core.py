@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 from .batch import Batch, Flag
 from .bus import WorkerStatistics
+from .epoch_stats import EpochCounter
 from .routing import EpochPageCounter, FanIn
 from .stage import Stage, StageContext
 
@@ -30,6 +31,7 @@ class WorkerCore:
         self.stats = WorkerStatistics(context.stage_name, context.worker_index)
         self.finished = False
         self._last_epoch = 0
+        self._epoch_counter = EpochCounter()
 
     def start(self) -> None:
         self.stage.start(self.context)
@@ -40,13 +42,25 @@ class WorkerCore:
     def statistics(self) -> dict:
         return self.stats.snapshot(self.stage.counters)
 
+    def epoch_records(self) -> list[list]:
+        """The per-epoch records waiting to be posted (``epochs`` bus message), taken."""
+        return self.context.recorder.take()
+
+    def _close_epoch(self, epoch: int) -> None:
+        stats = self.stats
+        self._epoch_counter.close(self.context.recorder, epoch, stats.bytes_in, stats.bytes_out,
+                                  stats.pages_in, stats.pages_out)
+
     def feed(self, input_index: int, batch: Batch) -> bool:
         """Give the stage one batch from upstream worker ``input_index``; True once the stream has ended."""
         self.stats.count_in(batch)
         for released in self.fan_in.push(input_index, batch):
             self._drive(self.stage.handle(released))
-            if released.is_control and released.flags & Flag.END_OF_STREAM:
-                self.finished = True
+            if released.is_control:
+                if released.flags & Flag.EPOCH_END:
+                    self._close_epoch(released.epoch)
+                if released.flags & Flag.END_OF_STREAM:
+                    self.finished = True
         return self.finished
 
     def produce(self) -> Iterator[None]:
@@ -63,6 +77,8 @@ class WorkerCore:
                 break
             ended = bool(batch.is_control and batch.flags & Flag.END_OF_STREAM)
             self._emit(batch)
+            if batch.is_control and batch.flags & Flag.EPOCH_END:
+                self._close_epoch(batch.epoch)
             yield
         if not ended:
             self._emit(Batch.control(Flag.END_OF_STREAM, self._last_epoch, format=self.output_format or "any"))

@@ -133,7 +133,7 @@ def build_stage(words: ElementWords, text: str) -> Stage:
             raise ParseError(f"{words.factory.text}: property {prop.name} takes a Python object; "
                              "set it from the Python API", text, key.position)
         try:
-            values[prop.attribute] = prop.parse(value.text)
+            values[prop.attribute] = prop.parse_text(value.text)
         except ConfigError as exc:
             raise ParseError(f"{words.factory.text}: {exc}", text, value.position) from None
     try:

@@ -39,8 +39,10 @@ from pipeline.stage import Property, Stage, StageContext
 from stages.common.acks import AckSender
 from stages.codecs import ChainCodec, Codec, Encoded, get_codec
 from stages.common.pages import combine_digests, digest_pages
-from stages.common.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, clear_replica,
-                                  ensure_replica_directory, verify_replica, whole_pages)
+import os
+
+from stages.common.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, claim_replica_directory,
+                                         clear_replica, verify_replica, whole_pages)
 
 
 def _kind_table(*kinds: PageKind) -> np.ndarray:
@@ -102,9 +104,9 @@ class ReplicaSink(Stage):
     output_caps = None
     max_workers = 1
 
-    path = Property("str", "", "Replica directory (created if missing)")
+    path = Property("str", "", "Replica directory (created if missing)", required=True)
     fsync = Property("bool", True, "fsync journal, image and manifest at every commit (power-loss safety)")
-    ack_endpoint = Property("str", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks)")
+    ack_endpoint = Property("endpoint", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks)")
     ack_bind = Property("bool", False, "Bind the ack socket instead of connecting it")
     ack_queue = Property("int", 10000, "Ack messages held for a sender that is not reading; beyond, dropped "
                          "with a warning", minimum=1)
@@ -115,11 +117,14 @@ class ReplicaSink(Stage):
     max_pages = Property("int", DEFAULT_MAX_PAGES, "Largest layout accepted, in pages", minimum=1)
     verify_on_start = Property("bool", True, "Check every page of an existing replica before resuming from it")
     resync_interval = Property("duration", "2s", "Repeat an unanswered resync request after this long")
+    force = Property("bool", False, "Write the replica into a non-empty directory that is not a replica "
+                     "(by default refused: a replica is marked by its manifest and lock file)")
 
     def start(self, context: StageContext) -> None:
         super().start(context)
         if not self.path:
             raise ConfigError("replica-sink: property path is required")
+        self._lock = claim_replica_directory(self.path, self.force)
         self.counters.update(epochs_committed=0, epochs_discarded=0, pages_applied=0, bytes_applied=0,
                              resyncs_requested=0, acks_dropped=0, commit_seconds=0.0, last_epoch=0)
         self.store = self._open_store()
@@ -136,7 +141,6 @@ class ReplicaSink(Stage):
 
         A path that cannot hold a replica (a file, no permission) raises ReplicaError naming it.
         """
-        ensure_replica_directory(self.path)
         try:
             store = ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages)
             if store.recovered_journal != "none":
@@ -314,6 +318,11 @@ class ReplicaSink(Stage):
         self.counters["pages_applied"] += page_numbers.shape[0]
         self.counters["bytes_applied"] += pending.page_bytes
         self.counters["last_epoch"] = epoch
+        record = {"applied_bytes": pending.page_bytes, "resync": int(bool(marker.flags & Flag.RESYNC))}
+        when = marker.meta.get("time")
+        if isinstance(when, (int, float)) and not isinstance(when, bool):
+            record["commit_latency_seconds"] = max(0.0, time.time() - when)
+        self.context.record_epoch(epoch, **record)
         if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream):
             self._ack_dropped(f"acknowledgement of epoch {epoch}")
 
@@ -324,8 +333,9 @@ class ReplicaSink(Stage):
     def _discard(self, pending: PendingEpoch, reason: str) -> None:
         """Drop an epoch that cannot be committed; the replica keeps its last committed epoch."""
         self.counters["epochs_discarded"] += 1
+        self.context.record_epoch(pending.epoch, discarded=1)
         self.context.warn(f"replica-sink: epoch {pending.epoch} discarded ({reason}); "
-                          f"replica stays at epoch {self.store.epoch}")
+                          f"replica stays at epoch {self.store.epoch}", event="discarded", epoch=pending.epoch)
         self.in_sync = False
         if self.acks is not None and not self.acks.discarded(pending.epoch, reason):
             self._ack_dropped(f"discard notice of epoch {pending.epoch}")
@@ -337,6 +347,7 @@ class ReplicaSink(Stage):
             return
         self._last_resync_request = now
         self.counters["resyncs_requested"] += 1
+        self.context.event("resync", f"replica-sink: asked the sender for a resync ({reason})")
         if not self.acks.request_resync(reason, epoch=self.store.epoch):
             self._ack_dropped("resync request")
 
@@ -354,3 +365,6 @@ class ReplicaSink(Stage):
             self.acks = None
         if getattr(self, "store", None) is not None:
             self.store.close()
+        if getattr(self, "_lock", None) is not None:
+            os.close(self._lock)
+            self._lock = None

@@ -32,6 +32,8 @@ from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
 
 _ZERO_COPY_BYTES = 64 << 10
+WAITING_NOTICE_MS = 1000
+"""A receiver with nothing after this long says what it waits for (an event on the bus)."""
 _END_MESSAGE = b""
 
 
@@ -46,7 +48,7 @@ class _ZmqStage(Stage):
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
-    endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path")
+    endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path", required=True)
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -145,11 +147,15 @@ class ZmqSource(_ZmqStage):
     def produce(self) -> Iterator[Batch]:
         poll_ms = int(self.timeout * 1000) if self.timeout else None
         sequence = 0
+        if not self._socket.poll(min(poll_ms or WAITING_NOTICE_MS, WAITING_NOTICE_MS), zmq.POLLIN):
+            self.context.event("waiting", f"waiting for a sender on {self.endpoint} (nothing received yet)")
         while True:
             if not self._socket.poll(poll_ms, zmq.POLLIN):
                 raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
                                      f"for {self.timeout:g} s")
             message = self._socket.recv(copy=False)
+            if sequence == 0:
+                self.context.event("connected", f"receiving from a sender on {self.endpoint}")
             self.counters["messages"] += 1
             if len(message) == 0:
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
@@ -169,7 +175,7 @@ class FileSink(Stage):
     output_caps = None
     max_workers = 1
 
-    path = Property("str", "", "File to write (created, or truncated if it exists)")
+    path = Property("str", "", "File to write (created, or truncated if it exists)", required=True)
     fsync = Property("bool", False, "fsync the file at every epoch commit (durable, slower)")
 
     def start(self, context: StageContext) -> None:
@@ -237,7 +243,7 @@ class FileSource(Stage):
     output_caps = STREAM
     max_workers = 1
 
-    path = Property("str", "", "Trace file to read")
+    path = Property("str", "", "Trace file to read", required=True)
     chunk_size = Property("size", "1MiB", "Bytes per emitted batch", minimum=4096)
 
     def produce(self) -> Iterator[Batch]:
@@ -277,7 +283,7 @@ class TraceSource(Stage):
     max_workers = 1
     back_to_back = True  # a recorded pace waits before an epoch's batches, never between them
 
-    path = Property("str", "", "Trace file written by file-sink (any codec chain)")
+    path = Property("str", "", "Trace file written by file-sink (any codec chain)", required=True)
     pace = Property("choice", "fast", "fast: as fast as possible; recorded: at the recorded checkpoint times",
                     choices=("fast", "recorded"))
     batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1)

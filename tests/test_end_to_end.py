@@ -298,7 +298,7 @@ def test_sender_killed_mid_stream_then_restarted(tmp_path):
     replica = tmp_path / "replica"
     receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} ! deframe ! decode ! "
                               f"replica-sink path={replica} fsync=false").start(mode="process")
-    sender = _launch_process(f"workload-src kind=sim size=4MiB seconds=60 rate=40 ! classify ! xor-delta ! rle ! "
+    sender = _launch_process(f"workload-src kind=sim size=4MiB seconds=60s rate=40 ! classify ! xor-delta ! rle ! "
                              f"frame ! zmq-sink endpoint={endpoint}", stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

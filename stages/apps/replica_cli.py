@@ -28,6 +28,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
                       markup=False, highlight=False)
     if report.bad_pages:
         console.print(f"  damaged pages: {', '.join(map(str, report.bad_pages))}", markup=False, highlight=False)
+        console.print(f"  the replica holds only epoch {report.epoch}, and these pages no longer match it (disk "
+                      "damage, or a change made outside pagepipe). To repair it: restart the receiver's "
+                      "replica-sink on this directory with an ack channel to the sender; it finds the damage, "
+                      "starts empty and asks for a resync, and the sender's next checkpoint rewrites every page. "
+                      "Without a running sender, no intact copy is left: replicate afresh.",
+                      markup=False, highlight=False, soft_wrap=True)
     return 1
 
 

@@ -38,6 +38,8 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+import fcntl
+
 import numpy as np
 import xxhash
 
@@ -50,6 +52,9 @@ FORMAT_NAME = "pagepipe-replica"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_TEMPORARY = MANIFEST + ".tmp"
+LOCK = ".pagepipe-replica.lock"
+"""Marks a directory as a replica from the moment a replica-sink claims it (with the manifest, once an
+epoch is committed), and is held locked (flock) while a replica-sink writes there."""
 IMAGE = "pages.img"
 DIGESTS = "digests.u64"
 JOURNAL = "journal"
@@ -173,6 +178,35 @@ def ensure_replica_directory(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise ReplicaError(f"replica {path}: not a directory")
     return path
+
+
+def claim_replica_directory(path: str | os.PathLike, force: bool = False) -> int:
+    """Create or take over a replica directory and lock it; returns the lock's file descriptor
+    (close it to release). ConfigError for a non-empty directory that is not a replica (neither
+    manifest nor lock file) unless ``force``; ReplicaError if another process holds the lock."""
+    directory = Path(path)
+    if directory.is_dir() and not force:
+        try:
+            entries = sorted(os.listdir(directory))
+        except OSError as exc:
+            raise ReplicaError(f"replica {path}: cannot list the directory ({exc.strerror or exc})") from None
+        if entries and MANIFEST not in entries and LOCK not in entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ConfigError(f"replica-sink: path={path} holds {len(entries)} other file(s) ({shown}) and is not "
+                              f"a replica (no {MANIFEST} or {LOCK}); give a new or empty directory, or add "
+                              f"force=true to keep the replica's files among them")
+    ensure_replica_directory(directory)
+    try:
+        descriptor = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ReplicaError(f"replica {path}: cannot create {LOCK} ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise ReplicaError(f"replica {path}: another replica-sink is writing it ({LOCK} is locked); "
+                           f"stop that one, or give another path=") from None
+    return descriptor
 
 
 def _hex(value: int) -> str:
@@ -783,6 +817,16 @@ def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyRe
     """Check a replica, read-only: manifest, file sizes, every page against its stored digest, the image
     digest, and that no interrupted commit is pending."""
     problems: list[str] = []
+    directory = Path(path)
+    if not directory.exists():
+        return VerifyReport(str(path), 0, 0, [], [f"replica {path}: no such directory (check the path; "
+                                                    "a replica-sink creates it)"])
+    if not directory.is_dir():
+        return VerifyReport(str(path), 0, 0, [], [f"replica {path}: a file, not a replica directory (give the "
+                                                    "directory a replica-sink path= wrote)"])
+    if not (directory / MANIFEST).exists() and not (directory / LOCK).exists():
+        return VerifyReport(str(path), 0, 0, [], [f"replica {path}: not a replica (no {MANIFEST} or {LOCK}); "
+                                                    "give the directory a replica-sink path= wrote"])
     try:
         store = ReplicaStore(path, fsync=False, writable=False)
     except ReplicaError as exc:

@@ -28,9 +28,9 @@ from pipeline.stage import Property, Stage, StageContext
 from stages.common.acks import AckListener
 from stages.common.pages import digest_pages
 
-from .epochs import EpochStream
+from .epochs import EpochRecords, EpochStream
 from stages.common.layout import Region, remap
-from .procmem import ProcessGone, read_pages, wait_stopped, writable_mappings
+from .procmem import ProcessGone, permission_hint, read_pages, wait_stopped, writable_mappings
 from .uffd import PagemapScanner
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -50,6 +50,8 @@ class _Snapshot:
     data: list[np.ndarray] = field(default_factory=list)
     pause: float = 0.0
     when: float = 0.0
+    began: float = 0.0
+    """time.monotonic() when the checkpoint began."""
 
 
 def _runs(resident: np.ndarray | None, offset: int, count: int, start: int) -> list[tuple[int, int, int]]:
@@ -74,7 +76,7 @@ class ProcessSource(Stage):
     description = "Dirty pages of another live process (stop, digest, copy, resume every interval)"
     output_caps = PAGES
 
-    pid = Property("int", None, "Process to checkpoint", minimum=1)
+    pid = Property("int", None, "Process to checkpoint", minimum=1, required=True)
     interval = Property("duration", "25ms", "Time between checkpoints", minimum=0)
     checkpoints = Property("int", 0, "Checkpoints to take, then end (0: until the process exits or close())",
                            minimum=0)
@@ -85,7 +87,7 @@ class ProcessSource(Stage):
                     "process resumes (shortest pause; memory as large as the process) | changed: the pause "
                     "digests chunk by chunk and copies only changed pages (4 MiB of memory)",
                     choices=("all", "changed"))
-    ack_endpoint = Property("str", "", "Bind an ack listener here (e.g. tcp://*:5556) for the receiver's "
+    ack_endpoint = Property("endpoint", "", "Bind an ack listener here (e.g. tcp://*:5556) for the receiver's "
                             "replica-sink ack-endpoint=: its resync requests reach this tracker ('' = none)")
 
     def __init__(self, **properties: Any):
@@ -101,6 +103,7 @@ class ProcessSource(Stage):
         self._resync_requested = False
         self._close_requested = threading.Event()
         self._ack_listener: AckListener | None = None
+        self._records = EpochRecords(PAGE_SIZE)
 
     @property
     def _where(self) -> str:
@@ -152,6 +155,10 @@ class ProcessSource(Stage):
         """The next checkpoint carries the layout and every tracked page, flagged RESYNC."""
         self._resync_requested = True
 
+    def acknowledged(self, epoch: int) -> None:
+        """The receiver committed ``epoch`` (ack listener thread): records its checkpoint -> ack latency."""
+        self._records.acknowledged(self.context, epoch)
+
     def close(self) -> None:
         """Take one final checkpoint now and end the stream (thread safe)."""
         self._close_requested.set()
@@ -176,6 +183,8 @@ class ProcessSource(Stage):
                 yield from stream.pages(epoch, np.concatenate(snapshot.page_numbers).astype(np.uint64),
                                         np.concatenate(snapshot.data), resync)
             yield stream.end(epoch, snapshot.pause, snapshot.when, resync)
+            self._records.checkpoint(self.context, epoch, snapshot.began, snapshot.pause,
+                                     sum(len(numbers) for numbers in snapshot.page_numbers), snapshot.when, resync)
             if self._ack_listener is not None:
                 self.counters["acknowledged_epoch"] = self._ack_listener.acked_epoch
             self.counters.update(checkpoints=epoch, pause_ms=snapshot.pause * 1e3,
@@ -189,11 +198,15 @@ class ProcessSource(Stage):
     def _checkpoint(self, epoch: int, final: bool, everything: bool) -> _Snapshot:
         """Stop, read, compare, copy, resume. ProcessGone if the process exited before it could be stopped."""
         began = time.perf_counter()
+        began_monotonic = time.monotonic()
         when = time.time()
         try:
             os.kill(self.pid, signal.SIGSTOP)
         except ProcessLookupError:
             raise ProcessGone(self.pid) from None
+        except PermissionError:
+            raise TrackerError(f"{self._where}: cannot stop pid {self.pid}: permission denied; "
+                               f"{permission_hint(self.pid)}") from None
         keep_stopped = False
         try:
             wait_stopped(self.pid, self.stop_timeout)
@@ -209,6 +222,7 @@ class ProcessSource(Stage):
                 self._resume()
         snapshot.pause = time.perf_counter() - began
         snapshot.when = when
+        snapshot.began = began_monotonic
         for numbers, pages in snapshot.pending:  # copy=all: compare now the process runs again
             self._keep_changes(snapshot, numbers, pages, everything)
         return snapshot
