@@ -287,8 +287,15 @@ def _unavailable(reason: str) -> Subcommand:
     return Subcommand(f"(unavailable: {reason})", add_arguments, run)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line naming the argument at fault (exit 2), pointing at --help."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} ({self.prog} --help shows the usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagepipe", description="Streaming memory checkpoints as a pipeline.")
+    parser = OneLineParser(prog="pagepipe", description="Streaming memory checkpoints as a pipeline.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, command in subcommands().items():
         command.add_arguments(commands.add_parser(name, help=command.summary, description=command.summary))

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, ParseError
-from .registry import load
+from .registry import factories, load
 from .stage import Stage
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_+-]*$")
@@ -99,6 +99,12 @@ def parse_description(text: str) -> Description:
         else:
             if not _NAME.match(token.text):
                 raise ParseError(f"expected a stage name, found {token.text!r}", text, token.position)
+            after = items[-1] if items and pending_link is None else None
+            if isinstance(after, ElementWords) and after.properties and token.text not in factories():
+                key, value = after.properties[-1]
+                raise ParseError(f"{token.text!r} follows {key.text}={value.text} without '!' and is no stage: "
+                                 f"a value with a space needs quotes ({key.text}=\"{value.text} {token.text}\"), "
+                                 f"a new element follows '!'", text, token.position)
             item = ElementWords(token)
         items.append(item)
         if pending_link is not None:

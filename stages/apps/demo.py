@@ -340,18 +340,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, console: Console | None = None) -> int:
-    """Run the demo from parsed options: 0 only if the replica equals the source, 2 for bad options."""
+    """Run the demo from parsed options: 0 only if the replica equals the source; ConfigError for bad options."""
     console = console or Console()
-    try:
-        options = DemoOptions(workload=args.workload, size=parse_size(args.size), seconds=parse_duration(args.seconds),
-                              rate=args.rate, codec=args.codec, workers=args.workers, replica=args.replica,
-                              fsync=args.fsync, max_unacked=args.max_unacked, steps=args.steps)
-        log = run_log(args, console, [("frame0", "bytes_out")])
-        with log or contextlib.nullcontext():
-            result = run_demo(options, show_progress=not args.no_progress and console.is_terminal, on_message=log)
-    except ConfigError as exc:
-        console.print(f"pagepipe demo: {exc}", markup=False, highlight=False)
-        return 2
+    options = DemoOptions(workload=args.workload, size=parse_size(args.size), seconds=parse_duration(args.seconds),
+                          rate=args.rate, codec=args.codec, workers=args.workers, replica=args.replica,
+                          fsync=args.fsync, max_unacked=args.max_unacked, steps=args.steps)
+    log = run_log(args, console, [("frame0", "bytes_out")])
+    with log or contextlib.nullcontext():
+        result = run_demo(options, show_progress=not args.no_progress and console.is_terminal, on_message=log)
     print_summary(result, options, console)
     return 0 if result.identical else 1
 
@@ -364,7 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     """``pagepipe demo [options]`` (also ``python -m stages.apps.demo``)."""
     parser = argparse.ArgumentParser(prog="pagepipe demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except ConfigError as exc:
+        print(f"pagepipe demo: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

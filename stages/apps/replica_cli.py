@@ -5,6 +5,7 @@ import argparse
 
 from rich.console import Console
 
+from pipeline.errors import ReplicaError
 from pipeline.subcommand import Subcommand
 from stages.common.replica_store import verify_replica
 
@@ -19,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, console: Console) -> int:
     """Print what ``verify`` found; 0 if the replica is consistent, 1 if not."""
     report = verify_replica(args.path)
+    if not report.ok and report.epoch == 0 and not report.bad_pages:   # no replica to speak of
+        raise ReplicaError(report.problems[0])
     if report.ok:
         console.print(f"replica {report.path}: epoch {report.epoch}, {report.pages} pages, consistent",
                       markup=False, highlight=False)
