@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, ParseError
-from .registry import factories, load
+from . import registry
+from .registry import load
 from .stage import Stage
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_+-]*$")
@@ -100,7 +101,7 @@ def parse_description(text: str) -> Description:
             if not _NAME.match(token.text):
                 raise ParseError(f"expected a stage name, found {token.text!r}", text, token.position)
             after = items[-1] if items and pending_link is None else None
-            if isinstance(after, ElementWords) and after.properties and token.text not in factories():
+            if isinstance(after, ElementWords) and after.properties and token.text not in registry.factories():
                 key, value = after.properties[-1]
                 raise ParseError(f"{token.text!r} follows {key.text}={value.text} without '!' and is no stage: "
                                  f"a value with a space needs quotes ({key.text}=\"{value.text} {token.text}\"), "

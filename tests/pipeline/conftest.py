@@ -9,7 +9,7 @@ from tests_pipeline_support import wait_until_gone, worker_processes
 TEST_STAGES = {name: f"stages_for_tests:{cls}" for name, cls in {
     "recorder": "Recorder", "fail-at": "FailAt", "shard-checker": "ShardChecker", "counting-src": "CountingSource",
     "lagging-sink": "LaggingSink", "doubler": "Doubler", "warner": "Warner", "hoarder": "Hoarder",
-    "back-to-back-src": "BackToBackSource"}.items()}
+    "back-to-back-src": "BackToBackSource", "epoch-noter": "EpochNoter"}.items()}
 
 
 @pytest.fixture(autouse=True)
