@@ -96,7 +96,8 @@ def _positive_seconds(text: str | None, option: str) -> float | None:
     return value
 
 
-def run_log(args: argparse.Namespace, console: Console, wire_links: list[tuple[str, str]] | None = None) -> RunLog | None:
+def run_log(args: argparse.Namespace, console: Console, wire_links: list[tuple[str, str]] | None = None,
+            order: list[str] | None = None) -> RunLog | None:
     """The status and event log of a run: without a terminal always, on one with --stats-interval."""
     interval = _positive_seconds(args.stats_interval, "--stats-interval")
     if console.is_terminal and interval is None:
@@ -105,7 +106,8 @@ def run_log(args: argparse.Namespace, console: Console, wire_links: list[tuple[s
     if console.is_terminal:   # above the live table
         def write(line: str) -> None:
             console.print(line, markup=False, emoji=False, highlight=False, soft_wrap=True)
-    return RunLog(interval=interval or DEFAULT_INTERVAL, fmt=args.log_format, wire_links=wire_links, write=write)
+    return RunLog(interval=interval or DEFAULT_INTERVAL, fmt=args.log_format, wire_links=wire_links, write=write,
+                  order=order)
 
 
 def _listeners(*listeners: Callable[[Message], None] | None) -> Callable[[Message], None]:
@@ -151,7 +153,8 @@ def run_launch(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"--max-inflight {args.max_inflight!r} must be positive")
     _check_output_file(args.stats_json, "--stats-json")
     pipeline = Pipeline.parse(" ".join(args.description))
-    log = run_log(args, console, pipeline.plan(fuse=not args.no_fuse).wire_links())
+    plan = pipeline.plan(fuse=not args.no_fuse)
+    log = run_log(args, console, plan.wire_links(), plan.names())
     metrics = None
     if args.metrics_port:
         from .metrics import MetricsExporter

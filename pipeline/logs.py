@@ -54,12 +54,13 @@ class RunLog:
 
     def __init__(self, stream: TextIO | None = None, interval: float = DEFAULT_INTERVAL, fmt: str = "text",
                  wire_links: list[tuple[str, str]] | None = None, status: bool = True,
-                 write: Callable[[str], None] | None = None):
+                 write: Callable[[str], None] | None = None, order: list[str] | None = None):
         self.stream = stream or sys.stdout
         self.interval = interval
         self.fmt = fmt
         self.status = status
-        self.series = EpochSeries(wire_links or [])
+        self.order = {name: index for index, name in enumerate(order or [])}
+        self.series = EpochSeries(wire_links or [], order=self.order)
         self.statistics: dict[tuple[str, int], dict[str, Any]] = {}
         self.waiting: dict[str, str] = {}
         self._write_line = write
@@ -121,7 +122,9 @@ class RunLog:
         """What a status line says, as a dict: elapsed time, per-stage rates, epochs since the last line."""
         now = time.monotonic()
         with self._lock:
-            totals = stage_totals(self.statistics)
+            last = len(self.order)
+            totals = dict(sorted(stage_totals(self.statistics).items(),
+                                 key=lambda item: self.order.get(item[0], last)))
             fresh = self.series.pipeline(self._last_epoch)
             waiting = dict(self.waiting)
         self._last_epoch = max(fresh, default=self._last_epoch)

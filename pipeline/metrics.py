@@ -33,8 +33,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 def parse_metrics_address(text: str) -> tuple[str, int]:
     """``9464`` (loopback) or ``HOST:PORT``; ConfigError naming the word."""
     host, _, port = str(text).rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--metrics-port {text!r}: expected a port (9464) or HOST:PORT (0.0.0.0:9464)")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"--metrics-port {text!r}: expected a port (9464; 0 picks a free one) or HOST:PORT "
+                          "(0.0.0.0:9464)")
     return host or "127.0.0.1", int(port)
 
 

@@ -46,6 +46,8 @@ def permission_hint(pid: int) -> str:
         hint += (f"; kernel.yama.ptrace_scope is {scope}: at 1 only a parent may read its child unless it "
                  "has CAP_SYS_PTRACE (sysctl kernel.yama.ptrace_scope=0 lifts that), at 2 only "
                  "CAP_SYS_PTRACE helps, at 3 nothing does")
+    elif not scope:
+        hint += "; where the Yama LSM is on, kernel.yama.ptrace_scope above 0 also restricts this"
     return hint
 
 
