@@ -160,7 +160,7 @@ def run_launch(args: argparse.Namespace, console: Console) -> int:
         from .metrics import MetricsExporter
         metrics = MetricsExporter(args.metrics_port)
     try:
-        with Progress(console) as progress, log or contextlib.nullcontext():
+        with Progress(console, show_warnings=log is None) as progress, log or contextlib.nullcontext():
             try:
                 result = pipeline.run(mode=args.mode, on_message=_listeners(progress, log, metrics), timeout=timeout,
                                       fuse=not args.no_fuse, max_inflight=limit, name=args.name)

@@ -82,8 +82,9 @@ def statistics_names(statistics: dict[tuple[str, int], dict[str, Any]]) -> set[s
 class Progress:
     """Bus listener that keeps a rich Live table up to date (when the console is a terminal)."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, show_warnings: bool = True):
         self.console = console
+        self.show_warnings = show_warnings
         self.statistics: dict[tuple[str, int], dict[str, Any]] = {}
         self._live = Live(statistics_table({}, "running"), console=console, auto_refresh=False,
                           transient=True) if console.is_terminal else None
@@ -102,7 +103,7 @@ class Progress:
             self.statistics[(message.stage, message.worker)] = message.fields
             if self._live is not None:
                 self._live.update(statistics_table(self.statistics, "running"), refresh=True)
-        elif message.kind == "warning" and self._live is not None:   # without a terminal RunLog writes them
+        elif message.kind == "warning" and self._live is not None and self.show_warnings:   # else RunLog writes them
             self.console.print(str(message), style="yellow", markup=False, emoji=False, highlight=False)
 
 
