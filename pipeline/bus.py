@@ -96,23 +96,42 @@ class WorkerStatistics:
     def snapshot(self, counters: dict[str, Any]) -> dict[str, Any]:
         """The statistics as a bus message body (JSON-able)."""
         self.elapsed_seconds = time.monotonic() - self.started
-        self.counters = {str(k): v.item() if isinstance(v, np.generic) else v for k, v in counters.items()
-                         if isinstance(v, (int, float, str, bool, np.generic))}
+        self.counters = plain_counters(counters)
         values = asdict(self)
         del values["started"]
         return values
 
 
+def plain_counters(counters: dict[str, Any]) -> dict[str, Any]:
+    """A stage's counters as JSON-able values (numpy scalars as Python numbers; other values left out)."""
+    return {str(k): v.item() if isinstance(v, np.generic) else v for k, v in counters.items()
+            if isinstance(v, (int, float, str, bool, np.generic))}
+
+
 def stage_totals(statistics: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per-stage sums of per-worker statistics, in first-seen order, with a ``workers`` count."""
+    """Per-stage sums of per-worker statistics, in first-seen order, with a ``workers`` count.
+
+    The stage's own ``counters`` are summed the same way (numbers; other values as the last worker has them);
+    ``fused_as`` names the fused node an element ran in, if it did.
+    """
     totals: dict[str, dict[str, Any]] = {}
     for (stage, _), stats in statistics.items():
-        total = totals.setdefault(stage, {"workers": 0})
+        total = totals.setdefault(stage, {"workers": 0, "counters": {}})
         total["workers"] += 1
-        for key, value in stats.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "worker":
-                total[key] = total.get(key, 0) + value
+        _add_numbers(total, stats, skip=("worker",))
+        _add_numbers(total["counters"], stats.get("counters") or {}, keep_other=True)
+        if "fused_as" in stats:
+            total["fused_as"] = stats["fused_as"]
     return totals
+
+
+def _add_numbers(total: dict[str, Any], values: dict[str, Any], skip: tuple[str, ...] = (),
+                 keep_other: bool = False) -> None:
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in skip:
+            total[key] = total.get(key, 0) + value
+        elif keep_other and not isinstance(value, dict):
+            total[key] = value
 
 
 @dataclass
@@ -146,12 +165,13 @@ class Collector:
     """Keeps the latest statistics and the warnings while forwarding every message to listeners."""
 
     def __init__(self, listeners: Iterable[Callable[[Message], None]] = (), stage_order: Iterable[str] = (),
-                 wire_links: Iterable[tuple[str, str]] = ()):
+                 wire_links: Iterable[tuple[str, str]] = (), epoch_order: Iterable[str] = ()):
         self.stage_order = {name: index for index, name in enumerate(stage_order)}
         self.listeners = [listener for listener in listeners if listener is not None]
         self.statistics: dict[tuple[str, int], dict[str, Any]] = {}
         self.warnings: list[Message] = []
-        self.epochs = EpochSeries(wire_links, order=self.stage_order)
+        self.epochs = EpochSeries(wire_links, order=list(epoch_order) or list(self.stage_order))
+        """Per-epoch records come per node of the plan (a fused node under its fused name)."""
         self.timeline: dict[str, dict[str, list]] = {}
         self.started = time.monotonic()
 

@@ -66,6 +66,8 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{label:<16}{value}", highlight=False)
     console.print("Properties:", highlight=False)
     for prop in stage_class.properties().values():
+        if prop.internal:  # set by the runtime or by fusion, never by a user
+            continue
         default = "required" if prop.required else f"default {prop.default!r}"
         console.print(f"  {prop.name:<18}{prop.type:<10}{default}", highlight=False, markup=False)
         if prop.describe_range():
@@ -213,7 +215,7 @@ def run_stage(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"--max-inflight {args.max_inflight!r} must be positive")
     stage = build_stage(description.items[0], text)
     try:
-        stage.check_required()
+        stage.check()
     except ConfigError as exc:
         raise ParseError(str(exc), text, description.items[0].factory.position) from None
     if stage.is_source == bool(args.input):

@@ -11,7 +11,9 @@ import time
 from typing import Callable, Iterator
 
 from .batch import Batch, Flag
-from .bus import WorkerStatistics
+from .bus import WorkerStatistics, plain_counters
+from .errors import ConfigError
+from .fusion import Fusion
 from .epoch_stats import EpochCounter
 from .routing import EpochPageCounter, FanIn
 from .stage import Stage, StageContext
@@ -21,9 +23,11 @@ class WorkerCore:
     """Drive one stage instance: fan-in barrier, ``handle``, epoch-end stamping, statistics."""
 
     def __init__(self, stage: Stage, context: StageContext, inputs: int, output_format: str | None,
-                 emit: Callable[[Batch], None], stamp_pages: bool):
+                 emit: Callable[[Batch], None], stamp_pages: bool, elements: list[str] | None = None):
         self.stage = stage
         self.context = context
+        self.elements = elements or [context.stage_name]
+        """The original elements the stage runs (several when it is a fused stage), for their statistics."""
         self.fan_in = FanIn(max(inputs, 1))
         self.output_format = output_format
         self.emit = emit
@@ -34,13 +38,20 @@ class WorkerCore:
         self._epoch_counter = EpochCounter()
 
     def start(self) -> None:
+        self.stage.context = self.context  # also when the stage's start() forgets super().start(context)
         self.stage.start(self.context)
 
     def stop(self) -> None:
         self.stage.stop()
 
-    def statistics(self) -> dict:
-        return self.stats.snapshot(self.stage.counters)
+    def statistics(self) -> list[tuple[str, dict]]:
+        """(element name, statistics message body) of each element this worker runs."""
+        whole = self.stats.snapshot(self.stage.counters)
+        fusion = self.stage.fusion
+        if len(self.elements) == 1 or fusion is None:
+            return [(self.elements[0], whole)]
+        return [(name, member_statistics(whole, fusion, index, name, self.context.stage_name))
+                for index, name in enumerate(self.elements)]
 
     def epoch_records(self) -> list[list]:
         """The per-epoch records waiting to be posted (``epochs`` bus message), taken."""
@@ -69,7 +80,11 @@ class WorkerCore:
         A source that ends without an end-of-stream marker gets one, so
         downstream workers always learn that the stream is over.
         """
-        outputs = iter(self.stage.produce())
+        produced = self.stage.produce()
+        if produced is None or not hasattr(produced, "__iter__"):
+            raise ConfigError(f"{self.context.stage_name}: produce() returned {type(produced).__name__}, not an "
+                              "iterable of batches (yield each batch)")
+        outputs = iter(produced)
         ended = False
         while True:
             batch = self._next(outputs)
@@ -98,8 +113,23 @@ class WorkerCore:
             self.stats.busy_seconds += time.perf_counter() - began
 
     def _emit(self, batch: Batch) -> None:
+        if not isinstance(batch, Batch):
+            raise ConfigError(f"{self.context.stage_name}: emitted {type(batch).__name__}, not a pipeline Batch")
         if self.page_counter is not None:
             batch = self.page_counter.stamp(batch)
         self._last_epoch = batch.epoch
         self.stats.count_out(batch)
         self.emit(batch)
+
+
+def member_statistics(whole: dict, fusion: Fusion, index: int, name: str, node_name: str) -> dict:
+    """Statistics of member ``index`` of a fused stage: traffic through its own links, its own counters, the
+    shared worker's time; ``fused_as`` names the node it ran in."""
+    stats = dict(whole, stage=name, counters=plain_counters(fusion.members[index].counters), fused_as=node_name)
+    if index > 0:
+        link = fusion.links[index - 1]
+        stats.update(batches_in=link.batches, pages_in=link.pages, bytes_in=link.bytes)
+    if index < len(fusion.links):
+        link = fusion.links[index]
+        stats.update(batches_out=link.batches, pages_out=link.pages, bytes_out=link.bytes)
+    return stats

@@ -26,6 +26,11 @@ class Node:
     output_format: str | None
     upstream: int | None = None
     downstream: list[int] = field(default_factory=list)
+    elements: list[str] = field(default_factory=list)
+    """The original elements this node runs: its own name, or every element fused into it, in order."""
+
+    def __post_init__(self) -> None:
+        self.elements = self.elements or [self.name]
 
     @property
     def stamps_pages(self) -> bool:
@@ -51,6 +56,10 @@ class Plan:
                 links.append((node.name, "bytes_in"))
         return links
 
+    def element_names(self) -> list[str]:
+        """Every original element, in order (the members of fused nodes one by one)."""
+        return [element for node in self.nodes for element in node.elements]
+
 
 def _caps_text(stage: Stage) -> str:
     return "|".join(stage.input_caps) if stage.input_caps else "nothing (a source)"
@@ -72,7 +81,7 @@ def build_plan(elements: list[Stage], links: list[tuple[Stage, Stage]], fuse: bo
         raise ConfigError("the pipeline has no elements")
     for stage in elements:
         try:
-            stage.check_required()
+            stage.check()
         except ConfigError as exc:
             raise fail(ConfigError, stage, str(exc)) from None
     upstream: dict[int, Stage] = {}
@@ -141,19 +150,30 @@ def _check_workers(stage: Stage, input_format: str | None,
 
 
 def fuse_neighbours(plan: Plan) -> Plan:
-    """Replace each link a -> b where ``a.fuse(b)`` offers a stage by that stage (with a's workers)."""
+    """Replace each link a -> b where ``a.fuse(b)`` offers a stage by that stage (with a's workers).
+
+    Merging stages never changes results (pipeline.fusion): only a stage whose
+    own class defines ``fuse`` is asked, and the fused stage must account for
+    every element it replaces, so their statistics keep their names.
+    """
     nodes = plan.nodes
     alive = [True] * len(nodes)
     for index, node in enumerate(nodes):
         while alive[index] and len(node.downstream) == 1:
             child_index = node.downstream[0]
             child = nodes[child_index]
-            fused = node.stage.fuse(child.stage)
+            fused = node.stage.fuse(child.stage) if declares_fuse(node.stage) else None
             if fused is None:
                 break
+            elements = node.elements + child.elements
+            members = len(fused.fusion.members) if fused.fusion is not None else 0
+            if members != len(elements):
+                raise ConfigError(f"{type(node.stage).__qualname__}.fuse: the fused stage accounts for {members} "
+                                  f"elements, not {len(elements)} ({', '.join(elements)}); give it a "
+                                  "pipeline.fusion.Fusion with one member per element")
             fused.workers = node.workers
             fused.name = f"{node.name}+{child.name}"
-            node.stage, node.name = fused, fused.name
+            node.stage, node.name, node.elements = fused, fused.name, elements
             node.output_format = child.output_format
             node.downstream = child.downstream
             alive[child_index] = False
@@ -168,3 +188,8 @@ def fuse_neighbours(plan: Plan) -> Plan:
         for child in node.downstream:
             fused_nodes[child].upstream = index
     return Plan(fused_nodes)
+
+
+def declares_fuse(stage: Stage) -> bool:
+    """Whether the stage's own class defines ``fuse`` (an inherited one may not fit what a subclass does)."""
+    return "fuse" in vars(type(stage))

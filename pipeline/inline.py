@@ -65,7 +65,7 @@ class InlineExecution:
                 inputs = nodes[node.upstream].workers if node.upstream is not None else 1
                 emit = self._emitter(node, worker)
                 self.cores[index].append(
-                    WorkerCore(stage, context, inputs, node.output_format, emit, node.stamps_pages))
+                    WorkerCore(stage, context, inputs, node.output_format, emit, node.stamps_pages, node.elements))
 
     def _poster(self, stage: str, worker: int) -> Callable[..., None]:
         return lambda kind, **fields: self._post(Message(kind, stage, worker, fields))
@@ -114,7 +114,8 @@ class InlineExecution:
                 records = core.epoch_records()
                 if records:
                     self._post(Message("epochs", node.name, core.context.worker_index, {"records": records}))
-                self._post(Message("stats", node.name, core.context.worker_index, core.statistics()))
+                for element, stats in core.statistics():
+                    self._post(Message("stats", element, core.context.worker_index, stats))
                 if final and node.output_format is None:
                     self._post(Message("eos", node.name, core.context.worker_index))
                 if final:

@@ -86,6 +86,9 @@ class Pipeline:
         """Add an element; one without a name gets ``<factory><n>`` (``identity0``)."""
         if not isinstance(stage, Stage):
             raise ConfigError(f"pipeline elements must be Stage objects, got {type(stage).__name__}")
+        if not stage.factory_name:
+            raise ConfigError(f"{type(stage).__qualname__} has no factory_name: set one on the class "
+                              "(factory_name = \"my-stage\"), it names the element and its messages")
         if any(stage is element for element in self._elements):
             return stage
         if not stage.name:
@@ -147,8 +150,8 @@ class Pipeline:
         if limit <= 0:
             raise ConfigError(f"max-inflight {max_inflight!r} must be positive")
         execution = InlineExecution(plan) if mode == "inline" else ProcessExecution(plan, limit, start_method, name)
-        return PipelineHandle(execution, Collector([on_message], stage_order=plan.names(),
-                                                   wire_links=plan.wire_links()))
+        return PipelineHandle(execution, Collector([on_message], stage_order=plan.element_names(),
+                                                   wire_links=plan.wire_links(), epoch_order=plan.names()))
 
 
 class PipelineHandle:

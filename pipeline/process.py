@@ -139,6 +139,7 @@ class ProcessExecution:
                            for link, child in enumerate(node.downstream)]
                 spec = WorkerSpec(
                     stage_target=class_path(type(node.stage)), properties=properties, stage_name=node.name,
+                    elements=node.elements,
                     worker_index=worker, worker_count=node.workers, output_format=node.output_format,
                     stamp_pages=node.stamps_pages, inputs=inputs, outputs=outputs,
                     credit_endpoint=credit(index, worker) if node.downstream else None,

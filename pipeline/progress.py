@@ -59,24 +59,32 @@ def epoch_table(series: EpochSeries) -> Table | None:
 def statistics_table(statistics: dict[tuple[str, int], dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in ("stage", "workers", "batches in", "pages in", "in", "batches out", "pages out", "out",
-                   "busy", "in flight"):
+                   "busy", "in flight", "counters"):
         if column == "stage":   # names are never cut: a long fused name wraps instead
             table.add_column(column, overflow="fold", min_width=max((len(s) for s in statistics_names(statistics)),
                                                                     default=5))
         else:
-            table.add_column(column, justify="right")
+            table.add_column(column, justify="left" if column == "counters" else "right")
     for stage, total in stage_totals(statistics).items():
         elapsed = max(total.get("elapsed_seconds", 0.0) / max(total["workers"], 1), 1e-9)
         busy = total.get("busy_seconds", 0.0) / total["workers"] / elapsed
-        table.add_row(Text(stage), str(total["workers"]), str(total.get("batches_in", 0)), str(total.get("pages_in", 0)),
+        name = f"{stage} (in {total['fused_as']})" if "fused_as" in total else stage
+        table.add_row(Text(name), str(total["workers"]), str(total.get("batches_in", 0)), str(total.get("pages_in", 0)),
                       format_size(total.get("bytes_in", 0)), str(total.get("batches_out", 0)),
                       str(total.get("pages_out", 0)), format_size(total.get("bytes_out", 0)),
-                      f"{100 * busy:.0f}%", format_size(total.get("queue_bytes", 0)))
+                      f"{100 * busy:.0f}%", format_size(total.get("queue_bytes", 0)),
+                      counters_text(total.get("counters", {})))
     return table
 
 
 def statistics_names(statistics: dict[tuple[str, int], dict[str, Any]]) -> set[str]:
     return {stage for stage, _ in statistics}
+
+
+def counters_text(counters: dict[str, Any]) -> str:
+    """A stage's own counters, compactly: ``hits=120 misses=4``."""
+    return " ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in counters.items())
 
 
 class Progress:

@@ -7,12 +7,14 @@ process) drive the same stage code.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
-from .batch import ANY, Batch, Flag
+from .batch import ANY, FORMATS, Batch, Flag
 from .epoch_stats import EpochRecorder
 from .errors import ConfigError
+from .fusion import Fusion
 from .units import parse_duration, parse_endpoint, parse_size
 
 PROPERTY_TYPES = ("int", "float", "bool", "str", "size", "duration", "choice", "endpoint", "object")
@@ -29,12 +31,19 @@ class Property:
     ZeroMQ endpoint with its scheme (``tcp://host:port``; empty allowed unless
     required), ``object`` any Python value (Python API only, not from a launch
     string). ``required=True``: the pipeline refuses to start without it.
+    ``internal=True`` marks a property only the runtime or fusion sets: it is
+    left out of ``pagepipe inspect``.
     """
 
     def __init__(self, type: str, default: Any, doc: str, *, minimum: float | None = None,
-                 maximum: float | None = None, choices: Iterable[str] | None = None, required: bool = False):
+                 maximum: float | None = None, choices: Iterable[str] | None = None, internal: bool = False,
+                 required: bool = False):
         if type not in PROPERTY_TYPES:
-            raise ValueError(f"unknown property type {type!r}")
+            raise ValueError(f"unknown property type {type!r}; use one of {', '.join(PROPERTY_TYPES)}")
+        if (type == "choice") != (choices is not None):
+            raise ValueError("a choice property needs choices=(...), and only a choice property takes them")
+        if not isinstance(doc, str) or not doc:
+            raise ValueError("a property needs a doc string (pagepipe inspect shows it)")
         self.type = type
         self.default = default
         self.doc = doc
@@ -42,12 +51,17 @@ class Property:
         self.maximum = maximum
         self.choices = tuple(choices) if choices is not None else None
         self.required = required
+        self.internal = internal
+        self.bad_default = None
         self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name.replace("_", "-")
         self.attribute = name
-        self.default = self.parse(self.default)
+        try:
+            self.default = self.parse(self.default)
+        except ConfigError as exc:  # raised by check_stage_class, naming the class (Python would wrap it here)
+            self.bad_default: ConfigError | None = exc
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
@@ -163,6 +177,11 @@ class Stage:
     and out per epoch); see pipeline.epoch_stats.
     A property declared with ``required=True`` must be given; the launch parser checks
     it before anything starts.
+
+    Merging stages never changes results: the runtime may run neighbours as
+    one fused stage (``fuse``), but only stages whose own class declares how
+    they fuse, and the fused stage does exactly what they would do apart,
+    reporting statistics under every original element's name (pipeline.fusion).
     """
 
     factory_name: ClassVar[str] = ""
@@ -173,8 +192,15 @@ class Stage:
     max_workers: ClassVar[int] = 64
     runs_in_caller: ClassVar[bool] = False  # must run in the process that owns its memory
     back_to_back: ClassVar[bool] = False
+    fusion: Fusion | None = None
+    """Set by a fused stage: its original elements and the traffic between them (pipeline.fusion)."""
     """Sources: ``produce`` yields each epoch's batches and its end one right after another, never waiting in
     between, so the process executor may hold small page batches until the epoch's end and send them together."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the class against the stage contract when it is defined (see ``check_stage_class``)."""
+        super().__init_subclass__(**kwargs)
+        check_stage_class(cls)
 
     name = Property("str", "", "Element name, for references (t.) and messages")
     workers = Property("int", 1, "Worker processes running this stage side by side", minimum=1, maximum=64)
@@ -209,6 +235,12 @@ class Stage:
         return [prop.name for prop in self.properties().values()
                 if prop.required and getattr(self, prop.attribute) in (None, "")]
 
+    def check(self) -> None:
+        """Check the configuration before anything starts (the pipeline's plan calls it); ConfigError
+        saying what is wrong. By default: every required property is given. Stages with rules
+        across properties (one of pid=, pids=, cgroup=) extend it."""
+        self.check_required()
+
     def check_required(self) -> None:
         """ConfigError naming the required properties not given, and an example of each."""
         missing = self.missing_properties()
@@ -238,10 +270,16 @@ class Stage:
         return self.output_caps
 
     def fuse(self, downstream: "Stage") -> "Stage | None":
-        """A single stage doing this stage's and ``downstream``'s work, or None.
+        """A single stage doing exactly this stage's and ``downstream``'s work, or None.
 
         The executors use it to run, for example, xor-delta and rle as one
-        fused kernel when they would otherwise sit side by side.
+        fused kernel when they would otherwise sit side by side. The runtime
+        asks only a stage whose own class defines ``fuse`` (a subclass that
+        inherits it is never fused); an implementation accepts only downstream
+        classes it knows exactly (``type(downstream) is X``) and gives the fused
+        stage a ``Fusion`` with one member per original element
+        (``Fusion.join(self, downstream)`` for a plain pair), so each element's
+        statistics stay its own. See pipeline.fusion.
         """
         return None
 
@@ -277,8 +315,55 @@ class Stage:
                 yield from self.flush(batch)
             yield from self.control(batch)
         else:
-            yield from self.process(batch)
+            out = self.process(batch)
+            if out is None or isinstance(out, (Batch, str, bytes)) or not hasattr(out, "__iter__"):
+                raise ConfigError(f"{self.factory_name or type(self).__qualname__}: process() returned "
+                                  f"{type(out).__name__}, not an iterable of batches (yield each batch out, or "
+                                  "return a list; () for none)")
+            yield from out
 
     def __repr__(self) -> str:
         props = " ".join(f"{k.replace('_', '-')}={v!r}" for k, v in self._properties.items())
         return f"<{self.factory_name} {props}>".replace(" >", ">")
+
+
+FACTORY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_+-]*$")
+"""What a factory name may look like (a word of a launch string)."""
+
+
+def check_stage_class(cls: type[Stage]) -> None:
+    """ConfigError naming the class unless its class attributes follow the stage contract.
+
+    ``factory_name`` a launch word (or empty for a base class that is never registered), ``input_caps`` a
+    tuple of formats (``(PAGES,)``, not ``PAGES``), ``output_caps`` a format or None, ``shard_key`` None or
+    "page", ``max_workers`` a positive int, flags real bools.
+    """
+    where = f"stage class {cls.__module__}.{cls.__qualname__}"
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"{where}: {message}")
+
+    if not isinstance(cls.factory_name, str) or (cls.factory_name and not FACTORY_NAME.match(cls.factory_name)):
+        raise fail(f"factory_name {cls.factory_name!r} is not a word such as 'my-classify'")
+    if not isinstance(cls.description, str):
+        raise fail("description must be a str")
+    caps = cls.input_caps
+    if not isinstance(caps, tuple) or not all(isinstance(fmt, str) and fmt in FORMATS for fmt in caps):
+        hint = f" (write ({caps!r},))" if isinstance(caps, str) else ""
+        raise fail(f"input_caps must be a tuple of formats from pipeline.batch ({', '.join(FORMATS)}), "
+                   f"got {caps!r}{hint}")
+    if cls.output_caps is not None and cls.output_caps not in FORMATS:
+        raise fail(f"output_caps must be one format from pipeline.batch ({', '.join(FORMATS)}) or None (a sink), "
+                   f"got {cls.output_caps!r}")
+    if cls.shard_key not in (None, "page"):
+        raise fail(f"shard_key must be None or 'page', got {cls.shard_key!r}")
+    if type(cls.max_workers) is not int or cls.max_workers < 1:
+        raise fail(f"max_workers must be a positive int, got {cls.max_workers!r}")
+    for flag in ("runs_in_caller", "back_to_back"):
+        if not isinstance(getattr(cls, flag), bool):
+            raise fail(f"{flag} must be True or False, got {getattr(cls, flag)!r}")
+    for attribute, value in vars(cls).items():
+        if value is Property:
+            raise fail(f"{attribute} = Property: call it, Property(type, default, doc)")
+        if isinstance(value, Property) and value.bad_default is not None:
+            raise fail(f"default of {value.bad_default}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import struct
 import sys
@@ -78,6 +79,12 @@ STANDALONE_BATCH_ESTIMATE = 1 << 20
 BUNDLE_BYTES = 1 << 20
 """A back-to-back source's queued small batches leave once they reach this size, if no epoch end came first."""
 PR_SET_PDEATHSIG = 1
+SUPERVISOR_GONE_SIGNAL = signal.SIGUSR1
+SUPERVISOR_GONE_GRACE = 1.0
+"""Seconds a worker whose supervisor died gets to stop its stage before it kills itself."""
+EXIT_SUPERVISOR_GONE = 3
+_supervisor_gone = threading.Event()
+"""Set by the supervisor watch (a process worker's supervisor has exited)."""
 
 
 class Stopped(Exception):
@@ -110,6 +117,8 @@ class WorkerSpec:
     stage_target: str
     properties: dict[str, Any]
     stage_name: str
+    elements: list[str] = field(default_factory=list)
+    """The original elements the stage runs (several for a fused stage); statistics are posted per element."""
     worker_index: int = 0
     worker_count: int = 1
     output_format: str | None = None
@@ -170,7 +179,10 @@ class Worker:
 
     # ---- bus -----------------------------------------------------------
     def post(self, kind: str, **fields: Any) -> None:
-        message = Message(kind, self.spec.stage_name, self.spec.worker_index, fields)
+        self._post_as(self.spec.stage_name, kind, fields)
+
+    def _post_as(self, stage: str, kind: str, fields: dict[str, Any]) -> None:
+        message = Message(kind, stage, self.spec.worker_index, fields)
         if self._bus is not None:
             with self._bus_lock:
                 self._bus.send_json(message.to_dict(), default=json_default)
@@ -215,7 +227,7 @@ class Worker:
             self.stage = import_target(spec.stage_target)(**spec.properties)
         context = StageContext(spec.stage_name, spec.worker_index, spec.worker_count, post=self.post)
         self.core = WorkerCore(self.stage, context, len(spec.inputs), spec.output_format,
-                               self._emit, spec.stamp_pages)
+                               self._emit, spec.stamp_pages, spec.elements)
         self._hold_data = not spec.inputs and self.stage.back_to_back
         standalone_hwm = max(2, spec.max_inflight // STANDALONE_BATCH_ESTIMATE)
         for source in spec.inputs:
@@ -266,8 +278,9 @@ class Worker:
         return code
 
     def _close(self, code: int) -> None:
+        orphaned = bool(self.spec.supervisor_pid) and not _alive(self.spec.supervisor_pid)
         for socket in self._sockets:
-            if code != 0 and socket is not self._bus:
+            if code != 0 and (socket is not self._bus or orphaned):   # nobody reads an orphan's bus messages
                 socket.linger = 0
             socket.close()
         self._context.term()
@@ -275,11 +288,8 @@ class Worker:
     def _check_alive(self) -> None:
         if self.stop_event is not None and self.stop_event.is_set():
             raise Stopped()
-        if self.spec.supervisor_pid:
-            try:
-                os.kill(self.spec.supervisor_pid, 0)
-            except ProcessLookupError:
-                raise Stopped() from None
+        if self.spec.supervisor_pid and not _alive(self.spec.supervisor_pid):
+            raise Stopped()
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -297,7 +307,8 @@ class Worker:
         records = self.core.epoch_records()
         if records:
             self.post("epochs", records=records)
-        self.post("stats", **self.core.statistics())
+        for element, stats in self.core.statistics():
+            self._post_as(element, "stats", stats)
 
     # ---- receiving -----------------------------------------------------
     def _produce(self) -> None:
@@ -512,7 +523,66 @@ def _die_with_parent() -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
-        pass  # not Linux: the supervisor-pid check still ends orphaned workers
+        pass  # not Linux: the supervisor watch below still ends orphaned workers
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped()
+
+
+def _watch_supervisor(pid: int) -> None:
+    """End this worker as soon as its supervisor dies (any signal, SIGKILL included), whatever it is blocked in.
+
+    The parent of a forkserver worker is the fork server, which outlives the supervisor while any worker
+    lives (each worker holds the fork server's alive pipe and the resource tracker's), so PR_SET_PDEATHSIG
+    alone leaves a worker blocked in a receive running, still bound to its port. A pidfd of the supervisor
+    becomes readable the moment it exits: this thread then interrupts the main thread (Stopped, so the
+    stage's stop() runs: a stopped process is resumed, a replica closed) and kills the process if that has
+    not ended it within SUPERVISOR_GONE_GRACE. With the workers gone, the fork server and the resource
+    tracker see their pipes close and exit.
+    """
+    signal.signal(SUPERVISOR_GONE_SIGNAL, _raise_stopped)
+    main = threading.main_thread().ident
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(EXIT_SUPERVISOR_GONE)
+    except (AttributeError, OSError):
+        pidfd = None                      # no pidfds: poll for the supervisor instead
+
+    def wait_and_end() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:
+            while _alive(pid):
+                time.sleep(0.1)
+        _supervisor_gone.set()
+        signal.pthread_kill(main, SUPERVISOR_GONE_SIGNAL)
+        time.sleep(SUPERVISOR_GONE_GRACE)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait_and_end, name="supervisor-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    if _supervisor_gone.is_set():
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read()
+        return fields[fields.rindex(b")") + 2:fields.rindex(b")") + 3] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def process_title(spec: WorkerSpec) -> str:
@@ -526,4 +596,6 @@ def run_worker_process(spec: WorkerSpec) -> None:
     setproctitle.setproctitle(process_title(spec))
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    if spec.supervisor_pid:
+        _watch_supervisor(spec.supervisor_pid)
     sys.exit(Worker(spec).run())

@@ -94,11 +94,14 @@ class Classify(Stage):
         self.counters.update(zero=0, raw=0, normal=0)
 
     def fuse(self, downstream: Stage) -> Stage | None:
-        """xor-delta (or its fused form) classifying in front of its cache, if it runs as many workers."""
-        with_classify = getattr(downstream, "with_classify", None)
-        if with_classify is None or downstream.workers != self.workers:
+        """The built-in xor-delta classifying in front of its cache, if it runs as many workers: the same work,
+        one process hop fewer. Only these exact classes fuse (merging stages never changes results)."""
+        from stages.xor_delta import XorDelta, XorDeltaRle  # that module builds on this one
+
+        if (type(self) is not Classify or type(downstream) not in (XorDelta, XorDeltaRle)
+                or downstream.classify is not None or downstream.workers != self.workers):
             return None
-        return with_classify(self)
+        return type(downstream)(**downstream.property_values(), classify=self.property_values())
 
     def control(self, batch: Batch) -> Iterable[Batch]:
         if batch.flags & Flag.LAYOUT and self._raw_region_names:

@@ -5,8 +5,17 @@ per page batch (split at the record limit), a layout record per LAYOUT, an
 epoch-commit record per EPOCH_END and an end-of-stream record. deframe checks
 everything structural (via ``stages.common.wire``) plus what needs stream state:
 epochs open and close in order, page numbers fall inside the current layout,
-codec chains are known here, and each commit matches the records the epoch
-actually had. It does not decode page contents.
+codec chains are known here, each commit matches the records the epoch
+actually had and (version 2) the layout in force. It does not decode page contents.
+
+Stream identity (version 2, docs/FORMAT.md "Stream identity"): frame gives its
+stream a random 128-bit identity (``stream-id=`` to choose it), kept by every
+segment. deframe follows one identity: segments of it continue the epoch
+order (their segment numbers must grow), and a segment of another identity is
+refused unless ``resume=true``, where it starts a new epoch order and the
+replica-sink decides whether to commit it. Every control batch deframe emits
+carries the identity as ``meta["stream_id"]`` (32 hex digits), which the
+replica-sink puts into its acknowledgements.
 """
 from __future__ import annotations
 
@@ -23,6 +32,12 @@ from .common.wire import Commit, Record, RecordFlag, RecordType
 
 _MIN_RECORD_LIMIT = 64 << 10
 _MAX_RECORD_LIMIT = 1 << 30
+
+
+_WHOLE_PAGE_KIND = np.zeros(256, dtype=np.uint8)     # kind in a PAGES record -> its whole-page encoding kind
+_WHOLE_PAGE_KIND[[PageKind.NORMAL, PageKind.FULL]] = PageKind.FULL
+_WHOLE_PAGE_KIND[PageKind.RAW] = PageKind.RAW
+_WHOLE_PAGE_KIND[PageKind.ZERO] = PageKind.ZERO
 
 
 def _record_flags(flags: Flag) -> int:
@@ -43,12 +58,19 @@ class Frame(Stage):
     max_record = Property("size", "16MiB", "Largest record body written; bigger page batches are split",
                           minimum=_MIN_RECORD_LIMIT, maximum=_MAX_RECORD_LIMIT)
     codec = Property("str", "", "Codec chain declared in the stream header (default: the first page batch's)")
+    stream_id = Property("str", "", "Stream identity, 32 hex digits ('' = meta['stream_id'] of the first batch "
+                         "that has one, else a fresh random one)")
+    version = Property("int", wire.VERSION, "Wire format version written (1 for receivers older than version 2)",
+                       minimum=1, maximum=wire.VERSION)
 
     def start(self, context: StageContext) -> None:
         super().start(context)
         self._header: wire.StreamHeader | None = None
         self._held: list = []               # record parts written before the header could be
         self._layout: tuple[Batch, list] | None = None      # the last LAYOUT and its record body
+        self._layout_digest = 0
+        self._segment = 0
+        self._identity = wire.parse_stream_id(self.stream_id) if self.stream_id else None
         self._sequence = 0
         self._open_epoch: int | None = None
         self._epoch_entries = 0
@@ -108,15 +130,16 @@ class Frame(Stage):
     def control(self, batch: Batch) -> Iterator[Batch]:
         parts: list = []
         if batch.flags & Flag.LAYOUT:
-            extra = {k: v for k, v in batch.meta.items() if k != "regions"}
+            extra = {k: v for k, v in batch.meta.items() if k not in ("regions", "stream_id")}
             self._layout = (batch, wire.layout_body(list(batch.meta.get("regions", [])), extra))
+            self._layout_digest = wire.layout_digest(self._layout[1])
             if self._header is None:
                 self._held.extend(self._record(RecordType.LAYOUT, *self._layout)[0])
             else:
                 self._append(parts, RecordType.LAYOUT, *self._layout)
         if batch.flags & Flag.EPOCH_END:
             self._declare(batch, self.codec, parts)
-            self._append(parts, RecordType.EPOCH_COMMIT, batch, wire.commit_body(self._commit(batch)))
+            self._append(parts, RecordType.EPOCH_COMMIT, batch, wire.commit_body(self._commit(batch), self.version))
         if batch.flags & Flag.END_OF_STREAM:
             self._declare(batch, self.codec, parts)
             if self._open_epoch is not None:
@@ -141,7 +164,8 @@ class Frame(Stage):
                         stream_digest=wire.stream_digest(self._epoch_checksums),
                         digest=int(digest) if fits else None,
                         time=meta.get("time"), pause_ms=meta.get("pause_ms"),
-                        extra={k: v for k, v in meta.items() if k not in known | {"time", "pause_ms"}})
+                        extra={k: v for k, v in meta.items() if k not in known | {"time", "pause_ms", "stream_id"}},
+                        layout_digest=self._layout_digest)
         self._open_epoch = None
         self._epoch_entries = 0
         self._epoch_checksums = []
@@ -155,19 +179,41 @@ class Frame(Stage):
         self-contained, so a receiver that joins or restarts can start there.
         """
         if self._header is None:
-            self._header = wire.StreamHeader(batch.page_size, self.max_record, batch.stream, chain)
+            self._header = self._stream_header(batch, chain)
             self._held.insert(0, wire.encode_stream_header(self._header))
             return
         if batch.page_size != self._header.page_size:
             raise ConfigError(f"{self.factory_name}: batch page size {batch.page_size} differs from the "
                               f"stream's {self._header.page_size}")
         if batch.flags & Flag.RESYNC and self._open_epoch is None:
-            self._header = wire.StreamHeader(batch.page_size, self.max_record, batch.stream, chain or self._header.chain)
+            self._segment += 1
+            self._header = self._stream_header(batch, chain or self._header.chain)
             self._sequence = 0
             parts.append(wire.encode_stream_header(self._header))
             if self._layout is not None:
                 self._append(parts, RecordType.LAYOUT, *self._layout)
             self.counters["segments"] += 1
+
+    def _stream_header(self, batch: Batch, chain: str) -> wire.StreamHeader:
+        if self.version == 1:
+            return wire.StreamHeader(batch.page_size, self.max_record, wire._U32.pack(batch.stream), chain, 0, 1)
+        self._settle_identity(batch)
+        return wire.StreamHeader(batch.page_size, self.max_record, self._identity, chain, self._segment, self.version)
+
+    def _settle_identity(self, batch: Batch) -> int:
+        """Choose the identity at the first record (the header may come later) and return the checksum seed."""
+        if self._identity is None:
+            chosen = batch.meta.get("stream_id")
+            try:
+                self._identity = wire.parse_stream_id(chosen) if isinstance(chosen, str) else wire.new_stream_id()
+            except ValueError as exc:
+                raise ConfigError(f"{self.factory_name}: meta['stream_id']: {exc}") from None
+        return int.from_bytes(self._identity[:8], "little")
+
+    @property
+    def identity(self) -> str | None:
+        """This stream's identity (32 hex digits) once its header is written; None before or in version 1."""
+        return self._header.stream_hex if self._header is not None else None
 
     def _enter_epoch(self, epoch: int) -> None:
         if self._open_epoch is None:
@@ -176,7 +222,9 @@ class Frame(Stage):
             raise ConfigError(f"{self.factory_name}: batch of epoch {epoch} while epoch {self._open_epoch} is open")
 
     def _record(self, record_type: int, batch: Batch, body: list) -> tuple[list, int]:
-        parts, checksum = wire.encode_record(record_type, _record_flags(batch.flags), batch.epoch, self._sequence, body)
+        seed = self._settle_identity(batch) if self.version >= 2 else 0
+        parts, checksum = wire.encode_record(record_type, _record_flags(batch.flags), batch.epoch, self._sequence,
+                                             body, seed)
         self._sequence += 1
         self.counters["records"] += 1
         return parts, checksum
@@ -192,8 +240,9 @@ class Frame(Stage):
             self._held = []
         payload = np.frombuffer(b"".join(parts), dtype=np.uint8)
         self.counters["bytes_out"] += payload.nbytes
+        stream = self._header.stream if self._header is not None else batch.stream
         return Batch(format=STREAM, epoch=batch.epoch, sequence=batch.sequence, flags=batch.flags & Flag.RESYNC,
-                     stream=batch.stream, page_size=batch.page_size, payload=payload)
+                     stream=stream, page_size=batch.page_size, payload=payload)
 
 
 def _split(costs: np.ndarray, budget: int, stage: str) -> Iterator[tuple[int, int]]:
@@ -226,6 +275,9 @@ class Deframe(Stage):
         self._reader = wire.RecordReader(self.max_record)
         self._known_chains: set[str] = set()
         self._layout: tuple[list, dict] | None = None
+        self._layout_digest = 0                 # of the last LAYOUT record's body (v2 commits name it)
+        self._identity: bytes | None = None     # the stream followed (v2)
+        self._segment = 0
         self._starts = self._ends = None        # current layout, sorted page ranges
         self._open_epoch: int | None = None
         self._last_committed: int | None = None
@@ -236,7 +288,7 @@ class Deframe(Stage):
         self._handlers = {RecordType.LAYOUT: self._on_layout, RecordType.PAGES: self._on_pages,
                           RecordType.ENCODED: self._on_encoded, RecordType.EPOCH_COMMIT: self._on_commit,
                           RecordType.END_OF_STREAM: self._on_end}
-        self.counters.update(records=0, skipped_records=0, segments=0, bytes_in=0, skipped_bytes=0)
+        self.counters.update(records=0, skipped_records=0, segments=0, streams=0, bytes_in=0, skipped_bytes=0)
 
     def process(self, batch: Batch) -> Iterator[Batch]:
         if batch.payload is None:
@@ -258,14 +310,34 @@ class Deframe(Stage):
 
     def _begin_segment(self, header: wire.StreamHeader) -> None:
         """A stream header: the stream's first, or a sender starting afresh (a resync or a restart)."""
-        where = {"offset": self._reader.offset, "epoch": self._open_epoch}
+        where = {"offset": self._reader.segment_offset, "epoch": self._open_epoch}
         if self._open_epoch is not None:
             raise wire.corrupt("a new stream segment starts inside an epoch (torn epoch)", **where)
         if self._ended:
             raise wire.corrupt("a new stream segment after the end-of-stream record", **where)
         self._check_chain(header.chain, None)
-        self._last_committed = None         # a restarted sender may number its epochs afresh
+        if header.version == 1 or header.stream_id != self._identity:
+            self._new_stream(header, where)
+        elif header.segment <= self._segment:
+            raise wire.corrupt(f"stale segment {header.segment} of this stream after segment {self._segment}", **where)
+        self._segment = header.segment
         self.counters["segments"] += 1
+
+    def _new_stream(self, header: wire.StreamHeader, where: dict) -> None:
+        """A segment of another stream: the first, a v1 segment, or (resume=true) a restarted sender's.
+
+        It starts a new epoch order; whether its epochs may replace the replica is the
+        replica-sink's decision (it follows one identity, see stages.replica).
+        """
+        if self._identity is not None and header.version >= 2:
+            if not self.resume:
+                raise wire.corrupt(f"a segment of another stream ({header.stream_hex}) inside stream "
+                                   f"{self._identity.hex()} (resume=false)", **where)
+            self.context.warn(f"{self.factory_name}: stream {self._identity.hex()} replaced by stream "
+                              f"{header.stream_hex} at byte offset {where['offset']}")
+        self._identity = header.stream_id
+        self._last_committed = None         # a restarted sender numbers its epochs afresh
+        self.counters["streams"] += 1
 
     def control(self, batch: Batch) -> Iterator[Batch]:
         """Markers from the byte source: only end of stream matters (records carry the rest)."""
@@ -297,12 +369,15 @@ class Deframe(Stage):
             self.counters["skipped_records"] += 1
             return
         batch = self._handlers[record.type](record)
-        if batch is not None:
-            yield batch
+        if isinstance(batch, list):
+            yield from batch
+        elif batch is not None:
+            yield from _in_parts(batch)
 
     def _on_layout(self, record: Record) -> Batch | None:
         """The new layout; None when a segment merely repeats the current one."""
         regions, extra = wire.parse_layout(record)
+        self._layout_digest = wire.layout_digest(record.body)
         if (regions, extra) == self._layout:
             return None
         self._layout = (regions, extra)
@@ -312,10 +387,32 @@ class Deframe(Stage):
         return self._control(Flag.LAYOUT | _batch_flags(record), record.epoch, record.sequence,
                              {**extra, "regions": regions})
 
-    def _on_pages(self, record: Record) -> Batch:
-        page_numbers, kinds, data = wire.parse_pages(record, self._reader.header.page_size)
+    def _on_pages(self, record: Record) -> Batch | list[Batch]:
+        """Whole pages. ZERO entries are expanded into zero pages only while they cost no more memory
+        than the record's own bytes; a record of more becomes a ``native`` whole-page encoding (FULL,
+        RAW and ZERO entries, NORMAL sent as FULL), so memory stays within twice what was received."""
+        page_size = self._reader.header.page_size
+        page_numbers, kinds, rows = wire.parse_pages(record, page_size)
         self._admit(record, page_numbers)
-        return self._data(record, PAGES, page_numbers, kinds, data=data)
+        if (kinds.shape[0] - rows.shape[0]) * page_size <= len(record.body):
+            return self._data(record, PAGES, page_numbers, kinds, data=wire.expand_pages(kinds, rows))
+        whole = _WHOLE_PAGE_KIND[kinds]
+        if (whole == 0).any():
+            index = int(np.argmin(whole))
+            raise record.error(f"page entry {index}: kind {int(kinds[index])} is not a whole page")
+        parts, row = [], 0
+        for first in range(0, kinds.shape[0], MAX_BATCH_ENTRIES):   # made part by part: no array of all entries
+            part = whole[first:first + MAX_BATCH_ENTRIES]
+            offsets = np.zeros(part.shape[0] + 1, dtype=np.uint64)
+            np.cumsum(part != PageKind.ZERO, dtype=np.uint64, out=offsets[1:])
+            stored = int(offsets[-1])
+            offsets *= np.uint64(page_size)
+            payload = rows[row:row + stored].reshape(-1)
+            row += stored
+            parts.append(self._data(record, ENCODED, page_numbers[first:first + part.shape[0]], part,
+                                    payload=payload, offsets=offsets,
+                                    meta={"codec": "native", "raw_size": int(payload.shape[0])}))
+        return parts
 
     def _on_encoded(self, record: Record) -> Batch:
         pages = wire.parse_encoded(record, self._reader.header.page_size)
@@ -325,8 +422,11 @@ class Deframe(Stage):
                           offsets=pages.offsets, meta={"codec": pages.chain, "raw_size": pages.raw_size})
 
     def _on_commit(self, record: Record) -> Batch:
-        commit = wire.parse_commit(record)
+        commit = wire.parse_commit(record, self._reader.header.version)
         self._check_epoch(record)
+        if commit.layout_digest is not None and commit.layout_digest != self._layout_digest:
+            raise record.error(f"epoch commit names layout digest {commit.layout_digest:#x}, the layout in force "
+                               f"is {self._layout_digest:#x} (a layout record was altered or lost)")
         expected = (self._epoch_entries, len(self._epoch_checksums), wire.stream_digest(self._epoch_checksums))
         found = (commit.pages, commit.records, commit.stream_digest)
         if found != expected:
@@ -367,11 +467,12 @@ class Deframe(Stage):
         self._check_epoch(record)
         if self._starts is None:
             raise record.error("page record before any layout record")
-        if page_numbers.size:
-            region = np.searchsorted(self._starts, page_numbers, side="right").astype(np.int64) - 1
-            inside = (region >= 0) & (page_numbers < self._ends[np.maximum(region, 0)])
+        for first in range(0, page_numbers.size, MAX_BATCH_ENTRIES):     # in slices: bounded temporaries
+            numbers = page_numbers[first:first + MAX_BATCH_ENTRIES]
+            region = np.searchsorted(self._starts, numbers, side="right").astype(np.int64) - 1
+            inside = (region >= 0) & (numbers < self._ends[np.maximum(region, 0)])
             if not inside.all():
-                index = int(np.argmin(inside))
+                index = first + int(np.argmin(inside))
                 raise record.error(f"page entry {index}: page number {int(page_numbers[index])} "
                                    f"is outside the layout")
         self._epoch_entries += int(page_numbers.size)
@@ -397,6 +498,9 @@ class Deframe(Stage):
         return {"page_size": header.page_size, "stream": header.stream}
 
     def _control(self, flags: Flag, epoch: int, sequence: int, meta: dict[str, Any]) -> Batch:
+        identity = self._reader.header.stream_hex
+        if identity is not None:
+            meta = {**meta, "stream_id": identity}
         return Batch(flags=flags, epoch=epoch, sequence=sequence, meta=meta, **self._header_fields())
 
     def _data(self, record: Record, fmt: str, page_numbers: np.ndarray, kinds: np.ndarray, *,
@@ -405,10 +509,35 @@ class Deframe(Stage):
                      page_numbers=page_numbers, kinds=kinds, meta=meta or {}, **self._header_fields(), **arrays)
 
 
+MAX_BATCH_ENTRIES = 1 << 16
+"""Page entries per batch deframe emits: a record of more (such as 16 MiB of ZERO entries) is cut into
+batches of views, so that no stage downstream makes arrays of millions of entries at once. A record whose
+payload is one entropy frame cannot be cut."""
+
+
+def _in_parts(batch: Batch) -> Iterator[Batch]:
+    """``batch``, cut into batches of at most MAX_BATCH_ENTRIES entries where it is a page batch that can be."""
+    if batch.is_control or batch.npages <= MAX_BATCH_ENTRIES or "+" in str(batch.meta.get("codec", "")):
+        yield batch
+        return
+    for start in range(0, batch.npages, MAX_BATCH_ENTRIES):
+        end = min(start + MAX_BATCH_ENTRIES, batch.npages)
+        part = {"page_numbers": batch.page_numbers[start:end], "kinds": batch.kinds[start:end]}
+        if batch.format == PAGES:
+            part["data"] = batch.data[start:end]
+        else:
+            first, last = int(batch.offsets[start]), int(batch.offsets[end])
+            part.update(payload=batch.payload[first:last], offsets=batch.offsets[start:end + 1] - np.uint64(first),
+                        meta={**batch.meta, "raw_size": last - first})
+        yield batch.with_(**part)
+
+
 def deframe_stream(chunks: Iterable, max_record: int = wire.DEFAULT_RECORD_LIMIT,
-                   context: StageContext | None = None) -> Iterator[Batch]:
-    """Every batch a whole stream (an iterable of byte chunks) deframes to, checked, ending at end of stream."""
-    stage = Deframe(max_record=max_record)
+                   context: StageContext | None = None, **properties: Any) -> Iterator[Batch]:
+    """Every batch a whole stream (an iterable of byte chunks) deframes to, checked, ending at end of stream.
+
+    ``properties``: other deframe properties (``resume=True``)."""
+    stage = Deframe(max_record=max_record, **properties)
     stage.start(context or StageContext(stage_name=Deframe.factory_name))
     try:
         for chunk in chunks:

@@ -25,10 +25,30 @@ Policy (docs/FORMAT.md, section replica):
   payload that does not decode, an epoch over ``max-epoch``) raise CorruptData
   (``on-error=fail``, the default) or are treated like a torn epoch
   (``on-error=resync``). Nothing is ever written outside a commit.
+- Memory: an open epoch costs its encodings plus ``ENTRY_COST`` bytes per page
+  entry and ``BATCH_COST`` per batch (ZERO entries are kept as page numbers,
+  never as pages); ``max-epoch`` bounds that cost. Beyond ``SPILL_BYTES`` held
+  in memory, the epoch's encodings go to ``DIR/epoch.spill`` (deleted at
+  commit or discard), so an epoch larger than memory (the first checkpoint of
+  a big process) still commits. A payload's decompressed size is checked
+  against what the epoch may still cost, and ``MAX_BATCH_RAW``, before
+  anything is allocated.
+- One stream at a time (wire version 2, docs/FORMAT.md "Stream identity"): the
+  sink follows the identity of the epochs it commits (``stream_id`` in the
+  manifest and in every acknowledgement). An epoch of another identity is
+  committed only if it is a baseline and the sink asked for it: it is out of
+  sync or has an unanswered resync request, or the followed stream is stale
+  (ended, or silent since the sink started or for ``STALE_INTERVALS`` resync
+  intervals). Otherwise it is refused (``epochs_refused``) without touching the
+  replica, the sync state or the ack channel.
+- One writer per replica: the sink holds ``DIR/lock`` (``ReplicaLock``) for
+  its whole life; a second sink on the same directory fails with ReplicaLocked.
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -37,12 +57,13 @@ from pipeline.batch import ENCODED, PAGES, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, ReplicaError
 from pipeline.stage import Property, Stage, StageContext
 from stages.common.acks import AckSender
+from stages.common.security import CurveProperties
 from stages.codecs import ChainCodec, Codec, Encoded, get_codec
 from stages.common.pages import combine_digests, digest_pages
-import os
-
-from stages.common.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaStore, claim_replica_directory,
-                                         clear_replica, verify_replica, whole_pages)
+from stages.common.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaLock, ReplicaLocked, ReplicaStore,
+                                         check_replica_directory,
+                                         clear_replica, disk_free_bytes, ensure_replica_directory,
+                                         verify_replica, zero_page_digest)
 
 
 def _kind_table(*kinds: PageKind) -> np.ndarray:
@@ -59,43 +80,124 @@ _RAW = int(PageKind.RAW)   # a plain int: comparing arrays with an IntEnum membe
 _CODECS_KEPT = 8   # codec names are untrusted: keep only the first few looked up
 
 
+SPILL_BYTES = 8 << 20      # memory an open epoch holds before its encodings go to disk
+MAX_BATCH_RAW = 64 << 20   # largest payload one batch may decompress to (decode's default max-batch)
+ENTRY_COST = 8 + 8 + 1 + 8  # per page entry held: page number, digest, kind, offset
+BATCH_COST = 2048          # per batch held: its arrays' and objects' bookkeeping
+STALE_INTERVALS = 5        # a followed stream silent this many resync intervals is stale
+SPILL = "epoch.spill"
+
+
 class EpochRejected(Exception):
     """An epoch cannot be committed; the message says why (internal to the sink)."""
 
 
+class EpochRefused(EpochRejected):
+    """An epoch of a stream the sink does not follow: dropped without changing the sink's state."""
+
+
 class PendingEpoch:
     """One epoch held until its commit record: per batch, its page numbers, its encodings
-    (plain run format) and the digests of the pages they reconstruct."""
+    (plain run format) and the digests of the pages they reconstruct.
 
-    def __init__(self, epoch: int):
+    ``cost`` is what the epoch costs in all (encodings, entries, batches); once more than
+    ``SPILL_BYTES`` are held in memory they are appended to ``spill_path``, one group per
+    run format, and read back (mapped) at commit.
+    """
+
+    def __init__(self, epoch: int, spill_path: Path | None = None):
         self.epoch = epoch
         self.page_numbers: list[np.ndarray] = []
         self.encodings: list[Encoded] = []
         self.digests: list[np.ndarray] = []
-        self.nbytes = 0              # encoded bytes held
+        self.cost = 0                # bytes the epoch costs, held or spilled
+        self.held = 0                # of which held in memory
         self.page_bytes = 0          # bytes of the pages they make
         self.self_contained = True   # no page needs the previous copy
         self.doomed = ""             # why it will be discarded, once known
+        self.spill_path = spill_path
+        self.spilled: list[tuple[str, int, int, int]] = []   # (run format, entries, payload bytes, file offset)
+        self._spill_size = 0
 
     def add(self, page_numbers: np.ndarray, encoding: Encoded, digests: np.ndarray, page_size: int) -> None:
         """Keep one batch: its encoding and the digests of the pages it reconstructs."""
         self.page_numbers.append(page_numbers)
         self.encodings.append(encoding)
         self.digests.append(digests)
-        self.nbytes += encoding.payload.nbytes
+        cost = self.batch_cost(page_numbers.shape[0], encoding.payload.nbytes)
+        self.cost += cost
+        self.held += cost
         self.page_bytes += page_numbers.shape[0] * page_size
+        if self.held > SPILL_BYTES and self.spill_path is not None:
+            self.spill()
+
+    @staticmethod
+    def batch_cost(entries: int, payload_bytes: int) -> int:
+        return payload_bytes + entries * ENTRY_COST + BATCH_COST
+
+    def spill(self) -> None:
+        """Append the held batches to the spill file, merged per run format, and forget them."""
+        if not self.encodings:
+            return
+        groups: dict[str, list[int]] = {}
+        for index, encoding in enumerate(self.encodings):
+            groups.setdefault(encoding.codec, []).append(index)
+        parts: list = []
+        for codec, indices in groups.items():
+            encodings = [self.encodings[i] for i in indices]
+            count = sum(e.kinds.shape[0] for e in encodings)
+            payload = sum(e.payload.nbytes for e in encodings)
+            self.spilled.append((codec, count, payload, self._spill_size))
+            offsets, base = [np.zeros(1, dtype="<u8")], 0
+            for e in encodings:
+                offsets.append(np.asarray(e.offsets[1:], dtype="<u8") + np.uint64(base))
+                base += int(e.offsets[-1])
+            group = [*(np.ascontiguousarray(self.page_numbers[i], dtype="<u8") for i in indices),
+                     *(np.ascontiguousarray(self.digests[i], dtype="<u8") for i in indices),
+                     *(np.ascontiguousarray(e.kinds, dtype=np.uint8) for e in encodings), *offsets,
+                     *(np.ascontiguousarray(e.payload, dtype=np.uint8) for e in encodings)]
+            parts += group
+            self._spill_size += 25 * count + 8 + payload
+        free = disk_free_bytes(self.spill_path.parent)
+        size = sum(memoryview(part).nbytes for part in parts)
+        if free is not None and size > free:
+            raise CorruptData(f"replica-sink: epoch {self.epoch} is larger than the free disk space "
+                              f"({free} bytes) it would spill to")
+        with open(self.spill_path, "ab") as spill:
+            for part in parts:
+                spill.write(memoryview(part).cast("B"))
+        self.page_numbers, self.encodings, self.digests, self.held = [], [], [], 0
 
     def doom(self, reason: str) -> None:
         self.doomed = self.doomed or reason
-        self.page_numbers, self.encodings, self.digests, self.nbytes = [], [], [], 0
+        self.page_numbers, self.encodings, self.digests, self.held = [], [], [], 0
+        self.drop_spill()
 
-    def gathered(self) -> tuple[np.ndarray, np.ndarray]:
-        """All page numbers and digests of the epoch, in the order of ``encodings``."""
+    def drop_spill(self) -> None:
+        if self.spilled and self.spill_path is not None:
+            self.spill_path.unlink(missing_ok=True)
+        self.spilled = []
+
+    def gathered(self) -> tuple[np.ndarray, list[Encoded], np.ndarray]:
+        """All page numbers, encodings and digests of the epoch (spilled ones mapped from the file)."""
+        if self.spilled:
+            self.spill()
+            data = np.memmap(self.spill_path, dtype=np.uint8, mode="r")
+            numbers, digests, encodings = [], [], []
+            for codec, count, payload, at in self.spilled:
+                numbers.append(data[at:at + 8 * count].view("<u8"))
+                digests.append(data[at + 8 * count:at + 16 * count].view("<u8"))
+                kinds = data[at + 16 * count:at + 17 * count]
+                offsets = data[at + 17 * count:at + 25 * count + 8].view("<u8").copy()   # aligned for the kernels
+                body = data[at + 25 * count + 8:at + 25 * count + 8 + payload]
+                encodings.append(Encoded(payload=body, offsets=offsets, kinds=kinds, codec=codec, raw_size=payload))
+            return np.concatenate(numbers), encodings, np.concatenate(digests)
         empty = np.empty(0, dtype=np.uint64)
-        return np.concatenate([empty, *self.page_numbers]), np.concatenate([empty, *self.digests])
+        return (np.concatenate([empty, *self.page_numbers]), self.encodings,
+                np.concatenate([empty, *self.digests]))
 
 
-class ReplicaSink(Stage):
+class ReplicaSink(CurveProperties, Stage):
     """Applies verified epochs atomically to a replica directory and acknowledges them."""
 
     factory_name = "replica-sink"
@@ -106,13 +208,15 @@ class ReplicaSink(Stage):
 
     path = Property("str", "", "Replica directory (created if missing)", required=True)
     fsync = Property("bool", True, "fsync journal, image and manifest at every commit (power-loss safety)")
-    ack_endpoint = Property("endpoint", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks)")
+    ack_endpoint = Property("endpoint", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks); on tcp "
+                            "give secret-key= and server-key= (the sender's public key)")
     ack_bind = Property("bool", False, "Bind the ack socket instead of connecting it")
     ack_queue = Property("int", 10000, "Ack messages held for a sender that is not reading; beyond, dropped "
                          "with a warning", minimum=1)
     on_error = Property("choice", "fail", "Malformed pages: fail the pipeline, or discard the epoch and resync",
                         choices=("fail", "resync"))
-    max_epoch = Property("size", "4GiB", "Largest epoch held until its commit record, in encoded bytes",
+    max_epoch = Property("size", "256GiB", "Largest epoch held until its commit record: its encodings plus "
+                         f"{ENTRY_COST} bytes per page entry (beyond {SPILL_BYTES >> 20} MiB it is spilled to disk)",
                          minimum=4096)
     max_pages = Property("int", DEFAULT_MAX_PAGES, "Largest layout accepted, in pages", minimum=1)
     verify_on_start = Property("bool", True, "Check every page of an existing replica before resuming from it")
@@ -124,16 +228,26 @@ class ReplicaSink(Stage):
         super().start(context)
         if not self.path:
             raise ConfigError("replica-sink: property path is required")
-        self._lock = claim_replica_directory(self.path, self.force)
-        self.counters.update(epochs_committed=0, epochs_discarded=0, pages_applied=0, bytes_applied=0,
-                             resyncs_requested=0, acks_dropped=0, commit_seconds=0.0, last_epoch=0)
+        self.counters.update(epochs_committed=0, epochs_discarded=0, epochs_refused=0, pages_applied=0,
+                             bytes_applied=0, epochs_spilled=0, resyncs_requested=0, acks_dropped=0,
+                             commit_seconds=0.0, last_epoch=0)
+        self.lock = None
+        check_replica_directory(self.path, self.force)
         self.store = self._open_store()
+        self._spill_path = Path(self.path) / SPILL
+        self._spill_path.unlink(missing_ok=True)    # an epoch a killed sink was holding
+        self.stream_id: str | None = self.store.manifest.get("stream_id")   # the stream followed
+        self._last_seen = -float("inf")             # when the followed stream last closed an epoch here
+        self._followed_ended = False
+        self._resync_pending = False
         self.layout: Layout | None = self.store.layout
         self.in_sync = not self.store.is_empty
         self.pending: PendingEpoch | None = None
         self._codecs: dict[str, Codec] = {}
         self._last_resync_request = -float("inf")
-        self.acks = AckSender(self.ack_endpoint, bind=self.ack_bind, queue=self.ack_queue) if self.ack_endpoint else None
+        self.acks = AckSender(self.ack_endpoint, bind=self.ack_bind, queue=self.ack_queue, secret_key=self.secret_key,
+                              server_key=self.server_key, authorized_keys=self.authorized_keys,
+                              insecure=self.insecure) if self.ack_endpoint else None   # keys: stages.common.security
         self._ask_resync(f"receiver started, replica at epoch {self.store.epoch}")
 
     def _open_store(self) -> ReplicaStore:
@@ -141,8 +255,10 @@ class ReplicaSink(Stage):
 
         A path that cannot hold a replica (a file, no permission) raises ReplicaError naming it.
         """
+        ensure_replica_directory(self.path)
+        self.lock = ReplicaLock(self.path)        # held until stop(); ReplicaLocked if another sink has it
         try:
-            store = ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages)
+            store = ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages, lock=self.lock)
             if store.recovered_journal != "none":
                 self.context.warn(f"replica-sink: {store.recovered_journal} an interrupted commit in {self.path}")
             if not store.is_empty and self.verify_on_start:
@@ -150,10 +266,12 @@ class ReplicaSink(Stage):
                 if not report.ok:
                     raise ReplicaError("; ".join(report.problems))
             return store
+        except ReplicaLocked:
+            raise
         except ReplicaError as exc:
             self.context.warn(f"replica-sink: replica {self.path} is inconsistent, starting empty: {exc}")
             clear_replica(self.path)
-            return ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages)
+            return ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages, lock=self.lock)
 
     # ---- data ----------------------------------------------------------
     def process(self, batch: Batch) -> Iterable[Batch]:
@@ -162,8 +280,11 @@ class ReplicaSink(Stage):
             return ()
         try:
             reconstructed = self._reconstruct(batch, pending)
-            if reconstructed is not None and pending.nbytes + reconstructed[1].payload.nbytes > self.max_epoch:
-                raise CorruptData(f"replica-sink: epoch {batch.epoch} exceeds max-epoch={self.max_epoch} bytes")
+            if reconstructed is not None:
+                self._check_cost(pending, pending.batch_cost(batch.npages, reconstructed[1].payload.nbytes), batch)
+                spilled = bool(pending.spilled)
+                pending.add(*reconstructed, batch.page_size)
+                self.counters["epochs_spilled"] += bool(pending.spilled) and not spilled
         except CorruptData as exc:
             if self.on_error == "fail":
                 raise
@@ -171,16 +292,19 @@ class ReplicaSink(Stage):
             return ()
         if reconstructed is None:
             self._doom(pending, "replica out of sync; waiting for a full resync")
-            return ()
-        pending.add(*reconstructed, batch.page_size)
         return ()
+
+    def _check_cost(self, pending: PendingEpoch, cost: int, batch: Batch) -> None:
+        if pending.cost + cost > self.max_epoch:
+            raise CorruptData(f"replica-sink: epoch {batch.epoch} exceeds max-epoch={self.max_epoch} bytes "
+                              f"(encodings plus {ENTRY_COST} bytes per page entry)")
 
     def _pending_for(self, epoch: int) -> PendingEpoch:
         if self.pending is not None and self.pending.epoch != epoch:
             self._discard(self.pending, f"torn: epoch {epoch} began before its commit record")
             self.pending = None
         if self.pending is None:
-            self.pending = PendingEpoch(epoch)
+            self.pending = PendingEpoch(epoch, self._spill_path)
         return self.pending
 
     def _reconstruct(self, batch: Batch, pending: PendingEpoch) -> tuple[np.ndarray, Encoded, np.ndarray] | None:
@@ -210,10 +334,7 @@ class ReplicaSink(Stage):
         if batch.format == PAGES:
             if batch.data is None or batch.data.shape != (batch.npages, batch.page_size):
                 raise CorruptData(f"{where}: pages batch without data for its {batch.npages} pages")
-            zero = kinds == PageKind.ZERO
-            pages = np.array(batch.data, dtype=np.uint8, copy=True)
-            pages[zero] = 0
-            return page_numbers, whole_pages(pages, zero), digest_pages(pages)
+            return (page_numbers, *self._whole_pages(batch, kinds))
         uses_previous = _USES_PREVIOUS[kinds]
         if uses_previous.any():
             pending.self_contained = False
@@ -225,6 +346,20 @@ class ReplicaSink(Stage):
         except (ConfigError, ValueError, TypeError) as exc:  # CorruptData is a ValueError
             raise CorruptData(f"{where}: {exc}") from None
         return page_numbers, encoding, digests
+
+    def _whole_pages(self, batch: Batch, kinds: np.ndarray) -> tuple[Encoded, np.ndarray]:
+        """A PAGES batch as a ``native`` whole-page encoding, and its digests: ZERO entries stay entries
+        (no page is copied or digested for them), the other pages are copied once."""
+        carries = kinds != PageKind.ZERO
+        rows = np.array(batch.data[carries] if not carries.all() else batch.data, dtype=np.uint8, copy=True)
+        encoded_kinds = np.where(carries, np.uint8(PageKind.FULL), np.uint8(PageKind.ZERO)).astype(np.uint8)
+        offsets = np.zeros(kinds.shape[0] + 1, dtype=np.uint64)
+        np.cumsum(carries * np.uint64(batch.page_size), out=offsets[1:])
+        digests = np.full(kinds.shape[0], zero_page_digest(batch.page_size), dtype=np.uint64)
+        digests[carries] = digest_pages(rows)
+        payload = rows.reshape(-1)
+        return Encoded(payload=payload, offsets=offsets, kinds=encoded_kinds, codec="native",
+                       raw_size=int(payload.size)), digests
 
     def _plain_encoding(self, batch: Batch, where: str) -> Encoded:
         """The batch's encodings in its plain run format: entropy layers undone, RAW as FULL."""
@@ -244,6 +379,13 @@ class ReplicaSink(Stage):
             kinds = np.where(raw, np.uint8(PageKind.FULL), kinds).astype(np.uint8)
         encoding = Encoded(payload=batch.payload, offsets=batch.offsets, kinds=kinds, codec=chain, raw_size=raw_size)
         if isinstance(codec, ChainCodec):
+            if not isinstance(raw_size, int) or isinstance(raw_size, bool):
+                raise CorruptData(f"{where}: raw size {raw_size!r} is not a byte count")
+            if raw_size > MAX_BATCH_RAW:
+                raise CorruptData(f"{where}: payload would decompress to {raw_size} bytes, more than the "
+                                  f"{MAX_BATCH_RAW} a batch may")
+            if self.pending is not None:
+                self._check_cost(self.pending, PendingEpoch.batch_cost(batch.npages, raw_size), batch)
             try:
                 encoding = codec.decompressed(encoding, batch.page_size)
             except (ValueError, TypeError) as exc:
@@ -267,18 +409,43 @@ class ReplicaSink(Stage):
         if batch.flags & Flag.EPOCH_END:
             pending = self._pending_for(batch.epoch)
             self.pending = None
+            if self.stream_id is not None and batch.meta.get("stream_id") == self.stream_id:
+                self._last_seen = time.monotonic()
             try:
                 self._commit(pending, batch)
+            except EpochRefused as exc:
+                self._refuse(pending, str(exc))
             except EpochRejected as exc:
                 self._discard(pending, str(exc))
-        if batch.flags & Flag.END_OF_STREAM and self.pending is not None:
-            self._discard(self.pending, "torn: the stream ended before its commit record")
-            self.pending = None
+            finally:
+                pending.drop_spill()
+        if batch.flags & Flag.END_OF_STREAM:
+            if self.pending is not None:
+                self._discard(self.pending, "torn: the stream ended before its commit record")
+                self.pending = None
+            if self._follows(batch):
+                self._followed_ended = True
         return ()
+
+    def _follows(self, marker: Batch) -> bool:
+        """Whether a control batch belongs to the stream this sink follows (any, for version 1 streams)."""
+        identity = marker.meta.get("stream_id")
+        return identity is None or self.stream_id is None or identity == self.stream_id
+
+    def _check_identity(self, marker: Batch, baseline: bool) -> None:
+        """EpochRefused unless the epoch's stream may be committed (see the module docstring)."""
+        if self._follows(marker):
+            return
+        stale = self._followed_ended or time.monotonic() - self._last_seen > STALE_INTERVALS * self.resync_interval
+        asked = not self.in_sync or self._resync_pending
+        if not baseline or not (stale or asked):
+            raise EpochRefused(f"stream {marker.meta.get('stream_id')} is not the stream {self.stream_id} this "
+                               f"replica follows, which is live and did not ask for a resync")
 
     def _set_layout(self, batch: Batch) -> None:
         try:
             layout = Layout.from_untrusted(batch.page_size, batch.meta.get("regions"), max_pages=self.max_pages)
+            self.store.check_room(layout)       # before anything is allocated for it
         except ReplicaError as exc:
             raise CorruptData(f"replica-sink: epoch {batch.epoch} layout record: {exc}") from None
         if self.layout is not None and layout.page_size != self.layout.page_size:
@@ -289,7 +456,7 @@ class ReplicaSink(Stage):
         epoch = pending.epoch
         if pending.doomed:
             raise EpochRejected(pending.doomed)
-        page_numbers, digests = pending.gathered()
+        page_numbers, encodings, digests = pending.gathered()
         expected, digest = marker.meta.get("pages"), marker.meta.get("digest")
         if expected != page_numbers.shape[0]:
             raise EpochRejected(f"torn: commit record says {expected!r} pages, {page_numbers.shape[0]} arrived")
@@ -301,6 +468,10 @@ class ReplicaSink(Stage):
         if self.layout is None:
             raise EpochRejected("no layout record before the commit record")
         baseline = pending.self_contained and page_numbers.shape[0] == self.layout.page_count
+        self._check_identity(marker, baseline)
+        if marker.flags & Flag.RESYNC and not baseline:
+            raise EpochRejected(f"a resync epoch must carry every page of its layout whole "
+                                f"({page_numbers.shape[0]} of {self.layout.page_count} pages)")
         if not baseline and not self.in_sync:
             raise EpochRejected("replica out of sync; waiting for a full resync")
         if not baseline and epoch != self.store.epoch + 1:
@@ -309,8 +480,14 @@ class ReplicaSink(Stage):
         if actual != digest & 0xFFFFFFFFFFFFFFFF:
             raise EpochRejected(f"digest mismatch: reconstructed {actual:#018x}, sender {digest:#018x}")
         started = time.perf_counter()
-        self.store.commit(epoch, self.layout, page_numbers, pending.encodings, digests, digest,
-                          stream=marker.stream, resync=bool(marker.flags & Flag.RESYNC))
+        identity = marker.meta.get("stream_id")
+        identity_fields = {"stream_id": identity} if identity is not None else {}
+        self.store.commit(epoch, self.layout, page_numbers, encodings, digests, digest,
+                          stream=marker.stream, resync=bool(marker.flags & Flag.RESYNC), **identity_fields)
+        if identity != self.stream_id:
+            self.stream_id, self._followed_ended = identity, False
+        self._last_seen = time.monotonic()
+        self._resync_pending = False
         self.in_sync = True
         self._last_resync_request = -float("inf")   # answered: a later problem asks again at once
         self.counters["commit_seconds"] += time.perf_counter() - started
@@ -323,15 +500,22 @@ class ReplicaSink(Stage):
         if isinstance(when, (int, float)) and not isinstance(when, bool):
             record["commit_latency_seconds"] = max(0.0, time.time() - when)
         self.context.record_epoch(epoch, **record)
-        if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream):
+        if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream, **identity_fields):
             self._ack_dropped(f"acknowledgement of epoch {epoch}")
 
     def _doom(self, pending: PendingEpoch, reason: str) -> None:
         pending.doom(reason)
         self._ask_resync(reason)
 
+    def _refuse(self, pending: PendingEpoch, reason: str) -> None:
+        """Drop an epoch of a foreign stream: no state changes, no message to the sender being followed."""
+        self.counters["epochs_refused"] += 1
+        self.context.warn(f"replica-sink: epoch {pending.epoch} refused ({reason}); "
+                          f"replica stays at epoch {self.store.epoch}")
+
     def _discard(self, pending: PendingEpoch, reason: str) -> None:
         """Drop an epoch that cannot be committed; the replica keeps its last committed epoch."""
+        pending.drop_spill()
         self.counters["epochs_discarded"] += 1
         self.context.record_epoch(pending.epoch, discarded=1)
         self.context.warn(f"replica-sink: epoch {pending.epoch} discarded ({reason}); "
@@ -346,6 +530,7 @@ class ReplicaSink(Stage):
         if self.acks is None or now - self._last_resync_request < self.resync_interval:
             return
         self._last_resync_request = now
+        self._resync_pending = True
         self.counters["resyncs_requested"] += 1
         self.context.event("resync", f"replica-sink: asked the sender for a resync ({reason})")
         if not self.acks.request_resync(reason, epoch=self.store.epoch):
@@ -365,6 +550,6 @@ class ReplicaSink(Stage):
             self.acks = None
         if getattr(self, "store", None) is not None:
             self.store.close()
-        if getattr(self, "_lock", None) is not None:
-            os.close(self._lock)
-            self._lock = None
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None

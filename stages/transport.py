@@ -8,8 +8,9 @@
 - ``trace-src``: replays a trace as the tracker stream it was made from:
   decodes each epoch onto a page image and emits the touched pages whole
   (``preload=true``: the whole trace decoded before the first batch). It
-  fuses with the single-worker stages after it that consume only pages
-  (``classify ! xor-delta ! rle``), so the pages stay in its process.
+  fuses with the built-in single-worker page consumers after it
+  (``classify ! xor-delta ! rle``, exact classes only), so the pages stay in
+  its process.
 - ``write_trace_from_npz``: turns the recorded corpus (.npz) into a trace.
 """
 from __future__ import annotations
@@ -25,16 +26,25 @@ import zmq
 
 from pipeline.batch import ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, TransportError
+from pipeline.fusion import Fusion
 from pipeline.stage import Property, Stage, StageContext
 
+from .classify import Classify
+from .xor_delta import XorDelta
 from .codecs import Encoded, get_codec
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
+from .common.security import CurveProperties, LinkSecurity
 
 _ZERO_COPY_BYTES = 64 << 10
 WAITING_NOTICE_MS = 1000
 """A receiver with nothing after this long says what it waits for (an event on the bus)."""
 _END_MESSAGE = b""
+MESSAGE_BYTES = 1 << 20
+"""zmq-sink sends the stream in messages of at most this size; zmq-src's max-message is never below it."""
+_PEER_COMMAND_BYTES = 64 << 10
+"""Largest frame a zmq-sink accepts from its receiver, which sends only handshake commands."""
+_REFUSALS_POLL_MS = 1000
 
 
 def _payload_of(batch: Batch) -> np.ndarray | None:
@@ -43,8 +53,12 @@ def _payload_of(batch: Batch) -> np.ndarray | None:
 
 # ---- ZeroMQ ---------------------------------------------------------------------
 
-class _ZmqStage(Stage):
-    """Shared socket set-up of zmq-sink and zmq-src: one socket, bound or connected, and its counters."""
+class _ZmqStage(CurveProperties, Stage):
+    """Shared socket set-up of zmq-sink and zmq-src: one socket, bound or connected, its keys and counters.
+
+    On tcp both ends need keys (stages.common.security) unless insecure=true; the end that binds
+    admits only the peers on its allow-list and at most max-connections at once.
+    """
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
@@ -52,20 +66,22 @@ class _ZmqStage(Stage):
 
     def start(self, context: StageContext) -> None:
         super().start(context)
-        self._socket = self._open()
-        self.counters.update({"messages": 0, self.bytes_counter: 0})
-
-    def _open(self) -> zmq.Socket:
         if not self.endpoint:
             raise TransportError(f"{self.factory_name}: no endpoint= given")
-        self._zmq = zmq.Context()
+        security = self.link_security(self.endpoint, self.bind)
+        self._gatekeeper = None
+        self._socket = self._open(security)
+        self.counters.update({"messages": 0, self.bytes_counter: 0})
+
+    def _open(self, security: LinkSecurity) -> zmq.Socket:
+        self._zmq = security.context()
         sock = self._zmq.socket(self.socket_type)
         self._configure(sock)
         try:
+            self._gatekeeper = security.apply(sock)
             (sock.bind if self.bind else sock.connect)(self.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            self._zmq.term()
+        except (zmq.ZMQError, TransportError) as exc:
+            self._close(sock)
             verb = "bind" if self.bind else "connect"
             raise TransportError(f"{self.factory_name}: cannot {verb} {self.endpoint}: {exc}") from None
         return sock
@@ -73,12 +89,26 @@ class _ZmqStage(Stage):
     def _configure(self, sock: zmq.Socket) -> None:
         """Socket options set before bind/connect."""
 
+    def _post_refusals(self) -> None:
+        """Post the gatekeeper's refusals (peers without an allowed key, connections beyond the limit)."""
+        if self._gatekeeper is not None:
+            for text in self._gatekeeper.take_warnings():
+                self.context.warn(text)
+            self.counters.update(self._gatekeeper.counters)
+
+    def _close(self, sock: zmq.Socket, linger: int | None = None) -> None:
+        if self._gatekeeper is not None:
+            self._post_refusals()
+            self._gatekeeper.close()
+            self._gatekeeper = None
+        sock.close(linger)
+        self._zmq.term()
+
     def stop(self) -> None:
         sock = getattr(self, "_socket", None)
         if sock is not None:
-            sock.close()
-            self._zmq.term()
             self._socket = None
+            self._close(sock)
 
 
 class ZmqSink(_ZmqStage):
@@ -95,6 +125,7 @@ class ZmqSink(_ZmqStage):
     hwm = Property("int", 8, "Messages queued towards the receiver before sending blocks", minimum=1)
 
     def _configure(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.MAXMSGSIZE, _PEER_COMMAND_BYTES)   # a receiver sends nothing but handshake commands
         sock.setsockopt(zmq.SNDHWM, self.hwm)
         sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
         sock.setsockopt(zmq.LINGER, int(self.timeout * 1000))     # flush what is queued at stop, for a while
@@ -102,8 +133,11 @@ class ZmqSink(_ZmqStage):
 
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
-        if payload is not None:
-            self._send(payload)
+        if payload is not None:   # the stream is bytes: pieces of at most MESSAGE_BYTES fit any receiver's limit
+            view = memoryview(payload).cast("B")
+            for start in range(0, len(view), MESSAGE_BYTES):
+                self._send(view[start:start + MESSAGE_BYTES])
+        self._post_refusals()
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
@@ -135,9 +169,10 @@ class ZmqSource(_ZmqStage):
     bind = Property("bool", True, "Bind the endpoint (default; false: connect to a sender that binds)")
     timeout = Property("duration", 0, "Longest wait for the next message before TransportError; 0 waits forever",
                        minimum=0)
-    max_message = Property("size", "256MiB", "Messages larger than this are refused by ZeroMQ (peer dropped)",
-                           minimum=1 << 16)
-    hwm = Property("int", 8, "Messages queued from the sender before it blocks", minimum=1)
+    max_message = Property("size", "1MiB", "Messages (ZeroMQ frames) larger than this are refused by ZeroMQ as they "
+                           "are announced, and the peer dropped (zmq-sink sends at most 1 MiB)",
+                           minimum=MESSAGE_BYTES, maximum=1 << 30)
+    hwm = Property("int", 8, "Messages queued from each sender before it blocks", minimum=1)
 
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
@@ -145,18 +180,18 @@ class ZmqSource(_ZmqStage):
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
 
     def produce(self) -> Iterator[Batch]:
-        poll_ms = int(self.timeout * 1000) if self.timeout else None
         sequence = 0
-        if not self._socket.poll(min(poll_ms or WAITING_NOTICE_MS, WAITING_NOTICE_MS), zmq.POLLIN):
+        timeout_ms = int(self.timeout * 1000) if self.timeout else WAITING_NOTICE_MS
+        if not self._socket.poll(min(timeout_ms, WAITING_NOTICE_MS), zmq.POLLIN):
             self.context.event("waiting", f"waiting for a sender on {self.endpoint} (nothing received yet)")
         while True:
-            if not self._socket.poll(poll_ms, zmq.POLLIN):
-                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
-                                     f"for {self.timeout:g} s")
-            message = self._socket.recv(copy=False)
+            message = self._next_message()
             if sequence == 0:
                 self.context.event("connected", f"receiving from a sender on {self.endpoint}")
             self.counters["messages"] += 1
+            if message.more:
+                self._refuse_multipart()
+                continue
             if len(message) == 0:
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                 return
@@ -164,6 +199,27 @@ class ZmqSource(_ZmqStage):
             payload = np.frombuffer(message.buffer, dtype=np.uint8)
             yield Batch(format=STREAM, sequence=sequence, payload=payload)
             sequence += 1
+
+    def _next_message(self) -> zmq.Frame:
+        """The next frame; posts refusals while waiting; TransportError after ``timeout`` without one."""
+        deadline = time.monotonic() + self.timeout if self.timeout else None
+        while True:
+            wait = _REFUSALS_POLL_MS if deadline is None else \
+                min(_REFUSALS_POLL_MS, max(0, int((deadline - time.monotonic()) * 1000)))
+            if self._socket.poll(wait, zmq.POLLIN):
+                return self._socket.recv(copy=False)
+            self._post_refusals()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
+                                     f"for {self.timeout:g} s")
+
+    def _refuse_multipart(self) -> None:
+        """zmq-sink never sends multipart messages: drop one whole, so it cannot pass for stream bytes."""
+        while self._socket.getsockopt(zmq.RCVMORE):
+            self._socket.recv(copy=False)
+        self.counters["multipart_refused"] = self.counters.get("multipart_refused", 0) + 1
+        self.context.warn(f"{self.factory_name}: dropped a multipart message on {self.endpoint} "
+                          f"(not from zmq-sink)")
 
 
 # ---- files ----------------------------------------------------------------------
@@ -293,8 +349,9 @@ class TraceSource(Stage):
                        "(holds every epoch's pages; for benchmarks that time the chain, not the decoding)")
 
     def fuse(self, downstream: Stage) -> Stage | None:
-        """Run a single-worker stage that consumes only pages in this process (``TraceSourceInto``)."""
-        if downstream.input_caps != (PAGES,) or downstream.workers != 1 or downstream.runs_in_caller:
+        """Run a single-worker built-in classify or xor-delta in this process (``TraceSourceInto``); never a
+        subclass or another stage, whose results fusion could change."""
+        if type(self) is not TraceSource or type(downstream) not in (Classify, XorDelta) or downstream.workers != 1:
             return None
         return TraceSourceInto.around(self, downstream)
 
@@ -392,7 +449,8 @@ class TraceSourceInto(TraceSource):
     factory_name = "trace-src+"
     description = "trace-src with its page consumer fused in (one process, pages never cross a boundary)"
 
-    consumer = Property("object", None, "Set by fusing: (stage class, property values) fed every replayed batch")
+    consumer = Property("object", None, "Set by fusing: (stage class, property values) fed every replayed batch",
+                        internal=True)
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
@@ -401,6 +459,8 @@ class TraceSourceInto(TraceSource):
         consumer_class, consumer_properties = self.consumer
         self._consumer: Stage = consumer_class(**consumer_properties)
         self.output_caps = self._consumer.output_caps
+        self.fusion = Fusion.join(self, self._consumer)
+        self._replayed = self.fusion.link_after(self)
 
     @classmethod
     def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":
@@ -409,7 +469,7 @@ class TraceSourceInto(TraceSource):
     def fuse(self, downstream: Stage) -> Stage | None:
         """Keep fusing while the consumer fuses with its own downstream (classify ! xor-delta ! rle)."""
         fused = self._consumer.fuse(downstream) if downstream.workers == 1 else None
-        return None if fused is None else type(self).around(self, fused)
+        return None if fused is None else TraceSourceInto.around(self, fused)
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -417,8 +477,8 @@ class TraceSourceInto(TraceSource):
 
     def produce(self) -> Iterator[Batch]:
         for batch in super().produce():
+            self._replayed.count(batch)
             yield from self._consumer.handle(batch)
-            self.counters.update(self._consumer.counters)
 
     def stop(self) -> None:
         self._consumer.stop()

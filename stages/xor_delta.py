@@ -10,12 +10,12 @@ Every cached copy is then exactly the receiver's copy (invariant 2).
 Sharded by page number (``shard_key = "page"``; the runtime sends page p to
 worker ``p % workers``): each worker owns ``1/workers`` of the cache and sees
 every version of its pages in order. Counters: hits, misses, evictions,
-bytes_in (page bytes received), bytes_out (page bytes still to send, or the
-fused stage's payload bytes) and overflows (deltas not smaller than the page:
-counted where they are encoded, i.e. by the fused stage, or by ``rle``).
-Next to ``rle`` it fuses into ``XorDeltaRle``, which encodes hits straight
-against the cache slots (one pass: XOR, run-length encode, cache update); a
-``classify`` in front of it fuses in too (see ``Classify.fuse``).
+bytes_in (page bytes received) and bytes_out (page bytes still to send).
+Next to the built-in ``rle`` it fuses into ``XorDeltaRle``, which encodes hits
+straight against the cache slots (one pass: XOR, run-length encode, cache
+update); a built-in ``classify`` in front of it fuses in too (see
+``Classify.fuse``). Fused, each element keeps its own counters and traffic, as
+apart (pipeline.fusion).
 
 Forgetting: a LAYOUT drops the copies of pages outside its regions or in its
 ``vanished`` ranges; the first batch (or marker) of a RESYNC epoch drops all.
@@ -38,13 +38,15 @@ import numpy as np
 
 from cython_kernels import page_cache as _kernels
 from pipeline.batch import (
-    DEFAULT_PAGE_SIZE, DELTAS, ENCODED, KIND_DELTA, KIND_FULL, KIND_NORMAL, KIND_RAW, KIND_ZERO, PAGES, Batch, Flag,
+    DEFAULT_PAGE_SIZE, DELTAS, ENCODED, KIND_DELTA, KIND_FULL, KIND_NORMAL, KIND_RAW, KIND_UNCHANGED, KIND_ZERO, PAGES,
+    Batch, Flag,
 )
 from pipeline.errors import CorruptData
+from pipeline.fusion import Fusion
 from pipeline.stage import Property, Stage, StageContext
 from stages.classify import Classify, check_pages_batch, in_ranges, layout_regions, page_ranges
 from stages.codecs import PageCodec, get_codec
-from stages.rle import RUN_FORMATS, RunLengthEncode, check_format_page_size
+from stages.rle import RunLengthEncode, check_format_page_size
 
 DENSE_PAGE_LIMIT = 1 << 24
 """Page numbers below this (64 GiB of 4 KiB pages) use a dense numpy map, 4 bytes per number; above it, a dict."""
@@ -252,23 +254,24 @@ class XorDelta(Stage):
 
     cache = Property("size", "32MiB", "Cache size in bytes, shared among the workers (each owns a slice)", minimum=1)
     cache_pages = Property("int", 0, "Cache size in pages (overrides cache when > 0)", minimum=0)
-    classify = Property("object", None, "Set by fusing classify ! xor-delta: classify's properties, run first")
+    classify = Property("object", None, "Set by fusing classify ! xor-delta: classify's properties, run first",
+                        internal=True)
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
         self._cache: PageCache | None = None
         self._resync_epoch: int | None = None
         self._classifier = None if self.classify is None else Classify(**self.classify)
-        self.counters.update(hits=0, misses=0, evictions=0, overflows=0, bytes_in=0, bytes_out=0)
+        if self._classifier is not None:  # fused: classify keeps its own counters and traffic
+            self.fusion = Fusion([self._classifier, self])
+            self._classified = self.fusion.link_after(self._classifier)
+        self.counters.update(hits=0, misses=0, evictions=0, bytes_in=0, bytes_out=0)
 
     def fuse(self, downstream: Stage) -> Stage | None:
-        if type(self) is XorDelta and isinstance(downstream, RunLengthEncode):
-            return XorDeltaRle(**self.property_values(), format=downstream.format)
+        """The built-in rle encoding straight against the cache (``XorDeltaRle``); exact built-in classes only."""
+        if type(self) is XorDelta and type(downstream) is RunLengthEncode:
+            return XorDeltaRle(**self.property_values(), rle=downstream.property_values())
         return None
-
-    def with_classify(self, classify: Classify) -> "XorDelta":
-        """This stage classifying pages first (``Classify.fuse``): the same work, one process hop fewer."""
-        return type(self)(**self.property_values(), classify=classify.property_values())
 
     def start(self, context: StageContext) -> None:
         """Allocate this worker's cache slice (for the default page size; resized if the stream differs)."""
@@ -292,6 +295,7 @@ class XorDelta(Stage):
     def control(self, batch: Batch) -> Iterable[Batch]:
         if self._classifier is not None:
             (batch,) = self._classifier.control(batch)
+            self._classified.count(batch)
         self._apply_resync(batch)
         if batch.flags & Flag.LAYOUT:
             self._apply_layout(batch)
@@ -323,7 +327,7 @@ class XorDelta(Stage):
         self._apply_resync(batch)
         plan = self._plan(batch, find_zero)
         if classifier is not None:
-            self.counters.update(classifier.counters)
+            self._classified.count(batch)  # the classified batch: same arrays' sizes as this one
         yield self._emit(batch, plan)
 
     def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
@@ -404,17 +408,30 @@ class XorDeltaRle(XorDelta):
     description = "xor-delta and rle in one pass (the fused kernel): PAGES in, ENCODED out"
     output_caps = ENCODED
 
-    format = Property("choice", "native", "Run-length format", choices=RUN_FORMATS)
+    rle = Property("object", None, "Set by fusing xor-delta ! rle: rle's properties", internal=True)
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
-        self._codec: PageCodec = get_codec(self.format)
+        self._rle = RunLengthEncode(**(self.rle or {}))  # keeps rle's counters as rle would
+        self.fusion = Fusion.join(self, self._rle)
+        self._deltas = self.fusion.link_after(self)
+        self._codec: PageCodec = get_codec(self._rle.format)
         self._kernel_format = _kernels.FORMATS[self._codec.name]
         self._emit_zero = bool(self._codec.get_config().get("emit_zero", False))
 
+    @property
+    def format(self) -> str:
+        """The run-length format (rle's ``format``)."""
+        return self._rle.format
+
     def process(self, batch: Batch) -> Iterable[Batch]:
-        check_format_page_size(self._codec, batch, self.factory_name)
+        check_format_page_size(self._codec, batch, self._rle.factory_name)
         yield from super().process(batch)
+
+    def control(self, batch: Batch) -> Iterable[Batch]:
+        for out in super().control(batch):
+            self._deltas.count(out)
+            yield out
 
     def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
         cache = self._cache
@@ -430,9 +447,13 @@ class XorDeltaRle(XorDelta):
         if used < 0:
             raise RuntimeError(f"{self.factory_name}: encode kernel rejected its plan")  # prevented by _plan
         payload = payload[:used].copy() if used < capacity // 2 else payload[:used]
-        if plan.hits:
-            self.counters["overflows"] += int(np.count_nonzero(kinds[:plan.hits] == KIND_FULL))
-        self.counters["bytes_out"] += used
+        self._deltas.count(batch, extra_bytes=batch.data.nbytes)  # the DELTAS batch: these arrays + a reference
+        self.counters["bytes_out"] += int(np.count_nonzero(plan.kinds != KIND_ZERO)) * batch.page_size
+        rle = self._rle.counters
+        rle["overflows"] += int(np.count_nonzero(kinds[:plan.hits] == KIND_FULL))
+        rle["unchanged"] += int(np.count_nonzero(kinds[:plan.hits] == KIND_UNCHANGED))
+        rle["bytes_in"] += int(np.count_nonzero(plan.kinds != KIND_ZERO)) * batch.page_size
+        rle["bytes_out"] += used
         return batch.with_(format=ENCODED, page_numbers=batch.page_numbers[order], kinds=kinds, data=None,
                            reference=None, payload=payload, offsets=offsets,
                            meta={**batch.meta, "codec": self._codec.name, "raw_size": used})

@@ -120,14 +120,14 @@ def sender_stages(source: RegionSource, options: DemoOptions, endpoint: str) -> 
     stages = [source, Classify(), XorDelta(cache=options.size, workers=options.workers),
               RunLengthEncode(format=run_format)]
     stages += [_ENTROPY[name](workers=options.workers) for name in entropy]
-    return stages + [Frame(), ZmqSink(endpoint=endpoint)]
+    return stages + [Frame(), ZmqSink(endpoint=endpoint, insecure=True)]   # loopback: nothing leaves the machine
 
 
 def receiver_stages(options: DemoOptions, endpoint: str, ack_endpoint: str, replica: str) -> list:
     """The receiving pipeline: zmq-src (binds), deframe (resume: a restarted receiver joins at the next
     resync segment), decode, replica-sink acknowledging to ``ack_endpoint``."""
-    return [ZmqSource(endpoint=endpoint, bind=True), Deframe(resume=True), Decode(),
-            ReplicaSink(path=replica, fsync=options.fsync, ack_endpoint=ack_endpoint)]
+    return [ZmqSource(endpoint=endpoint, bind=True, insecure=True), Deframe(resume=True), Decode(),
+            ReplicaSink(path=replica, fsync=options.fsync, ack_endpoint=ack_endpoint, insecure=True)]
 
 
 class Progress:
@@ -212,7 +212,7 @@ def _run(options: DemoOptions, replica: str, show_progress: bool,
             progress.on_message(message)
             on_message(message)
     data_endpoint = free_tcp_endpoint()
-    listener = AckListener("tcp://127.0.0.1:*").attach(source)
+    listener = AckListener("tcp://127.0.0.1:*", insecure=True).attach(source)   # loopback only
     result = DemoResult(False, 0, 0.0, 0, 0, [], [])
     checkpoint_times: dict[int, float] = {}   # epoch -> began, until its ack latency is recorded
     receiver = sender = None

@@ -95,7 +95,7 @@ def read_regions(pid: int, regions: list[Region], out: np.ndarray) -> int:
     """
     first_rows = np.cumsum([0] + [region.npages for region in regions])
     runs = [(region.start, region.npages, int(row)) for region, row in zip(regions, first_rows) if region.npages]
-    return read_pages(pid, runs, PAGE_SIZE, out)
+    return len(read_pages(pid, runs, PAGE_SIZE, out))
 
 
 def changed_pages(previous: np.ndarray, current: np.ndarray) -> np.ndarray:

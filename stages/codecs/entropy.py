@@ -1,8 +1,10 @@
 """Entropy codecs applied to a whole run-length payload: zstd and lz4 (block format).
 
 ``decompress`` takes the exact output size (carried beside the payload),
-allocates no more than that, and raises CorruptData unless the data
-decompresses to exactly that many bytes.
+checks it against the frame's declared size (zstd) or the format's limit
+(lz4) before allocating, allocates no more than that, and raises CorruptData
+unless the data decompresses to exactly that many bytes. Callers bound the
+size first (``decode max-batch=``, the replica-sink's epoch budget).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import numpy as np
 import zstandard
 
 from pipeline.errors import ConfigError, CorruptData
+
+MAX_RAW_SIZE = 0x7E000000   # LZ4_MAX_INPUT_SIZE: the largest block lz4 can decompress to (about 2 GiB)
 
 
 def _as_bytes_view(data: np.ndarray, name: str) -> memoryview:
@@ -78,6 +82,8 @@ class ZstdCodec(EntropyCodec):
             raw = self._decompressor.decompress(view, max_output_size=raw_size, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             raise CorruptData(f"zstd: corrupt frame ({exc})") from None
+        except (OverflowError, MemoryError) as exc:
+            raise CorruptData(f"zstd: cannot decompress {raw_size} bytes ({exc.__class__.__name__})") from None
         if len(raw) != raw_size:
             raise CorruptData(f"zstd: decompressed to {len(raw)} bytes, expected {raw_size}")
         return np.frombuffer(raw, dtype=np.uint8)
@@ -95,10 +101,14 @@ class Lz4Codec(EntropyCodec):
     def decompress(self, data: np.ndarray, raw_size: int) -> np.ndarray:
         raw_size = _check_raw_size(raw_size, "lz4")
         view = _as_bytes_view(data, "lz4 input")
+        if raw_size > MAX_RAW_SIZE:
+            raise CorruptData(f"lz4: raw size {raw_size} exceeds the {MAX_RAW_SIZE} bytes one block may hold")
         try:
             raw = lz4.block.decompress(view, uncompressed_size=raw_size)
         except lz4.block.LZ4BlockError as exc:
             raise CorruptData(f"lz4: corrupt block ({exc})") from None
+        except (OverflowError, MemoryError) as exc:     # a size the library or the machine cannot hold
+            raise CorruptData(f"lz4: cannot decompress {raw_size} bytes ({exc.__class__.__name__})") from None
         if len(raw) != raw_size:
             raise CorruptData(f"lz4: decompressed to {len(raw)} bytes, expected {raw_size}")
         return np.frombuffer(raw, dtype=np.uint8)

@@ -27,11 +27,17 @@ class Region:
 
 @dataclass(frozen=True)
 class Mapping:
-    """A writable mapping of a process: addresses [start, end), page aligned."""
+    """A writable mapping of a process: addresses [start, end), page aligned; for a mapping read from
+    /proc/PID/maps also its file offset, device and inode (0 and "00:00" for private anonymous memory) and
+    whether it is shared (MAP_SHARED)."""
 
     name: str
     start: int
     end: int
+    offset: int = 0
+    device: str = "00:00"
+    inode: int = 0
+    shared: bool = False
 
 
 def layout_meta(regions: Sequence[Region], vanished: Iterable[tuple[int, int]] = ()) -> dict[str, Any]:

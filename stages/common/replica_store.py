@@ -6,6 +6,7 @@ A replica directory always holds exactly one committed checkpoint (epoch)::
     DIR/pages.img      page number p at byte p * page_size (a sparse file)
     DIR/digests.u64    the 64-bit digest of every page of pages.img (uint64 LE)
     DIR/journal        non-empty only while an epoch is being applied
+    DIR/lock           locked (open file description lock) by the one writer
 
 ``ReplicaStore.commit`` applies one verified epoch atomically (the first
 commit into an empty replica needs no journal: until its manifest exists the
@@ -29,16 +30,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Sequence
-
-import fcntl
 
 import numpy as np
 import xxhash
@@ -52,12 +53,10 @@ FORMAT_NAME = "pagepipe-replica"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_TEMPORARY = MANIFEST + ".tmp"
-LOCK = ".pagepipe-replica.lock"
-"""Marks a directory as a replica from the moment a replica-sink claims it (with the manifest, once an
-epoch is committed), and is held locked (flock) while a replica-sink writes there."""
 IMAGE = "pages.img"
 DIGESTS = "digests.u64"
 JOURNAL = "journal"
+LOCK = "lock"
 JOURNAL_MAGIC = b"PPJRNL\x00\x01"
 JOURNAL_END = b"PPJEND\x00\x01"
 _JOURNAL_HEAD = struct.Struct("<8sI")        # magic, header length
@@ -66,6 +65,87 @@ MAX_JOURNAL_HEADER = 1 << 20
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 512, 65536
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 DEFAULT_MAX_PAGES = 1 << 26   # 256 GiB of 4 KiB pages; bounds what an untrusted layout can make us allocate
+
+
+class ReplicaLocked(ReplicaError):
+    """Another writer (a running replica-sink) holds the replica's lock."""
+
+
+_FLOCK = struct.Struct("hh4xqqi4x")     # struct flock on 64-bit Linux: type, whence, start, len, pid
+_HELD_LOCKS: set[int] = set()           # lock descriptors of this process, closed in forked children
+_HELD_LOCKS_GUARD = threading.Lock()
+
+
+def _close_locks_in_child() -> None:
+    """A forked child must not keep the parent's replica locked: close its copies of the lock descriptors
+    (the lock stays with the parent's copy, and goes when the parent's process ends)."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+class ReplicaLock:
+    """The one-writer lock of a replica directory: an open-file-description lock (``F_OFD_SETLK``) on
+    ``DIR/lock``, exclusive, taken without waiting.
+
+    Unlike a POSIX record lock it conflicts between two openers in one process, and closing another
+    descriptor of the file does not drop it; unlike ``flock`` nothing outlives its process: the
+    descriptor is close-on-exec and closed in forked children. Readers take no lock.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path) / LOCK
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ReplicaError(f"replica {path}: cannot open the lock file {self.path} "
+                               f"({exc.strerror or exc})") from None
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        except OSError as exc:
+            os.close(self._fd)
+            self._fd = None
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise ReplicaLocked(f"replica {path}: another receiver is writing it (its lock file {self.path} "
+                                    f"is held); one replica-sink per replica directory") from None
+            raise ReplicaError(f"replica {path}: cannot lock {self.path} ({exc.strerror or exc})") from None
+        with _HELD_LOCKS_GUARD:
+            _HELD_LOCKS.add(self._fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with _HELD_LOCKS_GUARD:
+                _HELD_LOCKS.discard(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def replica_locked(path: str | os.PathLike) -> bool:
+    """Whether a writer holds the replica's lock now (asked with F_OFD_GETLK: takes nothing)."""
+    try:
+        fd = os.open(Path(path) / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    finally:
+        os.close(fd)
+    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+
+
+def disk_free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still allocate on the file system of ``path`` (None if unknown)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 @dataclass(frozen=True)
@@ -180,33 +260,22 @@ def ensure_replica_directory(path: str | os.PathLike) -> Path:
     return path
 
 
-def claim_replica_directory(path: str | os.PathLike, force: bool = False) -> int:
-    """Create or take over a replica directory and lock it; returns the lock's file descriptor
-    (close it to release). ConfigError for a non-empty directory that is not a replica (neither
-    manifest nor lock file) unless ``force``; ReplicaError if another process holds the lock."""
+def check_replica_directory(path: str | os.PathLike, force: bool = False) -> None:
+    """ConfigError for a non-empty directory that is not a replica, unless ``force``: what marks a
+    replica is its manifest (once an epoch is committed) or its lock file (from the moment a
+    replica-sink opened it), so a replica-sink never scatters its files among someone else's."""
     directory = Path(path)
-    if directory.is_dir() and not force:
-        try:
-            entries = sorted(os.listdir(directory))
-        except OSError as exc:
-            raise ReplicaError(f"replica {path}: cannot list the directory ({exc.strerror or exc})") from None
-        if entries and MANIFEST not in entries and LOCK not in entries:
-            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            raise ConfigError(f"replica-sink: path={path} holds {len(entries)} other file(s) ({shown}) and is not "
-                              f"a replica (no {MANIFEST} or {LOCK}); give a new or empty directory, or add "
-                              f"force=true to keep the replica's files among them")
-    ensure_replica_directory(directory)
+    if force or not directory.is_dir():
+        return
     try:
-        descriptor = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        entries = sorted(os.listdir(directory))
     except OSError as exc:
-        raise ReplicaError(f"replica {path}: cannot create {LOCK} ({exc.strerror or exc})") from None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
-        raise ReplicaError(f"replica {path}: another replica-sink is writing it ({LOCK} is locked); "
-                           f"stop that one, or give another path=") from None
-    return descriptor
+        raise ReplicaError(f"replica {path}: cannot list the directory ({exc.strerror or exc})") from None
+    if entries and MANIFEST not in entries and LOCK not in entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"replica-sink: path={path} holds {len(entries)} other file(s) ({shown}) and is not "
+                          f"a replica (no {MANIFEST} or {LOCK} file); give a new or empty directory, or add "
+                          f"force=true to keep the replica's files among them")
 
 
 def _hex(value: int) -> str:
@@ -251,7 +320,9 @@ _FALLOCATE = _load_libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctype
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
 
 
-def _zero_page_digest(page_size: int) -> int:
+@lru_cache(maxsize=8)
+def zero_page_digest(page_size: int) -> int:
+    """The page digest of an all-zero page."""
     return int(digest_pages(np.zeros((1, page_size), dtype=np.uint8))[0])
 
 
@@ -373,7 +444,9 @@ class ReplicaStore:
     """
 
     def __init__(self, path: str | os.PathLike, *, fsync: bool = True, max_pages: int = DEFAULT_MAX_PAGES,
-                 writable: bool = True):
+                 writable: bool = True, lock: ReplicaLock | None = None):
+        """Open a replica; a writable store holds its lock (``lock``, or one it takes and releases on close):
+        ReplicaLocked if another writer holds it. Every failure is a ReplicaError naming the path."""
         self.path = Path(path)
         self.fsync = fsync
         self.max_pages = max_pages
@@ -385,17 +458,23 @@ class ReplicaStore:
         self._digests: np.memmap | None = None
         self._journal = _JournalFile(self.path / JOURNAL, fsync)
         self._manifest_file = _ManifestFile(self.path, fsync)
+        self._lock, self._owns_lock = lock, False
         if writable:
             ensure_replica_directory(self.path)
+            if lock is None:
+                self._lock, self._owns_lock = ReplicaLock(self.path), True
         try:
             self.recovered_journal = self._recover_journal() if writable else "none"
             """What opening did with an interrupted commit: none, replayed or discarded."""
             if (self.path / MANIFEST).exists():
                 self._load_manifest()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:        # ValueError: numpy cannot map a file (too short, too big)
             self.close()
-            raise ReplicaError(f"replica {self.path}: cannot open ({exc.strerror or exc}"
-                               f"{': ' + str(exc.filename) if exc.filename else ''})") from None
+            raise ReplicaError(f"replica {self.path}: cannot open ({getattr(exc, 'strerror', None) or exc}"
+                               f"{': ' + str(exc.filename) if getattr(exc, 'filename', None) else ''})") from None
+        except ReplicaError:
+            self.close()
+            raise
 
     # ---- reading -------------------------------------------------------
     @property
@@ -458,6 +537,14 @@ class ReplicaStore:
         verified by the caller (``decoded_digests``), so the encodings are known to decode
         and are applied in one pass. ``extra`` goes into the manifest.
         """
+        try:
+            self._commit(epoch, layout, page_numbers, encodings, digests, epoch_digest, extra)
+        except (OSError, ValueError) as exc:    # anything a full disk or a failed mapping raises
+            raise ReplicaError(f"replica {self.path}: cannot commit epoch {epoch} "
+                               f"({getattr(exc, 'strerror', None) or exc})") from None
+
+    def _commit(self, epoch: int, layout: Layout, page_numbers: np.ndarray, encodings: Sequence[Encoded],
+                digests: np.ndarray, epoch_digest: int, extra: dict[str, Any]) -> None:
         if self.is_empty or layout.page_size != self.layout.page_size:
             self._discard_image()   # leftovers of an interrupted first commit, or another page size
         self._ensure_files(layout)
@@ -488,10 +575,26 @@ class ReplicaStore:
         new_digests[np.searchsorted(layout_pages, page_numbers)] = digests
         return combine_digests(layout_pages, new_digests)
 
+    def check_room(self, layout: Layout) -> None:
+        """ReplicaError unless ``layout`` fits: at most ``max_pages`` pages, and the bytes its image and
+        digest files would grow by fit in the file system's free space (checked before allocating)."""
+        if layout.total_pages > self.max_pages:
+            raise ReplicaError(f"replica {self.path}: layout of {layout.total_pages} pages exceeds "
+                               f"max-pages={self.max_pages}")
+        have_image = self._image.shape[0] if self._image is not None and self._image.shape[1] == layout.page_size else 0
+        growth = max(layout.total_pages - have_image, 0) * (layout.page_size + 8)
+        free = disk_free_bytes(self.path)
+        if free is not None and growth > free:
+            raise ReplicaError(f"replica {self.path}: layout of {layout.total_pages} pages needs {growth} more bytes, "
+                               f"the disk has {free} free")
+
     def close(self) -> None:
         self._image = self._digests = None
         self._journal.close()
         self._manifest_file.close()
+        if self._owns_lock and self._lock is not None:
+            self._lock.release()
+        self._lock = None
 
     # ---- internals -----------------------------------------------------
     def _discard_image(self) -> None:
@@ -504,7 +607,8 @@ class ReplicaStore:
         total = max(layout.total_pages, 1)
         if self._image is not None and self._image.shape[0] >= total:
             return
-        zero_digest = _zero_page_digest(layout.page_size)
+        self.check_room(layout)
+        zero_digest = zero_page_digest(layout.page_size)
         image_path, digest_path = self.path / IMAGE, self.path / DIGESTS
         old_pages = os.path.getsize(digest_path) // 8 if digest_path.exists() else 0
         try:
@@ -517,7 +621,10 @@ class ReplicaStore:
                     np.full(total - old_pages, zero_digest, dtype="<u8").tofile(digest_file)
         except OSError as exc:
             raise ReplicaError(f"replica {self.path}: cannot grow the image ({exc.strerror})") from None
-        self._map(layout.page_size)
+        try:
+            self._map(layout.page_size)
+        except (OSError, ValueError) as exc:
+            raise ReplicaError(f"replica {self.path}: cannot map the image ({getattr(exc, 'strerror', None) or exc})") from None
 
     def _map(self, page_size: int) -> None:
         image_size = os.path.getsize(self.path / IMAGE)
@@ -582,7 +689,7 @@ class ReplicaStore:
         rows = dropped.astype(np.intp)
         if not self._punch_holes(_page_runs(dropped), new.page_size):
             self._image.view(np.ndarray)[rows] = 0
-        self._digests[rows] = _zero_page_digest(new.page_size)
+        self._digests[rows] = zero_page_digest(new.page_size)
         if self.fsync:
             self._image.flush()
             self._digests.flush()

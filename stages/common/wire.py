@@ -1,4 +1,4 @@
-"""The pagepipe wire stream, version 1: the one module that knows its bytes.
+"""The pagepipe wire stream, versions 2 (written) and 1 (read): the one module that knows its bytes.
 
 A stream is a stream header followed by records. Every record is a 32-byte
 header (type, flags, body length, epoch, sequence, xxh3-64 checksum) and a
@@ -9,6 +9,11 @@ continuity, known record types, and the internal consistency of each body.
 A stream header may recur at a record boundary to start a new segment.
 Epoch bookkeeping and page-number bounds live in ``stages.framer``.
 
+Version 2 gives every stream a random 128-bit identity (``StreamHeader.stream_id``)
+that seeds every record checksum, numbers the segments of a stream, and puts the
+digest of the layout in force into each epoch commit. The identity is what
+acknowledgements name (``stream_id`` in the batches deframe emits).
+
 Everything read is untrusted: parsers raise ``CorruptData`` naming the record
 (sequence number) and its byte offset in the stream, and never read past a
 checked length.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
@@ -31,7 +37,9 @@ from pipeline.errors import CorruptData
 from .pages import check_page_size
 
 MAGIC = b"PAGEPIPE"
-VERSION = 1
+VERSION = 2                                     # written; VERSIONS are read
+VERSIONS = (1, 2)
+STREAM_ID_BYTES = 16
 MAX_HEADER_BYTES = 4096
 MAX_CHAIN_BYTES = 64
 MAX_EXTRA_BYTES = 1 << 16
@@ -39,7 +47,9 @@ MAX_REGIONS = 1 << 16
 MAX_PAGE_NUMBER = 1 << 40
 DEFAULT_RECORD_LIMIT = 16 << 20
 
-_HEADER_FIXED = struct.Struct("<8sHHIIIB")      # magic, version, header size, page size, record limit, stream, chain length
+_HEADER_V1 = struct.Struct("<8sHHIIIB")         # magic, version, header size, page size, record limit, stream, chain length
+_HEADER_V2 = struct.Struct("<8sHHIII16sB")      # ... page size, record limit, segment, stream id, chain length
+_HEADER_FIXED = {1: _HEADER_V1, 2: _HEADER_V2}
 _RECORD_HEADER = struct.Struct("<HHIQQQ")       # type, flags, body length, epoch, sequence, checksum
 RECORD_HEADER_SIZE = _RECORD_HEADER.size        # 32
 _CHECKED_HEADER_BYTES = 24                      # the checksum covers header bytes [0, 24) and the body
@@ -49,6 +59,7 @@ PAGES_ENTRY_SIZE = 9                            # per entry of a PAGES body: pag
 ENCODED_ENTRY_SIZE = 13                         # per entry of an ENCODED body: page number, kind, length
 _REGION = struct.Struct("<QQQH")                # start, first page, page count, name length
 _COMMIT = struct.Struct("<QQQB7xQdd")           # pages, records, stream digest, has digest, digest, time, pause ms
+_LAYOUT_DIGEST = struct.Struct("<Q")            # v2: after the commit's fixed fields
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -64,6 +75,9 @@ class RecordType(IntEnum):
 
 
 OPTIONAL_RECORD = 0x8000
+RESERVED_RECORD_TYPES = {            # numbers kept for later record types (docs/FORMAT.md); none is read yet
+    0x0006: "CHANNEL", 0x0007: "PROCESS", 0x8001: "HEARTBEAT",
+}
 
 
 class RecordFlag(IntFlag):
@@ -93,51 +107,105 @@ def corrupt(message: str, *, offset: int | None = None, sequence: int | None = N
 
 # ---- stream header ------------------------------------------------------------
 
+def new_stream_id() -> bytes:
+    """A fresh random stream identity (128 bits from the OS's CSPRNG, never all zeros)."""
+    while True:
+        identity = os.urandom(STREAM_ID_BYTES)
+        if any(identity):
+            return identity
+
+
+def parse_stream_id(text: str) -> bytes:
+    """A stream identity from its 32 hex digits (as ``stream_id`` is written in batch meta and acks)."""
+    try:
+        identity = bytes.fromhex(text)
+    except (TypeError, ValueError):
+        identity = b""
+    if len(identity) != STREAM_ID_BYTES or not any(identity):
+        raise ValueError(f"stream id {text!r} is not {2 * STREAM_ID_BYTES} hex digits (not all zero)")
+    return identity
+
+
 @dataclass(frozen=True)
 class StreamHeader:
     page_size: int
     record_limit: int
-    stream: int
+    stream_id: bytes    # v2: 16 random bytes; v1: the u32 stream field, 4 bytes little endian
     chain: str          # codec chain the stream declares; "" = pages travel whole
+    segment: int = 0    # v2: 0 for the stream's first segment, +1 for each later one (v1: always 0)
+    version: int = VERSION
+
+    @property
+    def stream(self) -> int:
+        """The identity's first 32 bits (the runtime's ``Batch.stream``)."""
+        return int.from_bytes(self.stream_id[:4], "little")
+
+    @property
+    def stream_hex(self) -> str | None:
+        """The identity as 32 hex digits (v2), None for a version 1 stream (which has none)."""
+        return self.stream_id.hex() if self.version >= 2 else None
+
+    @property
+    def checksum_seed(self) -> int:
+        """Seed of every record checksum: v2 binds records to their stream's identity, v1 used 0."""
+        return int.from_bytes(self.stream_id[:8], "little") if self.version >= 2 else 0
 
 
 def encode_stream_header(header: StreamHeader) -> bytes:
     chain = _encode_chain(header.chain)
-    fixed_size = _HEADER_FIXED.size + len(chain)
+    layout = _HEADER_FIXED[header.version]
+    fixed_size = layout.size + len(chain)
     size = -(-fixed_size // 8) * 8 + 8
-    head = _HEADER_FIXED.pack(MAGIC, VERSION, size, header.page_size, header.record_limit,
-                              header.stream, len(chain)) + chain
+    if header.version == 1:
+        fields = (header.stream,)
+    else:
+        if len(header.stream_id) != STREAM_ID_BYTES or not any(header.stream_id):
+            raise ValueError(f"stream id must be {STREAM_ID_BYTES} bytes, not all zero")
+        fields = (header.segment, header.stream_id)
+    head = layout.pack(MAGIC, header.version, size, header.page_size, header.record_limit, *fields, len(chain)) + chain
     head += bytes(size - 8 - len(head))
     return head + _U64.pack(xxhash.xxh3_64_intdigest(head))
 
 
-def parse_stream_header(data: memoryview) -> tuple[StreamHeader, int] | None:
-    """(header, its size) from the stream's first bytes, or None if more bytes are needed."""
+def parse_stream_header(data: memoryview, base: int = 0) -> tuple[StreamHeader, int] | None:
+    """(header, its size) from bytes starting with a header, or None if more bytes are needed.
+
+    ``base`` is the header's offset in the stream: errors name stream offsets.
+    """
     if len(data) < 12:
         if bytes(data[:len(MAGIC)]) != MAGIC[:len(data)]:
-            raise corrupt("not a pagepipe stream (bad magic)", offset=0)
+            raise corrupt("not a pagepipe stream (bad magic)", offset=base)
         return None
     magic, version, size = struct.unpack_from("<8sHH", data)
     if magic != MAGIC:
-        raise corrupt(f"not a pagepipe stream (magic {magic!r})", offset=0)
-    if version != VERSION:
-        raise corrupt(f"unsupported stream version {version} (this reader knows {VERSION})", offset=8)
-    if not _HEADER_FIXED.size + 8 <= size <= MAX_HEADER_BYTES or size % 8:
-        raise corrupt(f"stream header size {size} is invalid", offset=10)
+        raise corrupt(f"not a pagepipe stream (magic {magic!r})", offset=base)
+    if version not in VERSIONS:
+        raise corrupt(f"unsupported stream version {version} (this reader knows {', '.join(map(str, VERSIONS))})",
+                      offset=base + 8)
+    layout = _HEADER_FIXED[version]
+    if not layout.size + 8 <= size <= MAX_HEADER_BYTES or size % 8:
+        raise corrupt(f"stream header size {size} is invalid", offset=base + 10)
     if len(data) < size:
         return None
     stored = _U64.unpack_from(data, size - 8)[0]
     if xxhash.xxh3_64_intdigest(data[:size - 8]) != stored:
-        raise corrupt("stream header checksum mismatch", offset=size - 8)
-    _, _, _, page_size, record_limit, stream, chain_len = _HEADER_FIXED.unpack_from(data)
-    if _HEADER_FIXED.size + chain_len > size - 8:
-        raise corrupt(f"stream header codec chain of {chain_len} bytes overruns the header", offset=24)
+        raise corrupt("stream header checksum mismatch", offset=base + size - 8)
+    if version == 1:
+        _, _, _, page_size, record_limit, stream, chain_len = layout.unpack_from(data)
+        stream_id, segment = _U32.pack(stream), 0
+    else:
+        _, _, _, page_size, record_limit, segment, stream_id, chain_len = layout.unpack_from(data)
+        if not any(stream_id):
+            raise corrupt("stream header: the stream id is all zeros", offset=base + 24)
+    if layout.size + chain_len > size - 8:
+        raise corrupt(f"stream header codec chain of {chain_len} bytes overruns the header",
+                      offset=base + layout.size - 1)
     try:
         check_page_size(page_size)
     except ValueError as exc:
-        raise corrupt(f"stream header: {exc}", offset=12) from None
-    chain = _decode_chain(data[_HEADER_FIXED.size:_HEADER_FIXED.size + chain_len], offset=_HEADER_FIXED.size)
-    return StreamHeader(page_size, record_limit, stream, chain), size
+        raise corrupt(f"stream header: {exc}", offset=base + 12) from None
+    chain = _decode_chain(data[layout.size:layout.size + chain_len], offset=base + layout.size)
+    return StreamHeader(page_size, record_limit, stream_id, chain, segment, version), size
 
 
 def _encode_chain(chain: str) -> bytes:
@@ -156,14 +224,16 @@ def _decode_chain(raw: memoryview, *, offset: int, sequence: int | None = None) 
 
 # ---- records: writing -----------------------------------------------------------
 
-def encode_record(record_type: int, flags: int, epoch: int, sequence: int, body: list) -> tuple[list, int]:
+def encode_record(record_type: int, flags: int, epoch: int, sequence: int, body: list,
+                  seed: int = 0) -> tuple[list, int]:
     """The parts (header, then body buffers) of one record, and its checksum.
 
-    ``body`` is a list of bytes-like parts, written back to back without copying here.
+    ``body`` is a list of bytes-like parts, written back to back without copying here;
+    ``seed`` is the stream's ``StreamHeader.checksum_seed``.
     """
     length = sum(memoryview(part).nbytes for part in body)
     head = struct.pack("<HHIQQ", record_type, flags, length, epoch, sequence)
-    hasher = xxhash.xxh3_64(head)
+    hasher = xxhash.xxh3_64(head, seed=seed)
     for part in body:
         hasher.update(part)
     checksum = hasher.intdigest()
@@ -223,13 +293,25 @@ class Commit:
     time: float | None      # unix time of the checkpoint
     pause_ms: float | None
     extra: dict[str, Any]   # other end-of-epoch meta, as JSON
+    layout_digest: int | None = None    # v2: ``layout_digest`` of the layout in force (None in v1)
 
 
-def commit_body(commit: Commit) -> list:
+def commit_body(commit: Commit, version: int = VERSION) -> list:
     has_digest = commit.digest is not None
     body = _COMMIT.pack(commit.pages, commit.records, commit.stream_digest, int(has_digest),
                         commit.digest if has_digest else 0, _or_nan(commit.time), _or_nan(commit.pause_ms))
+    if version >= 2:
+        body += _LAYOUT_DIGEST.pack(commit.layout_digest or 0)
     return [body, _extra_bytes(commit.extra)]
+
+
+def layout_digest(body) -> int:
+    """The layout digest an epoch commit carries (v2): xxh3-64 (seed 0) of the LAYOUT record's body
+    in force, or 0 when no layout was sent. ``body`` is bytes-like or a list of parts."""
+    hasher = xxhash.xxh3_64()
+    for part in (body if isinstance(body, list) else [body]):
+        hasher.update(part)
+    return hasher.intdigest()
 
 
 def _or_nan(value: float | None) -> float:
@@ -289,6 +371,7 @@ class RecordReader:
 
     def __init__(self, record_limit: int = DEFAULT_RECORD_LIMIT):
         self.record_limit = record_limit
+        self.segment_offset = 0         # stream offset of the current segment's header
         self.header: StreamHeader | None = None
         self.offset = 0                 # stream offset of the first unconsumed byte
         self.next_sequence = 0
@@ -310,10 +393,11 @@ class RecordReader:
         while position < len(view):
             rest = view[position:]
             if self.header is None or starts_segment(rest):
-                parsed = parse_stream_header(rest)
+                parsed = parse_stream_header(rest, self.offset)
                 if parsed is None:
-                    self._keep(rest, _HEADER_FIXED.size + 8)
+                    self._keep(rest, _HEADER_V1.size + 8)
                     return
+                self.segment_offset = self.offset
                 self.header, size = parsed
                 self.next_sequence = 0
                 position += size
@@ -348,7 +432,7 @@ class RecordReader:
 
     def _check(self, data: memoryview) -> Record:
         record_type, flags, length, epoch, sequence, checksum = _RECORD_HEADER.unpack_from(data)
-        hasher = xxhash.xxh3_64(data[:_CHECKED_HEADER_BYTES])
+        hasher = xxhash.xxh3_64(data[:_CHECKED_HEADER_BYTES], seed=self.header.checksum_seed)
         hasher.update(data[RECORD_HEADER_SIZE:])
         if hasher.intdigest() != checksum:
             raise corrupt("record checksum mismatch", offset=self.offset, sequence=self.next_sequence)
@@ -359,7 +443,9 @@ class RecordReader:
             raise corrupt(f"unknown record flags {flags:#x}", offset=self.offset, sequence=sequence, epoch=epoch)
         self.next_sequence += 1
         if record_type not in RecordType._value2member_map_ and not record_type & OPTIONAL_RECORD:
-            raise corrupt(f"unknown mandatory record type {record_type:#06x}",
+            reserved = RESERVED_RECORD_TYPES.get(record_type)
+            raise corrupt(f"unknown mandatory record type {record_type:#06x}"
+                          f"{f' (reserved for {reserved}, not read by this version)' if reserved else ''}",
                           offset=self.offset, sequence=sequence, epoch=epoch)
         return Record(record_type, RecordFlag(flags), epoch, sequence, checksum, self.offset,
                       data[RECORD_HEADER_SIZE:])
@@ -439,23 +525,30 @@ def _check_kinds(record: Record, kinds: np.ndarray) -> None:
 
 
 def parse_pages(record: Record, page_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(page numbers, kinds, data (n, page_size)); ZERO entries come back as zero pages."""
+    """(page numbers, kinds, the stored pages (s, page_size)): one row per entry whose kind is not
+    ZERO, in entry order. ZERO entries are never expanded into pages (views of the body, no copy)."""
     cursor = _BodyCursor(record)
     count, stored = cursor.unpack(_PAGES_HEAD, "pages head")
     page_numbers = cursor.array("<u8", count, "page numbers")
     kinds = cursor.array("u1", count, "page kinds")
     _check_kinds(record, kinds)
-    carries = kinds != PageKind.ZERO
-    if int(np.count_nonzero(carries)) != stored:
-        raise record.error(f"{stored} pages with data announced, kinds say {int(np.count_nonzero(carries))}")
+    carries = int(np.count_nonzero(kinds != PageKind.ZERO))
+    if carries != stored:
+        raise record.error(f"{stored} pages with data announced, kinds say {carries}")
     rows = cursor.array("u1", stored * page_size, "page data").reshape(stored, page_size)
     cursor.end()
-    if stored == count:
-        data = rows
-    else:
-        data = np.zeros((count, page_size), dtype=np.uint8)
-        data[carries] = rows
-    return page_numbers.astype(np.uint64), kinds, data
+    return page_numbers.astype(np.uint64, copy=False), kinds, rows
+
+
+def expand_pages(kinds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The stored rows of a PAGES record as one page per entry (ZERO entries as zero pages).
+
+    Only for trusted or already bounded input: it costs a page of memory per ZERO entry."""
+    if rows.shape[0] == kinds.shape[0]:
+        return rows
+    data = np.zeros((kinds.shape[0], rows.shape[1]), dtype=np.uint8)
+    data[kinds != PageKind.ZERO] = rows
+    return data
 
 
 @dataclass(frozen=True)
@@ -493,18 +586,19 @@ def parse_encoded(record: Record, page_size: int) -> EncodedPages:
     if "+" not in chain and payload_len != raw_size:
         raise record.error(f"chain {chain!r} has no entropy layer but payload is {payload_len} bytes, "
                            f"raw size {raw_size}")
-    return EncodedPages(page_numbers.astype(np.uint64), kinds, offsets, payload, chain, raw_size)
+    return EncodedPages(page_numbers.astype(np.uint64, copy=False), kinds, offsets, payload, chain, raw_size)
 
 
-def parse_commit(record: Record) -> Commit:
+def parse_commit(record: Record, version: int = VERSION) -> Commit:
     cursor = _BodyCursor(record)
     pages, records, digest_of_stream, has_digest, digest, time, pause_ms = cursor.unpack(_COMMIT, "commit")
+    layout = cursor.unpack(_LAYOUT_DIGEST, "commit layout digest")[0] if version >= 2 else None
     extra = cursor.extra()
     cursor.end()
     if has_digest not in (0, 1):
         raise record.error(f"commit digest flag {has_digest} is not 0 or 1")
     return Commit(pages, records, digest_of_stream, digest if has_digest else None,
-                  None if math.isnan(time) else time, None if math.isnan(pause_ms) else pause_ms, extra)
+                  None if math.isnan(time) else time, None if math.isnan(pause_ms) else pause_ms, extra, layout)
 
 
 def parse_end_of_stream(record: Record) -> None:

@@ -1,23 +1,36 @@
-"""process-src: checkpoints of another live process.
+"""process-src: checkpoints of other live processes (one, a process tree, a list or a cgroup).
 
-Each checkpoint stops the process (SIGSTOP), re-reads its writable mappings
-(following those that appear, grow, shrink or vanish), reads their pages with
-process_vm_readv and resumes it (SIGCONT); pages whose digest changed since
-the previous checkpoint are emitted. Anonymous pages never written (neither
-present nor swapped, by PAGEMAP_SCAN) are not read: they are zeros.
-``copy=all`` (default) only copies during the pause and compares after the
-process runs again, the Remus order; ``copy=changed`` compares during the
-pause to need 4 MiB instead of a copy of the process. The pause is stop to
-resume. The process is resumed on every path, errors included, except after
-the final checkpoint with ``stop-at-end=true``.
+Each checkpoint stops every process of the set together (ptrace: seize and
+interrupt every thread; see freezer.py for why this can never leave them
+frozen), re-reads their writable mappings (following those that appear, grow,
+shrink or vanish, and processes that start and exit), finds the pages that
+changed, and resumes them; compression and sending happen while they run.
+Shared memory is tracked once per object (proclayout.py). How changed pages
+are found is its own part (``self.tracking``), chosen by ``mode=``: ``uffd``
+asks the kernel which pages were written (a userfaultfd injected into each
+process, uffd_tracking.py): the first checkpoint sends every page, every
+later one reads only the written pages, so the pause follows the dirty pages,
+not the size; mappings the kernel cannot track for us (shared, file-backed,
+ranges the process watches with its own userfaultfd) are digested and named
+in a warning. ``digest`` reads every page that may hold data and compares
+digests (digest_tracking.py), where ``copy=`` chooses what the pause does.
+``auto`` (default) is uffd where the kernel and permissions allow, else
+digest with a warning saying why.
+
+Timing: ``interval`` is the time from the start of one checkpoint to the start
+of the next; ``min-run`` is the least time the processes run between two
+pauses, so a checkpoint slower than the interval delays the next one instead
+of keeping the processes stopped. ``stopped_fraction`` (statistics) is the
+share of the time since the first checkpoint began that they were stopped.
+The processes are resumed on every path, errors included, except after the
+final checkpoint with ``stop-at-end=true``.
 """
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -26,127 +39,176 @@ from pipeline.batch import PAGES, Batch
 from pipeline.errors import ConfigError, TrackerError, TransportError
 from pipeline.stage import Property, Stage, StageContext
 from stages.common.acks import AckListener
-from stages.common.pages import digest_pages
+from stages.common.layout import Mapping
+from stages.common.security import CurveProperties
+from stages.common.wire import new_stream_id
 
+from .digest_tracking import DigestTracking
+from .uffd_tracking import UffdTracking
 from .epochs import EpochRecords, EpochStream
-from stages.common.layout import Region, remap
-from .procmem import ProcessGone, permission_hint, read_pages, wait_stopped, writable_mappings
-from .uffd import PagemapScanner
+from .freezer import AlreadyTraced, PtraceFreezer, SignalFreezer, open_freezer
+from .procmem import ProcessGone, past_end_of_file, read_pages, writable_mappings
+from .proclayout import ProcessLayout, Tracked
+from .targets import TargetSet, outside_sharers, shared_objects
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-CHUNK_PAGES = 1024  # read and digested at a time: 4 MiB, still in cache when digested
+SHARERS_RECHECK = 10.0
+"""Seconds between two looks through /proc for processes outside the set that map its shared memory."""
 
 
 @dataclass
 class _Snapshot:
-    """One checkpoint: the layout (and whether it changed), chunks read but not yet compared
-    (``pending``: page numbers and pages, None for all-zero), and the changed pages found, in parts."""
+    """One checkpoint: the layout (and whether it changed), the changed pages, and when the pause was."""
 
-    regions: list[Region]
+    tracked: list[Tracked]
     vanished: list[tuple[int, int]]
     layout_changed: bool
-    pending: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
-    page_numbers: list[np.ndarray] = field(default_factory=list)
-    data: list[np.ndarray] = field(default_factory=list)
+    members: list[int]
     pause: float = 0.0
     when: float = 0.0
-    began: float = 0.0
-    """time.monotonic() when the checkpoint began."""
 
 
-def _runs(resident: np.ndarray | None, offset: int, count: int, start: int) -> list[tuple[int, int, int]]:
-    """(address, npages, row) runs to read for rows offset..offset+count of a region; all of them if
-    ``resident`` (sorted rows holding data) is None."""
-    if resident is None:
-        return [(start + offset * PAGE_SIZE, count, 0)]
-    rows = resident[np.searchsorted(resident, offset):np.searchsorted(resident, offset + count)] - offset
-    if not len(rows):
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    firsts = np.concatenate([rows[:1], rows[breaks]])
-    lasts = np.concatenate([rows[breaks - 1], rows[-1:]])
-    return [(start + (offset + int(first)) * PAGE_SIZE, int(last - first) + 1, int(first))
-            for first, last in zip(firsts, lasts)]
+def _pid_list(text: str) -> list[int]:
+    try:
+        pids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ConfigError(f"pids={text!r}: expected process ids separated by commas (pids=12,34)") from None
+    if any(pid < 1 for pid in pids):
+        raise ConfigError(f"pids={text!r}: process ids are positive")
+    return pids
 
 
-class ProcessSource(Stage):
-    """Checkpoints of another process by page digest, stopping it for each (SIGSTOP .. SIGCONT)."""
+class ProcessSource(CurveProperties, Stage):
+    """Checkpoints of other processes, stopped together for each (ptrace), pages found by digest."""
 
     factory_name = "process-src"
-    description = "Dirty pages of another live process (stop, digest, copy, resume every interval)"
+    description = "Dirty pages of other live processes (stop together, read, resume every interval)"
     output_caps = PAGES
 
-    pid = Property("int", None, "Process to checkpoint", minimum=1, required=True)
-    interval = Property("duration", "25ms", "Time between checkpoints", minimum=0)
-    checkpoints = Property("int", 0, "Checkpoints to take, then end (0: until the process exits or close())",
+    pid = Property("int", None, "Process to checkpoint", minimum=1)
+    pids = Property("str", "", "Processes to checkpoint together, separated by commas (instead of pid=)")
+    tree = Property("bool", False, "Also every descendant of pid=/pids=, followed as they start and exit")
+    cgroup = Property("str", "", "Checkpoint every process of this cgroup (a path, absolute or under "
+                      "/sys/fs/cgroup), followed as they join and leave (instead of pid=)")
+    interval = Property("duration", "25ms", "Time from the start of one checkpoint to the start of the next "
+                        "(start to start; the next one also waits until the processes ran min-run)",
+                        minimum=0)
+    min_run = Property("duration", None, "Least time the processes run between the end of one pause and the "
+                       "start of the next, whatever a checkpoint takes (default: half the interval); the "
+                       "statistics' stopped_fraction is the share of time they were stopped", minimum=0)
+    checkpoints = Property("int", 0, "Checkpoints to take, then end (0: until the processes exit or close())",
                            minimum=0)
-    stop_at_end = Property("bool", False, "Leave the process stopped after the final checkpoint")
+    stop_at_end = Property("bool", False, "Leave the processes stopped after the final checkpoint")
     batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1, maximum=1 << 16)
-    stop_timeout = Property("duration", "2s", "How long to wait for the process to stop", minimum=0)
-    copy = Property("choice", "all", "all: the pause copies every resident page, changes are found after the "
-                    "process resumes (shortest pause; memory as large as the process) | changed: the pause "
+    stop_timeout = Property("duration", "2s", "How long to wait for the processes to stop", minimum=0)
+    mode = Property("choice", "auto", "How changed pages are found: uffd: the kernel lists the written pages "
+                    "(userfaultfd injected with ptrace; shared and file-backed mappings digested) | digest: read "
+                    "and compare every page | auto: uffd where possible, else digest with a warning",
+                    choices=("auto", "uffd", "digest"))
+    copy = Property("choice", "all", "(pages found by digest) all: the pause copies every resident page, changes "
+                    "are found after the processes resume (shortest pause; memory as large as theirs) | changed: the pause "
                     "digests chunk by chunk and copies only changed pages (4 MiB of memory)",
                     choices=("all", "changed"))
-    ack_endpoint = Property("endpoint", "", "Bind an ack listener here (e.g. tcp://*:5556) for the receiver's "
-                            "replica-sink ack-endpoint=: its resync requests reach this tracker ('' = none)")
+    ack_endpoint = Property("endpoint", "", "Bind an ack listener here (e.g. tcp://primary:5556) for the receiver's "
+                            "replica-sink ack-endpoint=: its resync requests reach this tracker ('' = none); on "
+                            "tcp give secret-key= and authorized-keys= (the receivers' public keys)")
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
-        self._regions: list[Region] = []
-        self._next_page = 0
-        self._digests = np.zeros(0, dtype=np.uint64)
-        self._known = np.zeros(0, dtype=bool)
-        self._chunk = np.zeros((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8)
-        self._copy = np.zeros((0, PAGE_SIZE), dtype=np.uint8)  # copy=all: every page of the last checkpoint
-        self._zero_digest = digest_pages(np.zeros((1, PAGE_SIZE), dtype=np.uint8))[0]
-        self._scanner: PagemapScanner | None = None
+        self.targets: TargetSet | None = None
+        self.freezer: PtraceFreezer | SignalFreezer | None = None
+        self.tracking: DigestTracking | UffdTracking | None = None
+        self._layout = ProcessLayout(PAGE_SIZE)
+        self._tracked: list[Tracked] = []
+        self._mappings: dict[int, list[Mapping]] = {}
+        self._members: list[int] = []
         self._resync_requested = False
         self._close_requested = threading.Event()
         self._ack_listener: AckListener | None = None
+        self._sharers_checked: tuple = ((), 0.0)
+        self._sharers_warned: set[tuple[int, str]] = set()
+        self._stopped_seconds = 0.0
         self._records = EpochRecords(PAGE_SIZE)
+        self.stream_id = new_stream_id().hex()
+        """This tracker's stream identity: frame writes it into the wire, acknowledgements must name it."""
 
     @property
     def _where(self) -> str:
         return self.name or self.factory_name
 
+    @property
+    def min_run_seconds(self) -> float:
+        return self.interval / 2 if self.min_run is None else self.min_run
+
+    def check(self) -> None:
+        """Before anything starts: exactly one of pid=, pids=, cgroup= (ConfigError)."""
+        super().check()
+        given = [bool(self.pid), bool(self.pids), bool(self.cgroup)]
+        if sum(given) != 1:
+            raise ConfigError(f"{self._where}: give exactly one of pid=, pids= and cgroup=")
+        if self.tree and self.cgroup:
+            raise ConfigError(f"{self._where}: tree=true goes with pid= or pids=, not cgroup=")
+        if self.pids:
+            _pid_list(self.pids)
+
+    def _target_set(self) -> TargetSet:
+        self.check()
+        roots = [self.pid] if self.pid else _pid_list(self.pids)
+        return TargetSet(roots if not self.cgroup else (), self.tree, self.cgroup)
+
     def start(self, context: StageContext) -> None:
-        """Check that the process exists and its memory can be read; TrackerError saying why not."""
+        """Check that the processes exist and their memory can be read; TrackerError saying why not."""
         super().start(context)
-        if self.pid is None:
-            raise ConfigError(f"{self._where}: needs pid=")
-        if not os.path.exists(f"/proc/{self.pid}"):
-            raise TrackerError(f"{self._where}: no process with pid {self.pid}")
+        self.targets = self._target_set()
         try:
-            mappings = writable_mappings(self.pid)
-            if not mappings:
-                raise TrackerError(f"pid {self.pid} has no writable memory to track (a kernel thread?)")
-            read_pages(self.pid, [(mappings[0].start, 1, 0)], PAGE_SIZE, np.zeros((1, PAGE_SIZE), dtype=np.uint8))
-            self._scanner = self._open_scanner(mappings[0].start)
-        except ProcessGone:
-            raise TrackerError(f"{self._where}: pid {self.pid} exited before tracking began") from None
+            members = self.targets.members()
+            if not members:
+                missing = "no process in" if self.cgroup else "no process with"
+                raise TrackerError(f"{missing} {self.targets.describe()}")
+            readable = 0
+            for pid in members:
+                try:
+                    readable += self._check_readable(pid)
+                except ProcessGone:
+                    continue  # exited meanwhile: the set follows such changes
+            if not readable:
+                raise TrackerError(f"{self.targets.describe()}: no writable memory to track (a kernel thread?)")
+            self.freezer = open_freezer(members, self.stop_timeout, context.warn)
+        except ProcessGone as gone:
+            raise TrackerError(f"{self._where}: pid {gone} exited before tracking began") from None
         except TrackerError as exc:
             raise TrackerError(f"{self._where}: {exc}") from None
+        if self.mode == "digest":
+            self.tracking = DigestTracking(PAGE_SIZE, self.copy, self._read_pages, context.warn)
+        else:
+            self.tracking = UffdTracking(PAGE_SIZE, self.copy, self._read_pages,
+                                         lambda message: context.warn(f"{self._where}: {message}"),
+                                         tracer=lambda: getattr(self.freezer, "tracer", None),
+                                         stops=lambda pid: self.freezer.stops(pid), strict=self.mode == "uffd")
         if self.ack_endpoint:
             try:
-                self._ack_listener = AckListener(self.ack_endpoint).attach(self)
+                self._ack_listener = AckListener(
+                    self.ack_endpoint, secret_key=self.secret_key, authorized_keys=self.authorized_keys,
+                    server_key=self.server_key, insecure=self.insecure,
+                    max_connections=self.max_connections).attach(self)
             except TransportError as exc:
                 self.stop()
                 raise TransportError(f"{self._where}: {exc}") from None
 
-    def _open_scanner(self, address: int) -> PagemapScanner | None:
-        """PAGEMAP_SCAN on the process, to skip never-written anonymous pages; None where the kernel lacks it."""
-        try:
-            scanner = PagemapScanner(self.pid)
-            scanner.resident(address, PAGE_SIZE)
-            return scanner
-        except TrackerError as exc:
-            self.context.warn(f"{self._where}: reading every page, resident or not: {exc}")
-            return None
+    def _check_readable(self, pid: int) -> bool:
+        """Whether the process has writable memory (one exiting has none); TrackerError if it cannot be read."""
+        mappings = writable_mappings(pid)
+        if mappings:
+            read_pages(pid, [(mappings[0].start, 1, 0)], PAGE_SIZE, np.zeros((1, PAGE_SIZE), dtype=np.uint8))
+        return bool(mappings)
 
     def stop(self) -> None:
-        if self._scanner is not None:
-            self._scanner.close()
-            self._scanner = None
+        if self.tracking is not None:
+            self.tracking.close()
+            self.tracking = None
+        if self.freezer is not None:
+            self.freezer.close()
+            self.freezer = None
         if self._ack_listener is not None:
             self._ack_listener.close()
             self._ack_listener = None
@@ -163,145 +225,139 @@ class ProcessSource(Stage):
         """Take one final checkpoint now and end the stream (thread safe)."""
         self._close_requested.set()
 
+    # ---- the schedule ---------------------------------------------------------------
     def produce(self) -> Iterator[Batch]:
-        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking="digest", pid=self.pid)
+        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self.tracking.name, pids=self._members,
+                             stream_id=self.stream_id, **({"pid": self.pid} if self.pid else {}))
         epoch = 0
-        next_checkpoint = time.monotonic()
+        first_start = next_start = time.monotonic()
         while True:
             final = self._close_requested.is_set() or (self.checkpoints and epoch + 1 == self.checkpoints)
             resync = self._resync_requested
             self._resync_requested = False
+            started = time.monotonic()
             try:
                 snapshot = self._checkpoint(epoch + 1, bool(final), everything=resync or epoch == 0)
             except ProcessGone:
                 yield stream.end_of_stream(epoch)
                 return
+            resumed = time.monotonic()
+            self.counters.update(self.tracking.counters)
             epoch += 1
+            numbers, data = self.tracking.resumed()
             if snapshot.layout_changed:
-                yield stream.layout(epoch, snapshot.regions, snapshot.vanished)
-            if snapshot.page_numbers:  # joined after the process resumed
-                yield from stream.pages(epoch, np.concatenate(snapshot.page_numbers).astype(np.uint64),
-                                        np.concatenate(snapshot.data), resync)
+                stream.layout_extra["pids"] = snapshot.members
+                yield stream.layout(epoch, [t.region for t in snapshot.tracked], snapshot.vanished)
+            if len(numbers):
+                yield from stream.pages(epoch, numbers, data, resync)
             yield stream.end(epoch, snapshot.pause, snapshot.when, resync)
-            self._records.checkpoint(self.context, epoch, snapshot.began, snapshot.pause,
-                                     sum(len(numbers) for numbers in snapshot.page_numbers), snapshot.when, resync)
-            if self._ack_listener is not None:
-                self.counters["acknowledged_epoch"] = self._ack_listener.acked_epoch
-            self.counters.update(checkpoints=epoch, pause_ms=snapshot.pause * 1e3,
-                                 pause_ms_max=max(snapshot.pause * 1e3, self.counters.get("pause_ms_max", 0.0)))
+            self._records.checkpoint(self.context, epoch, started, snapshot.pause, len(numbers), snapshot.when, resync)
+            self._post_statistics(epoch, snapshot.pause, time.monotonic() - first_start)
             if final:
                 yield stream.end_of_stream(epoch)
                 return
-            next_checkpoint = max(next_checkpoint + self.interval, time.monotonic())
-            self._close_requested.wait(max(0.0, next_checkpoint - time.monotonic()))
+            self._warn_about_outside_sharers(snapshot)
+            next_start = max(started + self.interval, resumed + self.min_run_seconds)
+            self._close_requested.wait(max(0.0, next_start - time.monotonic()))
 
+    def _post_statistics(self, epoch: int, pause: float, elapsed: float) -> None:
+        self._stopped_seconds += pause
+        if self._ack_listener is not None:
+            self.counters["acknowledged_epoch"] = self._ack_listener.acked_epoch
+            for text in self._ack_listener.take_warnings():   # refused peers, posted from this thread
+                self.context.warn(f"{self._where}: {text}")
+        self.counters.update(checkpoints=epoch, pause_ms=pause * 1e3,
+                             pause_ms_max=max(pause * 1e3, self.counters.get("pause_ms_max", 0.0)),
+                             stopped_seconds=self._stopped_seconds,
+                             stopped_fraction=self._stopped_seconds / elapsed if elapsed > 0 else 1.0,
+                             processes=len(self._members), freezer=self.freezer.method)
+
+    # ---- one checkpoint -------------------------------------------------------------
     def _checkpoint(self, epoch: int, final: bool, everything: bool) -> _Snapshot:
-        """Stop, read, compare, copy, resume. ProcessGone if the process exited before it could be stopped."""
+        """Stop, read, resume. ProcessGone if every process exited before it could be stopped."""
         began = time.perf_counter()
-        began_monotonic = time.monotonic()
         when = time.time()
-        try:
-            os.kill(self.pid, signal.SIGSTOP)
-        except ProcessLookupError:
-            raise ProcessGone(self.pid) from None
-        except PermissionError:
-            raise TrackerError(f"{self._where}: cannot stop pid {self.pid}: permission denied; "
-                               f"{permission_hint(self.pid)}") from None
         keep_stopped = False
         try:
-            wait_stopped(self.pid, self.stop_timeout)
+            members = self._freeze()
             try:
-                snapshot = self._read(epoch, everything)
-            except ProcessGone:
-                raise TrackerError(f"pid {self.pid} died during the checkpoint of epoch {epoch}") from None
+                snapshot = self._paused(members, everything)
+            except ProcessGone as gone:
+                raise TrackerError(f"pid {gone} died during the checkpoint") from None
             keep_stopped = final and self.stop_at_end
         except TrackerError as exc:
-            raise TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc}") from None
+            resumed = "resumed" if self.freezer is not None else "not stopped"
+            raise TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc} "
+                               f"({self.targets.describe()} {resumed})") from None
         finally:
-            if not keep_stopped:
-                self._resume()
+            self.freezer.thaw(keep_stopped)
         snapshot.pause = time.perf_counter() - began
         snapshot.when = when
-        snapshot.began = began_monotonic
-        for numbers, pages in snapshot.pending:  # copy=all: compare now the process runs again
-            self._keep_changes(snapshot, numbers, pages, everything)
         return snapshot
 
-    def _resume(self) -> None:
+    def _freeze(self) -> list[int]:
+        """Stop every process of the set; a process someone else started tracing switches to SIGSTOP."""
         try:
-            os.kill(self.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+            return self.freezer.freeze(self.targets.members)
+        except AlreadyTraced as exc:
+            self.context.warn(f"{self._where}: {exc}: stopping with SIGSTOP/SIGCONT from now on, a guardian "
+                              f"process resumes the processes if pagepipe dies while they are stopped")
+            self.freezer.close()
+            self.freezer = SignalFreezer(self.stop_timeout)
+            return self.freezer.freeze(self.targets.members)
 
-    def _read(self, epoch: int, everything: bool) -> _Snapshot:
-        """With the process stopped: follow its mappings and read their resident pages, chunk by chunk.
-
-        copy=changed compares each chunk while it is in cache and keeps only its
-        changed pages; copy=all reads into a copy of the whole process and
-        leaves the comparing for after the process resumed.
-        """
-        regions, vanished, self._next_page = remap(self._regions, writable_mappings(self.pid), PAGE_SIZE,
-                                                   self._next_page)
-        snapshot = _Snapshot(regions, vanished, everything or regions != self._regions or bool(vanished))
-        self._regions = regions
-        self._grow_digest_table()
-        for first, count in vanished:
-            self._known[first:first + count] = False
-        total = sum(region.npages for region in regions)
-        if self.copy == "all" and len(self._copy) < total:
-            self._copy = np.zeros((total, PAGE_SIZE), dtype=np.uint8)
-        row = unreadable = read = 0
-        copy_runs: list[tuple[int, int, int]] = []  # copy=all: read in one go, up to 1024 runs a call
-        for region in regions:
-            resident = self._resident_rows(region)
-            for offset in range(0, region.npages, CHUNK_PAGES):
-                count = min(CHUNK_PAGES, region.npages - offset)
-                numbers = np.arange(region.first_page + offset, region.first_page + offset + count, dtype=np.int64)
-                runs = _runs(resident, offset, count, region.start)
-                pages = None  # nothing resident: all zeros, nothing to read
-                if runs:
-                    pages = self._copy[row:row + count] if self.copy == "all" else self._chunk[:count]
-                    if sum(run[1] for run in runs) < count:
-                        pages[:] = 0  # the pages never written read as zeros
-                    read += sum(run[1] for run in runs)
-                if self.copy == "all":
-                    copy_runs.extend((address, npages, row + first) for address, npages, first in runs)
-                    snapshot.pending.append((numbers, pages))
-                else:
-                    if pages is not None:
-                        unreadable += read_pages(self.pid, runs, PAGE_SIZE, pages)
-                    self._keep_changes(snapshot, numbers, pages, everything)
-                row += count
-        if copy_runs:
-            unreadable += read_pages(self.pid, copy_runs, PAGE_SIZE, self._copy)
-        self.counters.update(unreadable_pages=unreadable, read_pages=read, tracked_pages=total)
+    def _paused(self, members: list[int], everything: bool) -> _Snapshot:
+        """With every process stopped: follow the processes and their mappings, read what may have changed."""
+        mappings = {}
+        for pid in members:
+            try:
+                mappings[pid] = writable_mappings(pid)
+            except ProcessGone:
+                continue  # exited as it was being stopped: its regions leave the layout
+        if not mappings:
+            raise ProcessGone(members[0])
+        for pid in set(self._mappings) - set(mappings):
+            self.tracking.forget_process(pid)
+        self._mappings = mappings
+        self._members = sorted(mappings)
+        tracked, vanished = self._layout.update(mappings)
+        snapshot = _Snapshot(tracked, vanished, everything or tracked != self._tracked or bool(vanished),
+                             self._members)
+        self._tracked = tracked
+        self.tracking.counters["past_eof_pages"] = 0
+        self.tracking.forget(vanished)
+        self.tracking.paused(tracked, self._layout.next_page, everything)
         return snapshot
 
-    def _keep_changes(self, snapshot: _Snapshot, numbers: np.ndarray, pages: np.ndarray | None,
-                      everything: bool) -> None:
-        """Compare pages (None: all zero) with the last checkpoint's digests; add the changed ones, copied."""
-        digests = digest_pages(pages) if pages is not None else np.full(len(numbers), self._zero_digest)
-        if everything:
-            changed = np.arange(len(numbers))
-        else:
-            changed = np.flatnonzero(~self._known[numbers] | (self._digests[numbers] != digests))
-        self._digests[numbers] = digests
-        self._known[numbers] = True
-        if len(changed):
-            snapshot.page_numbers.append(numbers[changed])
-            snapshot.data.append(np.take(pages, changed, axis=0) if pages is not None
-                                 else np.zeros((len(changed), PAGE_SIZE), dtype=np.uint8))
+    def _read_pages(self, pid: int, runs: list[tuple[int, int, int]], out: np.ndarray) -> None:
+        """Read runs of one process; a page the kernel refuses is zeros only past the end of a mapped file,
+        any other is an error, never shipped as zeros."""
+        refused = read_pages(pid, runs, PAGE_SIZE, out)
+        mappings = self._mappings.get(pid, [])
+        for address in refused:
+            mapping = next((m for m in mappings if m.start <= address < m.end), None)
+            if mapping is None or not past_end_of_file(pid, mapping, address, PAGE_SIZE):
+                where = mapping.name if mapping is not None else "no mapping"
+                raise TrackerError(f"pid {pid}: the page at {address:#x} ({where}) cannot be read; "
+                                   f"not sending it as zeros")
+        if refused:
+            self.tracking.counters["past_eof_pages"] = self.tracking.counters.get("past_eof_pages", 0) + len(refused)
 
-    def _resident_rows(self, region: Region) -> np.ndarray | None:
-        """Sorted rows of an anonymous region that hold data; None (read everything) for file mappings,
-        whose absent pages are file contents, not zeros."""
-        if self._scanner is None or not region.name.startswith("["):
-            return None
-        addresses = self._scanner.resident(region.start, region.npages * PAGE_SIZE)
-        return ((addresses - np.uint64(region.start)) // np.uint64(PAGE_SIZE)).astype(np.int64)
+    def _warn_about_outside_sharers(self, snapshot: _Snapshot) -> None:
+        """Name the processes outside the set that map its writable shared memory (once each). All of /proc is
+        read for this, with the processes running: again when their shared objects change, and at most every
+        SHARERS_RECHECK seconds otherwise (processes outside that map the memory later)."""
+        objects = set().union(*(shared_objects(m) for m in self._mappings.values())) if self._mappings else set()
+        key = tuple(sorted(objects))
+        checked, when = self._sharers_checked
+        if key == checked and time.monotonic() - when < SHARERS_RECHECK:
+            return
+        self._sharers_checked = (key, time.monotonic())
+        for pid, names in sorted(outside_sharers(self._members, objects).items()):
+            for name in sorted(names):
+                if (pid, name) not in self._sharers_warned:
+                    self._sharers_warned.add((pid, name))
+                    self.context.warn(f"{self._where}: pid {pid} is not checkpointed but maps {name} shared and "
+                                      f"writable with {self.targets.describe()}: its writes reach the replica "
+                                      f"at whatever moment a copy reads them (add it with pids=, tree= or cgroup=)")
 
-    def _grow_digest_table(self) -> None:
-        if len(self._digests) < self._next_page:
-            grown = max(self._next_page, 2 * len(self._digests))
-            self._digests = np.resize(self._digests, grown)
-            self._known = np.concatenate([self._known, np.zeros(grown - len(self._known), dtype=bool)])

@@ -26,6 +26,7 @@ from pipeline.batch import PAGES, Batch
 from pipeline.errors import ConfigError, TrackerError
 from pipeline.stage import Property, Stage, StageContext
 from stages.common.pages import digest_pages
+from stages.common.wire import new_stream_id
 
 from .epochs import EpochRecords, EpochStream
 from stages.common.layout import Region
@@ -176,6 +177,8 @@ class RegionSource(Stage):
         self._queue: collections.deque = collections.deque()
         self._slabs: StagingSlabs | None = None
         self._stream: EpochStream | None = None
+        self.stream_id = new_stream_id().hex()
+        """This tracker's stream identity: frame writes it into the wire, acknowledgements must name it."""
         self._epoch = 0
         self._resync_requested = False
         self._failure: TrackerError | None = None
@@ -212,7 +215,8 @@ class RegionSource(Stage):
             self._slabs = StagingSlabs(self.staging, self.batch_pages, PAGE_SIZE, self._condition)
             if self.copy_threads > 1:
                 self._copy_helpers = ThreadPoolExecutor(self.copy_threads - 1, thread_name_prefix="region-src-copy")
-            self._stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self.tracking_mode)
+            self._stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self.tracking_mode,
+                                       stream_id=self.stream_id)
 
     def _choose_mode(self) -> str:
         if self.mode == "digest":

@@ -1,6 +1,7 @@
 """Each example in examples/ run as a user would: a real subprocess with small arguments, its result checked."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.batch import PageKind
+from pipeline.testing import Harness, page_kinds, pages_batch
 from stages.common.replica_store import load_replica, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,3 +107,35 @@ def test_codec_comparison_refuses_a_bad_chain_before_starting_the_child(tmp_path
     assert completed.returncode == 2
     assert "'bogus' is not one of" in completed.stderr and "Traceback" not in completed.stderr
     assert not live_processes_started_by_run(tmp_path)
+
+
+def load_example(name: str):
+    """An example script imported as a module (its ``__main__`` block does not run)."""
+    spec = importlib.util.spec_from_file_location(f"example_{Path(name).stem}", EXAMPLES / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_custom_stage_sends_pages_written_in_most_epochs_raw():
+    """The example's stage under the harness: after the warm-up, a page written every epoch goes RAW."""
+    stage_class = load_example("custom_stage.py").HotPagesRaw
+    with Harness(stage_class(share=0.75, warmup=2)) as harness:
+        for epoch in (1, 2):
+            harness.push(pages_batch([1, 2] if epoch == 1 else [1, 3], epoch=epoch))
+            harness.end_epoch()
+        kinds = page_kinds(harness.push_one(pages_batch([1, 2, 3, 4], zero=[4], epoch=3)))
+    assert kinds == {1: PageKind.RAW, 2: PageKind.NORMAL, 3: PageKind.NORMAL, 4: PageKind.ZERO}
+    assert harness.stage.counters == {"zero": 1, "raw": 1, "normal": 6, "hot": 1}
+
+
+@pytest.mark.parametrize("mode", ["inline", "process"])
+def test_custom_stage_experiment_runs_beside_the_built_in_and_replicates_the_same_memory(mode, tmp_path):
+    completed = run_example("custom_stage.py", "--source", "workload", "--seconds", "0.3", "--size", "4MiB",
+                            "--repeats", "1", "--mode", mode, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "replicas identical" in completed.stdout
+    built_in, experiment = [line for line in completed.stdout.splitlines() if "│ built-in" in line or "│ hot-raw" in line]
+    assert "trace-src0+classify0+xor-delta0+rle0" in built_in      # the built-ins fuse ...
+    assert experiment.rstrip(" │").endswith("-")                   # ... the experiment's stage is never swallowed
+    assert int(experiment.split("│")[5].replace(",", "")) > 0     # it sent some pages RAW

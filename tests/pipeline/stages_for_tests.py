@@ -1,6 +1,7 @@
 """Small stages the runtime tests drive: recorders, failures, slow consumers, fusable pairs.
 
-They live in an importable module (not in a test file) so worker processes can rebuild them.
+They live in an importable module (not in a test file) so worker processes can rebuild them; ``@register``
+makes them usable by name in the tests' launch strings.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import numpy as np
 import xxhash
 
 from pipeline.batch import ANY, DELTAS, PAGES, Batch, Flag
+from pipeline.fusion import Fusion
+from pipeline.registry import register
 from pipeline.stage import Property, Stage, StageContext
 from stages.basic import Identity, TestSource
 
 
+@register
 class Recorder(Stage):
     """Sink writing a canonical account of its input to ``path`` (one JSON line per event) at the end.
 
@@ -57,6 +61,7 @@ def read_record(path) -> dict:
         return json.load(file)
 
 
+@register
 class FailAt(Identity):
     """Pass batches through; raise (or kill its own process) at data batch number ``at``."""
 
@@ -82,6 +87,7 @@ class FailAt(Identity):
         yield batch
 
 
+@register
 class ShardChecker(Identity):
     """Page-sharded pass-through that fails if it receives a page another worker owns."""
 
@@ -97,6 +103,7 @@ class ShardChecker(Identity):
         yield batch
 
 
+@register
 class CountingSource(TestSource):
     """test-src that writes how many data batches it has handed to the runtime into ``counter-file``."""
 
@@ -111,6 +118,7 @@ class CountingSource(TestSource):
                 counter[0] += 1
 
 
+@register
 class BackToBackSource(TestSource):
     """test-src declaring back-to-back output: the process executor may hold a page batch for the next one."""
 
@@ -118,6 +126,7 @@ class BackToBackSource(TestSource):
     back_to_back = True
 
 
+@register
 class LaggingSink(Stage):
     """Slow sink that records, per data batch, how far ahead the counting source is."""
 
@@ -141,23 +150,33 @@ class LaggingSink(Stage):
         return ()
 
 
+@register
 class Doubler(Identity):
-    """Pass-through that fuses with a following Doubler-or-Identity into one FusedPair."""
+    """Pass-through counting its batches; a user's stage that opts in to fusing with a following identity."""
 
     factory_name = "doubler"
 
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        self.counters["passed"] = self.counters.get("passed", 0) + 1
+        yield batch
+
     def fuse(self, downstream: Stage) -> Stage | None:
-        if isinstance(downstream, Identity) and not isinstance(downstream, Doubler):
-            return FusedPair(**self.property_values())
-        return None
+        return FusedPair(**self.property_values()) if type(downstream) is Identity else None
 
 
-class FusedPair(Identity):
+class FusedPair(Doubler):
+    """doubler ! identity in one stage: counts the link between them, so both keep their statistics."""
+
     factory_name = "fused-pair"
 
-    def process(self, batch: Batch) -> Iterable[Batch]:
-        self.counters["fused"] = self.counters.get("fused", 0) + 1
-        yield batch
+    def __init__(self, **properties):
+        super().__init__(**properties)
+        self.fusion = Fusion([self, Identity()])
+
+    def handle(self, batch: Batch) -> Iterator[Batch]:
+        for out in super().handle(batch):
+            self.fusion.links[0].count(out)
+            yield out
 
 
 class CallerSource(Stage):
@@ -188,6 +207,7 @@ class CallerSource(Stage):
         yield Batch.control(Flag.END_OF_STREAM, epoch)
 
 
+@register
 class Warner(Identity):
     """Pass-through that posts one warning (with a numpy field) at its first batch and calls ``callback`` per batch."""
 
@@ -203,6 +223,7 @@ class Warner(Identity):
         yield batch
 
 
+@register
 class Hoarder(Recorder):
     """Recorder that keeps every input batch until the end of the stream, then digests them all."""
 
@@ -223,6 +244,7 @@ class Hoarder(Recorder):
         return super().control(batch)
 
 
+@register
 class EpochNoter(Identity):
     """Pass-through recording per-epoch values at each epoch end: ``noted=1`` (adds up over workers) and
     ``wait_seconds`` = 0.001 x (worker index + 1) (takes the maximum)."""

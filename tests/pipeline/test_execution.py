@@ -8,8 +8,8 @@ import pytest
 from pipeline.bus import Message
 from pipeline.pipeline import Pipeline
 from pipeline.errors import ConfigError
-from stages.basic import NullSink, TestSource
-from stages_for_tests import CallerSource, Recorder, ShardChecker, Warner, read_record
+from stages.basic import Identity, NullSink, TestSource
+from stages_for_tests import CallerSource, Doubler, Recorder, ShardChecker, Warner, read_record
 
 MODES = ["inline", "process"]
 SOURCE = "test-src epochs=3 pages=700 batch-pages=64 page-size=256"
@@ -91,13 +91,28 @@ def test_tee_sends_everything_to_every_branch(mode, tmp_path):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_fusable_neighbours_run_as_one_stage_unless_fusion_is_off(mode):
-    def stage_names(fuse: bool) -> list[str]:
-        p = Pipeline.parse("test-src epochs=1 pages=10 ! doubler ! identity ! null-sink")
-        result = p.run(mode=mode, fuse=fuse, timeout=60)
-        return list(dict.fromkeys(name for name, _ in result.statistics))
+    def run(fuse: bool):
+        return Pipeline.parse("test-src epochs=1 pages=10 ! doubler ! identity ! null-sink").run(
+            mode=mode, fuse=fuse, timeout=60)
 
-    assert stage_names(True) == ["test-src0", "doubler0+identity0", "null-sink0"]
-    assert stage_names(False) == ["test-src0", "doubler0", "identity0", "null-sink0"]
+    fused, apart = run(True), run(False)
+    assert list(dict.fromkeys(name for name, _ in fused.statistics)) == [  # statistics under every element's name
+        "test-src0", "doubler0", "identity0", "null-sink0"]
+    assert [fused.totals(name).get("fused_as") for name in ("doubler0", "identity0", "null-sink0")] == [
+        "doubler0+identity0", "doubler0+identity0", None]
+    assert "fused_as" not in apart.totals("doubler0")
+    for name in ("doubler0", "identity0"):
+        for key in ("batches_in", "pages_in", "bytes_in", "batches_out", "pages_out", "bytes_out", "counters"):
+            assert fused.totals(name)[key] == apart.totals(name)[key], (name, key)
+    assert fused.totals("doubler0")["counters"] == {"passed": 1}
+
+
+def test_a_subclass_inheriting_fuse_is_never_fused():
+    class Tripler(Doubler):
+        factory_name = "tripler"
+
+    assert Pipeline.chain(TestSource(), Tripler(), Identity(), NullSink()).plan().names() == [
+        "test-src0", "tripler0", "identity0", "null-sink0"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -100,6 +100,19 @@ def test_workers_end_when_the_supervisor_is_killed():
     assert not wait_until_gone(workers)
 
 
+def test_a_killed_supervisor_takes_blocked_workers_the_fork_server_and_the_resource_tracker_with_it(tmp_path):
+    """A source blocked in stage code (zmq-src waiting for a sender) never polls for its supervisor; the
+    supervisor watch still ends it, and with the workers gone the fork server and the resource tracker
+    (whose pipes they held) end too."""
+    supervisor = start_cli(f"zmq-src endpoint=ipc://{tmp_path}/nobody.ipc ! identity ! null-sink")
+    wait_for_workers(supervisor, 4)
+    time.sleep(0.5)                                  # zmq-src is waiting in produce()
+    everything = descendants(supervisor.pid)
+    supervisor.kill()
+    supervisor.wait(timeout=10)
+    assert not wait_until_gone(everything)
+
+
 def test_a_run_removes_the_files_a_killed_supervisor_left_behind():
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -44,11 +44,11 @@ def test_json_lines_are_status_events_then_a_summary():
 def test_a_waiting_receiver_says_what_it_waits_for_and_then_that_a_sender_connected(tmp_path):
     endpoint = free_tcp_endpoint()
     receiver = subprocess.Popen([PAGEPIPE, "launch", "--stats-interval", "500ms",
-                                 f"zmq-src endpoint={endpoint} ! deframe ! decode ! replica-sink path={tmp_path / 'r'}"],
+                                 f"zmq-src endpoint={endpoint} insecure=true ! deframe ! decode ! replica-sink path={tmp_path / 'r'}"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(3)
-        sender = _pagepipe("launch", f"test-src epochs=3 ! frame ! zmq-sink endpoint={endpoint}")
+        sender = _pagepipe("launch", f"test-src epochs=3 ! frame ! zmq-sink endpoint={endpoint} insecure=true")
         assert sender.returncode == 0, sender.stderr
         out, err = receiver.communicate(timeout=60)
     finally:
@@ -73,7 +73,7 @@ def test_events_and_warnings_are_written_as_they_are_never_as_markup():
 
 def test_worker_processes_carry_the_stage_worker_and_pipeline_in_their_title():
     endpoint = free_tcp_endpoint()
-    handle = Pipeline.parse(f"zmq-src endpoint={endpoint} ! identity workers=2 ! null-sink").start(
+    handle = Pipeline.parse(f"zmq-src endpoint={endpoint} insecure=true ! identity workers=2 ! null-sink").start(
         mode="process", name="title-test")
     try:
         wanted = {"pagepipe: identity0 worker 1/2 of title-test", "pagepipe: identity0 worker 2/2 of title-test",

@@ -50,7 +50,7 @@ def test_scraped_metrics_hold_stage_counters_and_epoch_histograms(tmp_path):
 def test_launch_serves_metrics_while_it_runs():
     port = int(free_tcp_endpoint().rpartition(":")[2])
     endpoint = free_tcp_endpoint()
-    launch = subprocess.Popen([PAGEPIPE, "launch", "--metrics-port", str(port), f"zmq-src endpoint={endpoint} ! null-sink"],
+    launch = subprocess.Popen([PAGEPIPE, "launch", "--metrics-port", str(port), f"zmq-src endpoint={endpoint} insecure=true ! null-sink"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.batch import DELTAS, Batch, Flag, PageKind
+from pipeline.batch import DELTAS, Batch, PageKind
 from pipeline.errors import ConfigError, CorruptData
-from pipeline.stage import StageContext
+from pipeline.testing import Harness, layout_batch, page_kinds, pages_batch
 from stages.classify import Classify, in_ranges, parse_page_ranges
 from stages.rle import RunLengthEncode
 from stages.xor_delta import XorDelta, XorDeltaRle
@@ -14,44 +14,27 @@ from stages.xor_delta import XorDelta, XorDeltaRle
 PAGE = 4096
 
 
-def pages_batch(numbers, zero=()) -> Batch:
-    """Pages numbered ``numbers``, all non-zero except those listed in ``zero``."""
-    numbers = np.asarray(numbers, dtype=np.uint64)
-    data = np.ones((len(numbers), PAGE), dtype=np.uint8)
-    for page in zero:
-        data[list(numbers).index(page)] = 0
-    return Batch(page_numbers=numbers, kinds=np.zeros(len(numbers), np.uint8), data=data)
-
-
-def classify(stage: Classify, batch: Batch) -> dict[int, PageKind]:
-    (out,) = list(stage.handle(batch))
-    return {int(p): PageKind(int(k)) for p, k in zip(out.page_numbers, out.kinds)}
-
-
-def started(stage: Classify, messages: list | None = None) -> Classify:
-    """``stage`` started; bus messages it posts are appended to ``messages`` as (kind, fields)."""
-    sink = messages if messages is not None else []
-    stage.start(StageContext("classify", post=lambda kind, **fields: sink.append((kind, fields))))
-    return stage
+def classify(harness: Harness, batch: Batch) -> dict[int, PageKind]:
+    return page_kinds(harness.push_one(batch))
 
 
 def test_zero_pages_are_marked_zero_and_others_normal():
-    kinds = classify(started(Classify()), pages_batch([1, 2, 3], zero=[2]))
+    kinds = classify(Harness(Classify()), pages_batch([1, 2, 3], zero=[2]))
     assert kinds == {1: PageKind.NORMAL, 2: PageKind.ZERO, 3: PageKind.NORMAL}
 
 
 def test_single_nonzero_byte_at_the_end_is_not_zero():
     batch = pages_batch([1], zero=[1])
     batch.data[0, -1] = 1
-    assert classify(started(Classify()), batch) == {1: PageKind.NORMAL}
+    assert classify(Harness(Classify()), batch) == {1: PageKind.NORMAL}
 
 
 def test_raw_page_ranges_are_inclusive_and_win_over_zero():
-    stage = started(Classify(raw_pages="2-3, 7"))
+    stage = Harness(Classify(raw_pages="2-3, 7"))
     kinds = classify(stage, pages_batch([1, 2, 3, 4, 7, 8], zero=[3, 8]))
     assert kinds == {1: PageKind.NORMAL, 2: PageKind.RAW, 3: PageKind.RAW, 4: PageKind.NORMAL,
                      7: PageKind.RAW, 8: PageKind.ZERO}
-    assert stage.counters == {"zero": 1, "raw": 3, "normal": 2}
+    assert stage.stage.counters == {"zero": 1, "raw": 3, "normal": 2}
 
 
 def test_overlapping_ranges_cover_their_union():
@@ -61,25 +44,22 @@ def test_overlapping_ranges_cover_their_union():
 
 
 def test_raw_regions_come_from_the_layout():
-    stage = started(Classify(raw_regions="stack"))
-    regions = [{"name": "heap", "start": 0x10000, "first_page": 0, "npages": 4},
-               {"name": "stack", "start": 0x90000, "first_page": 4, "npages": 2}]
-    (forwarded,) = list(stage.handle(Batch.control(Flag.LAYOUT, epoch=1, regions=regions)))
-    assert forwarded.meta["regions"] == regions
+    stage = Harness(Classify(raw_regions="stack"))
+    regions = [("heap", 0x10000, 0, 4), ("stack", 0x90000, 4, 2)]
+    (forwarded,) = stage.layout(regions)
+    assert forwarded.meta["regions"] == layout_batch(regions).meta["regions"]
     kinds = classify(stage, pages_batch([3, 4, 5, 6]))
     assert kinds == {3: PageKind.NORMAL, 4: PageKind.RAW, 5: PageKind.RAW, 6: PageKind.NORMAL}
 
 
 def test_raw_region_missing_from_the_layout_is_warned_about():
-    messages: list = []
-    stage = started(Classify(raw_regions="pagetables"), messages)
-    list(stage.handle(Batch.control(Flag.LAYOUT, epoch=1, regions=[
-        {"name": "heap", "start": 0, "first_page": 0, "npages": 4}])))
-    assert messages and messages[0][0] == "warning" and "pagetables" in messages[0][1]["message"]
+    stage = Harness(Classify(raw_regions="pagetables"))
+    stage.layout([("heap", 0, 0, 4)])
+    assert len(stage.warnings) == 1 and "pagetables" in stage.warnings[0]
 
 
 def test_raw_predicate_selects_pages_from_python():
-    stage = started(Classify(raw_predicate=lambda pages: pages % 2 == 0))
+    stage = Harness(Classify(raw_predicate=lambda pages: pages % 2 == 0))
     kinds = classify(stage, pages_batch([1, 2, 3, 4]))
     assert kinds == {1: PageKind.NORMAL, 2: PageKind.RAW, 3: PageKind.NORMAL, 4: PageKind.RAW}
 
@@ -87,11 +67,11 @@ def test_raw_predicate_selects_pages_from_python():
 def test_pages_already_raw_stay_raw():
     batch = pages_batch([1, 2])
     batch.kinds[1] = PageKind.RAW
-    assert classify(started(Classify()), batch) == {1: PageKind.NORMAL, 2: PageKind.RAW}
+    assert classify(Harness(Classify()), batch) == {1: PageKind.NORMAL, 2: PageKind.RAW}
 
 
 def test_predicate_returning_the_wrong_shape_is_a_config_error():
-    stage = started(Classify(raw_predicate=lambda pages: np.array([True])))
+    stage = Harness(Classify(raw_predicate=lambda pages: np.array([True])))
     with pytest.raises(ConfigError, match="raw-predicate returned shape"):
         classify(stage, pages_batch([1, 2]))
 
@@ -108,13 +88,13 @@ def test_non_callable_predicate_is_a_config_error():
 
 
 def test_malformed_layout_is_corrupt():
-    stage = started(Classify(raw_regions="heap"))
+    stage = Harness(Classify(raw_regions="heap"))
     with pytest.raises(CorruptData, match="classify: LAYOUT of epoch 1, region 0"):
-        list(stage.handle(Batch.control(Flag.LAYOUT, epoch=1, regions=[{"name": "heap"}])))
+        stage.layout([{"name": "heap"}])
 
 
 def test_bad_batches_are_corrupt_naming_the_stage():
-    stage = started(Classify())
+    stage = Harness(Classify())
     with pytest.raises(CorruptData, match="classify: expected a pages batch"):
         classify(stage, pages_batch([1]).with_(format=DELTAS))
     with pytest.raises(CorruptData, match="classify: .*no page data"):
@@ -134,10 +114,10 @@ def test_bad_batches_are_corrupt_naming_the_stage():
 def test_fuses_into_xor_delta_with_as_many_workers():
     fused = Classify(raw_pages="1").fuse(XorDelta(cache_pages=4)).fuse(RunLengthEncode())
     assert isinstance(fused, XorDeltaRle) and fused.classify == {"raw_pages": "1"} and fused.cache_pages == 4
-    fused.start(StageContext(fused.factory_name))
-    (out,) = list(fused.handle(pages_batch([1, 2, 3], zero=[3])))
-    assert dict(zip(out.page_numbers.tolist(), out.kinds.tolist())) == {1: PageKind.RAW, 2: PageKind.FULL,
-                                                                         3: PageKind.ZERO}
-    assert fused.counters["raw"] == 1 and fused.counters["zero"] == 1 and fused.counters["misses"] == 1
+    assert page_kinds(Harness(fused).push_one(pages_batch([1, 2, 3], zero=[3]))) == {
+        1: PageKind.RAW, 2: PageKind.FULL, 3: PageKind.ZERO}
+    classify_member, xor_delta_member, _ = fused.fusion.members  # each element keeps its own counters
+    assert classify_member.counters == {"zero": 1, "raw": 1, "normal": 1}
+    assert xor_delta_member is fused and fused.counters["misses"] == 1 and "raw" not in fused.counters
     assert Classify().fuse(XorDelta(workers=2)) is None
     assert Classify().fuse(Classify()) is None

@@ -17,6 +17,7 @@ from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import StageContext
 from stages.common import wire
 from stages.codecs import Encoded, get_codec
+from stages import framer
 from stages.framer import Deframe, Frame, deframe_stream
 from stages.common.wire import RecordType
 
@@ -81,19 +82,25 @@ def deframe_all(data: bytes, chunk: int | None = None, **properties) -> list[Bat
     return list(deframe_stream(chunks, **properties))
 
 
+HANDMADE = wire.StreamHeader(PAGE, 1 << 20, bytes(range(1, 17)), "")
+
+
 def stream_of(*records: tuple, header: wire.StreamHeader | None = None) -> bytes:
     """Hand-made stream: (type, epoch, body) records numbered from 0.
 
     A commit whose body is None gets the true counts and stream digest of the page records before it.
     """
-    parts = [wire.encode_stream_header(header or wire.StreamHeader(PAGE, 1 << 20, 0, ""))]
-    entries, checksums = 0, []
+    header = header or HANDMADE
+    parts = [wire.encode_stream_header(header)]
+    entries, checksums, layout_digest = 0, [], 0
     for sequence, (record_type, epoch, body) in enumerate(records):
         if body is None:
             body = wire.commit_body(wire.Commit(entries, len(checksums), wire.stream_digest(checksums),
-                                                None, None, None, {}))
+                                                None, None, None, {}, layout_digest), header.version)
             entries, checksums = 0, []
-        record, checksum = wire.encode_record(record_type, 0, epoch, sequence, body)
+        if record_type == RecordType.LAYOUT:
+            layout_digest = wire.layout_digest(body)
+        record, checksum = wire.encode_record(record_type, 0, epoch, sequence, body, header.checksum_seed)
         if record_type in (RecordType.PAGES, RecordType.ENCODED):
             entries += struct.unpack_from("<I", bytes(memoryview(body[0]).cast("B")))[0]
             checksums.append(checksum)
@@ -115,8 +122,19 @@ def commit_record(epoch: int, pages: int | None = None, records: int = 0, stream
     """A commit: the true one (pages None) or one claiming the given counts and digest."""
     if pages is None:
         return RecordType.EPOCH_COMMIT, epoch, None
-    commit = wire.Commit(pages, records, stream_digest, None, None, None, {})
+    commit = wire.Commit(pages, records, stream_digest, None, None, None, {},
+                         wire.layout_digest(wire.layout_body(REGIONS, {})))
     return RecordType.EPOCH_COMMIT, epoch, wire.commit_body(commit)
+
+
+def whole(batch: Batch) -> np.ndarray:
+    """The pages a deframed page batch carries: its data, or its whole-page encoding decoded."""
+    if batch.format == PAGES:
+        return batch.data
+    pages = np.zeros((batch.npages, PAGE), dtype=np.uint8)
+    get_codec(batch.meta["codec"]).decode(Encoded(batch.payload, batch.offsets, batch.kinds, batch.meta["codec"],
+                                                  batch.meta["raw_size"]), pages)
+    return pages
 
 
 def data_batches(batches):
@@ -137,8 +155,10 @@ def test_pages_layout_and_epoch_ends_come_back_as_sent():
         assert after.page_numbers.tolist() == before.page_numbers.tolist()
         assert after.kinds.tolist() == before.kinds.tolist()
         assert np.array_equal(after.data, before.data)
-    assert got[2].meta == {"pages": 4, "digest": 123, "time": 5.0, "pause_ms": 0.7}
-    assert got[4].meta == {"pages": 1, "digest": 9, "note": "x"}
+    identity = got[0].meta["stream_id"]
+    assert len(identity) == 32 and all(b.meta["stream_id"] == identity for b in got if b.is_control)
+    assert got[2].meta == {"pages": 4, "digest": 123, "time": 5.0, "pause_ms": 0.7, "stream_id": identity}
+    assert got[4].meta == {"pages": 1, "digest": 9, "note": "x", "stream_id": identity}
 
 
 def test_numpy_scalars_in_marker_metadata_survive_the_wire():
@@ -146,7 +166,8 @@ def test_numpy_scalars_in_marker_metadata_survive_the_wire():
             epoch_end(1, 1, digest=np.uint64(1 << 63), pause_ms=np.float32(0.5), sizes=np.arange(2)), end(1)]
     got = deframe_all(frame_all(sent)[0])
     assert got[0].meta["generation"] == 3
-    assert got[2].meta == {"pages": 1, "digest": 1 << 63, "pause_ms": 0.5, "sizes": [0, 1]}
+    assert got[2].meta == {"pages": 1, "digest": 1 << 63, "pause_ms": 0.5, "sizes": [0, 1],
+                           "stream_id": got[0].meta["stream_id"]}
 
 
 def test_the_stream_header_leads_the_first_output_even_after_a_held_layout():
@@ -194,7 +215,7 @@ def test_big_page_batches_are_split_at_the_record_limit_and_rejoin(npages, limit
     got = data_batches(deframe_all(data, max_record=limit))
     assert (len(got) > 0) == (npages > 0)      # deframe's own limit proves each record stayed within it
     assert np.concatenate([b.page_numbers for b in got] or [[]]).tolist() == batch.page_numbers.tolist()
-    assert np.array_equal(np.concatenate([b.data for b in got] or [np.empty((0, PAGE), np.uint8)]), batch.data)
+    assert np.array_equal(np.concatenate([whole(b) for b in got] or [np.empty((0, PAGE), np.uint8)]), batch.data)
 
 
 def test_an_encoded_batch_without_entropy_layer_is_split_by_entries():
@@ -247,9 +268,9 @@ def test_the_frozen_v1_stream_deframes_to_the_same_batches_forever():
     assert [summary(b) for b in deframe_all(data, chunk=777)] == expected
 
 
-def test_reframing_the_frozen_stream_writes_it_byte_for_byte():
+def test_reframing_the_frozen_stream_as_version_1_writes_it_byte_for_byte():
     data = (FIXTURES / "stream-v1.pagepipe").read_bytes()
-    assert frame_all(deframe_all(data))[0] == data
+    assert frame_all(deframe_all(data), version=1)[0] == data
 
 
 # ---- structural faults ----------------------------------------------------------------
@@ -285,7 +306,7 @@ def test_a_commit_whose_stream_digest_differs_is_refused_even_when_counts_agree(
 
 
 def test_a_codec_chain_the_receiver_does_not_know_is_refused_from_the_header():
-    header = wire.StreamHeader(PAGE, 1 << 20, 0, "brotli")
+    header = wire.StreamHeader(PAGE, 1 << 20, bytes(range(1, 17)), "brotli")
     with pytest.raises(CorruptData, match="codec chain 'brotli' is not known to this receiver"):
         deframe_all(stream_of(layout_record(), header=header))
 
@@ -421,6 +442,110 @@ def test_a_receiver_that_resumes_mid_stream_starts_at_the_next_segment():
 
 def test_a_new_segment_inside_an_open_epoch_is_a_torn_epoch():
     data = stream_of(layout_record(), pages_record(4, [0])) + wire.encode_stream_header(
-        wire.StreamHeader(PAGE, 1 << 20, 0, ""))
+        dataclasses.replace(HANDMADE, segment=1))
     with pytest.raises(CorruptData, match="epoch 4: a new stream segment starts inside an epoch"):
         deframe_all(data)
+
+
+# ---- version 2: stream identity, layout digest, stream offsets (issue 10) ------------------
+
+def segment_header(identity: bytes, segment: int) -> bytes:
+    return wire.encode_stream_header(wire.StreamHeader(PAGE, 1 << 20, identity, "", segment))
+
+
+def test_frame_writes_the_chosen_identity_in_every_segment_and_deframe_reports_it():
+    identity = "0123456789abcdef" * 2
+    sent = [layout(), pages_batch(1, [0]), epoch_end(1, 1), pages_batch(2, [0, 1], flags=Flag.RESYNC),
+            epoch_end(2, 2, Flag.RESYNC), end(2)]
+    data, _ = frame_all(sent, stream_id=identity)
+    headers = [item for item in wire.RecordReader().feed(data) if isinstance(item, wire.StreamHeader)]
+    assert [(h.stream_hex, h.segment, h.version) for h in headers] == [(identity, 0, 2), (identity, 1, 2)]
+    assert {b.meta["stream_id"] for b in deframe_all(data) if b.is_control} == {identity}
+
+
+def test_every_frame_draws_a_fresh_random_identity():
+    data = [frame_all([layout(), pages_batch(1, [0]), epoch_end(1, 1), end(1)])[0] for _ in range(2)]
+    first, second = (wire.parse_stream_header(memoryview(d))[0].stream_id for d in data)
+    assert first != second and len(first) == 16
+
+
+def test_a_segment_of_another_stream_is_refused_without_resume():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    intruder = dataclasses.replace(HANDMADE, stream_id=bytes(range(2, 18)))
+    data += stream_of(layout_record(2), pages_record(999999, [1]), commit_record(999999), header=intruder)
+    with pytest.raises(CorruptData, match="a segment of another stream .* inside stream") as info:
+        deframe_all(data)
+    assert info.value.offset == data.index(wire.encode_stream_header(intruder))
+
+
+def test_with_resume_another_stream_starts_a_new_epoch_order_and_is_named():
+    data = stream_of(layout_record(), pages_record(5, [0]), commit_record(5))
+    intruder = dataclasses.replace(HANDMADE, stream_id=bytes(range(2, 18)))
+    data += stream_of(layout_record(1), pages_record(1, [1]), commit_record(1), header=intruder)
+    got = deframe_all(data, resume=True)
+    ends = [(b.epoch, b.meta["stream_id"]) for b in got if b.flags & Flag.EPOCH_END]
+    assert ends == [(5, HANDMADE.stream_hex), (1, intruder.stream_hex)]
+
+
+def test_a_stale_segment_of_the_same_stream_is_refused():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    data += stream_of(layout_record(2), pages_record(2, [1]), commit_record(2), header=HANDMADE)   # segment 0 again
+    with pytest.raises(CorruptData, match="stale segment 0 of this stream after segment 0"):
+        deframe_all(data)
+
+
+def test_a_segment_of_the_same_stream_keeps_the_epoch_order():
+    data = stream_of(layout_record(), pages_record(4, [0]), commit_record(4))
+    data += stream_of(layout_record(2), pages_record(2, [1]), commit_record(2),
+                      header=dataclasses.replace(HANDMADE, segment=1))
+    with pytest.raises(CorruptData, match="epoch 2 after epoch 4 was committed"):
+        deframe_all(data)
+
+
+def test_records_of_another_stream_fail_their_checksum():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    other = dataclasses.replace(HANDMADE, stream_id=bytes(range(2, 18)))
+    spliced = data[:len(wire.encode_stream_header(HANDMADE))] + stream_of(
+        layout_record(), pages_record(1, [0]), commit_record(1), header=other)[len(wire.encode_stream_header(other)):]
+    with pytest.raises(CorruptData, match="record checksum mismatch"):
+        deframe_all(spliced)
+
+
+def test_a_layout_altered_behind_a_recomputed_checksum_cannot_be_committed():
+    grown = [dict(REGIONS[0], npages=13_000_000), REGIONS[1]] if REGIONS[1]["first_page"] > 13_000_000 else \
+        [REGIONS[0], dict(REGIONS[1], npages=13_000_000)]
+    records = [layout_record(), pages_record(1, [0]), commit_record(1)]
+    honest = stream_of(*records)
+    header_size = len(wire.encode_stream_header(HANDMADE))
+    forged_layout = stream_of(layout_record(regions=grown))[header_size:]       # valid checksum, other regions
+    commit_digest = wire.layout_digest(wire.layout_body(REGIONS, {}))
+    items = [item for item in wire.RecordReader().feed(honest) if isinstance(item, wire.Record)]
+    forged = honest[:header_size] + forged_layout + honest[header_size + 32 + len(items[0].body):]
+    with pytest.raises(CorruptData, match=f"layout digest {commit_digest:#x}, the layout in force"):
+        deframe_all(forged)
+
+
+def test_damage_in_a_later_segment_header_is_reported_at_its_stream_offset():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    second = bytearray(segment_header(HANDMADE.stream_id, 1))
+    second[-1] ^= 0xFF
+    with pytest.raises(CorruptData, match="stream header checksum mismatch") as info:
+        deframe_all(data + bytes(second))
+    assert info.value.offset == len(data) + len(second) - 8
+
+
+def test_a_reserved_record_type_is_named_when_refused():
+    data = stream_of(layout_record(), (0x0006, 1, [b"channel"]))
+    with pytest.raises(CorruptData, match="reserved for CHANNEL"):
+        deframe_all(data)
+
+
+def test_a_page_record_of_many_entries_is_cut_into_batches_of_views(monkeypatch):
+    monkeypatch.setattr(framer, "MAX_BATCH_ENTRIES", 4)
+    numbers = list(range(10))
+    sent = [layout(), pages_batch(1, numbers, zero=[1, 2, 3, 4, 5, 6]), epoch_end(1, 10), end(1)]
+    data, _ = frame_all(sent)
+    got = data_batches(deframe_all(data))
+    assert [b.npages for b in got] == [4, 4, 2]
+    assert np.concatenate([b.page_numbers for b in got]).tolist() == numbers
+    np.testing.assert_array_equal(np.concatenate([whole(b) for b in got]), sent[1].data)

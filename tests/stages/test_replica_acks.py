@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 
 import pytest
 import zmq
 
-from pipeline.errors import TrackerError, TransportError
+import zmq.auth
+
+from pipeline.errors import ConfigError, TrackerError, TransportError
 from stages.common.acks import AckListener, AckSender, parse_message
+from zmtp_peers import ZMTP_NULL_GREETING, ZMTP_READY_PUSH, resident_bytes
 from stages.trackers.region import RegionSource, tracked_array
 
 
-def test_acks_release_waiters_in_epoch_order():
-    listener = AckListener("tcp://127.0.0.1:*")
-    sender = AckSender(listener.endpoint)
+def test_acks_release_waiters_in_epoch_order(curve_keys):
+    listener = AckListener("tcp://127.0.0.1:*", **curve_keys.server())
+    sender = AckSender(listener.endpoint, **curve_keys.client())
     try:
         assert listener.endpoint.startswith("tcp://127.0.0.1:")
         for epoch in range(1, 6):
@@ -73,26 +77,26 @@ def test_acks_and_resync_requests_reach_an_attached_region_tracker(tmp_path):
         memory[0] = 1
         assert tracker.checkpoint().pages == 1           # epoch 2: the written page
         sender.request_resync("replica lost")
-        sender.ack(2)                                    # handled in order: the resync is in once this is
+        sender.ack(2, stream_id=tracker.stream_id)                                    # handled in order: the resync is in once this is
         assert listener.wait_for(2, timeout=10)
         memory[4096] = 1
         assert tracker.checkpoint().pages == 16          # epoch 3: every page again
         memory[8192] = 1
-        threading.Timer(0.05, sender.ack, args=(4,)).start()
+        threading.Timer(0.05, sender.ack, args=(4,), kwargs={"stream_id": tracker.stream_id}).start()
         assert tracker.checkpoint(wait=True, timeout=10).epoch == 4   # released by the replica's ack
 
 
 def test_a_discard_notice_fails_the_checkpoint_waiting_for_that_epoch_at_once(tmp_path):
     with attached_tracker(tmp_path) as (memory, tracker, listener, sender):
         tracker.checkpoint()
-        sender.ack(1)
+        sender.ack(1, stream_id=tracker.stream_id)
         assert listener.wait_for(1, timeout=10)
         memory[0] = 1
         threading.Timer(0.05, sender.discarded, args=(2, "torn: the stream ended before its commit record")).start()
         with pytest.raises(TrackerError, match="epoch 2 will never be acknowledged: the receiver discarded it"):
             tracker.checkpoint(wait=True, timeout=60)
         assert listener.counters["discarded"] == 1
-        threading.Timer(0.05, sender.ack, args=(3,)).start()
+        threading.Timer(0.05, sender.ack, args=(3,), kwargs={"stream_id": tracker.stream_id}).start()
         assert tracker.checkpoint(wait=True, timeout=10).epoch == 3   # a later epoch is waited for as usual
 
 
@@ -102,7 +106,7 @@ def test_malformed_messages_are_counted_and_dropped(tmp_path):
     raw = context.socket(zmq.PUSH)
     raw.connect(listener.endpoint)
     try:
-        for message in (b"not json", b"x" * 10000, json.dumps({"type": "ack", "epoch": -1}).encode(),
+        for message in (b"not json", b"x" * 4000, json.dumps({"type": "ack", "epoch": -1}).encode(),
                         json.dumps({"type": "ack"}).encode(), json.dumps([1, 2]).encode(),
                         json.dumps({"type": "launch-missiles"}).encode()):
             raw.send(message)
@@ -120,6 +124,7 @@ def test_malformed_messages_are_counted_and_dropped(tmp_path):
     (b'{"type": "discarded", "reason": "torn"}', "discarded without a valid epoch"),
     (b'{"type": "ack", "epoch": "7"}', "valid epoch"),
     (b"y" * 5000, "exceeds the limit"),
+    (b'{"type": "ack", "epoch": 1, "stream_id": 7}', "stream_id that is not a string"),
     (b"[" * 4000, "nested too deeply|not an ack"),
     (b'{"type": "ack", "epoch": true}', "valid epoch"),
     (b"\xff\xfe", "codec can't decode|Expecting value|not an ack"),
@@ -131,7 +136,7 @@ def test_parse_message_says_what_is_wrong(raw, message):
 
 def test_unusable_endpoint_is_a_transport_error():
     with pytest.raises(TransportError, match="cannot bind 'tcp://256.0.0.1:1'"):
-        AckListener("tcp://256.0.0.1:1")
+        AckListener("tcp://256.0.0.1:1", insecure=True)
 
 
 def test_resync_request_releases_waiters_until_the_next_ack(tmp_path):
@@ -149,4 +154,92 @@ def test_resync_request_releases_waiters_until_the_next_ack(tmp_path):
         assert not listener.resync_pending
     finally:
         sender.close()
+        listener.close()
+
+
+# ---- who may speak ------------------------------------------------------------------
+
+def test_a_tcp_ack_channel_without_keys_is_refused_with_how_to_make_them():
+    with pytest.raises(ConfigError, match="unauthenticated and unencrypted: give secret-key=.*authorized-keys=.*"
+                                          "pagepipe keygen DIR.*or insecure=true"):
+        AckListener("tcp://127.0.0.1:*")
+    with pytest.raises(ConfigError, match="server-key="):
+        AckSender("tcp://127.0.0.1:5556")
+
+
+def fake_acks(endpoint: str, context: zmq.Context, **curve) -> zmq.Socket:
+    """A PUSH socket (with the given CURVE client settings) that sends an ack of epoch 10**9."""
+    push = context.socket(zmq.PUSH)
+    push.linger = 0
+    for option, value in curve.items():
+        setattr(push, option, value)
+    push.connect(endpoint)
+    push.send(json.dumps({"type": "ack", "epoch": 10 ** 9}).encode(), zmq.NOBLOCK)
+    return push
+
+
+def test_acks_from_peers_without_an_allowed_key_release_nothing(curve_keys):
+    """No key, an unknown key, a wrong server key: the fake ack never arrives, so checkpoint(wait=True) holds."""
+    listener = AckListener("tcp://127.0.0.1:*", **curve_keys.server())
+    stranger_public, stranger_secret = zmq.auth.load_certificate(curve_keys.stranger_secret)
+    server_public, _ = zmq.auth.load_certificate(curve_keys.server_public)
+    client_public, client_secret = zmq.auth.load_certificate(curve_keys.client_secret)
+    context = zmq.Context()
+    peers = [fake_acks(listener.endpoint, context),
+             fake_acks(listener.endpoint, context, curve_publickey=stranger_public,
+                       curve_secretkey=stranger_secret, curve_serverkey=server_public),
+             fake_acks(listener.endpoint, context, curve_publickey=client_public, curve_secretkey=client_secret,
+                       curve_serverkey=stranger_public)]
+    try:
+        assert not listener.wait_for(1, timeout=2.0)
+        assert listener.acked_epoch == 0 and listener.counters["acks"] == 0
+        warnings = " ".join(listener.take_warnings())
+        assert "unknown key" in warnings and "failed their handshake" in warnings
+    finally:
+        for peer in peers:
+            peer.close()
+        context.term()
+        listener.close()
+
+
+def test_an_ack_naming_another_stream_releases_nothing(curve_keys):
+    listener = AckListener("tcp://127.0.0.1:*", stream_id="ab" * 16, **curve_keys.server())
+    sender = AckSender(listener.endpoint, **curve_keys.client())
+    try:
+        sender.ack(7, stream_id="cd" * 16)
+        sender.ack(8)                                   # no stream named
+        sender.ack(3, stream_id="ab" * 16)
+        assert listener.wait_for(3, timeout=10)
+        assert not listener.wait_for(4, timeout=0.2)
+        assert listener.counters["foreign"] == 2 and listener.acked_epoch == 3
+    finally:
+        sender.close()
+        listener.close()
+
+
+def test_an_attached_tracker_gives_the_listener_its_stream(tmp_path):
+    with attached_tracker(tmp_path) as (memory, tracker, listener, sender):
+        assert listener.stream_id == tracker.stream_id and len(tracker.stream_id) == 32
+        sender.ack(5, stream_id="00" * 15 + "01")
+        sender.ack(1, stream_id=tracker.stream_id)
+        assert listener.wait_for(1, timeout=10) and listener.acked_epoch == 1
+
+
+def test_a_512_mib_ack_message_is_refused_as_announced(curve_keys):
+    """The listener's ZMQ_MAXMSGSIZE drops the peer at the frame header: nothing of it is allocated."""
+    listener = AckListener("tcp://127.0.0.1:*", insecure=True)
+    port = int(listener.endpoint.rsplit(":", 1)[1])
+    before = resident_bytes()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(ZMTP_NULL_GREETING)
+            raw.recv(64)
+            raw.sendall(ZMTP_READY_PUSH)
+            raw.sendall(bytes([0x02]) + (512 << 20).to_bytes(8, "big"))     # a long frame of 512 MiB announced
+            with pytest.raises((ConnectionError, OSError)):
+                for _ in range(64):                                        # the listener hangs up
+                    raw.sendall(bytes(1 << 20))
+        assert resident_bytes() - before < 16 << 20
+        assert listener.counters["acks"] == 0
+    finally:
         listener.close()

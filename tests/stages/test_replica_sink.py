@@ -1,6 +1,8 @@
 """replica-sink fed by hand: atomic, ordered, verified epochs; discards, resync and acknowledgements."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -14,8 +16,11 @@ from stages.common.acks import AckListener
 from stages.classify import Classify
 from stages.entropy import Zstd
 from stages.common.pages import combine_digests, digest_pages
+from stages import replica
 from stages.replica import ReplicaSink
-from stages.common.replica_store import IMAGE, load_replica, read_manifest
+from stages.common.replica_store import (IMAGE, ReplicaLock, ReplicaLocked, ReplicaStore, load_replica,
+                                         read_manifest, verify_replica, zero_page_digest,
+                                         disk_free_bytes)
 from stages.rle import RunLengthEncode
 from stages.trackers.epochs import EpochStream
 from stages.xor_delta import XorDelta
@@ -441,4 +446,151 @@ def test_layout_change_mid_stream_is_followed(tmp_path):
     assert read_manifest(tmp_path)["regions"][-1]["name"] == "mmap"
     np.testing.assert_array_equal(load_replica(tmp_path)["mmap"].reshape(2, PAGE), extra)
     np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    sink.stop()
+
+
+# ---- bounds: memory, disk, one writer, one stream (issue 10) ------------------------------
+
+def with_identity(batches: list[Batch], identity: str) -> list[Batch]:
+    """The batches as deframe emits them from a version 2 stream: control batches name the stream."""
+    return [b.with_(meta={**b.meta, "stream_id": identity}) if b.is_control else b for b in batches]
+
+
+A, B = "a" * 32, "b" * 32
+
+
+def test_a_second_sink_on_the_same_replica_is_refused_and_readers_still_work(tmp_path):
+    sender = Sender()
+    first = started_sink(tmp_path)
+    feed(first, [sender.layout()] + sender.full_epoch())
+    with pytest.raises(ReplicaLocked, match="another receiver is writing it"):
+        started_sink(tmp_path)
+    with pytest.raises(ReplicaLocked):
+        ReplicaStore(tmp_path, fsync=False)
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)     # readers take no lock
+    assert verify_replica(tmp_path).ok
+    first.stop()
+    second = started_sink(tmp_path)        # the lock went with the first sink
+    assert second.store.epoch == 1
+    second.stop()
+
+
+def test_a_forked_child_does_not_keep_the_replica_locked(tmp_path):
+    lock = ReplicaLock(tmp_path)
+    ready, tell = os.pipe()
+    child = os.fork()
+    if child == 0:                      # the child holds a copy of every descriptor... except the lock's
+        os.write(tell, b"x")            # (the fork hooks have run once os.fork returns here)
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"x"
+        lock.release()
+        ReplicaLock(tmp_path).release()     # free although the child still runs
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready)
+        os.close(tell)
+
+
+def test_zero_entries_cost_entries_not_pages(tmp_path):
+    sink = started_sink(tmp_path)
+    many = 100_000
+    regions = [{"name": "big", "start": 0, "first_page": 0, "npages": many}]
+    feed(sink, [Batch.control(Flag.LAYOUT, 1, page_size=PAGE, regions=regions)])
+    numbers = np.arange(many, dtype=np.uint64)
+    zero = Batch(format=PAGES, epoch=1, page_size=PAGE, page_numbers=numbers,
+                 kinds=np.full(many, PageKind.ZERO, np.uint8),
+                 data=np.broadcast_to(np.zeros(PAGE, np.uint8), (many, PAGE)))    # no memory behind it
+    feed(sink, [zero])
+    assert sink.pending.cost < 4 * many * 8 < many * PAGE // 100
+    digest = combine_digests(numbers, np.full(many, zero_page_digest(PAGE), np.uint64))
+    feed(sink, [Batch.control(Flag.EPOCH_END, 1, page_size=PAGE, pages=many, digest=digest)])
+    assert sink.counters["epochs_committed"] == 1
+    sink.stop()
+
+
+def test_an_lz4_payload_claiming_gigabytes_is_corrupt_data_and_the_sink_survives(tmp_path):
+    sender = Sender("native+zstd")
+    sink = started_sink(tmp_path, on_error="resync")
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    batch = next(b for b in sender.epoch_batches(sender.dirty(4)) if not b.is_control)
+    claim = int(2.3 * (1 << 30))
+    forged = batch.with_(meta={**batch.meta, "codec": "native+lz4", "raw_size": claim},
+                         offsets=np.linspace(0, claim, batch.npages + 1).astype(np.uint64))
+    feed(sink, [forged])
+    assert "decompress to" in sink.pending.doomed
+    sink.stop()
+
+
+def test_an_epoch_larger_than_the_memory_budget_spills_to_disk_and_commits(tmp_path, monkeypatch):
+    monkeypatch.setattr(replica, "SPILL_BYTES", 3 * PAGE)
+    sender = Sender()
+    sink = started_sink(tmp_path)
+    batches = [sender.layout()] + sender.full_epoch()
+    feed(sink, batches[:-1])
+    assert sink.pending.spilled and (tmp_path / replica.SPILL).exists()
+    assert sink.pending.held <= 3 * PAGE + PAGE * 5 + replica.BATCH_COST * 2
+    feed(sink, batches[-1:])
+    assert sink.counters["epochs_committed"] == 1 and sink.counters["epochs_spilled"] == 1
+    assert not (tmp_path / replica.SPILL).exists()
+    feed(sink, sender.epoch_batches(sender.dirty(20)))      # a delta epoch, spilled too, on top
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    sink.stop()
+
+
+def test_a_layout_beyond_max_pages_or_the_free_disk_is_refused_before_allocating(tmp_path):
+    sink = started_sink(tmp_path, max_pages=1000)
+    with pytest.raises(CorruptData, match="exceed the limit of 1000"):
+        feed(sink, [Batch.control(Flag.LAYOUT, 1, page_size=PAGE,
+                                  regions=[{"name": "x", "start": 0, "first_page": 0, "npages": 1001}])])
+    sink.stop()
+    sink = started_sink(tmp_path, max_pages=1 << 40)
+    huge = disk_free_bytes(tmp_path) // PAGE + 1000    # sparse, but more than the disk could ever hold
+    with pytest.raises(CorruptData, match="the disk has .* free"):
+        feed(sink, [Batch.control(Flag.LAYOUT, 1, page_size=PAGE,
+                                  regions=[{"name": "x", "start": 0, "first_page": 0, "npages": huge}])])
+    sink.stop()
+    assert not (tmp_path / IMAGE).exists()
+
+
+def test_a_resync_epoch_that_does_not_cover_its_layout_is_discarded(tmp_path):
+    sender = Sender()
+    sink = started_sink(tmp_path, bus=(bus := Bus()))
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    partial = sender.epoch_batches(sender.dirty(3))
+    feed(sink, [b.with_(flags=b.flags | Flag.RESYNC) for b in partial])
+    assert sink.counters["epochs_discarded"] == 1 and read_manifest(tmp_path)["epoch"] == 1
+    assert any("must carry every page of its layout" in w for w in bus.warnings())
+    sink.stop()
+
+
+def test_a_foreign_stream_is_refused_while_the_followed_one_is_live(tmp_path):
+    ours, theirs = Sender(seed=1), Sender(seed=2)
+    sink = started_sink(tmp_path, bus=(bus := Bus()))
+    feed(sink, with_identity([ours.layout()] + ours.full_epoch(), A))
+    assert read_manifest(tmp_path)["stream_id"] == A
+    theirs.epoch = 999_998
+    feed(sink, with_identity([theirs.layout()] + theirs.full_epoch(resync=True), B))     # injected baseline
+    assert sink.counters["epochs_refused"] == 1 and read_manifest(tmp_path)["epoch"] == 1
+    assert sink.in_sync and any("is not the stream" in w for w in bus.warnings())
+    feed(sink, with_identity(ours.epoch_batches(ours.dirty(5)), A))      # the real sender goes on
+    assert read_manifest(tmp_path)["epoch"] == 2
+    np.testing.assert_array_equal(replica_memory(tmp_path), ours.memory)
+    sink.stop()
+
+
+def test_a_new_stream_is_followed_once_the_sink_asked_for_it_or_the_old_one_ended(tmp_path):
+    ours, restarted = Sender(seed=1), Sender(seed=2)
+    sink = started_sink(tmp_path)
+    feed(sink, with_identity([ours.layout()] + ours.full_epoch(), A))
+    feed(sink, with_identity([Batch.control(Flag.END_OF_STREAM, 1, page_size=PAGE)], A))
+    feed(sink, with_identity([restarted.layout()] + restarted.full_epoch(), B))
+    assert read_manifest(tmp_path)["stream_id"] == B and sink.stream_id == B
+    sink.in_sync = False                 # out of sync (it asks for a resync): any baseline is welcome
+    third = Sender(seed=3)
+    feed(sink, with_identity([third.layout()] + third.full_epoch(), A))
+    assert read_manifest(tmp_path)["stream_id"] == A
+    np.testing.assert_array_equal(replica_memory(tmp_path), third.memory)
     sink.stop()

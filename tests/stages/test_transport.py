@@ -146,9 +146,9 @@ def test_file_sink_on_a_full_tmpfs_keeps_every_committed_epoch(tmp_path):
 
 # ---- ZeroMQ -------------------------------------------------------------------------
 
-def send_stream(endpoint: str, data: bytes) -> None:
+def send_stream(endpoint: str, data: bytes, properties: dict) -> None:
     """Child process: zmq-sink sends the stream in 5000-byte batches."""
-    sink = ZmqSink(endpoint=endpoint, timeout="10s")
+    sink = ZmqSink(endpoint=endpoint, timeout="10s", **properties)
     sink.start(StageContext("zmq-sink"))
     try:
         feed(sink, stream_batches(data))
@@ -157,11 +157,13 @@ def send_stream(endpoint: str, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
-def test_zmq_sink_in_another_process_delivers_the_stream_to_zmq_src(tmp_path, transport):
+def test_zmq_sink_in_another_process_delivers_the_stream_to_zmq_src(tmp_path, transport, curve_keys):
     endpoint = free_tcp_endpoint() if transport == "tcp" else f"ipc://{tmp_path}/stream.ipc"
+    keyed = transport == "tcp"      # CurveZMQ on tcp; ipc links need no keys
     data = FIXTURE.read_bytes()
-    source = started(ZmqSource(endpoint=endpoint, timeout="20s"))
-    sender = multiprocessing.get_context("spawn").Process(target=send_stream, args=(endpoint, data))
+    source = started(ZmqSource(endpoint=endpoint, timeout="20s", **(curve_keys.server() if keyed else {})))
+    sender = multiprocessing.get_context("spawn").Process(
+        target=send_stream, args=(endpoint, data, curve_keys.client() if keyed else {}))
     sender.start()
     try:
         received = list(source.produce())
@@ -218,7 +220,7 @@ def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_pat
 
 
 def test_zmq_sink_to_an_unreachable_endpoint_is_a_transport_error():
-    sink = started(ZmqSink(endpoint=free_tcp_endpoint(), timeout="300ms"))
+    sink = started(ZmqSink(endpoint=free_tcp_endpoint(), timeout="300ms", insecure=True))
     try:
         with pytest.raises(TransportError, match=r"zmq-sink: no receiver took data at tcp://127\.0\.0\.1:\d+"):
             feed(sink, framed_epochs(1))
@@ -246,25 +248,60 @@ def test_zmq_src_waiting_past_its_timeout_is_a_transport_error(tmp_path):
 
 def test_zmq_src_on_an_endpoint_in_use_is_a_transport_error():
     endpoint = free_tcp_endpoint()
-    first = started(ZmqSource(endpoint=endpoint, timeout="1s"))
+    first = started(ZmqSource(endpoint=endpoint, timeout="1s", insecure=True))
     try:
         with pytest.raises(TransportError, match=f"zmq-src: cannot bind {endpoint}"):
-            started(ZmqSource(endpoint=endpoint))
+            started(ZmqSource(endpoint=endpoint, insecure=True))
     finally:
         first.stop()
 
 
 def test_zmq_src_drops_a_sender_whose_message_exceeds_the_limit(tmp_path):
     endpoint = f"ipc://{tmp_path}/big.ipc"
-    source = started(ZmqSource(endpoint=endpoint, timeout="500ms", max_message=1 << 16))
-    sink = started(ZmqSink(endpoint=endpoint, timeout="2s"))
+    source = started(ZmqSource(endpoint=endpoint, timeout="500ms", max_message="1MiB"))
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(endpoint)
+        push.send(bytes((1 << 20) + 1))
+        try:
+            with pytest.raises(TransportError, match="nothing received"):
+                list(source.produce())
+        finally:
+            push.close(linger=0)
+            source.stop()
+
+
+def test_zmq_sink_sends_a_large_batch_in_messages_any_receiver_accepts(tmp_path):
+    endpoint = f"ipc://{tmp_path}/pieces.ipc"
+    source = started(ZmqSource(endpoint=endpoint, timeout="10s"))
+    sink = started(ZmqSink(endpoint=endpoint, timeout="10s"))
+    data = np.random.default_rng(3).integers(0, 256, (5 << 20) + 7, dtype=np.uint8)
     try:
-        feed(sink, [Batch(format=STREAM, payload=np.zeros(1 << 17, np.uint8))])
-        with pytest.raises(TransportError, match="nothing received"):
-            list(source.produce())
+        feed(sink, [Batch(format=STREAM, payload=data), Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)])
+        received = list(source.produce())
     finally:
         sink.stop()
         source.stop()
+    assert [b.payload.nbytes for b in received[:-1]] == [1 << 20] * 5 + [7]
+    assert payload_bytes(received) == data.tobytes()
+
+
+def test_zmq_src_drops_multipart_messages_and_says_so(tmp_path):
+    endpoint = f"ipc://{tmp_path}/multi.ipc"
+    warnings = []
+    source = ZmqSource(endpoint=endpoint, timeout="10s")
+    source.start(StageContext("zmq-src", post=lambda kind, **fields: warnings.append(fields["message"])))
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(endpoint)
+        push.send_multipart([b"injected", b"parts"])
+        push.send(b"stream bytes")
+        push.send(b"")
+        try:
+            received = list(source.produce())
+        finally:
+            push.close(linger=0)
+            source.stop()
+    assert payload_bytes(received) == b"stream bytes"
+    assert source.counters["multipart_refused"] == 1 and "dropped a multipart message" in warnings[0]
 
 
 def test_a_zmq_stage_without_endpoint_is_a_transport_error():
@@ -429,10 +466,13 @@ def test_trace_src_frame_file_sink_records_a_replayable_trace(tmp_path, mode):
         assert again[epoch][2]["digest"] == meta["digest"]
 
 
-def test_a_stream_crosses_two_pipelines_over_zmq(tmp_path):
+def test_a_stream_crosses_two_pipelines_over_zmq_with_keys(tmp_path, curve_keys):
     endpoint, out = free_tcp_endpoint(), tmp_path / "received"
-    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} timeout=20s ! deframe ! frame ! file-sink path={out}")
-    sender = Pipeline.parse(f"file-src path={FIXTURE} chunk-size=8192 ! zmq-sink endpoint={endpoint}")
+    keys = curve_keys
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} timeout=20s secret-key={keys.server_secret} "
+                              f"authorized-keys={keys.allowed} ! deframe ! frame ! file-sink path={out}")
+    sender = Pipeline.parse(f"file-src path={FIXTURE} chunk-size=8192 ! zmq-sink endpoint={endpoint} "
+                            f"secret-key={keys.client_secret} server-key={keys.server_public}")
     with receiver.start(mode="process") as handle:
         sender.run(mode="process", timeout=60)
         handle.wait(timeout=60)
@@ -471,10 +511,14 @@ def test_trace_src_fused_with_the_sender_chain_writes_the_same_stream_as_unfused
     chain = f"trace-src path={tmp_path / 'raw.trace'} batch-pages=7 ! classify ! xor-delta ! rle ! zstd ! frame"
     fused = Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'fused'}")
     result = fused.run(mode=mode, timeout=60)
-    Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'apart'}").run(mode=mode, timeout=60, fuse=False)
+    apart = Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'apart'}").run(mode=mode, timeout=60, fuse=False)
     assert (tmp_path / "fused").read_bytes() == (tmp_path / "apart").read_bytes()
-    counters = result.statistics[("trace-src0+classify0+xor-delta0+rle0", 0)]["counters"]
-    assert counters["hits"] + counters["misses"] == counters["normal"] > 0       # the consumers' counters surface
+    assert result.totals("xor-delta0")["fused_as"] == "trace-src0+classify0+xor-delta0+rle0"
+    for element in ("trace-src0", "classify0", "xor-delta0", "rle0"):   # each element's statistics, as apart
+        for key in ("batches_in", "pages_in", "bytes_in", "batches_out", "pages_out", "bytes_out", "counters"):
+            assert result.totals(element)[key] == apart.totals(element)[key], (element, key)
+    counters = result.totals("xor-delta0")["counters"]
+    assert counters["hits"] + counters["misses"] == result.totals("classify0")["counters"]["normal"] > 0
 
 
 def test_trace_src_into_needs_a_consumer():

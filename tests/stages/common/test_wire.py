@@ -1,6 +1,7 @@
 """The wire stream's bytes (stages.common.wire): header, records, checksums, sequence, bodies, and hostile input."""
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -14,13 +15,13 @@ from stages.common import wire
 from stages.common.wire import Record, RecordFlag, RecordReader, RecordType, StreamHeader
 
 PAGE = 4096
-HEADER = StreamHeader(page_size=PAGE, record_limit=1 << 20, stream=7, chain="native+zstd")
+HEADER = StreamHeader(page_size=PAGE, record_limit=1 << 20, stream_id=bytes(range(1, 17)), chain="native+zstd")
 REGIONS = [{"name": "heap", "start": 0x7F0000000000, "first_page": 0, "npages": 16},
            {"name": "stack", "start": 0x7FFD00000000, "first_page": 16, "npages": 4}]
 
 
 def record_bytes(record_type: int, body: list, *, sequence: int, epoch: int = 1, flags: int = 0) -> bytes:
-    parts, _ = wire.encode_record(record_type, flags, epoch, sequence, body)
+    parts, _ = wire.encode_record(record_type, flags, epoch, sequence, body, HEADER.checksum_seed)
     return b"".join(bytes(memoryview(part).cast("B")) for part in parts)
 
 
@@ -78,8 +79,8 @@ def test_stream_header_with_bad_magic_is_refused_at_offset_zero():
 
 def test_stream_header_of_a_future_version_is_refused():
     raw = bytearray(wire.encode_stream_header(HEADER))
-    raw[8] = 2
-    with pytest.raises(CorruptData, match="unsupported stream version 2"):
+    raw[8] = 3
+    with pytest.raises(CorruptData, match="unsupported stream version 3"):
         wire.parse_stream_header(memoryview(raw))
 
 
@@ -170,7 +171,8 @@ def test_unknown_record_flags_are_an_error():
 def test_a_stream_header_at_a_record_boundary_starts_a_new_segment_numbered_from_zero():
     reader = header_only_reader()
     list(reader.feed(record_bytes(RecordType.END_OF_STREAM, [], sequence=0)))
-    restarted = StreamHeader(page_size=PAGE, record_limit=1 << 20, stream=8, chain="native")
+    restarted = StreamHeader(page_size=PAGE, record_limit=1 << 20, stream_id=HEADER.stream_id, chain="native",
+                             segment=1)
     items = list(reader.feed(wire.encode_stream_header(restarted) + record_bytes(RecordType.LAYOUT,
                                                                             wire.layout_body(REGIONS, {}), sequence=0)))
     assert items[0] == restarted and items[1].sequence == 0 and reader.header == restarted
@@ -241,15 +243,17 @@ def test_layout_metadata_nested_absurdly_deep_is_refused():
         wire.parse_layout(parsed(RecordType.LAYOUT, body))
 
 
-def test_pages_body_drops_zero_pages_and_restores_them_as_zeros():
+def test_pages_body_drops_zero_pages_and_never_expands_them():
     numbers = np.array([5, 6, 7], dtype=np.uint64)
     kinds = np.array([PageKind.ZERO, PageKind.NORMAL, PageKind.ZERO], dtype=np.uint8)
     data = np.full((3, PAGE), 9, dtype=np.uint8)
     body = wire.pages_body(numbers, kinds, data)
     assert sum(memoryview(part).nbytes for part in body) == 8 + 9 * 3 + PAGE
-    got_numbers, got_kinds, got_data = wire.parse_pages(parsed(RecordType.PAGES, body), PAGE)
+    got_numbers, got_kinds, rows = wire.parse_pages(parsed(RecordType.PAGES, body), PAGE)
     assert got_numbers.tolist() == [5, 6, 7] and got_kinds.tolist() == kinds.tolist()
-    assert not got_data[0].any() and (got_data[1] == 9).all() and not got_data[2].any()
+    assert rows.shape == (1, PAGE) and (rows == 9).all()
+    expanded = wire.expand_pages(got_kinds, rows)
+    assert not expanded[0].any() and (expanded[1] == 9).all() and not expanded[2].any()
 
 
 def test_pages_body_whose_data_count_disagrees_with_its_kinds_is_refused():
@@ -314,10 +318,13 @@ def test_encoded_chain_must_be_printable_ascii():
 
 def test_commit_round_trips_optional_fields_and_extra_metadata():
     commit = wire.Commit(pages=3, records=2, stream_digest=99, digest=(1 << 64) - 1, time=12.5, pause_ms=None,
-                         extra={"note": "x"})
+                         extra={"note": "x"}, layout_digest=77)
     assert wire.parse_commit(parsed(RecordType.EPOCH_COMMIT, wire.commit_body(commit))) == commit
-    absent = wire.Commit(pages=0, records=0, stream_digest=0, digest=None, time=None, pause_ms=None, extra={})
+    absent = wire.Commit(pages=0, records=0, stream_digest=0, digest=None, time=None, pause_ms=None, extra={},
+                         layout_digest=0)
     assert wire.parse_commit(parsed(RecordType.EPOCH_COMMIT, wire.commit_body(absent))) == absent
+    version_1 = dataclasses.replace(commit, layout_digest=None)
+    assert wire.parse_commit(parsed(RecordType.EPOCH_COMMIT, wire.commit_body(version_1, 1)), 1) == version_1
 
 
 def test_a_body_with_trailing_bytes_is_refused():
