@@ -186,12 +186,12 @@ class ZmqSource(_ZmqStage):
             self.context.event("waiting", f"waiting for a sender on {self.endpoint} (nothing received yet)")
         while True:
             message = self._next_message()
-            if sequence == 0:
-                self.context.event("connected", f"receiving from a sender on {self.endpoint}")
             self.counters["messages"] += 1
             if message.more:
                 self._refuse_multipart()
                 continue
+            if sequence == 0:
+                self.context.event("connected", f"receiving from a sender on {self.endpoint}")
             if len(message) == 0:
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                 return

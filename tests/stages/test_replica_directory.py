@@ -37,7 +37,7 @@ def test_new_and_empty_directories_are_claimed(tmp_path):
 def test_two_sinks_never_write_one_replica(tmp_path):
     first = _started(tmp_path)
     try:
-        with pytest.raises(ReplicaError, match="another replica-sink is writing it"):
+        with pytest.raises(ReplicaError, match="another receiver is writing it"):
             _started(tmp_path)
     finally:
         first.stop()
