@@ -50,7 +50,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
                 description = import_target(target).description
             except ConfigError as exc:
                 description = f"(unavailable: {exc})"
-            console.print(f"{name:<16} {description}", highlight=False, soft_wrap=True)
+            console.print(f"{name:<16} {description}", highlight=False, soft_wrap=True, markup=False)
         return 0
     stage_class = load(args.name)
     lines = [
@@ -63,7 +63,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
         ("Runs in caller", "yes" if stage_class.runs_in_caller else "no"),
     ]
     for label, value in lines:
-        console.print(f"{label:<16}{value}", highlight=False)
+        console.print(f"{label:<16}{value}", highlight=False, markup=False)
     console.print("Properties:", highlight=False)
     for prop in stage_class.properties().values():
         if prop.internal:  # set by the runtime or by fusion, never by a user
@@ -71,8 +71,9 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
         default = "required" if prop.required else f"default {prop.default!r}"
         console.print(f"  {prop.name:<18}{prop.type:<10}{default}", highlight=False, markup=False)
         if prop.describe_range():
-            console.print(f"  {'':<18}{'':<10}range   {prop.describe_range()}", highlight=False)
-        console.print(f"  {'':<18}{'':<10}{prop.doc}", highlight=False)
+            console.print(f"  {'':<18}{'':<10}range   {prop.describe_range()}", highlight=False,
+                          markup=False)
+        console.print(f"  {'':<18}{'':<10}{prop.doc}", highlight=False, markup=False)
     return 0
 
 

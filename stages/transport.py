@@ -147,6 +147,9 @@ class ZmqSink(_ZmqStage):
 
     def _send(self, data) -> None:
         size = len(data)
+        if not self.counters["messages"]:   # the first message says whether a receiver is there
+            if not self._socket.poll(WAITING_NOTICE_MS, zmq.POLLOUT):
+                self.context.event("waiting", f"waiting for a receiver at {self.endpoint} (up to {self.timeout:g} s)")
         try:
             self._socket.send(data, copy=size < _ZERO_COPY_BYTES)
         except zmq.Again:
@@ -154,6 +157,8 @@ class ZmqSink(_ZmqStage):
                                  f"within {self.timeout:g} s (unreachable or not running)") from None
         except zmq.ZMQError as exc:
             raise TransportError(f"{self.factory_name}: sending to {self.endpoint} failed: {exc}") from None
+        if not self.counters["messages"]:
+            self.context.event("connected", f"sending to a receiver at {self.endpoint}")
         self.counters["messages"] += 1
         self.counters["bytes_out"] += size
 

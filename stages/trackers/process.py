@@ -216,6 +216,7 @@ class ProcessSource(CurveProperties, Stage):
     def request_resync(self) -> None:
         """The next checkpoint carries the layout and every tracked page, flagged RESYNC."""
         self._resync_requested = True
+        self.context.event("resync", f"{self._where}: a resync was asked for: the next checkpoint carries every page")
 
     def acknowledged(self, epoch: int) -> None:
         """The receiver committed ``epoch`` (ack listener thread): records its checkpoint -> ack latency."""

@@ -295,6 +295,7 @@ class RegionSource(Stage):
         The epochs in flight will never be acknowledged: they no longer count against max-unacked.
         """
         self._resync_requested = True
+        self.context.event("resync", f"{self._where}: a resync was asked for: the next checkpoint carries every page")
         with self._acknowledged:
             self._discarded_epoch = self._epoch
             self._acknowledged.notify_all()

@@ -95,3 +95,25 @@ def test_worker_processes_carry_the_stage_worker_and_pipeline_in_their_title():
                                                  if k[0] == "identity0")
     finally:
         handle.stop()
+
+
+def test_stage_without_a_terminal_writes_status_lines_while_it_waits():
+    inputs, outputs = free_tcp_endpoint(), free_tcp_endpoint()
+    stage = subprocess.Popen([PAGEPIPE, "stage", "identity", "--input", inputs, "--output", outputs,
+                              "--stats-interval", "300ms"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+    finally:
+        stage.terminate()
+        out, _ = stage.communicate(timeout=30)
+    assert sum(" pagepipe status " in line for line in out.splitlines()) >= 3
+
+
+def test_demo_without_a_terminal_writes_status_lines_and_events(tmp_path):
+    result = _pagepipe("demo", "--seconds", "2", "--size", "2MiB", "--stats-interval", "500ms",
+                       "--replica", str(tmp_path / "replica"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(" pagepipe status " in line and "ack median" in line for line in lines)
+    assert any("connected: zmq-src0[0]: receiving from a sender" in line for line in lines)
+    assert "replica vs source, byte for byte: identical" in result.stdout
