@@ -80,8 +80,8 @@ def bad_command_lines(tmp: Path) -> list[tuple[list[str], int, str]]:
         (["launch", "--metrics-port", "http", "test-src ! null-sink"], CONFIG, "--metrics-port"),
         (["launch", "--log-format", "xml", "test-src ! null-sink"], CONFIG, "xml"),
         # runtime failures named by their stage and cause
-        (["launch", f"file-src path={tmp / ':x: [bold]gone[/bold]'} ! deframe ! null-sink"], RUNTIME,
-         ":x: [bold]gone[/bold]"),        # text from data is never markup or emoji
+        (["launch", f"file-src path={tmp / ':x:[bold]gone[/bold]'} ! deframe ! null-sink"], RUNTIME,
+         ":x:[bold]gone[/bold]"),        # text from data is never markup or emoji
         (["launch", f"file-src path={tmp / 'missing.trace'} ! deframe ! null-sink"], RUNTIME, "missing.trace"),
         (["launch", f"trace-src path={not_json} ! null-sink"], RUNTIME, "trace-src"),
         (["launch", "process-src pid=999999999 ! null-sink"], RUNTIME, "999999999"),
