@@ -64,7 +64,7 @@ def statistics_table(statistics: dict[tuple[str, int], dict[str, Any]], title: s
             table.add_column(column, overflow="fold", min_width=max((len(s) for s in statistics_names(statistics)),
                                                                     default=5))
         else:
-            table.add_column(column, justify="left" if column == "counters" else "right")
+            table.add_column(column, justify="left" if column == "counters" else "right", overflow="fold")
     for stage, total in stage_totals(statistics).items():
         elapsed = max(total.get("elapsed_seconds", 0.0) / max(total["workers"], 1), 1e-9)
         busy = total.get("busy_seconds", 0.0) / total["workers"] / elapsed
