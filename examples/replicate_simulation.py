@@ -10,8 +10,11 @@ A receiving pipeline keeps the replica on disk:
 
     zmq-src ! deframe ! decode ! replica-sink path=DIR
 
-At the end the replica is loaded with ``load_replica`` and compared with the
-array; the exit status is 0 only if they are equal.
+The link is tcp loopback, so it runs CurveZMQ: the script makes a throwaway key
+pair for each end (``StreamKeys``; between hosts, make them once with
+``pagepipe keygen DIR`` and hand each end the other's public key). At the end
+the replica is loaded with ``load_replica`` and compared with the array; the
+exit status is 0 only if they are equal.
 
     python examples/replicate_simulation.py --checkpoints 40 --rate 20 --mode process
 """
@@ -32,6 +35,7 @@ from stages.apps.demo import free_tcp_endpoint
 from stages.entropy import Zstd
 from stages.framer import Frame
 from stages.common.replica_store import load_replica
+from stages.common.security import StreamKeys
 from stages.rle import RunLengthEncode
 from stages.trackers.region import RegionSource, tracked_array
 from stages.transport import ZmqSink
@@ -54,16 +58,17 @@ class HeatDiffusion:
         g[tuple(self.heater)] += 100.0
 
 
-def replicate(size: int, checkpoints: int, rate: float, steps: int, mode: str, replica: str) -> int:
+def replicate(size: int, checkpoints: int, rate: float, steps: int, mode: str, replica: str,
+              keys: StreamKeys) -> int:
     """Run the simulation with ``checkpoints`` checkpoints at ``rate`` per second; 0 if the replica equals it."""
     grid = tracked_array((size, size), np.float32)
     simulation = HeatDiffusion(grid)
     source = RegionSource(regions=grid)
     endpoint = free_tcp_endpoint()
     sender = Pipeline.chain(source, Classify(), XorDelta(), RunLengthEncode(format="native"), Zstd(), Frame(),
-                            ZmqSink(endpoint=endpoint))
-    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} ! deframe ! decode ! "
-                              f"replica-sink path={replica} fsync=false")
+                            ZmqSink(endpoint=endpoint, **keys.sender_sink()))
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} {keys.words(keys.receiver_source())} ! deframe ! "
+                              f"decode ! replica-sink path={replica} fsync=false")
     dirty_bytes = 0
     began = time.monotonic()
     with receiver.start(mode=mode) as receiving, sender.start(mode=mode) as sending:
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="replicate-simulation-") as scratch:
             return replicate(args.size, args.checkpoints, args.rate, args.steps, args.mode,
-                             args.replica or f"{scratch}/replica")
+                             args.replica or f"{scratch}/replica", StreamKeys.create(f"{scratch}/keys"))
     except PagepipeError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ class Flag(IntFlag):
     END_OF_STREAM = 2   # no batch follows on this stream
     LAYOUT = 4          # meta["regions"] describes the tracked memory (see Layout)
     RESYNC = 8          # this epoch carries every tracked page whole
+    SENDER_LOST = 16    # the receiving source heard nothing from the sender for its failover-after: it is gone
 
     # Bitwise results come from a table of the defined values: IntFlag builds each one through the enum
     # machinery, a few microseconds each, and stages test flags several times a batch.
@@ -68,7 +69,7 @@ def _flag(value: int) -> Flag:
     return _FLAG_VALUES[value] if 0 <= value < len(_FLAG_VALUES) else Flag(value)
 
 
-_CONTROL_FLAGS = int(Flag.EPOCH_END | Flag.END_OF_STREAM | Flag.LAYOUT)  # plain int: IntFlag arithmetic is slow
+_CONTROL_FLAGS = int(Flag.EPOCH_END | Flag.END_OF_STREAM | Flag.LAYOUT | Flag.SENDER_LOST)  # plain int: IntFlag arithmetic is slow
 
 # Batch formats ("caps"): which arrays a batch carries and what they mean.
 PAGES = "pages"       # data = page contents; kinds NORMAL/ZERO/RAW

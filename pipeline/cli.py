@@ -196,6 +196,18 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="how many workers of this stage run")
     parser.add_argument("--max-inflight", default=str(DEFAULT_MAX_INFLIGHT), help="bytes queued per link (32MiB)")
     add_log_arguments(parser)
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a tcp --input/--output: these runtime links are neither authenticated nor "
+                             "encrypted (between hosts, link stages with zmq-sink/zmq-src and keys)")
+
+
+def _check_runtime_links(args: argparse.Namespace) -> None:
+    """A runtime link over tcp carries batches to anyone who connects: only with --insecure, in so many words."""
+    for option, endpoint in (("--input", args.input), ("--output", args.output)):
+        if endpoint and not endpoint.lstrip("@>").startswith(("ipc://", "inproc://")) and not args.insecure:
+            raise ConfigError(f"stage: {option} {endpoint} is a network link without authentication or "
+                              f"encryption: use ipc://, or zmq-sink/zmq-src with keys between hosts "
+                              f"(docs/SECURITY.md), or pass --insecure to accept that")
 
 
 def run_stage(args: argparse.Namespace, console: Console) -> int:
@@ -211,6 +223,7 @@ def run_stage(args: argparse.Namespace, console: Console) -> int:
                 parse_endpoint(endpoint)
             except ConfigError as exc:
                 raise ConfigError(f"stage {option}: {exc}") from None
+    _check_runtime_links(args)
     limit = parse_size(args.max_inflight)
     if limit <= 0:
         raise ConfigError(f"--max-inflight {args.max_inflight!r} must be positive")

@@ -18,6 +18,10 @@ from .epoch_stats import EpochCounter
 from .routing import EpochPageCounter, FanIn
 from .stage import Stage, StageContext
 
+IDLE_EVERY = 0.02
+"""Seconds a waiting source goes without yielding (see ``Stage.idle_every``): bounds how late a timer runs inline."""
+_DONE = object()
+
 
 class WorkerCore:
     """Drive one stage instance: fan-in barrier, ``handle``, epoch-end stamping, statistics."""
@@ -36,6 +40,7 @@ class WorkerCore:
         self.finished = False
         self._last_epoch = 0
         self._epoch_counter = EpochCounter()
+        self._next_tick = 0.0
 
     def start(self) -> None:
         self.stage.context = self.context  # also when the stage's start() forgets super().start(context)
@@ -80,6 +85,7 @@ class WorkerCore:
         A source that ends without an end-of-stream marker gets one, so
         downstream workers always learn that the stream is over.
         """
+        self.stage.idle_every = IDLE_EVERY
         produced = self.stage.produce()
         if produced is None or not hasattr(produced, "__iter__"):
             raise ConfigError(f"{self.context.stage_name}: produce() returned {type(produced).__name__}, not an "
@@ -88,8 +94,11 @@ class WorkerCore:
         ended = False
         while True:
             batch = self._next(outputs)
-            if batch is None:
+            if batch is _DONE:
                 break
+            if batch is None:   # the source is waiting: a chance for timers and stop requests
+                yield
+                continue
             ended = bool(batch.is_control and batch.flags & Flag.END_OF_STREAM)
             self._emit(batch)
             if batch.is_control and batch.flags & Flag.EPOCH_END:
@@ -99,16 +108,33 @@ class WorkerCore:
             self._emit(Batch.control(Flag.END_OF_STREAM, self._last_epoch, format=self.output_format or "any"))
         self.finished = True
 
+    def tick(self) -> None:
+        """Run the stage's timer (``Stage.tick``) if it is due, emitting what it yields."""
+        interval = self.stage.tick_interval
+        if interval <= 0 or self.finished:
+            return
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + interval
+        self._drive(iter(self.stage.tick()))
+
+    def tick_wait(self) -> float | None:
+        """Seconds until the stage's timer is due (None: it has none)."""
+        if self.stage.tick_interval <= 0 or self.finished:
+            return None
+        return max(0.0, self._next_tick - time.monotonic())
+
     def _drive(self, outputs: Iterator[Batch]) -> None:
-        while (batch := self._next(outputs)) is not None:
+        while (batch := self._next(outputs)) is not _DONE:
             self._emit(batch)
 
-    def _next(self, outputs: Iterator[Batch]) -> Batch | None:
+    def _next(self, outputs: Iterator[Batch]) -> Batch | None | object:
         began = time.perf_counter()
         try:
             return next(outputs)
         except StopIteration:
-            return None
+            return _DONE
         finally:
             self.stats.busy_seconds += time.perf_counter() - began
 

@@ -96,12 +96,16 @@ class InlineExecution:
         running: list[tuple[WorkerCore, Iterator[None]]] = [
             (core, core.produce()) for node, cores in zip(self.plan.nodes, self.cores) if node.upstream is None
             for core in cores]
+        every_core = [core for cores in self.cores for core in cores]
         last_stats = time.monotonic()
         while running:
             for entry in list(running):
                 core, steps = entry
                 if self._guard(core, next, steps, StopIteration) is StopIteration:
                     running.remove(entry)
+            for core in every_core:   # timers, between source batches (waiting sources yield None often enough)
+                if core.stage.tick_interval > 0:
+                    self._guard(core, core.tick)
             if should_stop():
                 return
             if time.monotonic() - last_stats >= STATS_INTERVAL:

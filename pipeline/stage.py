@@ -197,6 +197,12 @@ class Stage:
     """Sources: ``produce`` yields each epoch's batches and its end one right after another, never waiting in
     between, so the process executor may hold small page batches until the epoch's end and send them together."""
 
+    tick_interval: float = 0.0
+    """Seconds between calls of ``tick`` (0: never); a stage with a timer sets it, at the latest in ``start``."""
+    idle_every: float = 0.0
+    """Set by the executor on sources: a source that waits for input yields None after this long without a
+    batch, so the executor can run the other stages' timers and check for stop requests (0: never)."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Check the class against the stage contract when it is defined (see ``check_stage_class``)."""
         super().__init_subclass__(**kwargs)
@@ -288,8 +294,9 @@ class Stage:
         """Called once in the worker before any batch."""
         self.context = context
 
-    def produce(self) -> Iterator[Batch]:
-        """Sources: yield batches until the stream ends (the executor adds nothing)."""
+    def produce(self) -> Iterator[Batch | None]:
+        """Sources: yield batches until the stream ends (the executor adds nothing); None means "nothing yet"
+        (see ``idle_every``)."""
         raise NotImplementedError(f"{self.factory_name} is not a source")
 
     def process(self, batch: Batch) -> Iterable[Batch]:
@@ -302,6 +309,15 @@ class Stage:
 
     def flush(self, marker: Batch) -> Iterable[Batch]:
         """Emit what is held back, at each epoch end and at end of stream."""
+        return ()
+
+    def tick(self) -> Iterable[Batch]:
+        """Timer hook: called about every ``tick_interval`` seconds between inputs (never during ``process``,
+        in the same thread), until the stream has ended; what it yields goes downstream (heartbeats, say).
+
+        Both executors call it: the process executor wakes a waiting worker for it; the inline executor calls
+        it between source batches, which is why waiting sources yield None every ``idle_every`` seconds.
+        """
         return ()
 
     def stop(self) -> None:

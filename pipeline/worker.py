@@ -315,6 +315,7 @@ class Worker:
         for _ in self.core.produce():
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Stopped()
+            self.core.tick()
             self._tick()
         self._flush()
 
@@ -333,7 +334,11 @@ class Worker:
                 elif not wanted and index in registered:
                     poller.unregister(socket)
                     registered.discard(index)
-            ready = dict(poller.poll(IDLE_ACK_MS if any(self._unacked) else POLL_MS))
+            timeout = IDLE_ACK_MS if any(self._unacked) else POLL_MS
+            timer = core.tick_wait()
+            if timer is not None:
+                timeout = min(timeout, max(1, int(timer * 1000)))
+            ready = dict(poller.poll(timeout))
             if not ready:
                 for index in range(len(self._inputs)):
                     self._ack(index)
@@ -344,6 +349,8 @@ class Worker:
             for index, (socket, _, _) in enumerate(self._inputs):
                 if socket in ready and not core.finished:
                     self._drain(index, socket)
+            core.tick()
+            self._flush()
             self._return_slots()
             self._tick()
         self._flush()

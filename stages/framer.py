@@ -19,6 +19,7 @@ replica-sink puts into its acknowledgements.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -58,6 +59,8 @@ class Frame(Stage):
     max_record = Property("size", "16MiB", "Largest record body written; bigger page batches are split",
                           minimum=_MIN_RECORD_LIMIT, maximum=_MAX_RECORD_LIMIT)
     codec = Property("str", "", "Codec chain declared in the stream header (default: the first page batch's)")
+    heartbeat = Property("duration", "100ms", "Write a heartbeat record after this long without output, so the "
+                         "receiver can tell a quiet sender from a dead one (0 = never)", minimum=0)
     stream_id = Property("str", "", "Stream identity, 32 hex digits ('' = meta['stream_id'] of the first batch "
                          "that has one, else a fresh random one)")
     version = Property("int", wire.VERSION, "Wire format version written (1 for receivers older than version 2)",
@@ -65,6 +68,9 @@ class Frame(Stage):
 
     def start(self, context: StageContext) -> None:
         super().start(context)
+        self.tick_interval = self.heartbeat / 2
+        self._last_output = time.monotonic()
+        self._ended = False
         self._header: wire.StreamHeader | None = None
         self._held: list = []               # record parts written before the header could be
         self._layout: tuple[Batch, list] | None = None      # the last LAYOUT and its record body
@@ -73,9 +79,23 @@ class Frame(Stage):
         self._identity = wire.parse_stream_id(self.stream_id) if self.stream_id else None
         self._sequence = 0
         self._open_epoch: int | None = None
+        self._last_epoch = 0                # the last epoch committed (heartbeats carry it)
         self._epoch_entries = 0
         self._epoch_checksums: list[int] = []
-        self.counters.update(records=0, segments=1, bytes_out=0)
+        self.counters.update(records=0, segments=1, bytes_out=0, heartbeats=0)
+
+    def tick(self) -> Iterator[Batch]:
+        """A heartbeat record once nothing was written for ``heartbeat`` (after the stream header, before its end)."""
+        if self._header is None or self._held or self._ended \
+                or time.monotonic() - self._last_output < self.heartbeat:
+            return
+        marker = Batch.control(Flag.NONE, self._last_epoch, format=STREAM, stream=self._header.stream,
+                               page_size=self._header.page_size)
+        parts: list = []
+        self._append(parts, RecordType.HEARTBEAT, marker,
+                     wire.heartbeat_body(wire.Heartbeat(time.time(), round(self.heartbeat * 1000))))
+        self.counters["heartbeats"] += 1
+        yield self._stream_batch(marker, parts)
 
     # ---- page batches ---------------------------------------------------------
     def process(self, batch: Batch) -> Iterator[Batch]:
@@ -145,6 +165,7 @@ class Frame(Stage):
             if self._open_epoch is not None:
                 raise ConfigError(f"{self.factory_name}: end of stream while epoch {self._open_epoch} is open")
             self._append(parts, RecordType.END_OF_STREAM, batch, [])
+            self._ended = True
         if parts:
             yield self._stream_batch(batch, parts)
         yield batch.with_(format=STREAM)
@@ -169,6 +190,7 @@ class Frame(Stage):
         self._open_epoch = None
         self._epoch_entries = 0
         self._epoch_checksums = []
+        self._last_epoch = marker.epoch
         return commit
 
     # ---- helpers --------------------------------------------------------------
@@ -240,6 +262,7 @@ class Frame(Stage):
             self._held = []
         payload = np.frombuffer(b"".join(parts), dtype=np.uint8)
         self.counters["bytes_out"] += payload.nbytes
+        self._last_output = time.monotonic()
         stream = self._header.stream if self._header is not None else batch.stream
         return Batch(format=STREAM, epoch=batch.epoch, sequence=batch.sequence, flags=batch.flags & Flag.RESYNC,
                      stream=stream, page_size=batch.page_size, payload=payload)
@@ -268,7 +291,8 @@ class Deframe(Stage):
     max_record = Property("size", "16MiB", "Records with a bigger body are refused as corrupt",
                           minimum=_MIN_RECORD_LIMIT, maximum=_MAX_RECORD_LIMIT)
     resume = Property("bool", False, "Join a running stream: drop input batches until one starts a segment "
-                                     "(needs record-aligned batches, as zmq-src delivers)")
+                                     "(needs record-aligned batches, as zmq-src delivers), and take a segment of "
+                                     "another stream identity (a restarted sender) as a new epoch order")
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -287,8 +311,9 @@ class Deframe(Stage):
         self._waiting_for_segment = self.resume
         self._handlers = {RecordType.LAYOUT: self._on_layout, RecordType.PAGES: self._on_pages,
                           RecordType.ENCODED: self._on_encoded, RecordType.EPOCH_COMMIT: self._on_commit,
-                          RecordType.END_OF_STREAM: self._on_end}
-        self.counters.update(records=0, skipped_records=0, segments=0, streams=0, bytes_in=0, skipped_bytes=0)
+                          RecordType.END_OF_STREAM: self._on_end, RecordType.HEARTBEAT: self._on_heartbeat}
+        self.counters.update(records=0, skipped_records=0, segments=0, streams=0, bytes_in=0, skipped_bytes=0,
+                             heartbeats=0)
 
     def process(self, batch: Batch) -> Iterator[Batch]:
         if batch.payload is None:
@@ -315,7 +340,7 @@ class Deframe(Stage):
             raise wire.corrupt("a new stream segment starts inside an epoch (torn epoch)", **where)
         if self._ended:
             raise wire.corrupt("a new stream segment after the end-of-stream record", **where)
-        self._check_chain(header.chain, None)
+        self._check_chain(header.chain, None, where["offset"])
         if header.version == 1 or header.stream_id != self._identity:
             self._new_stream(header, where)
         elif header.segment <= self._segment:
@@ -340,10 +365,26 @@ class Deframe(Stage):
         self.counters["streams"] += 1
 
     def control(self, batch: Batch) -> Iterator[Batch]:
-        """Markers from the byte source: only end of stream matters (records carry the rest)."""
+        """Markers from the byte source: end of stream, and the sender's loss (records carry the rest)."""
         yield from self.process(batch)
+        if batch.flags & Flag.SENDER_LOST:
+            yield self._sender_lost(batch)
         if batch.flags & Flag.END_OF_STREAM and not self._ended:
             yield self._unexpected_end(batch)
+
+    def _sender_lost(self, batch: Batch) -> Batch:
+        """The source declared the sender gone: an open epoch is torn for good, and whatever the sender (or a
+        new one) sends later starts over at a stream segment."""
+        lost = Batch.control(Flag.SENDER_LOST, self._last_committed or 0, format=ANY,
+                             **(self._header_fields() if self._reader.header else {}),
+                             **{**batch.meta, "open_epoch": self._open_epoch})
+        self._reader = wire.RecordReader(self.max_record)
+        self._open_epoch = None
+        self._epoch_entries = 0
+        self._epoch_checksums = []
+        self._identity = None               # a sender that comes back, or a new one, starts a stream afresh
+        self._waiting_for_segment = True
+        return lost
 
     def _unexpected_end(self, batch: Batch) -> Batch:
         reader = self._reader
@@ -376,7 +417,7 @@ class Deframe(Stage):
 
     def _on_layout(self, record: Record) -> Batch | None:
         """The new layout; None when a segment merely repeats the current one."""
-        regions, extra = wire.parse_layout(record)
+        regions, extra = wire.parse_layout(record, self._reader.header.page_size)
         self._layout_digest = wire.layout_digest(record.body)
         if (regions, extra) == self._layout:
             return None
@@ -445,6 +486,10 @@ class Deframe(Stage):
         self._epoch_checksums = []
         return self._control(Flag.EPOCH_END | _batch_flags(record), record.epoch, record.sequence, meta)
 
+    def _on_heartbeat(self, record: Record) -> None:
+        wire.parse_heartbeat(record)
+        self.counters["heartbeats"] += 1
+
     def _on_end(self, record: Record) -> Batch:
         wire.parse_end_of_stream(record)
         if self._open_epoch is not None:
@@ -478,12 +523,12 @@ class Deframe(Stage):
         self._epoch_entries += int(page_numbers.size)
         self._epoch_checksums.append(record.checksum)
 
-    def _check_chain(self, chain: str, record: Record | None) -> None:
+    def _check_chain(self, chain: str, record: Record | None, header_offset: int = 0) -> None:
         """Refuse a codec chain this receiver cannot decode."""
         if not chain or chain in self._known_chains:
             return
         from .codecs import EntropyCodec, get_codec
-        where = {"offset": record.offset, "sequence": record.sequence} if record else {"offset": 0}
+        where = {"offset": record.offset, "sequence": record.sequence} if record else {"offset": header_offset}
         try:
             codec = get_codec(chain)
         except (PagepipeError, KeyError, ValueError) as exc:

@@ -25,6 +25,16 @@ Policy (docs/FORMAT.md, section replica):
   payload that does not decode, an epoch over ``max-epoch``) raise CorruptData
   (``on-error=fail``, the default) or are treated like a torn epoch
   (``on-error=resync``). Nothing is ever written outside a commit.
+- Failover: when the receiving source declares the sender lost (``zmq-src
+  failover=true``: no message, heartbeats included, for its failover-after),
+  the SENDER_LOST marker reaches the sink, which discards the epoch in
+  progress (nothing partial is committed), makes the replica durable (fsync,
+  also with ``fsync=false``), runs ``on-failover`` and posts a ``failover``
+  bus message (fields: replica, epoch, silence, command_pid) for a Python
+  caller to act on. From then on the replica is fenced: the lost sender's
+  stream is stale and every epoch that still arrives is refused (and reported
+  discarded on the ack channel), unless ``after-failover=resync``, which asks
+  the returning sender for a resync and follows it again from its next full epoch.
 - Memory: an open epoch costs its encodings plus ``ENTRY_COST`` bytes per page
   entry and ``BATCH_COST`` per batch (ZERO entries are kept as page numbers,
   never as pages); ``max-epoch`` bounds that cost. Beyond ``SPILL_BYTES`` held
@@ -47,6 +57,7 @@ Policy (docs/FORMAT.md, section replica):
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Iterable
@@ -78,6 +89,7 @@ _ENCODED_KINDS = _kind_table(PageKind.ZERO, PageKind.RAW, PageKind.FULL, PageKin
 _USES_PREVIOUS = _kind_table(PageKind.DELTA, PageKind.UNCHANGED)
 _RAW = int(PageKind.RAW)   # a plain int: comparing arrays with an IntEnum member is slower
 _CODECS_KEPT = 8   # codec names are untrusted: keep only the first few looked up
+SETTLE_INTERVAL = 0.002   # an unsettled commit (settle=idle) is settled this soon, between inputs
 
 
 SPILL_BYTES = 8 << 20      # memory an open epoch holds before its encodings go to disk
@@ -208,8 +220,11 @@ class ReplicaSink(CurveProperties, Stage):
 
     path = Property("str", "", "Replica directory (created if missing)", required=True)
     fsync = Property("bool", True, "fsync journal, image and manifest at every commit (power-loss safety)")
-    ack_endpoint = Property("endpoint", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks); on tcp "
-                            "give secret-key= and server-key= (the sender's public key)")
+    settle = Property("choice", "idle", "With fsync: acknowledge an epoch once its journal is durable and flush "
+                      "the rest while idle (idle), or only after every flush (commit); equally safe",
+                      choices=("idle", "commit"))
+    ack_endpoint = Property("endpoint", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks); on tcp give "
+                            "secret-key= and server-key= (the sender's public key)")
     ack_bind = Property("bool", False, "Bind the ack socket instead of connecting it")
     ack_queue = Property("int", 10000, "Ack messages held for a sender that is not reading; beyond, dropped "
                          "with a warning", minimum=1)
@@ -223,6 +238,10 @@ class ReplicaSink(CurveProperties, Stage):
     resync_interval = Property("duration", "2s", "Repeat an unanswered resync request after this long")
     force = Property("bool", False, "Write the replica into a non-empty directory that is not a replica "
                      "(by default refused: a replica is marked by its manifest and lock file)")
+    on_failover = Property("str", "", "Shell command run once the sender is lost (zmq-src failover=true), with "
+                           "PAGEPIPE_REPLICA and PAGEPIPE_EPOCH in its environment; it outlives the pipeline")
+    after_failover = Property("choice", "refuse", "A sender heard again after failover: refuse its epochs (stale), "
+                              "or ask it for a resync and follow it again", choices=("refuse", "resync"))
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -230,9 +249,12 @@ class ReplicaSink(CurveProperties, Stage):
             raise ConfigError("replica-sink: property path is required")
         self.counters.update(epochs_committed=0, epochs_discarded=0, epochs_refused=0, pages_applied=0,
                              bytes_applied=0, epochs_spilled=0, resyncs_requested=0, acks_dropped=0,
-                             commit_seconds=0.0, last_epoch=0)
+                             commit_seconds=0.0, last_epoch=0, failovers=0)
         self.lock = None
         check_replica_directory(self.path, self.force)
+        self.failed_over = False
+        """True once the sender was declared lost: the replica is fenced (see after-failover)."""
+        self._refused_epoch: int | None = None
         self.store = self._open_store()
         self._spill_path = Path(self.path) / SPILL
         self._spill_path.unlink(missing_ok=True)    # an epoch a killed sink was holding
@@ -258,7 +280,8 @@ class ReplicaSink(CurveProperties, Stage):
         ensure_replica_directory(self.path)
         self.lock = ReplicaLock(self.path)        # held until stop(); ReplicaLocked if another sink has it
         try:
-            store = ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages, lock=self.lock)
+            store = ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages, lock=self.lock,
+                                 settle_later=self.settle == "idle")
             if store.recovered_journal != "none":
                 self.context.warn(f"replica-sink: {store.recovered_journal} an interrupted commit in {self.path}")
             if not store.is_empty and self.verify_on_start:
@@ -271,10 +294,13 @@ class ReplicaSink(CurveProperties, Stage):
         except ReplicaError as exc:
             self.context.warn(f"replica-sink: replica {self.path} is inconsistent, starting empty: {exc}")
             clear_replica(self.path)
-            return ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages, lock=self.lock)
+            return ReplicaStore(self.path, fsync=self.fsync, max_pages=self.max_pages, lock=self.lock,
+                                settle_later=self.settle == "idle")
 
     # ---- data ----------------------------------------------------------
     def process(self, batch: Batch) -> Iterable[Batch]:
+        if self.failed_over and self._fenced(batch):
+            return ()
         pending = self._pending_for(batch.epoch)
         if pending.doomed:
             return ()
@@ -404,6 +430,11 @@ class ReplicaSink(CurveProperties, Stage):
 
     # ---- control ---------------------------------------------------------
     def control(self, batch: Batch) -> Iterable[Batch]:
+        if batch.flags & Flag.SENDER_LOST:
+            self._fail_over(batch)
+            return ()
+        if self.failed_over and batch.flags & (Flag.LAYOUT | Flag.EPOCH_END) and self._fenced(batch):
+            return ()
         if batch.flags & Flag.LAYOUT:
             self._set_layout(batch)
         if batch.flags & Flag.EPOCH_END:
@@ -489,6 +520,10 @@ class ReplicaSink(CurveProperties, Stage):
         self._last_seen = time.monotonic()
         self._resync_pending = False
         self.in_sync = True
+        if self.failed_over:
+            self.failed_over = False
+            self.context.warn(f"replica-sink: following the sender again from its resync epoch {epoch} "
+                              f"(after-failover=resync)")
         self._last_resync_request = -float("inf")   # answered: a later problem asks again at once
         self.counters["commit_seconds"] += time.perf_counter() - started
         self.counters["epochs_committed"] += 1
@@ -500,8 +535,63 @@ class ReplicaSink(CurveProperties, Stage):
         if isinstance(when, (int, float)) and not isinstance(when, bool):
             record["commit_latency_seconds"] = max(0.0, time.time() - when)
         self.context.record_epoch(epoch, **record)
+        if self.store.unsettled:
+            self.tick_interval = SETTLE_INTERVAL    # settle soon, between inputs
         if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream, **identity_fields):
             self._ack_dropped(f"acknowledgement of epoch {epoch}")
+
+    def tick(self) -> Iterable[Batch]:
+        """Between inputs: finish the last commit's flushes (``settle=idle``) before the next epoch needs them.
+        The timer runs only while a commit is unsettled."""
+        self.store.settle()
+        self.tick_interval = 0.0
+        return ()
+
+    # ---- failover --------------------------------------------------------
+    def _fail_over(self, marker: Batch) -> None:
+        """The sender is lost: drop the epoch in progress, make the replica durable, run on-failover, post
+        ``failover``; then fence the replica."""
+        if self.failed_over:
+            return
+        if self.pending is not None:
+            self.counters["epochs_discarded"] += 1
+            self.context.warn(f"replica-sink: epoch {self.pending.epoch} discarded (torn: the sender was lost "
+                              f"before its commit record); replica stays at epoch {self.store.epoch}")
+            self.pending = None
+        self.store.sync()
+        self.failed_over = True
+        self.in_sync = False
+        self.counters["failovers"] += 1
+        silence = marker.meta.get("silence")
+        pid = self._run_failover_command(silence) if self.on_failover else None
+        self.context.warn(f"replica-sink: sender lost; failing over at epoch {self.store.epoch} of {self.path}"
+                          + (f" (on-failover started pid {pid})" if pid else ""))
+        self.context.post("failover", replica=str(os.path.abspath(self.path)), epoch=self.store.epoch,
+                          silence=silence, last_heard=marker.meta.get("last_heard"), command_pid=pid)
+
+    def _run_failover_command(self, silence: object) -> int:
+        """Start on-failover in a session of its own, not waited for: the one process pagepipe starts that
+        deliberately outlives the pipeline (it is how the backup takes over)."""
+        environment = {**os.environ, "PAGEPIPE_REPLICA": os.path.abspath(self.path),
+                       "PAGEPIPE_EPOCH": str(self.store.epoch), "PAGEPIPE_SILENCE": f"{silence}"}
+        child = subprocess.Popen(self.on_failover, shell=True, env=environment, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, close_fds=True)
+        return child.pid
+
+    def _fenced(self, batch: Batch) -> bool:
+        """After failover: True if this batch of the stale sender is refused (always, unless after-failover=
+        resync, which asks the sender for a resync and lets its batches through to wait for a full epoch)."""
+        if self.after_failover == "resync":
+            self._ask_resync("the replica failed over; rejoining the sender needs a full epoch")
+            return False
+        if self._refused_epoch != batch.epoch:
+            self._refused_epoch = batch.epoch
+            self.counters["epochs_refused"] += 1
+            self.context.warn(f"replica-sink: epoch {batch.epoch} refused: the replica failed over at epoch "
+                              f"{self.store.epoch} and this sender is stale (after-failover=resync accepts it)")
+        if batch.flags & Flag.EPOCH_END and self.acks is not None:
+            self.acks.discarded(batch.epoch, "the replica failed over; this sender is stale")
+        return True
 
     def _doom(self, pending: PendingEpoch, reason: str) -> None:
         pending.doom(reason)

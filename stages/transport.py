@@ -1,8 +1,11 @@
 """Transport stages: move the wire stream over ZeroMQ or to/from a file, and replay recorded streams.
 
-- ``zmq-sink`` / ``zmq-src``: PUSH/PULL, one message per STREAM batch (large
-  payloads sent without copying); an empty message marks the end of stream.
-  The receiver's acknowledgements travel on a separate socket (stages.common.acks).
+- ``zmq-sink`` / ``zmq-src``: PUSH/PULL, the stream in messages of at most 1 MiB
+  (large payloads sent without copying); an empty message marks the end of stream.
+  On tcp both ends run CurveZMQ with keys, or say ``insecure=true``; the end
+  that binds admits only allowed keys and at most ``max-connections``
+  (stages.common.security, docs/SECURITY.md). The receiver's acknowledgements
+  travel on a separate socket (stages.common.acks).
 - ``file-sink`` / ``file-src``: the stream as a file (a *trace*), the same
   bytes as on the wire.
 - ``trace-src``: replays a trace as the tracker stream it was made from:
@@ -15,6 +18,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -42,6 +46,9 @@ WAITING_NOTICE_MS = 1000
 _END_MESSAGE = b""
 MESSAGE_BYTES = 1 << 20
 """zmq-sink sends the stream in messages of at most this size; zmq-src's max-message is never below it."""
+CURVE_FRAME_OVERHEAD = 64
+"""What CurveZMQ adds to a frame on the wire (33 bytes: command name, nonce, MAC, flags), which is what
+ZeroMQ checks against ZMQ_MAXMSGSIZE; rounded up."""
 _PEER_COMMAND_BYTES = 64 << 10
 """Largest frame a zmq-sink accepts from its receiver, which sends only handshake commands."""
 _REFUSALS_POLL_MS = 1000
@@ -178,19 +185,35 @@ class ZmqSource(_ZmqStage):
                            "are announced, and the peer dropped (zmq-sink sends at most 1 MiB)",
                            minimum=MESSAGE_BYTES, maximum=1 << 30)
     hwm = Property("int", 8, "Messages queued from each sender before it blocks", minimum=1)
+    failover = Property("bool", False, "Failure detection: once the sender was heard, declare it lost after "
+                        "failover-after without a message (its heartbeats included) and send SENDER_LOST on")
+    failover_after = Property("duration", "1s", "Silence after which failover declares the sender lost; longer "
+                              "than the sender's heartbeat and than any blip it should ride out", minimum=0.01)
 
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message + CURVE_FRAME_OVERHEAD)
 
-    def produce(self) -> Iterator[Batch]:
+    def produce(self) -> Iterator[Batch | None]:
         sequence = 0
-        timeout_ms = int(self.timeout * 1000) if self.timeout else WAITING_NOTICE_MS
-        if not self._socket.poll(min(timeout_ms, WAITING_NOTICE_MS), zmq.POLLIN):
-            self.context.event("waiting", f"waiting for a sender on {self.endpoint} (nothing received yet)")
+        last_heard: float | None = None     # monotonic time of the last message; None until one came
+        waited_since = time.monotonic()
+        said_waiting = False
         while True:
-            message = self._next_message()
+            message = self._next_message(waited_since, last_heard)
+            if message is None:     # idle_every passed, or the sender fell silent
+                now = time.monotonic()
+                if sequence == 0 and not said_waiting and now - waited_since >= WAITING_NOTICE_MS / 1000:
+                    self.context.event("waiting", f"waiting for a sender on {self.endpoint} (nothing received yet)")
+                    said_waiting = True
+                if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
+                    yield self._sender_lost(last_heard, now)
+                    last_heard = None   # armed again by the next message (a returning sender)
+                else:
+                    yield None
+                continue
+            last_heard = waited_since = time.monotonic()
             self.counters["messages"] += 1
             if message.more:
                 self._refuse_multipart()
@@ -205,18 +228,40 @@ class ZmqSource(_ZmqStage):
             yield Batch(format=STREAM, sequence=sequence, payload=payload)
             sequence += 1
 
-    def _next_message(self) -> zmq.Frame:
-        """The next frame; posts refusals while waiting; TransportError after ``timeout`` without one."""
-        deadline = time.monotonic() + self.timeout if self.timeout else None
+    def _sender_lost(self, last_heard: float, now: float) -> Batch:
+        """The SENDER_LOST marker: nothing arrived for failover-after (heartbeats included)."""
+        self.counters["senders_lost"] = self.counters.get("senders_lost", 0) + 1
+        silence = now - last_heard
+        self.context.warn(f"{self.factory_name}: nothing from the sender on {self.endpoint} for {silence:.2f} s "
+                          f"(failover-after={self.failover_after:g} s): it is lost")
+        return Batch.control(Flag.SENDER_LOST, 0, format=STREAM, silence=silence,
+                             last_heard=time.time() - silence)
+
+    def _next_message(self, waited_since: float, last_heard: float | None) -> zmq.Frame | None:
+        """The next frame, or None once ``idle_every`` passed without one (the executor's timers run) or the
+        sender was silent for failover-after; posts refusals while waiting; TransportError after ``timeout``
+        without a frame."""
+        began = time.monotonic()
         while True:
-            wait = _REFUSALS_POLL_MS if deadline is None else \
-                min(_REFUSALS_POLL_MS, max(0, int((deadline - time.monotonic()) * 1000)))
-            if self._socket.poll(wait, zmq.POLLIN):
+            now = time.monotonic()
+            waits = [_REFUSALS_POLL_MS / 1000]
+            if self.idle_every:
+                waits.append(began + self.idle_every - now)
+            if self.timeout:
+                waits.append(waited_since + self.timeout - now)
+            if self.failover and last_heard is not None:
+                waits.append(last_heard + self.failover_after - now)
+            if self._socket.poll(max(0, math.ceil(min(waits) * 1000)), zmq.POLLIN):
                 return self._socket.recv(copy=False)
             self._post_refusals()
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
+                return None
+            if self.timeout and now - waited_since >= self.timeout:
                 raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
                                      f"for {self.timeout:g} s")
+            if self.idle_every and now - began >= self.idle_every:
+                return None
 
     def _refuse_multipart(self) -> None:
         """zmq-sink never sends multipart messages: drop one whole, so it cannot pass for stream bytes."""

@@ -21,6 +21,7 @@ from pipeline import Pipeline, PipelineHandle, RunResult
 from stages.common.acks import AckListener
 from stages.classify import Classify
 from stages.apps.demo import DemoOptions, free_tcp_endpoint, receiver_stages, sender_stages
+from stages.common.security import StreamKeys
 from stages.entropy import Decode, Zstd
 from stages.framer import Deframe, Frame
 from stages.replica import ReplicaSink
@@ -116,13 +117,15 @@ def live_replication(memory: np.ndarray, replica: Path, *, mode: str = "process"
     """The demo's sender and receiver pipelines (DemoOptions ``options``) replicating ``memory``;
     every pipeline and socket is stopped on the way out, also on failure."""
     source = RegionSource(regions=memory)
-    listener = AckListener("tcp://127.0.0.1:*").attach(source)
+    keys = StreamKeys.create(replica.parent / "keys")
+    listener = AckListener("tcp://127.0.0.1:*", **keys.sender_acks()).attach(source)
     demo = DemoOptions(size=memory.size, **options)
     endpoint = endpoint or free_tcp_endpoint()
     handles = []
     try:
-        handles.append(Pipeline.chain(*receiver_stages(demo, endpoint, listener.endpoint, str(replica))).start(mode=mode))
-        handles.append(Pipeline.chain(*sender_stages(source, demo, endpoint)).start(mode=mode))
+        handles.append(Pipeline.chain(*receiver_stages(demo, endpoint, listener.endpoint, str(replica), keys))
+                       .start(mode=mode))
+        handles.append(Pipeline.chain(*sender_stages(source, demo, endpoint, keys)).start(mode=mode))
         yield LiveReplication(source, listener, sender=handles[1], receiver=handles[0])
     finally:
         for handle in reversed(handles):
@@ -268,11 +271,13 @@ def test_live_process_is_replicated_and_equals_its_memory(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", CHILD_PROGRAM])
     endpoint = free_tcp_endpoint()
     replica = tmp_path / "replica"
+    keys = StreamKeys.create(tmp_path / "keys")
     try:
-        receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} ! deframe ! decode ! "
-                                  f"replica-sink path={replica}").start(mode="process")
+        receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} {keys.words(keys.receiver_source())} ! deframe ! "
+                                  f"decode ! replica-sink path={replica}").start(mode="process")
         sender = Pipeline.parse(f"process-src pid={child.pid} interval=25ms checkpoints=8 stop-at-end=true ! "
-                                f"classify ! xor-delta ! rle ! zstd ! frame ! zmq-sink endpoint={endpoint}")
+                                f"classify ! xor-delta ! rle ! zstd ! frame ! zmq-sink endpoint={endpoint} "
+                                f"{keys.words(keys.sender_sink())}")
         try:
             sender.run(mode="process", timeout=60)
             receiver.wait(timeout=60)
@@ -296,10 +301,12 @@ def test_sender_killed_mid_stream_then_restarted(tmp_path):
     a restarted sender's first epoch is a baseline, and the replica follows it."""
     endpoint = free_tcp_endpoint()
     replica = tmp_path / "replica"
-    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} ! deframe ! decode ! "
-                              f"replica-sink path={replica} fsync=false").start(mode="process")
+    keys = StreamKeys.create(tmp_path / "keys")
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} {keys.words(keys.receiver_source())} ! deframe ! "
+                              f"decode ! replica-sink path={replica} fsync=false").start(mode="process")
     sender = _launch_process(f"workload-src kind=sim size=4MiB seconds=60s rate=40 ! classify ! xor-delta ! rle ! "
-                             f"frame ! zmq-sink endpoint={endpoint}", stderr=subprocess.DEVNULL)
+                             f"frame ! zmq-sink endpoint={endpoint} {keys.words(keys.sender_sink())}",
+                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while _committed_epoch(replica) < 3 and time.monotonic() < deadline:
@@ -324,10 +331,11 @@ def test_sender_killed_mid_stream_then_restarted(tmp_path):
         live.finish()
 
 
-def _live_receiver_process(endpoint: str, ack_endpoint: str, replica: Path) -> subprocess.Popen:
+def _live_receiver_process(endpoint: str, ack_endpoint: str, replica: Path, keys: StreamKeys) -> subprocess.Popen:
     """The documented receiver of a live stream, in its own process: joins at the next resync segment."""
-    return _launch_process(f"zmq-src endpoint={endpoint} ! deframe resume=true ! decode ! "
-                           f"replica-sink path={replica} fsync=false ack-endpoint={ack_endpoint}")
+    return _launch_process(f"zmq-src endpoint={endpoint} {keys.words(keys.receiver_source())} ! deframe resume=true "
+                           f"! decode ! replica-sink path={replica} fsync=false ack-endpoint={ack_endpoint} "
+                           f"{keys.words(keys.receiver_acks())}")
 
 
 def _checkpoint_until(source: RegionSource, workload, done, timeout: float = 60.0) -> None:
@@ -348,12 +356,13 @@ def test_receiver_killed_and_restarted_on_a_live_stream_resyncs_and_catches_up(t
     memory = tracked_array(2 << 20)
     workload = make_workload("kv", memory, 4)
     source = RegionSource(regions=memory, max_unacked=4)
-    listener = AckListener("tcp://127.0.0.1:*").attach(source)
+    keys = StreamKeys.create(tmp_path / "keys")
+    listener = AckListener("tcp://127.0.0.1:*", **keys.sender_acks()).attach(source)
     options = DemoOptions(size=memory.size, codec="native+zstd")
     endpoint = free_tcp_endpoint()
     replica = tmp_path / "replica"
-    receivers = [_live_receiver_process(endpoint, listener.endpoint, replica)]
-    sender = Pipeline.chain(*sender_stages(source, options, endpoint)).start(mode="process")
+    receivers = [_live_receiver_process(endpoint, listener.endpoint, replica, keys)]
+    sender = Pipeline.chain(*sender_stages(source, options, endpoint, keys)).start(mode="process")
     try:
         for _ in range(3):
             workload.step()
@@ -371,7 +380,7 @@ def test_receiver_killed_and_restarted_on_a_live_stream_resyncs_and_catches_up(t
         if replica_lost:
             shutil.rmtree(replica)
         resyncs_before = listener.counters["resyncs"]
-        receivers.append(_live_receiver_process(endpoint, listener.endpoint, replica))
+        receivers.append(_live_receiver_process(endpoint, listener.endpoint, replica, keys))
         _checkpoint_until(source, workload, lambda: listener.counters["resyncs"] > resyncs_before)
         workload.step()
         info = source.checkpoint(wait=True, timeout=60)      # the resync epoch (or the one after) is acknowledged

@@ -4,7 +4,8 @@ The demo process runs a workload in tracked memory and its ``region-src``
 (the pause point is in this process); the sender stages (classify,
 xor-delta+rle, entropy coding, framing, zmq-sink) and the receiver stages
 (zmq-src, deframe, decode, replica-sink) each run in their own processes,
-linked over tcp loopback. Acknowledgements come back on their own socket to
+linked over tcp loopback with CurveZMQ, under throwaway keys made for the run
+(``StreamKeys``). Acknowledgements come back on their own socket to
 an ``AckListener`` here, attached to the tracker (whose ``max-unacked`` bounds
 the epochs in flight), and measure checkpoint -> acknowledgement latency. At the end the last
 checkpoint is waited for (output commit), the pipelines drain, and the replica
@@ -41,6 +42,7 @@ from stages.entropy import Decode, Lz4, Zstd
 from stages.framer import Deframe, Frame
 from stages.replica import ReplicaSink
 from stages.common.replica_store import load_replica
+from stages.common.security import StreamKeys
 from stages.rle import RUN_FORMATS, RunLengthEncode
 from stages.trackers.region import RegionSource, tracked_array
 from stages.trackers.workload import make_workload
@@ -111,7 +113,7 @@ def free_tcp_endpoint() -> str:
         return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
-def sender_stages(source: RegionSource, options: DemoOptions, endpoint: str) -> list:
+def sender_stages(source: RegionSource, options: DemoOptions, endpoint: str, keys: StreamKeys) -> list:
     """The sending pipeline: the tracker, then classify, xor-delta(+rle), entropy, frame, zmq-sink."""
     run_format, *entropy = options.codec.split("+")
     if run_format not in RUN_FORMATS or len(entropy) > 1 or any(e not in _ENTROPY for e in entropy):
@@ -120,14 +122,14 @@ def sender_stages(source: RegionSource, options: DemoOptions, endpoint: str) -> 
     stages = [source, Classify(), XorDelta(cache=options.size, workers=options.workers),
               RunLengthEncode(format=run_format)]
     stages += [_ENTROPY[name](workers=options.workers) for name in entropy]
-    return stages + [Frame(), ZmqSink(endpoint=endpoint, insecure=True)]   # loopback: nothing leaves the machine
+    return stages + [Frame(), ZmqSink(endpoint=endpoint, **keys.sender_sink())]
 
 
-def receiver_stages(options: DemoOptions, endpoint: str, ack_endpoint: str, replica: str) -> list:
+def receiver_stages(options: DemoOptions, endpoint: str, ack_endpoint: str, replica: str, keys: StreamKeys) -> list:
     """The receiving pipeline: zmq-src (binds), deframe (resume: a restarted receiver joins at the next
     resync segment), decode, replica-sink acknowledging to ``ack_endpoint``."""
-    return [ZmqSource(endpoint=endpoint, bind=True, insecure=True), Deframe(resume=True), Decode(),
-            ReplicaSink(path=replica, fsync=options.fsync, ack_endpoint=ack_endpoint, insecure=True)]
+    return [ZmqSource(endpoint=endpoint, bind=True, **keys.receiver_source()), Deframe(resume=True), Decode(),
+            ReplicaSink(path=replica, fsync=options.fsync, ack_endpoint=ack_endpoint, **keys.receiver_acks())]
 
 
 class Progress:
@@ -197,10 +199,10 @@ def run_demo(options: DemoOptions, *, show_progress: bool = True,
         raise ConfigError("demo: rate and seconds must be positive")
     with tempfile.TemporaryDirectory(prefix="pagepipe-demo-") as scratch:
         replica = options.replica or f"{scratch}/replica"
-        return _run(options, replica, show_progress, on_message)
+        return _run(options, replica, show_progress, StreamKeys.create(f"{scratch}/keys"), on_message)
 
 
-def _run(options: DemoOptions, replica: str, show_progress: bool,
+def _run(options: DemoOptions, replica: str, show_progress: bool, keys: StreamKeys,
          on_message: Callable[[Message], None] | None = None) -> DemoResult:
     memory = tracked_array(options.size, np.uint8)
     workload = make_workload(options.workload, memory, options.seed)
@@ -212,14 +214,14 @@ def _run(options: DemoOptions, replica: str, show_progress: bool,
             progress.on_message(message)
             on_message(message)
     data_endpoint = free_tcp_endpoint()
-    listener = AckListener("tcp://127.0.0.1:*", insecure=True).attach(source)   # loopback only
+    listener = AckListener("tcp://127.0.0.1:*", **keys.sender_acks()).attach(source)
     result = DemoResult(False, 0, 0.0, 0, 0, [], [])
     checkpoint_times: dict[int, float] = {}   # epoch -> began, until its ack latency is recorded
     receiver = sender = None
     live = None
     try:
-        sending = Pipeline.chain(*sender_stages(source, options, data_endpoint))
-        receiving = Pipeline.chain(*receiver_stages(options, data_endpoint, listener.endpoint, replica))
+        sending = Pipeline.chain(*sender_stages(source, options, data_endpoint, keys))
+        receiving = Pipeline.chain(*receiver_stages(options, data_endpoint, listener.endpoint, replica, keys))
         receiver = receiving.start(mode="process", on_message=listen, name="demo receiver")
         sender = sending.start(mode="process", on_message=listen, name="demo sender")
         synced = time.monotonic()

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peer attacks (receiver RSS above idle, target < {RSS_TARGET_MIB} MiB; attacker epochs committed):")
         for result in attacks:
             print(f"  {result['case']:<14} {result['rss_above_idle_mib']:>6} MiB  "
-                  f"committed {result['attacker_epochs_committed']}  "
+                  f"committed {result['attacker_epochs_committed']}  refused {result.get('epochs_refused', 0)}  "
                   f"{result['error'] or 'no error (epoch held or refused)'}"[:160]
                   + f"  -> {'met' if result['ok'] else 'MISSED'}")
         failed |= not all(result["ok"] for result in attacks)

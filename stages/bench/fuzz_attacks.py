@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.batch import Batch, Flag, PageKind
+from pipeline.batch import Batch, PageKind
 from pipeline.errors import CorruptData
 from pipeline.stage import StageContext
 from stages.common import wire

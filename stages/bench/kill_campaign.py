@@ -4,9 +4,10 @@
 Each run starts a target (a Python child writing its memory and a heartbeat
 counter), then ``pagepipe launch "process-src pid=... ! ... "`` in process
 mode (its sink is a file, or every other run a zmq-sink to a receiver that
-never comes, which fails after its timeout), and at a random moment (start-up
-and the first attach included) sends SIGTERM or SIGKILL to a random process
-of that pagepipe (the launcher, a worker, any helper). It then waits for every
+never comes, which fails after its timeout), and at a random moment sends
+SIGTERM or SIGKILL to a random process of that pagepipe (the launcher, a
+worker, any helper): in half the runs 0-2 s after the launch (start-up and
+first attach), in the others 0-1 s after all its processes are up. It then waits for every
 pagepipe process to end and checks the target: a target whose threads are
 still stopped (``T``/``t``) or whose heartbeat does not advance counts as left
 stopped. A pipeline that runs on after the kill (it lost a helper it can do
@@ -18,6 +19,7 @@ no target was left stopped or died, 1 otherwise, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import random
 import signal
@@ -39,7 +41,6 @@ TARGET = textwrap.dedent("""
         beat = mmap.mmap(file.fileno(), 8)
     data = bytearray(int(sys.argv[2]))
     rng, count = random.Random(1), 0
-    print("ready", flush=True)
     while True:
         count += 1
         beat[:8] = struct.pack("<Q", count)
@@ -64,12 +65,14 @@ class Outcome:
     left_behind: list[int] = field(default_factory=list)
     survived: bool = False
     """The pipeline ran on after the kill (it was stopped with SIGINT after a while)."""
+    phase: str = "start-up"
+    """When the kill came: during the start-up (first attach included) or once every process was running."""
 
     def line(self) -> str:
         verdict = "LEFT STOPPED" if self.left_stopped else "target died" if self.target_died else "target runs"
         behind = f", {len(self.left_behind)} pagepipe processes left behind" if self.left_behind else ""
         survived = " (pipeline ran on; stopped with SIGINT)" if self.survived else ""
-        return f"{self.signal} to {self.victim} at {self.moment:.2f} s: {verdict}{survived}{behind}"
+        return f"{self.signal} to {self.victim} at {self.moment:.2f} s ({self.phase}): {verdict}{survived}{behind}"
 
 
 def _heartbeat(path: Path) -> int:
@@ -106,6 +109,20 @@ def _describe(pid: int, launcher: int) -> str:
     return "a helper"
 
 
+def _wait_until_running(launcher: subprocess.Popen, target: int, settle: float = 0.5, limit: float = 30.0) -> None:
+    """Wait until the pipeline's processes are all up: at least four, their set unchanged for ``settle`` s."""
+    deadline = time.monotonic() + limit
+    family: set[int] = set()
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline and launcher.poll() is None:
+        now = set(TargetSet([launcher.pid], tree=True).members()) - {target}
+        if now != family:
+            family, stable_since = now, time.monotonic()
+        elif len(family) >= 4 and time.monotonic() - stable_since >= settle:
+            return
+        time.sleep(0.05)
+
+
 def _wait_for_end(launcher: subprocess.Popen, family: set[int], target: int) -> bool:
     """Wait up to ENDS_WITHIN s for the launcher and every pagepipe process to end (``family`` grows with the
     processes found meanwhile); True if some are still running."""
@@ -121,19 +138,24 @@ def _wait_for_end(launcher: subprocess.Popen, family: set[int], target: int) -> 
 def one_run(rng: random.Random, workdir: Path, target_bytes: int) -> Outcome:
     beat = workdir / "heartbeat"
     beat.write_bytes(bytes(8))
-    target = subprocess.Popen([sys.executable, "-c", TARGET, str(beat), str(target_bytes)], stdout=subprocess.PIPE,
-                              text=True)
+    target = subprocess.Popen([sys.executable, "-c", TARGET, str(beat), str(target_bytes)])
     launcher = None
     try:
-        target.stdout.readline()
+        deadline = time.monotonic() + 30
+        while not _heartbeat(beat) and target.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the target is up once it beats
         sink = (f"file-sink path={workdir / 'stream'}" if rng.random() < 0.5
                 else "zmq-sink endpoint=tcp://127.0.0.1:9 timeout=300ms")
         launcher = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch", "--timeout", "60",
                                      f"process-src pid={target.pid} interval=10ms ! classify ! xor-delta ! rle ! "
                                      f"zstd ! frame ! {sink}"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        moment = rng.uniform(0.0, 2.0)
-        time.sleep(moment)
+        began = time.monotonic()
+        phase = "start-up" if rng.random() < 0.5 else "running"
+        if phase == "running":
+            _wait_until_running(launcher, target.pid)
+        time.sleep(rng.uniform(0.0, 2.0 if phase == "start-up" else 1.0))
+        moment = time.monotonic() - began
         family = set(TargetSet([launcher.pid], tree=True).members()) - {target.pid}
         victim = rng.choice(sorted(family)) if family else launcher.pid
         number = rng.choice([signal.SIGTERM, signal.SIGKILL])
@@ -151,14 +173,13 @@ def one_run(rng: random.Random, workdir: Path, target_bytes: int) -> Outcome:
             os.kill(pid, signal.SIGKILL)
         died = target.poll() is not None
         stopped = not died and not _runs_on(target.pid, beat)
-        return Outcome(name, signal.Signals(number).name, moment, stopped, died, left_behind, survived)
+        return Outcome(name, signal.Signals(number).name, moment, stopped, died, left_behind, survived, phase)
     finally:
         if launcher is not None:
             launcher.kill()
             launcher.wait()
         target.kill()
         target.wait()
-        target.stdout.close()
 
 
 def campaign(runs: int, seed: int = 1, target_bytes: int = 32 << 20, verbose: bool = False) -> list[Outcome]:
@@ -196,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     stopped = sum(o.left_stopped for o in outcomes)
     died = sum(o.target_died for o in outcomes)
     behind = sum(len(o.left_behind) for o in outcomes)
+    victims = collections.Counter(o.victim for o in outcomes)
     print(f"kill campaign: {len(outcomes)} runs, {stopped} targets left stopped, {died} targets died, "
           f"{behind} pagepipe processes left behind (SIGTERM {sum(o.signal == 'SIGTERM' for o in outcomes)}, "
-          f"SIGKILL {sum(o.signal == 'SIGKILL' for o in outcomes)})")
+          f"SIGKILL {sum(o.signal == 'SIGKILL' for o in outcomes)}; "
+          + ", ".join(f"{victim} {count}" for victim, count in victims.most_common()) + ")")
     print(f"target: 0 targets left stopped over {len(outcomes)} runs: " + ("met" if not stopped else "MISSED"))
     return 0 if not stopped and not died else 1
 

@@ -5,11 +5,19 @@ page numbers [first_page, first_page + npages). When a process's mappings
 change, ``remap`` keeps the page numbers of every surviving address stable,
 gives addresses that appeared fresh numbers, and lists the numbers that
 vanished so the receiver can drop them.
+
+A region made from a numpy array also names the array's ``dtype`` (numpy's
+``dtype.str``, such as ``<f8``) and ``shape``, so a replica can give the same
+array back (``array_spec`` checks such a pair wherever it comes from).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+MAX_DIMENSIONS = 32
 
 
 @dataclass(frozen=True)
@@ -20,9 +28,41 @@ class Region:
     start: int
     first_page: int
     npages: int
+    dtype: str = ""
+    """numpy dtype string of the array the region holds ("" for plain bytes)."""
+    shape: tuple[int, ...] = ()
 
     def to_meta(self) -> dict[str, Any]:
-        return {"name": self.name, "start": self.start, "first_page": self.first_page, "npages": self.npages}
+        meta: dict[str, Any] = {"name": self.name, "start": self.start, "first_page": self.first_page,
+                                "npages": self.npages}
+        if self.dtype:
+            meta.update(dtype=self.dtype, shape=list(self.shape))
+        return meta
+
+
+def array_spec(dtype: Any, shape: Any, capacity: int | None = None) -> tuple[str, tuple[int, ...]]:
+    """A checked (dtype string, shape) pair of an array, from untrusted input; ValueError saying what is wrong.
+
+    The dtype must be a plain numpy dtype (no Python objects), the shape a list of
+    non-negative ints, and the array no bigger than ``capacity`` bytes when given.
+    """
+    if not isinstance(dtype, str) or len(dtype) > 64:
+        raise ValueError(f"dtype {dtype!r} is not a numpy dtype string")
+    try:
+        parsed = np.dtype(dtype)
+    except (TypeError, ValueError, SyntaxError):
+        raise ValueError(f"dtype {dtype!r} is not a numpy dtype") from None
+    if parsed.hasobject or parsed.itemsize == 0:
+        raise ValueError(f"dtype {dtype!r} holds Python objects or has no size")
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMENSIONS \
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"shape {shape!r} is not a list of at most {MAX_DIMENSIONS} non-negative ints")
+    nbytes = parsed.itemsize
+    for n in shape:
+        nbytes *= n
+    if capacity is not None and nbytes > capacity:
+        raise ValueError(f"an array {dtype} {list(shape)} of {nbytes} bytes does not fit in {capacity} bytes")
+    return parsed.str, tuple(shape)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,13 @@ exactly one committed epoch. Journaling encodings rather than pages keeps
 the journal a few percent of the page data for delta epochs.
 With ``fsync=False`` the order is the same but a power loss may lose recent
 epochs (a killed process loses nothing: the page cache survives it).
+With ``settle_later`` (replica-sink's default ``settle=idle``) the durable
+journal is the commit point: ``commit`` returns after applying the epoch and
+replacing the manifest unflushed, and ``settle`` (called before the next
+commit, or while the sink is idle) flushes image, digests and manifest and
+empties the journal: one flush on the acknowledgement's path instead of five,
+with the same guarantee (a crash before ``settle`` leaves a complete journal,
+replayed on open; readers apply it too).
 A commit creates and deletes no file (journal and manifest files stay open
 between commits): on ext4 that halves the fixed cost of a small commit.
 The format is specified in docs/FORMAT.md (section replica).
@@ -47,6 +54,7 @@ import xxhash
 from pipeline.batch import PageKind
 from pipeline.errors import ConfigError, ReplicaError
 from stages.codecs import Encoded, PageCodec, get_codec
+from stages.common.layout import array_spec
 from stages.common.pages import combine_digests, digest_pages
 
 FORMAT_NAME = "pagepipe-replica"
@@ -183,6 +191,12 @@ class Layout:
                 raise ReplicaError(f"layout: region {index} is malformed ({exc!r})") from None
             if entry["first_page"] < 0 or entry["npages"] < 0:
                 raise ReplicaError(f"layout: region {index} ({entry['name']}) has a negative page range")
+            if region.get("dtype"):   # an array: its dtype and shape give it back (absent: plain bytes)
+                try:
+                    dtype, shape = array_spec(region["dtype"], region.get("shape"), entry["npages"] * page_size)
+                except ValueError as exc:
+                    raise ReplicaError(f"layout: region {index} ({entry['name']}): {exc}") from None
+                entry.update(dtype=dtype, shape=list(shape))
             clean.append(entry)
         clean.sort(key=lambda r: r["first_page"])
         for before, after in zip(clean, clean[1:]):
@@ -389,14 +403,28 @@ class _ManifestFile:
         self._spare: int | None = None   # the file named manifest.json.tmp
         self._live: int | None = None    # the file named manifest.json
 
-    def replace(self, text: str) -> None:
+    def replace(self, text: str, sync: bool | None = None) -> None:
+        """Replace the manifest; ``sync`` (default: the store's fsync) makes it durable now, else ``sync()`` later."""
+        sync = self.fsync if sync is None else sync
         data = text.encode()
-        if not (self._spare is not None and self._exchanged(data)):
-            self._replaced(data)
-        if self.fsync:
+        if not (self._spare is not None and self._exchanged(data, sync)):
+            self._replaced(data, sync)
+        if sync:
             _fsync_directory(self.path.parent)
 
-    def _exchanged(self, data: bytes) -> bool:
+    def sync(self) -> None:
+        """Make the current manifest and its name durable (after a ``replace(sync=False)``)."""
+        if self._live is not None:
+            os.fsync(self._live)
+        else:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_directory(self.path.parent)
+
+    def _exchanged(self, data: bytes, sync: bool) -> bool:
         """Write ``data`` into the spare file and swap it in; False (nothing replaced) if that cannot be done."""
         try:
             if os.fstat(self._spare).st_ino != os.stat(self.temporary).st_ino:
@@ -405,7 +433,7 @@ class _ManifestFile:
             return False
         os.pwrite(self._spare, data, 0)
         os.ftruncate(self._spare, len(data))
-        if self.fsync:
+        if sync:
             os.fsync(self._spare)
         if _RENAMEAT2(_AT_FDCWD, bytes(self.temporary), _AT_FDCWD, bytes(self.path), _RENAME_EXCHANGE) != 0:
             error = ctypes.get_errno()
@@ -418,13 +446,13 @@ class _ManifestFile:
         self._live = written
         return True
 
-    def _replaced(self, data: bytes) -> None:
+    def _replaced(self, data: bytes, sync: bool) -> None:
         """Write a new manifest.json.tmp and rename it over manifest.json; then prepare a spare file."""
         self.close()
         with open(self.temporary, "wb") as temporary:
             temporary.write(data)
             temporary.flush()
-            if self.fsync:
+            if sync:
                 os.fsync(temporary.fileno())
         os.replace(self.temporary, self.path)
         if self._exchange_works:
@@ -444,11 +472,16 @@ class ReplicaStore:
     """
 
     def __init__(self, path: str | os.PathLike, *, fsync: bool = True, max_pages: int = DEFAULT_MAX_PAGES,
-                 writable: bool = True, lock: ReplicaLock | None = None):
+                 writable: bool = True, lock: ReplicaLock | None = None, settle_later: bool = False):
         """Open a replica; a writable store holds its lock (``lock``, or one it takes and releases on close):
         ReplicaLocked if another writer holds it. Every failure is a ReplicaError naming the path."""
         self.path = Path(path)
         self.fsync = fsync
+        self.settle_later = settle_later
+        """With fsync, a commit returns once its journal is durable (the commit point: a complete journal is
+        replayed on open) and leaves the other flushes (image, digests, manifest) and emptying the journal to
+        ``settle``, which the next commit, ``sync`` and ``close`` call first (replica-sink calls it while idle)."""
+        self.unsettled = False
         self.max_pages = max_pages
         self.writable = writable
         self.layout: Layout | None = None
@@ -537,6 +570,7 @@ class ReplicaStore:
         verified by the caller (``decoded_digests``), so the encodings are known to decode
         and are applied in one pass. ``extra`` goes into the manifest.
         """
+        self.settle()
         try:
             self._commit(epoch, layout, page_numbers, encodings, digests, epoch_digest, extra)
         except (OSError, ValueError) as exc:    # anything a full disk or a failed mapping raises
@@ -575,6 +609,38 @@ class ReplicaStore:
         new_digests[np.searchsorted(layout_pages, page_numbers)] = digests
         return combine_digests(layout_pages, new_digests)
 
+    def settle(self) -> None:
+        """Finish a commit left unsettled (``settle_later``): flush image, digests and manifest, empty the journal."""
+        if not self.unsettled:
+            return
+        try:
+            self._image.flush()
+            self._digests.flush()
+            self._manifest_file.sync()
+            self._journal.clear()
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot settle epoch {self.epoch} ({exc.strerror})") from None
+        self.unsettled = False
+
+    def sync(self) -> None:
+        """Make the committed epoch durable now (what ``fsync=True`` does at every commit): image, digests,
+        manifest and the directory reach the disk."""
+        self.settle()
+        try:
+            if self._image is not None:
+                self._image.flush()
+                self._digests.flush()
+            for name in (IMAGE, DIGESTS, MANIFEST):
+                if (self.path / name).exists():
+                    fd = os.open(self.path / name, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            _fsync_directory(self.path)
+        except OSError as exc:
+            raise ReplicaError(f"replica {self.path}: cannot make it durable ({exc.strerror or exc})") from None
+
     def check_room(self, layout: Layout) -> None:
         """ReplicaError unless ``layout`` fits: at most ``max_pages`` pages, and the bytes its image and
         digest files would grow by fit in the file system's free space (checked before allocating)."""
@@ -589,6 +655,8 @@ class ReplicaStore:
                                f"the disk has {free} free")
 
     def close(self) -> None:
+        if self.unsettled:
+            self.settle()
         self._image = self._digests = None
         self._journal.close()
         self._manifest_file.close()
@@ -658,18 +726,20 @@ class ReplicaStore:
                prechecked: bool = False) -> None:
         """Apply encodings onto the image, write digests and manifest; drop the journal."""
         rows = page_numbers.astype(np.intp)
+        later = self.fsync and self.settle_later and journaled   # the durable journal is the commit point
         try:
             _apply_encodings(self._image.view(np.ndarray), page_numbers, encodings, prechecked=prechecked)
         except ReplicaError as exc:
             raise ReplicaError(f"replica {self.path}: epoch {manifest['epoch']}: {exc}") from None
         try:
             self._digests[rows] = digests
-            if self.fsync:
+            if self.fsync and not later:
                 self._image.flush()
                 self._digests.flush()
-            self._manifest_file.replace(json.dumps(manifest))
-            if journaled:
+            self._manifest_file.replace(json.dumps(manifest), sync=self.fsync and not later)
+            if journaled and not later:
                 self._journal.clear()
+            self.unsettled = later
             self._release_dropped_pages(self.layout, layout)
         except OSError as exc:
             raise ReplicaError(f"replica {self.path}: cannot apply epoch {manifest['epoch']} ({exc.strerror})") from None
@@ -739,6 +809,7 @@ class ReplicaStore:
             self._discard_image()
         self._ensure_files(layout)
         self._apply(manifest, layout, page_numbers, encodings, digests)
+        self.settle()
         if not np.array_equal(digest_pages(self.read_pages(page_numbers, layout.page_size)), digests):
             raise ReplicaError(f"replica {self.path}: replayed journal of epoch {manifest['epoch']} "
                                f"does not reproduce its page digests")
@@ -862,7 +933,7 @@ def _commit_state(path: Path) -> tuple[bytes, bytes]:
     return manifest, head
 
 
-def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, np.ndarray]:
+def load_replica(path: str | os.PathLike, *, attempts: int = 100, typed: bool = False) -> dict[str, np.ndarray]:
     """The committed memory of a replica: one uint8 array (npages * page_size bytes) per region.
 
     Keys are region names (``name@0xSTART`` where names repeat). Read-only, so it
@@ -870,17 +941,18 @@ def load_replica(path: str | os.PathLike, *, attempts: int = 100) -> dict[str, n
     journal exists, and applying that journal (idempotent) to the copy in memory
     gives its epoch; a copy during which a commit began or ended is taken again. The
     result is always exactly one committed epoch; the files are never written.
+    ``typed``: each region as the array it was (``load_arrays``).
     """
     path = Path(path)
     for _ in range(attempts):
         before = _commit_state(path)
-        regions = _load_once(path)
+        regions = _load_once(path, typed)
         if _commit_state(path) == before:
             return regions
     raise ReplicaError(f"replica {path}: a new commit began during each of {attempts} attempts to read it")
 
 
-def _load_once(path: Path) -> dict[str, np.ndarray]:
+def _load_once(path: Path, typed: bool = False) -> dict[str, np.ndarray]:
     """The regions as the image and a complete journal (if any) make them."""
     store = ReplicaStore(path, fsync=False, writable=False)
     try:
@@ -899,10 +971,28 @@ def _load_once(path: Path) -> dict[str, np.ndarray]:
         if journal is not None:
             _, page_numbers, _, encodings = journal
             _apply_encodings(image, page_numbers, encodings)
-        return {key: image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1)
-                for key, r in zip(region_keys(layout.regions), layout.regions)}
+        regions = {key: (r, image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1))
+                   for key, r in zip(region_keys(layout.regions), layout.regions)}
+        return {key: region_array(r, data) if typed else data for key, (r, data) in regions.items()}
     finally:
         store.close()
+
+
+def region_array(region: dict[str, Any], data: np.ndarray) -> np.ndarray:
+    """A region's bytes (``npages * page_size`` uint8) as the array it was: its dtype and shape from the
+    layout, or the bytes themselves for a region without them (replicas written before they travelled)."""
+    if not region.get("dtype"):
+        return data
+    dtype = np.dtype(region["dtype"])
+    shape = tuple(region.get("shape", ()))
+    count = int(np.prod(shape, dtype=np.int64))
+    return data[:count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The committed memory of a replica as the arrays the sender tracked: ``load_replica`` with each
+    region's dtype and shape applied (uint8 bytes where the layout names none)."""
+    return load_replica(path, typed=True)
 
 
 @dataclass
@@ -940,7 +1030,7 @@ def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyRe
         return VerifyReport(str(path), 0, 0, [], [str(exc)])
     try:
         journal = store.pending_journal()
-        if journal is not None:
+        if journal is not None and journal[0].get("epoch") != store.epoch:   # else applied, not yet settled
             return VerifyReport(str(path), store.epoch, 0, [], [
                 f"replica {path}: the commit of epoch {journal[0].get('epoch')} was interrupted; opening the "
                 f"replica for writing (a restarted replica-sink) completes it"])

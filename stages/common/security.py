@@ -196,6 +196,60 @@ def link_security(where: str, endpoint: str, bind: bool, *, secret_key: str = ""
     return LinkSecurity(where, False, public, secret, server_key=load_key(server_key, secret=False, what=where)[0])
 
 
+@dataclass(frozen=True)
+class StreamKeys:
+    """Key pairs of one sender and one receiver, each end's allow-list holding the other's public key.
+
+    The receiver's zmq-src binds the data link and the sender's ack listener binds the ack link, so
+    each is the server of one link and the client of the other. ``create`` makes throwaway keys
+    (the demo, examples, tests); real deployments make theirs with ``pagepipe keygen``.
+    """
+
+    sender_secret: str
+    sender_public: str
+    receiver_secret: str
+    receiver_public: str
+    sender_allows: str      # directory holding the receiver's public key
+    receiver_allows: str    # directory holding the sender's public key
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike) -> "StreamKeys":
+        """Throwaway keys in ``directory`` (made on first use, read back after)."""
+        directory = Path(directory)
+        keys = cls(*(str(directory / name) for name in (
+            "sender/sender.key_secret", "sender/sender.key", "receiver/receiver.key_secret",
+            "receiver/receiver.key", "sender-allows", "receiver-allows")))
+        if Path(keys.sender_secret).exists():
+            return keys
+        sender_public, _ = write_keypair(directory / "sender", "sender")
+        receiver_public, _ = write_keypair(directory / "receiver", "receiver")
+        for allow_list, public in ((keys.sender_allows, receiver_public), (keys.receiver_allows, sender_public)):
+            Path(allow_list).mkdir(mode=0o700)
+            (Path(allow_list) / public.name).write_bytes(public.read_bytes())
+        return keys
+
+    @staticmethod
+    def words(properties: dict[str, str]) -> str:
+        """Properties as launch-line words (``secret-key=... server-key=...``)."""
+        return " ".join(f"{name.replace('_', '-')}={value}" for name, value in properties.items())
+
+    def receiver_source(self) -> dict[str, str]:
+        """zmq-src, binding the data link."""
+        return {"secret_key": self.receiver_secret, "authorized_keys": self.receiver_allows}
+
+    def sender_sink(self) -> dict[str, str]:
+        """zmq-sink, connecting to the receiver."""
+        return {"secret_key": self.sender_secret, "server_key": self.receiver_public}
+
+    def sender_acks(self) -> dict[str, str]:
+        """The sender's ack listener (process-src ack-endpoint=, AckListener), binding the ack link."""
+        return {"secret_key": self.sender_secret, "authorized_keys": self.sender_allows}
+
+    def receiver_acks(self) -> dict[str, str]:
+        """replica-sink's ack channel, connecting to the sender."""
+        return {"secret_key": self.receiver_secret, "server_key": self.sender_public}
+
+
 class CurveProperties:
     """The key properties of a stage with one network link (mixed into the stage class)."""
 

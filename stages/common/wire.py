@@ -34,6 +34,7 @@ import xxhash
 from pipeline.batch import PageKind
 from pipeline.errors import CorruptData
 
+from .layout import array_spec
 from .pages import check_page_size
 
 MAGIC = b"PAGEPIPE"
@@ -59,6 +60,7 @@ PAGES_ENTRY_SIZE = 9                            # per entry of a PAGES body: pag
 ENCODED_ENTRY_SIZE = 13                         # per entry of an ENCODED body: page number, kind, length
 _REGION = struct.Struct("<QQQH")                # start, first page, page count, name length
 _COMMIT = struct.Struct("<QQQB7xQdd")           # pages, records, stream digest, has digest, digest, time, pause ms
+_HEARTBEAT = struct.Struct("<dI4x")             # unix time sent, heartbeat interval in ms
 _LAYOUT_DIGEST = struct.Struct("<Q")            # v2: after the commit's fixed fields
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -72,11 +74,12 @@ class RecordType(IntEnum):
     ENCODED = 0x0003
     EPOCH_COMMIT = 0x0004
     END_OF_STREAM = 0x0005
+    HEARTBEAT = 0x8001      # optional: the sender is alive (a reader that does not know it skips it)
 
 
 OPTIONAL_RECORD = 0x8000
-RESERVED_RECORD_TYPES = {            # numbers kept for later record types (docs/FORMAT.md); none is read yet
-    0x0006: "CHANNEL", 0x0007: "PROCESS", 0x8001: "HEARTBEAT",
+RESERVED_RECORD_TYPES = {            # numbers kept for later record types (docs/FORMAT.md; HEARTBEAT, 0x8001, is read now)
+    0x0006: "CHANNEL", 0x0007: "PROCESS",
 }
 
 
@@ -240,7 +243,15 @@ def encode_record(record_type: int, flags: int, epoch: int, sequence: int, body:
     return [head + _U64.pack(checksum), *body], checksum
 
 
+REGION_ARRAYS = "region_arrays"
+"""Layout metadata key: {"<region index>": {"dtype": "<f8", "shape": [..]}} for regions holding numpy arrays."""
+
+
 def layout_body(regions: list[dict], extra: dict[str, Any]) -> list:
+    arrays = {str(index): {"dtype": region["dtype"], "shape": list(region.get("shape", ()))}
+              for index, region in enumerate(regions) if region.get("dtype")}
+    if arrays:
+        extra = {**extra, REGION_ARRAYS: arrays}
     parts = [_U32.pack(len(regions)) + bytes(4)]
     for region in regions:
         name = str(region["name"]).encode("utf-8")
@@ -492,8 +503,9 @@ class _BodyCursor:
             raise self.record.error(f"{len(self.body) - self.position} unexpected bytes after the body's fields")
 
 
-def parse_layout(record: Record) -> tuple[list[dict], dict[str, Any]]:
-    """Regions ({"name","start","first_page","npages"}) sorted by first page, checked not to overlap."""
+def parse_layout(record: Record, page_size: int | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """Regions ({"name","start","first_page","npages"}, plus "dtype" and "shape" for arrays), checked not to
+    overlap (and each array to fit its pages, given ``page_size``), and the other metadata."""
     cursor = _BodyCursor(record)
     count, reserved = cursor.unpack(_PAGES_HEAD, "layout head")
     if count > MAX_REGIONS or reserved:
@@ -511,11 +523,28 @@ def parse_layout(record: Record) -> tuple[list[dict], dict[str, Any]]:
         regions.append({"name": name, "start": start, "first_page": first_page, "npages": npages})
     extra = cursor.extra()
     cursor.end()
+    _attach_arrays(record, regions, extra.pop(REGION_ARRAYS, {}), page_size)
     ordered = sorted(regions, key=lambda region: region["first_page"])
     for before, after in zip(ordered, ordered[1:]):
         if before["first_page"] + before["npages"] > after["first_page"]:
             raise record.error(f"layout regions {before['name']!r} and {after['name']!r} overlap")
     return regions, extra
+
+
+def _attach_arrays(record: Record, regions: list[dict], arrays: Any, page_size: int | None) -> None:
+    """Give regions their array dtype and shape from the layout metadata, checked."""
+    if not isinstance(arrays, dict):
+        raise record.error(f"layout {REGION_ARRAYS} is not a JSON object")
+    for key, spec in arrays.items():
+        if not key.isdigit() or int(key) >= len(regions) or not isinstance(spec, dict):
+            raise record.error(f"layout {REGION_ARRAYS}: entry {key!r} names no region")
+        region = regions[int(key)]
+        capacity = region["npages"] * page_size if page_size is not None else None
+        try:
+            region["dtype"], shape = array_spec(spec.get("dtype"), spec.get("shape"), capacity)
+        except ValueError as exc:
+            raise record.error(f"layout region {key} ({region['name']!r}): {exc}") from None
+        region["shape"] = list(shape)
 
 
 def _check_kinds(record: Record, kinds: np.ndarray) -> None:
@@ -599,6 +628,27 @@ def parse_commit(record: Record, version: int = VERSION) -> Commit:
         raise record.error(f"commit digest flag {has_digest} is not 0 or 1")
     return Commit(pages, records, digest_of_stream, digest if has_digest else None,
                   None if math.isnan(time) else time, None if math.isnan(pause_ms) else pause_ms, extra, layout)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A heartbeat record's body: when the sender wrote it, and how often it writes them."""
+
+    time: float
+    interval_ms: int
+
+
+def heartbeat_body(heartbeat: Heartbeat) -> list:
+    return [_HEARTBEAT.pack(heartbeat.time, heartbeat.interval_ms)]
+
+
+def parse_heartbeat(record: Record) -> Heartbeat:
+    cursor = _BodyCursor(record)
+    time, interval_ms = cursor.unpack(_HEARTBEAT, "heartbeat")
+    cursor.end()
+    if not math.isfinite(time):
+        raise record.error(f"heartbeat time {time!r} is not a number")
+    return Heartbeat(time, interval_ms)
 
 
 def parse_end_of_stream(record: Record) -> None:

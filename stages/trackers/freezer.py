@@ -163,9 +163,12 @@ class SignalFreezer:
                                           start_new_session=True, text=True)
 
     def _tell(self, line: str) -> None:
+        pipe = self._guardian.stdin
         try:
-            self._guardian.stdin.write(line + "\n")
-            self._guardian.stdin.flush()
+            if pipe is None:
+                raise ValueError("no pipe")
+            pipe.write(line + "\n")
+            pipe.flush()
         except (BrokenPipeError, ValueError):
             raise TrackerError("the guardian that resumes stopped processes has ended; not stopping any") from None
 

@@ -51,6 +51,10 @@ class Guardian:
                                          start_new_session=True, env=environment)
         self._ready = False
 
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
     def _ask(self, line: str) -> None:
         try:
             if not self._ready:
@@ -106,13 +110,16 @@ def guarded_inject(guardian: Guardian, pid: int, stop: ptrace.Stop, number: int,
     """
     tid = stop.tid
     stopped_by_others = stop.kind == "group"
-    stop_pending = not stopped_by_others and sigstop_pending(pid)  # e.g. left stopped at the end: keep it so
+    taking_sigstop = stop.kind == "signal" and stop.signal == signal.SIGSTOP  # someone's SIGSTOP, caught mid-way
+    # e.g. left stopped at the end: keep it so
+    stop_pending = not stopped_by_others and (taking_sigstop or sigstop_pending(pid))
     gadget = ptrace.find_syscall_instruction(pid)
-    owed: list[int] = [stop.signal] if stop.kind == "signal" and stop.signal else []
+    owed: list[int] = [stop.signal] if stop.kind == "signal" and stop.signal and not taking_sigstop else []
     guardian.watch(pid, continue_after=not (stopped_by_others or stop_pending))
     try:
         if not stopped_by_others:
-            _enter_group_stop(pid, tid, owed, send=not stop_pending)
+            _enter_group_stop(pid, tid, owed, send=not stop_pending,
+                              deliver=signal.SIGSTOP if taking_sigstop else 0)
         injection = ptrace.prepare_injection(tid, gadget)
         guardian.hold(injection, number, marker)
         result, arrived = ptrace.inject_syscall(tid, number, arguments, gadget, injection)
@@ -141,12 +148,11 @@ def sigstop_pending(pid: int) -> bool:
         return False
 
 
-def _enter_group_stop(pid: int, tid: int, owed: list[int], send: bool = True) -> None:
-    """SIGSTOP the process (unless one is pending already) and let thread ``tid`` take it, so a group-stop is
-    in effect."""
-    if send:
+def _enter_group_stop(pid: int, tid: int, owed: list[int], send: bool = True, deliver: int = 0) -> None:
+    """SIGSTOP the process (unless one is pending already, or ``deliver`` is the SIGSTOP the thread is
+    taking) and let thread ``tid`` take it, so a group-stop is in effect."""
+    if send and not deliver:
         os.kill(pid, signal.SIGSTOP)
-    deliver = 0
     while True:
         ptrace._ptrace(ptrace.PTRACE_CONT, tid, 0, deliver, "CONT")
         deliver = 0

@@ -27,6 +27,7 @@ final checkpoint with ``stop-at-end=true``.
 """
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -52,6 +53,8 @@ from .proclayout import ProcessLayout, Tracked
 from .targets import TargetSet, outside_sharers, shared_objects
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PAUSE_WINDOW = 1000
+"""Steady checkpoints whose pauses the median and p99 statistics cover."""
 SHARERS_RECHECK = 10.0
 """Seconds between two looks through /proc for processes outside the set that map its shared memory."""
 
@@ -129,12 +132,31 @@ class ProcessSource(CurveProperties, Stage):
         self._sharers_warned: set[tuple[int, str]] = set()
         self._stopped_seconds = 0.0
         self._records = EpochRecords(PAGE_SIZE)
+        self._steady_pauses: collections.deque[float] = collections.deque(maxlen=PAUSE_WINDOW)
         self.stream_id = new_stream_id().hex()
         """This tracker's stream identity: frame writes it into the wire, acknowledgements must name it."""
 
     @property
     def _where(self) -> str:
         return self.name or self.factory_name
+
+    @property
+    def _set(self) -> TargetSet:
+        if self.targets is None:
+            raise TrackerError(f"{self._where}: not started")
+        return self.targets
+
+    @property
+    def _freezer(self) -> PtraceFreezer | SignalFreezer:
+        if self.freezer is None:
+            raise TrackerError(f"{self._where}: not started (or stopped)")
+        return self.freezer
+
+    @property
+    def _tracking(self) -> DigestTracking | UffdTracking:
+        if self.tracking is None:
+            raise TrackerError(f"{self._where}: not started (or stopped)")
+        return self.tracking
 
     @property
     def min_run_seconds(self) -> float:
@@ -159,12 +181,12 @@ class ProcessSource(CurveProperties, Stage):
     def start(self, context: StageContext) -> None:
         """Check that the processes exist and their memory can be read; TrackerError saying why not."""
         super().start(context)
-        self.targets = self._target_set()
+        targets = self.targets = self._target_set()
         try:
-            members = self.targets.members()
+            members = targets.members()
             if not members:
                 missing = "no process in" if self.cgroup else "no process with"
-                raise TrackerError(f"{missing} {self.targets.describe()}")
+                raise TrackerError(f"{missing} {targets.describe()}")
             readable = 0
             for pid in members:
                 try:
@@ -172,7 +194,7 @@ class ProcessSource(CurveProperties, Stage):
                 except ProcessGone:
                     continue  # exited meanwhile: the set follows such changes
             if not readable:
-                raise TrackerError(f"{self.targets.describe()}: no writable memory to track (a kernel thread?)")
+                raise TrackerError(f"{targets.describe()}: no writable memory to track (a kernel thread?)")
             self.freezer = open_freezer(members, self.stop_timeout, context.warn)
         except ProcessGone as gone:
             raise TrackerError(f"{self._where}: pid {gone} exited before tracking began") from None
@@ -184,7 +206,7 @@ class ProcessSource(CurveProperties, Stage):
             self.tracking = UffdTracking(PAGE_SIZE, self.copy, self._read_pages,
                                          lambda message: context.warn(f"{self._where}: {message}"),
                                          tracer=lambda: getattr(self.freezer, "tracer", None),
-                                         stops=lambda pid: self.freezer.stops(pid), strict=self.mode == "uffd")
+                                         stops=self._thread_stops, strict=self.mode == "uffd")
         if self.ack_endpoint:
             try:
                 self._ack_listener = AckListener(
@@ -194,6 +216,10 @@ class ProcessSource(CurveProperties, Stage):
             except TransportError as exc:
                 self.stop()
                 raise TransportError(f"{self._where}: {exc}") from None
+
+    def _thread_stops(self, pid: int) -> dict:
+        """How each thread of a stopped process is stopped (ptrace only; empty when stopped by signal)."""
+        return self.freezer.stops(pid) if isinstance(self.freezer, PtraceFreezer) else {}
 
     def _check_readable(self, pid: int) -> bool:
         """Whether the process has writable memory (one exiting has none); TrackerError if it cannot be read."""
@@ -228,7 +254,7 @@ class ProcessSource(CurveProperties, Stage):
 
     # ---- the schedule ---------------------------------------------------------------
     def produce(self) -> Iterator[Batch]:
-        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self.tracking.name, pids=self._members,
+        stream = EpochStream(PAGE_SIZE, self.batch_pages, tracking=self._tracking.name, pids=self._members,
                              stream_id=self.stream_id, **({"pid": self.pid} if self.pid else {}))
         epoch = 0
         first_start = next_start = time.monotonic()
@@ -243,9 +269,9 @@ class ProcessSource(CurveProperties, Stage):
                 yield stream.end_of_stream(epoch)
                 return
             resumed = time.monotonic()
-            self.counters.update(self.tracking.counters)
+            self.counters.update(self._tracking.counters)
             epoch += 1
-            numbers, data = self.tracking.resumed()
+            numbers, data = self._tracking.resumed()
             if snapshot.layout_changed:
                 stream.layout_extra["pids"] = snapshot.members
                 yield stream.layout(epoch, [t.region for t in snapshot.tracked], snapshot.vanished)
@@ -253,7 +279,8 @@ class ProcessSource(CurveProperties, Stage):
                 yield from stream.pages(epoch, numbers, data, resync)
             yield stream.end(epoch, snapshot.pause, snapshot.when, resync)
             self._records.checkpoint(self.context, epoch, started, snapshot.pause, len(numbers), snapshot.when, resync)
-            self._post_statistics(epoch, snapshot.pause, time.monotonic() - first_start)
+            self._post_statistics(epoch, snapshot.pause, time.monotonic() - first_start,
+                                  steady=not (resync or epoch == 1))
             if final:
                 yield stream.end_of_stream(epoch)
                 return
@@ -261,8 +288,14 @@ class ProcessSource(CurveProperties, Stage):
             next_start = max(started + self.interval, resumed + self.min_run_seconds)
             self._close_requested.wait(max(0.0, next_start - time.monotonic()))
 
-    def _post_statistics(self, epoch: int, pause: float, elapsed: float) -> None:
+    def _post_statistics(self, epoch: int, pause: float, elapsed: float, steady: bool) -> None:
+        """Counters of the pauses: the last, the longest, median and p99 of the last PAUSE_WINDOW steady ones
+        (the first, full checkpoint and resyncs apart), and the time stopped."""
         self._stopped_seconds += pause
+        if steady:
+            self._steady_pauses.append(pause * 1e3)
+            median, p99 = np.percentile(self._steady_pauses, [50, 99])
+            self.counters.update(pause_ms_median=float(median), pause_ms_p99=float(p99))
         if self._ack_listener is not None:
             self.counters["acknowledged_epoch"] = self._ack_listener.acked_epoch
             for text in self._ack_listener.take_warnings():   # refused peers, posted from this thread
@@ -271,7 +304,8 @@ class ProcessSource(CurveProperties, Stage):
                              pause_ms_max=max(pause * 1e3, self.counters.get("pause_ms_max", 0.0)),
                              stopped_seconds=self._stopped_seconds,
                              stopped_fraction=self._stopped_seconds / elapsed if elapsed > 0 else 1.0,
-                             processes=len(self._members), freezer=self.freezer.method)
+                             processes=len(self._members),
+                             stopped_by_ptrace=int(isinstance(self.freezer, PtraceFreezer)))
 
     # ---- one checkpoint -------------------------------------------------------------
     def _checkpoint(self, epoch: int, final: bool, everything: bool) -> _Snapshot:
@@ -289,9 +323,9 @@ class ProcessSource(CurveProperties, Stage):
         except TrackerError as exc:
             resumed = "resumed" if self.freezer is not None else "not stopped"
             raise TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc} "
-                               f"({self.targets.describe()} {resumed})") from None
+                               f"({self._set.describe()} {resumed})") from None
         finally:
-            self.freezer.thaw(keep_stopped)
+            self._freezer.thaw(keep_stopped)
         snapshot.pause = time.perf_counter() - began
         snapshot.when = when
         return snapshot
@@ -299,13 +333,13 @@ class ProcessSource(CurveProperties, Stage):
     def _freeze(self) -> list[int]:
         """Stop every process of the set; a process someone else started tracing switches to SIGSTOP."""
         try:
-            return self.freezer.freeze(self.targets.members)
+            return self._freezer.freeze(self._set.members)
         except AlreadyTraced as exc:
             self.context.warn(f"{self._where}: {exc}: stopping with SIGSTOP/SIGCONT from now on, a guardian "
                               f"process resumes the processes if pagepipe dies while they are stopped")
-            self.freezer.close()
+            self._freezer.close()
             self.freezer = SignalFreezer(self.stop_timeout)
-            return self.freezer.freeze(self.targets.members)
+            return self._freezer.freeze(self._set.members)
 
     def _paused(self, members: list[int], everything: bool) -> _Snapshot:
         """With every process stopped: follow the processes and their mappings, read what may have changed."""
@@ -318,16 +352,16 @@ class ProcessSource(CurveProperties, Stage):
         if not mappings:
             raise ProcessGone(members[0])
         for pid in set(self._mappings) - set(mappings):
-            self.tracking.forget_process(pid)
+            self._tracking.forget_process(pid)
         self._mappings = mappings
         self._members = sorted(mappings)
         tracked, vanished = self._layout.update(mappings)
         snapshot = _Snapshot(tracked, vanished, everything or tracked != self._tracked or bool(vanished),
                              self._members)
         self._tracked = tracked
-        self.tracking.counters["past_eof_pages"] = 0
-        self.tracking.forget(vanished)
-        self.tracking.paused(tracked, self._layout.next_page, everything)
+        self._tracking.counters["past_eof_pages"] = 0
+        self._tracking.forget(vanished)
+        self._tracking.paused(tracked, self._layout.next_page, everything)
         return snapshot
 
     def _read_pages(self, pid: int, runs: list[tuple[int, int, int]], out: np.ndarray) -> None:
@@ -342,7 +376,8 @@ class ProcessSource(CurveProperties, Stage):
                 raise TrackerError(f"pid {pid}: the page at {address:#x} ({where}) cannot be read; "
                                    f"not sending it as zeros")
         if refused:
-            self.tracking.counters["past_eof_pages"] = self.tracking.counters.get("past_eof_pages", 0) + len(refused)
+            counters = self._tracking.counters
+            counters["past_eof_pages"] = counters.get("past_eof_pages", 0) + len(refused)
 
     def _warn_about_outside_sharers(self, snapshot: _Snapshot) -> None:
         """Name the processes outside the set that map its writable shared memory (once each). All of /proc is
@@ -359,6 +394,6 @@ class ProcessSource(CurveProperties, Stage):
                 if (pid, name) not in self._sharers_warned:
                     self._sharers_warned.add((pid, name))
                     self.context.warn(f"{self._where}: pid {pid} is not checkpointed but maps {name} shared and "
-                                      f"writable with {self.targets.describe()}: its writes reach the replica "
+                                      f"writable with {self._set.describe()}: its writes reach the replica "
                                       f"at whatever moment a copy reads them (add it with pids=, tree= or cgroup=)")
 

@@ -201,7 +201,7 @@ def poke(tid: int, address: int, word: int) -> None:
 def single_step(tid: int, timeout: float = 5.0) -> list[int]:
     """Run one instruction; returns the signals that arrived meanwhile (to re-deliver later)."""
     _ptrace(PTRACE_SINGLESTEP, tid, 0, 0, "SINGLESTEP")
-    arrived = []
+    arrived: list[int] = []
     while True:
         stop = wait_stop(tid, timeout)
         if stop.kind == "exited":

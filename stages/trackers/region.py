@@ -43,8 +43,28 @@ def tracked_array(shape: int | tuple[int, ...], dtype: Any = np.uint8) -> np.nda
     """A zero-filled array in its own page-aligned anonymous mapping (trackable in userfaultfd mode)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
-    nbytes = max(PAGE_SIZE, -(-count * dtype.itemsize // PAGE_SIZE) * PAGE_SIZE)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=count).reshape(shape)
+    return np.frombuffer(page_mapping(count * dtype.itemsize), dtype=dtype, count=count).reshape(shape)
+
+
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)   # Linux 5.14
+
+
+def page_mapping(nbytes: int, prefault: bool = False) -> mmap.mmap:
+    """A zero-filled anonymous mapping of ``nbytes`` rounded up to whole pages (at least one).
+
+    ``prefault``: about to be filled whole, so back it with transparent huge pages and fault it in one call
+    (several times faster than 4 KiB faults one by one; userfaultfd write tracking still reports 4 KiB
+    pages, since the kernel splits a huge page at its first tracked write). Best effort.
+    """
+    mapping = mmap.mmap(-1, max(PAGE_SIZE, -(-nbytes // PAGE_SIZE) * PAGE_SIZE))
+    if prefault:
+        for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE):
+            try:
+                if advice is not None:
+                    mapping.madvise(advice)
+            except OSError:
+                pass   # an older kernel, or no huge pages: ordinary faults then
+    return mapping
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,10 @@ class TrackedBuffer:
         if view.nbytes == 0:
             raise TrackerError(f"{where}: {name} is empty")
         self.name = name
+        typed = isinstance(buffer, np.ndarray) and buffer.dtype.fields is None and not buffer.dtype.hasobject
+        self.dtype = buffer.dtype.str if typed else ""
+        """The array's dtype and shape, carried in the layout so a replica gives the same array back."""
+        self.shape = tuple(int(n) for n in buffer.shape) if typed else ()
         self.bytes = np.frombuffer(view.cast("B"), dtype=np.uint8)
         self.address = self.bytes.ctypes.data
         self.nbytes = self.bytes.size
@@ -84,7 +108,7 @@ class TrackedBuffer:
         return self.address % PAGE_SIZE == 0 and self.tail == 0
 
     def region(self) -> Region:
-        return Region(self.name, self.address, self.first_page, self.npages)
+        return Region(self.name, self.address, self.first_page, self.npages, self.dtype, self.shape)
 
     def check_mapped(self, where: str) -> None:
         """TrackerError if the memory was unmapped behind the tracker's back."""
@@ -426,15 +450,20 @@ class RegionSource(Stage):
             self._condition.notify_all()
 
     # ---- the runtime's side --------------------------------------------------
-    def produce(self) -> Iterator[Batch]:
-        """Emit staged checkpoints in order; blocks until the next is staged; ends after close()."""
+    def produce(self) -> Iterator[Batch | None]:
+        """Emit staged checkpoints in order; waits for the next (yielding None every ``idle_every``); ends
+        after close()."""
         self._ensure_ready()
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: bool(self._queue))
-                item = self._queue.popleft()
-                if isinstance(item, _Staged):
-                    self._slabs.handed_downstream(item.slab)
+                item = None
+                if self._condition.wait_for(lambda: bool(self._queue), self.idle_every or None):
+                    item = self._queue.popleft()
+                    if isinstance(item, _Staged):
+                        self._slabs.handed_downstream(item.slab)
+            if item is None:
+                yield None      # waiting for a checkpoint: the executor's timers run meanwhile
+                continue
             if isinstance(item, TrackerError):
                 raise item
             if isinstance(item, _Closed):

@@ -21,9 +21,12 @@ Facts the design follows:
 - Write-protect bits live in this process's page tables: a write to shared
   memory through another process's mapping is invisible here, so shared
   mappings are not tracked by this class (process-src digests them).
-- ``madvise(MADV_DONTNEED)`` empties a page-table entry without marking the
-  page written: the resident (PRESENT|SWAPPED) set is compared between scans
-  and the pages that left it are reported as dropped (they read as zeros).
+- ``madvise(MADV_DONTNEED)`` empties a page-table entry, which a kernel may
+  not report as written: the resident (PRESENT|SWAPPED) set is compared
+  between scans and the pages that left it are reported as dropped (they read
+  as zeros). Where the written scan does report such pages (this kernel, 6.18,
+  with WP_UNPOPULATED: probed once at first use on our own memory), that
+  second walk of the page tables is skipped.
 - A range the target already registered with its own userfaultfd cannot be
   registered again (EBUSY): ``register`` says so and the caller digests it.
 """
@@ -128,7 +131,7 @@ class RemoteUffd:
     the copy of the pages it found. The tracer is shared with the freezer.
     """
 
-    def __init__(self, pid: int, tracer: ptrace.Tracer):
+    def __init__(self, pid: int, tracer: ptrace.Tracer, guardian: Guardian | None = None):
         self.pid = pid
         self.tracer = tracer
         self.target_fd = -1
@@ -139,7 +142,8 @@ class RemoteUffd:
         self._resident: dict[int, np.ndarray] = {}  # start -> resident [start, end) ranges at the last scan
         self.stale_closed: list[int] = []
         self.foreign: list[int] = []  # userfaultfds the target holds itself
-        self._guardian: Guardian | None = None
+        self._guardian = guardian  # shared by the caller (who closes it), or ours, started at attach
+        self._own_guardian = guardian is None
 
     # -- attach / detach ----------------------------------------------------------------------
 
@@ -236,10 +240,10 @@ class RemoteUffd:
         return self.tracer.call(guarded_inject, self._guardian, self.pid, candidates[0], number, arguments, marker)
 
     def close(self) -> None:
-        """End the injection guardian (after ``detach``)."""
-        if self._guardian is not None:
+        """End our injection guardian, if it is ours (after ``detach``)."""
+        if self._guardian is not None and self._own_guardian:
             self._guardian.close()
-            self._guardian = None
+        self._guardian = None
 
     # -- ranges -------------------------------------------------------------------------------
 
@@ -268,6 +272,9 @@ class RemoteUffd:
     def rekey(self, keep: dict[tuple[int, int], int]) -> None:
         """Track exactly the ranges of ``keep`` (each inside the armed range starting at its value: they stay
         registered); armed ranges none of them lies in left the layout and are unregistered."""
+        if len(keep) == len(self._armed) and all(parent == start and self._armed.get(start) == end
+                                                 for (start, end), parent in keep.items()):
+            return  # the same ranges as before: nothing to move
         armed, resident = self._armed, self._resident
         self._armed = {start: end for start, end in keep}
         self._resident = {start: _clip(resident[parent], start, end) for (start, end), parent in keep.items()}
@@ -281,15 +288,25 @@ class RemoteUffd:
         written: list[np.ndarray] = []
         dropped: list[np.ndarray] = []
         lost: list[tuple[int, int]] = []
-        for start, end in list(self._armed.items()):
+        compare_resident = not dropped_pages_show_as_written()
+        # Touching ranges are scanned in one call, unless each needs its own resident walk.
+        groups = [[item] for item in sorted(self._armed.items())] if compare_resident else _touching(self._armed)
+        for group in groups:
+            start, end = group[0][0], group[-1][1]
             try:
-                now = self._resident_ranges(start, end - start)  # before the written scan re-arms (fills) pages
+                # before the written scan re-arms (fills) pages
+                now = self._resident_ranges(start, end - start) if compare_resident else None
                 written.append(self._scanner.written(start, end - start))
             except UffdError as exc:
                 if exc.errno != errno.EPERM:
                     raise
-                lost.append((start, end))  # part of it is no longer armed (munmap + mmap at the same place)
-                self.forget(start)
+                # Part of it is no longer armed (munmap + mmap at the same place); pages the call had already
+                # re-armed in the group are not listed: every range of the group is sent again.
+                for lost_start, lost_end in group:
+                    lost.append((lost_start, lost_end))
+                    self.forget(lost_start)
+                continue
+            if now is None:
                 continue
             before = self._resident[start]
             if not np.array_equal(now, before):
@@ -309,12 +326,59 @@ class RemoteUffd:
         return ((addresses - np.uint64(start)) // np.uint64(self._scanner.page_size)).astype(np.int64)
 
 
+def _touching(armed: dict[int, int]) -> list[list[tuple[int, int]]]:
+    """Armed (start, end) ranges in address order, grouped where each ends where the next starts."""
+    groups: list[list[tuple[int, int]]] = []
+    for start, end in sorted(armed.items()):
+        if groups and groups[-1][-1][1] == start:
+            groups[-1].append((start, end))
+        else:
+            groups.append([(start, end)])
+    return groups
+
+
 def _clip(ranges: np.ndarray, start: int, end: int) -> np.ndarray:
     """[start, end) address ranges cut to [start, end)."""
     if not len(ranges):
         return ranges
     clipped = np.clip(ranges, np.uint64(start), np.uint64(end))
     return clipped[clipped[:, 1] > clipped[:, 0]]
+
+
+_DROPPED_SHOW_AS_WRITTEN: bool | None = None
+
+
+def dropped_pages_show_as_written() -> bool:
+    """Whether this kernel's written-page scan also reports pages emptied by MADV_DONTNEED (probed once on a
+    mapping of our own). Then the resident-set comparison, a second walk of every page table, is skipped."""
+    global _DROPPED_SHOW_AS_WRITTEN
+    if _DROPPED_SHOW_AS_WRITTEN is None:
+        _DROPPED_SHOW_AS_WRITTEN = _probe_dropped_pages()
+    return _DROPPED_SHOW_AS_WRITTEN
+
+
+def _probe_dropped_pages() -> bool:
+    import mmap
+
+    from .uffd import WriteTracker
+    page = mmap.PAGESIZE
+    memory = mmap.mmap(-1, 4 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = (ctypes.c_char * len(memory)).from_buffer(memory)
+    try:
+        start = ctypes.addressof(buffer)
+        memory[:] = b"x" * len(memory)
+        tracker = WriteTracker()
+        try:
+            tracker.register(start, len(memory))
+            _libc.madvise(ctypes.c_void_p(start + page), ctypes.c_size_t(page), 4)  # MADV_DONTNEED
+            return bool(int(start + page) in set(tracker.collect(start, len(memory)).tolist()))
+        finally:
+            tracker.close()
+    except TrackerError:
+        return False
+    finally:
+        del buffer
+        memory.close()
 
 
 def _pages_left(before: np.ndarray, now: np.ndarray, page_size: int) -> np.ndarray:
@@ -361,8 +425,8 @@ class KernelDirtyPages:
     sent whole again.
     """
 
-    def __init__(self, pid: int, tracer: ptrace.Tracer):
-        self.uffd = RemoteUffd(pid, tracer)
+    def __init__(self, pid: int, tracer: ptrace.Tracer, guardian: Guardian | None = None):
+        self.uffd = RemoteUffd(pid, tracer, guardian)
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self._untracked: dict[tuple[int, int], str] = {}  # (start, end) of regions that cannot be armed -> why
 
@@ -410,7 +474,12 @@ class KernelDirtyPages:
             plan.digest[region.first_page] = reason
         self.uffd.rekey(keep)
         scan = self.uffd.scan()
+        fresh = {region.start: (index, region) for index, (region, _) in enumerate(plan.whole)}
         for start, _end in scan.lost:  # replaced at the same address: not armed any more, send it again
+            if start in fresh:  # armed just now, in the same scan call as a lost neighbour: arm it again
+                position, region = fresh[start]
+                plan.whole[position] = (region, self._arm(region))
+                continue
             region = next(region for region in scanned if region.start == start)
             scanned.remove(region)
             plan.whole.append((region, self._arm(region)))

@@ -65,19 +65,20 @@ class TargetSet:
     def members(self) -> list[int]:
         """The live processes of the set now, ascending."""
         if self.cgroup is not None:
-            return self._cgroup_members()
+            return self._cgroup_members(self.cgroup)
         found = [pid for pid in self.roots if alive(pid)]
         if not self.tree:
             return found
         return self._with_descendants(found)
 
-    def _cgroup_members(self) -> list[int]:
+    @staticmethod
+    def _cgroup_members(cgroup: Path) -> list[int]:
         try:
-            text = (self.cgroup / "cgroup.procs").read_text()
+            text = (cgroup / "cgroup.procs").read_text()
         except FileNotFoundError:
-            raise TrackerError(f"cgroup {self.cgroup}: no such cgroup (no cgroup.procs there)") from None
+            raise TrackerError(f"cgroup {cgroup}: no such cgroup (no cgroup.procs there)") from None
         except OSError as exc:
-            raise TrackerError(f"cgroup {self.cgroup}: cannot list its processes: {exc.strerror}") from None
+            raise TrackerError(f"cgroup {cgroup}: cannot list its processes: {exc.strerror}") from None
         return sorted(pid for pid in map(int, text.split()) if alive(pid))
 
     def _with_descendants(self, roots: list[int]) -> list[int]:
@@ -102,12 +103,13 @@ class TargetSet:
         return sorted(members)
 
 
-def shared_objects(mappings: Iterable[Mapping]) -> set[tuple[str, int]]:
-    """(device, inode) of the writable shared mappings among ``mappings``."""
-    return {(m.device, m.inode) for m in mappings if m.shared and m.inode}
+def shared_objects(mappings: Iterable[Mapping]) -> set[tuple[str, int, str]]:
+    """(device, inode, name) of the writable shared mappings among ``mappings`` (the name keeps SysV segments,
+    whose inode is their id, apart from MAP_SHARED anonymous memory on the same device)."""
+    return {(m.device, m.inode, m.name) for m in mappings if m.shared and m.inode}
 
 
-def outside_sharers(members: Iterable[int], objects: set[tuple[str, int]]) -> dict[int, set[str]]:
+def outside_sharers(members: Iterable[int], objects: set[tuple[str, int, str]]) -> dict[int, set[str]]:
     """Processes outside ``members`` that map any of ``objects`` writable and shared: pid -> mapping names."""
     inside = set(members)
     found: dict[int, set[str]] = {}
@@ -123,7 +125,8 @@ def outside_sharers(members: Iterable[int], objects: set[tuple[str, int]]) -> di
             continue  # gone, or not ours to read
         for line in lines:
             fields = line.split(maxsplit=5)
-            if len(fields) >= 5 and fields[1][1] == "w" and fields[1][3] == "s" \
-                    and (fields[3], int(fields[4])) in objects:
-                found.setdefault(pid, set()).add(fields[5] if len(fields) == 6 else "[anon]")
+            if len(fields) == 6 and fields[1][1] == "w" and fields[1][3] == "s":
+                name = fields[5].removesuffix(" (deleted)")
+                if (fields[3], int(fields[4]), name) in objects:
+                    found.setdefault(pid, set()).add(name)
     return found

@@ -150,7 +150,7 @@ class PagemapScanner:
         except OSError as exc:
             raise TrackerError(f"cannot open {path}: {exc.strerror}") from None
         self._vector = (_PageRegion * vector_len)()
-        self._vector_array = np.frombuffer(self._vector, dtype=np.uint64).reshape(vector_len, 3)
+        self._vector_array = np.frombuffer(memoryview(self._vector).cast("B"), dtype=np.uint64).reshape(vector_len, 3)
 
     def written(self, start: int, length: int) -> np.ndarray:
         """Addresses of pages written since they were last write-protected; write-protects them again."""

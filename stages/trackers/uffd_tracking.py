@@ -41,7 +41,8 @@ from pipeline.errors import TrackerError
 
 from . import ptrace
 from .digest_tracking import DigestTracking, Reader
-from .injection_guard import sigstop_pending
+from .injection_guard import Guardian, sigstop_pending
+
 from .procmem import ProcessGone, thread_states
 from .proclayout import Tracked
 from .remote_uffd import KernelDirtyPages
@@ -68,6 +69,7 @@ class UffdTracking:
         self.digest = DigestTracking(page_size, copy, read, warn)
         self.counters = self.digest.counters
         self._kernel: dict[int, KernelDirtyPages | None] = {}  # None: this process is digested whole
+        self._guardian = Guardian()  # one for every injection, started now: ready before the first pause
         self._warned: set[str] = set()
         self._new_untracked: dict[str, list[str]] = {}
         self._numbers: list[np.ndarray] = []
@@ -164,6 +166,7 @@ class UffdTracking:
                 kernel.close()
         self._kernel.clear()
         self.digest.close()
+        self._guardian.close()
 
     # -- parts -----------------------------------------------------------------------------------
 
@@ -194,7 +197,10 @@ class UffdTracking:
             if tracer is None:
                 raise TrackerError("the processes are stopped with SIGSTOP (someone else traces them), and "
                                    "injecting a userfaultfd needs ptrace")
-            kernel = KernelDirtyPages(pid, tracer)
+            if not self._guardian.alive:  # killed by someone: a new one for the injections to come
+                self._guardian.close()
+                self._guardian = Guardian()
+            kernel = KernelDirtyPages(pid, tracer, self._guardian)
             try:
                 kernel.attach(self._stops(pid))
             except BaseException:
@@ -254,4 +260,4 @@ def _address_runs(addresses: np.ndarray, page_size: int) -> list[tuple[int, int,
     breaks = np.flatnonzero(np.diff(addresses) != np.uint64(page_size)) + 1
     firsts = np.concatenate([[0], breaks])
     counts = np.diff(np.concatenate([firsts, [len(addresses)]]))
-    return [(int(addresses[first]), int(count), int(first)) for first, count in zip(firsts, counts)]
+    return list(zip(addresses[firsts].tolist(), counts.tolist(), firsts.tolist()))

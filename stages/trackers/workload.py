@@ -181,6 +181,7 @@ class WorkloadSource(Stage):
         """Run the workload in a thread that checkpoints it; emit the region tracker's stream."""
         self._driver = threading.Thread(target=self._drive, name=f"{self.factory_name} driver", daemon=True)
         self._driver.start()
+        self.region.idle_every = self.idle_every
         try:
             yield from self.region.produce()
         finally:

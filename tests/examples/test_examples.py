@@ -109,6 +109,20 @@ def test_codec_comparison_refuses_a_bad_chain_before_starting_the_child(tmp_path
     assert not live_processes_started_by_run(tmp_path)
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_failover_backup_resumes_the_killed_primary_and_matches_an_uninterrupted_run(seed, tmp_path):
+    completed = run_example("failover.py", "--steps", "60", "--rate", "30", "--size", "96", "--seed", str(seed),
+                            cwd=tmp_path)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert "every output the primary released is covered by the replica's checkpoint: yes" in output
+    assert "outputs repeated by the resumed run: 0" in output
+    assert "final output and grid equal an uninterrupted run: yes" in output
+    assert re.search(r"failure detected [\d.]+ s after its last heartbeat", output)
+    assert re.search(r"resumed from the replica in [\d.]+ ms", output)
+    assert not live_processes_started_by_run(tmp_path), "the example left a process running"
+
+
 def load_example(name: str):
     """An example script imported as a module (its ``__main__`` block does not run)."""
     spec = importlib.util.spec_from_file_location(f"example_{Path(name).stem}", EXAMPLES / name)

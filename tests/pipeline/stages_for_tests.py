@@ -255,3 +255,46 @@ class EpochNoter(Identity):
         if batch.flags & Flag.EPOCH_END:
             self.context.record_epoch(batch.epoch, noted=1, wait_seconds=0.001 * (self.context.worker_index + 1))
         yield batch
+
+
+@register
+class PausingSource(Stage):
+    """Two one-batch epochs with ``pause`` seconds between them, waiting as region-src does (None every
+    ``idle_every``)."""
+
+    factory_name = "pausing-src"
+    output_caps = PAGES
+    pause = Property("duration", "500ms", "wait between the two epochs")
+
+    def produce(self) -> Iterator[Batch | None]:
+        for epoch in (0, 1):
+            yield Batch(format=PAGES, epoch=epoch, page_numbers=np.arange(2, dtype=np.uint64),
+                        kinds=np.zeros(2, np.uint8), data=np.zeros((2, 4096), np.uint8))
+            yield Batch.control(Flag.EPOCH_END, epoch, pages=2)
+            resume_at = time.monotonic() + (self.pause if epoch == 0 else 0)
+            while time.monotonic() < resume_at:
+                time.sleep(min(self.idle_every or 0.5, max(0.0, resume_at - time.monotonic())))
+                yield None
+        yield Batch.control(Flag.END_OF_STREAM, 1)
+
+
+@register
+class Ticker(Identity):
+    """Pass-through with a timer: every ``interval`` it emits an empty data batch of the last epoch seen."""
+
+    factory_name = "ticker"
+    interval = Property("duration", "20ms", "tick interval")
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self.tick_interval = self.interval
+        self.counters["ticks"] = 0
+        self.epoch = 0
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        self.epoch = batch.epoch
+        yield batch
+
+    def tick(self) -> Iterable[Batch]:
+        self.counters["ticks"] += 1
+        yield Batch(format=PAGES, epoch=self.epoch, meta={"tick": self.counters["ticks"]})

@@ -56,13 +56,18 @@ def test_bench_dispatches_to_the_named_module_and_rejects_unknown_ones(capsys):
     assert "no benchmark named" in capsys.readouterr().err
 
 
+def test_stage_subcommand_refuses_a_tcp_link_without_insecure(capsys):
+    assert main(["stage", "identity", "--input", "tcp://127.0.0.1:5555", "--output", "ipc:///tmp/x"]) == 2
+    assert "--input tcp://127.0.0.1:5555 is a network link without authentication" in capsys.readouterr().err
+
+
 def test_stage_subcommand_runs_one_stage_between_tcp_endpoints():
     """Both ends here bind; the stage connects to both ('>' forces connect on its input)."""
     with zmq.Context() as context, context.socket(zmq.PUSH) as push, context.socket(zmq.PULL) as pull:
         push.linger = 1000
         in_port = push.bind_to_random_port("tcp://127.0.0.1")
         out_port = pull.bind_to_random_port("tcp://127.0.0.1")
-        stage = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stage", "identity", "--input",
+        stage = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stage", "identity", "--insecure", "--input",
                                   f">tcp://127.0.0.1:{in_port}", "--output", f"tcp://127.0.0.1:{out_port}"],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

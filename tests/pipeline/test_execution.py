@@ -197,3 +197,15 @@ def test_spawn_start_method_runs_the_same_pipeline_and_fork_is_refused():
     assert result.totals("null-sink0")["pages_in"] == 64
     with pytest.raises(ConfigError, match="never fork"):
         p.run(mode="process", start_method="fork")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stage_timers_tick_while_the_source_waits_and_what_they_emit_goes_downstream(mode, tmp_path):
+    path = tmp_path / "record.json"
+    result = Pipeline.parse(f"pausing-src pause=600ms ! ticker interval=20ms ! recorder path={path}").run(
+        mode=mode, timeout=60)
+    events = read_record(path)["events"]
+    between = events[events.index(["EPOCH_END", 0, 2]) + 1:events.index(["data", 1])]
+    assert len(between) >= 5 and set(map(tuple, between)) == {("data", 0)}   # ticks, during the pause
+    assert result.statistics[("ticker0", 0)]["counters"]["ticks"] >= len(between)
+    assert events[-1][0] == "END_OF_STREAM"   # no tick after the end of the stream

@@ -273,6 +273,28 @@ def test_reframing_the_frozen_stream_as_version_1_writes_it_byte_for_byte():
     assert frame_all(deframe_all(data), version=1)[0] == data
 
 
+V2_IDENTITY = "5041474550495045" + "0000000000000002"
+
+
+def test_the_frozen_v2_stream_deframes_to_the_same_batches_forever():
+    data = (FIXTURES / "stream-v2.pagepipe").read_bytes()
+    expected = json.loads((FIXTURES / "stream-v2.expected.json").read_text())
+    assert [summary(b) for b in deframe_all(data)] == expected
+    assert [summary(b) for b in deframe_all(data, chunk=333)] == expected
+    assert {b["meta"]["stream_id"] for b in expected if not b["page_numbers"]} == {V2_IDENTITY}
+
+
+def test_reframing_the_frozen_v2_stream_with_its_identity_writes_it_byte_for_byte():
+    data = (FIXTURES / "stream-v2.pagepipe").read_bytes()
+    assert frame_all(deframe_all(data), stream_id=V2_IDENTITY)[0] == data
+
+
+def test_the_v1_and_v2_fixtures_carry_the_same_pages():
+    old, new = (data_batches(deframe_all((FIXTURES / f"stream-v{v}.pagepipe").read_bytes())) for v in (1, 2))
+    assert [(b.epoch, b.page_numbers.tolist(), b.kinds.tolist()) for b in old] == \
+        [(b.epoch, b.page_numbers.tolist(), b.kinds.tolist()) for b in new]
+
+
 # ---- structural faults ----------------------------------------------------------------
 
 def test_a_page_outside_the_layout_is_refused_with_its_epoch():
@@ -447,6 +469,71 @@ def test_a_new_segment_inside_an_open_epoch_is_a_torn_epoch():
         deframe_all(data)
 
 
+# ---- heartbeats and a lost sender ----------------------------------------------------------
+
+def stream_bytes(batches) -> bytes:
+    return b"".join(b.payload.tobytes() for b in batches if b.payload is not None)
+
+
+def test_frame_writes_heartbeats_only_while_quiet_between_header_and_end(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("stages.framer.time.monotonic", lambda: clock[0])
+    stage = Frame(heartbeat="100ms")
+    stage.start(StageContext("frame"))
+    assert stage.tick_interval == pytest.approx(0.05)
+    clock[0] += 1
+    assert list(stage.tick()) == []              # no stream header yet: nothing to say
+    written = [out for batch in (layout(), pages_batch(1, [0, 1]), epoch_end(1, 2)) for out in stage.handle(batch)]
+    clock[0] += 0.05
+    assert list(stage.tick()) == []              # output 50 ms ago: not quiet long enough
+    clock[0] += 0.06
+    beats = list(stage.tick())
+    assert len(beats) == 1 and beats[0].epoch == 1 and not beats[0].is_control
+    assert list(stage.tick()) == []              # just written
+    clock[0] += 0.2
+    beats += list(stage.tick())
+    written += beats + [out for out in stage.handle(end(1))]
+    clock[0] += 1
+    assert list(stage.tick()) == []              # after the end of the stream: silence is fine
+    data = stream_bytes(written)
+    deframe = Deframe()
+    deframe.start(StageContext("deframe"))
+    batches = list(deframe.handle(Batch(format=STREAM, payload=np.frombuffer(data, dtype=np.uint8))))
+    assert deframe.counters["heartbeats"] == 2 and stage.counters["heartbeats"] == 2
+    assert [Flag(b.flags).name for b in batches if b.is_control] == ["LAYOUT", "EPOCH_END", "END_OF_STREAM"]
+
+
+def test_a_heartbeat_inside_an_epoch_does_not_count_as_one_of_its_records(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("stages.framer.time.monotonic", lambda: clock[0])
+    stage = Frame(heartbeat="10ms")
+    stage.start(StageContext("frame"))
+    written = [out for batch in (layout(), pages_batch(1, [0])) for out in stage.handle(batch)]
+    clock[0] += 1
+    written += list(stage.tick())
+    written += [out for batch in (pages_batch(1, [1], seed=1), epoch_end(1, 2), end(1)) for out in stage.handle(batch)]
+    batches = deframe_all(stream_bytes(written))
+    assert [b.epoch for b in batches if b.flags & Flag.EPOCH_END] == [1]
+    assert sum(b.npages for b in batches) == 2
+
+
+def test_deframe_passes_a_lost_sender_on_and_waits_for_a_new_segment():
+    first, _ = frame_all([layout(), pages_batch(1, [0, 1]), epoch_end(1, 2), pages_batch(2, [3])])
+    deframe = Deframe()
+    deframe.start(StageContext("deframe"))
+    out = list(deframe.handle(Batch(format=STREAM, payload=np.frombuffer(first, dtype=np.uint8))))
+    lost = list(deframe.handle(Batch.control(Flag.SENDER_LOST, 0, format=STREAM, silence=1.0)))
+    assert len(lost) == 1 and lost[0].flags & Flag.SENDER_LOST
+    assert lost[0].epoch == 1 and lost[0].meta["open_epoch"] == 2 and lost[0].meta["silence"] == 1.0
+    stale, _ = frame_all([layout(), pages_batch(7, [0]), epoch_end(7, 1)])   # a stream joined in the middle
+    middle = np.frombuffer(stale[-40:], dtype=np.uint8)   # the rest of a record: not where a segment starts
+    assert list(deframe.handle(Batch(format=STREAM, payload=middle))) == []
+    assert deframe.counters["skipped_bytes"] == 40
+    again = list(deframe.handle(Batch(format=STREAM, payload=np.frombuffer(stale, dtype=np.uint8))))
+    assert [b.epoch for b in again if b.flags & Flag.EPOCH_END] == [7]
+    assert len(out) >= 3
+
+
 # ---- version 2: stream identity, layout digest, stream offsets (issue 10) ------------------
 
 def segment_header(identity: bytes, segment: int) -> bytes:
@@ -549,3 +636,11 @@ def test_a_page_record_of_many_entries_is_cut_into_batches_of_views(monkeypatch)
     assert [b.npages for b in got] == [4, 4, 2]
     assert np.concatenate([b.page_numbers for b in got]).tolist() == numbers
     np.testing.assert_array_equal(np.concatenate([whole(b) for b in got]), sent[1].data)
+
+
+def test_an_unknown_chain_in_a_later_segment_header_is_reported_at_that_header():
+    data = stream_of(layout_record(), pages_record(1, [0]), commit_record(1))
+    later = wire.encode_stream_header(dataclasses.replace(HANDMADE, chain="brotli", segment=1))
+    with pytest.raises(CorruptData, match="codec chain 'brotli'") as info:
+        deframe_all(data + later)
+    assert info.value.offset == len(data)

@@ -202,6 +202,31 @@ def test_acks_from_peers_without_an_allowed_key_release_nothing(curve_keys):
         listener.close()
 
 
+def test_a_fake_ack_does_not_release_checkpoint_wait(curve_keys):
+    """The issue's attack: an ack of epoch 10**9 from a peer without an allowed key, or naming no stream
+    from the allowed receiver, leaves checkpoint(wait=True) waiting; the real receiver's ack releases it."""
+    memory = tracked_array(4 * 4096)
+    tracker = RegionSource(regions=memory)
+    listener = AckListener("tcp://127.0.0.1:*", **curve_keys.server()).attach(tracker)
+    receiver = AckSender(listener.endpoint, **curve_keys.client())
+    context = zmq.Context()
+    forger = fake_acks(listener.endpoint, context)
+    try:
+        receiver.ack(10 ** 9)                                          # allowed key, no stream named
+        receiver.ack(10 ** 9, stream_id="ab" * 16)                     # allowed key, another stream
+        with pytest.raises(TrackerError, match="not acknowledged"):
+            tracker.checkpoint(wait=True, timeout=1.5)
+        threading.Timer(0.05, receiver.ack, args=(2,), kwargs={"stream_id": tracker.stream_id}).start()
+        assert tracker.checkpoint(wait=True, timeout=10).epoch == 2
+        assert listener.counters["foreign"] == 2 and listener.acked_epoch == 2
+    finally:
+        forger.close()
+        context.term()
+        receiver.close()
+        listener.close()
+        tracker.stop()
+
+
 def test_an_ack_naming_another_stream_releases_nothing(curve_keys):
     listener = AckListener("tcp://127.0.0.1:*", stream_id="ab" * 16, **curve_keys.server())
     sender = AckSender(listener.endpoint, **curve_keys.client())

@@ -449,6 +449,94 @@ def test_layout_change_mid_stream_is_followed(tmp_path):
     sink.stop()
 
 
+# ---- failover ------------------------------------------------------------------------------
+
+def sender_lost() -> Batch:
+    return Batch.control(Flag.SENDER_LOST, 0, silence=1.25, last_heard=1.0e9)
+
+
+def test_a_lost_sender_fails_over_without_committing_its_torn_epoch(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr("stages.common.replica_store.ReplicaStore.sync", lambda store: synced.append(store.epoch))
+    sender, bus = Sender(), Bus()
+    marker = tmp_path / "ran"
+    sink = started_sink(tmp_path / "replica", bus, on_failover=f'echo "$PAGEPIPE_EPOCH $PAGEPIPE_REPLICA" > {marker}')
+    feed(sink, [sender.layout()] + sender.full_epoch() + sender.epoch_batches(sender.dirty(4)))
+    committed = sender.memory.copy()
+    torn = sender.epoch_batches(sender.dirty(5))[:-1]       # epoch 3 without its commit record
+    feed(sink, torn + [sender_lost()])
+    assert synced == [2]                                     # durable before anything else happens
+    (kind, fields), = [(k, f) for k, f in bus.messages if k == "failover"]
+    assert fields["epoch"] == 2 and fields["silence"] == 1.25
+    assert fields["replica"] == str((tmp_path / "replica").resolve())
+    deadline = time.monotonic() + 30
+    while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.read_text().split() == ["2", str((tmp_path / "replica").resolve())]
+    assert any("epoch 3 discarded (torn: the sender was lost" in w for w in bus.warnings())
+    np.testing.assert_array_equal(replica_memory(tmp_path / "replica"), committed)
+    assert sink.failed_over and sink.counters["failovers"] == 1
+    sink.stop()
+
+
+def test_after_failover_the_stale_sender_is_refused(tmp_path):
+    sender, bus = Sender(), Bus()
+    sink = started_sink(tmp_path, bus)
+    feed(sink, [sender.layout()] + sender.full_epoch() + [sender_lost()])
+    committed = sender.memory.copy()
+    feed(sink, [sender.layout()] + sender.full_epoch(resync=True) + sender.epoch_batches(sender.dirty(3)))
+    np.testing.assert_array_equal(replica_memory(tmp_path), committed)
+    assert read_manifest(tmp_path)["epoch"] == 1
+    assert sink.counters["epochs_refused"] == 2 and sink.counters["epochs_committed"] == 1
+    assert any("epoch 2 refused: the replica failed over at epoch 1" in w for w in bus.warnings())
+    sink.stop()
+
+
+def test_after_failover_a_sender_told_to_resync_is_followed_again_from_a_full_epoch(tmp_path):
+    sender, bus = Sender(), Bus()
+    sink = started_sink(tmp_path, bus, after_failover="resync")
+    feed(sink, [sender.layout()] + sender.full_epoch() + [sender_lost()])
+    feed(sink, sender.epoch_batches(sender.dirty(3)))            # a delta epoch cannot be applied any more
+    assert read_manifest(tmp_path)["epoch"] == 1
+    feed(sink, [sender.layout()] + sender.full_epoch(resync=True) + sender.epoch_batches(sender.dirty(3)))
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    assert read_manifest(tmp_path)["epoch"] == 4 and not sink.failed_over
+    sink.stop()
+
+
+def test_failover_makes_a_replica_without_fsync_durable(tmp_path, monkeypatch):
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr("stages.common.replica_store.os.fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    sender = Sender()
+    sink = started_sink(tmp_path)       # fsync=false: commits never fsync
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    assert calls == []
+    feed(sink, [sender_lost()])
+    assert len(calls) >= 4              # image, digests, manifest, directory
+    sink.stop()
+
+
+def test_with_fsync_an_epoch_is_acknowledged_at_its_durable_journal_and_settled_at_the_next_tick(tmp_path):
+    from stages.common.replica_store import JOURNAL
+    sender = Sender()
+    sink = ReplicaSink(path=str(tmp_path), fsync=True)
+    sink.start(StageContext("replica-sink"))
+    feed(sink, [sender.layout()] + sender.full_epoch())
+    assert sink.tick_interval == 0              # nothing to settle: no timer
+    feed(sink, sender.epoch_batches(sender.dirty(4)))
+    assert sink.tick_interval > 0 and sink.store.unsettled and (tmp_path / JOURNAL).stat().st_size > 0
+    np.testing.assert_array_equal(replica_memory(tmp_path), sender.memory)
+    assert list(sink.tick()) == []
+    assert not sink.store.unsettled and (tmp_path / JOURNAL).stat().st_size == 0 and sink.tick_interval == 0
+    sink.stop()
+    committing = ReplicaSink(path=str(tmp_path / "b"), fsync=True, settle="commit")
+    committing.start(StageContext("replica-sink"))
+    feed(committing, [sender.layout()] + sender.full_epoch(resync=True) + sender.epoch_batches(sender.dirty(4)))
+    assert committing.tick_interval == 0 and not committing.store.unsettled
+    committing.stop()
+
+
 # ---- bounds: memory, disk, one writer, one stream (issue 10) ------------------------------
 
 def with_identity(batches: list[Batch], identity: str) -> list[Batch]:

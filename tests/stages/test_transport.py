@@ -25,6 +25,8 @@ from stages.transport import (FileSink, FileSource, TraceSource, TraceSourceInto
 PAGE = 4096
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = Path(__file__).parent / "fixtures" / "stream-v1.pagepipe"
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "stream-v2.pagepipe"
+"""The current wire format: deframe ! frame reproduces it byte for byte (its stream identity travels along)."""
 CORPUS = find_corpus()
 
 
@@ -270,10 +272,13 @@ def test_zmq_src_drops_a_sender_whose_message_exceeds_the_limit(tmp_path):
             source.stop()
 
 
-def test_zmq_sink_sends_a_large_batch_in_messages_any_receiver_accepts(tmp_path):
-    endpoint = f"ipc://{tmp_path}/pieces.ipc"
-    source = started(ZmqSource(endpoint=endpoint, timeout="10s"))
-    sink = started(ZmqSink(endpoint=endpoint, timeout="10s"))
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_zmq_sink_sends_a_large_batch_in_messages_any_receiver_accepts(tmp_path, transport, curve_keys):
+    """Pieces of 1 MiB, the smallest max-message a zmq-src takes, also when CurveZMQ makes each frame longer."""
+    endpoint = f"ipc://{tmp_path}/pieces.ipc" if transport == "ipc" else free_tcp_endpoint()
+    keyed = transport == "tcp"
+    source = started(ZmqSource(endpoint=endpoint, timeout="10s", **(curve_keys.server() if keyed else {})))
+    sink = started(ZmqSink(endpoint=endpoint, timeout="10s", **(curve_keys.client() if keyed else {})))
     data = np.random.default_rng(3).integers(0, 256, (5 << 20) + 7, dtype=np.uint8)
     try:
         feed(sink, [Batch(format=STREAM, payload=data), Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)])
@@ -449,9 +454,9 @@ def test_the_recorded_memcached_corpus_converts_and_replays_with_matching_digest
 @pytest.mark.parametrize("mode", ["inline", "process"])
 def test_file_src_deframe_frame_file_sink_copies_a_stream_byte_for_byte(tmp_path, mode):
     out = tmp_path / "copy"
-    Pipeline.parse(f"file-src path={FIXTURE} chunk-size=4096 ! deframe ! frame ! file-sink path={out}") \
+    Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=4096 ! deframe ! frame ! file-sink path={out}") \
         .run(mode=mode, timeout=60)
-    assert out.read_bytes() == FIXTURE.read_bytes()
+    assert out.read_bytes() == FIXTURE_V2.read_bytes()
 
 
 @pytest.mark.parametrize("mode", ["inline", "process"])
@@ -471,12 +476,12 @@ def test_a_stream_crosses_two_pipelines_over_zmq_with_keys(tmp_path, curve_keys)
     keys = curve_keys
     receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} timeout=20s secret-key={keys.server_secret} "
                               f"authorized-keys={keys.allowed} ! deframe ! frame ! file-sink path={out}")
-    sender = Pipeline.parse(f"file-src path={FIXTURE} chunk-size=8192 ! zmq-sink endpoint={endpoint} "
+    sender = Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=8192 ! zmq-sink endpoint={endpoint} "
                             f"secret-key={keys.client_secret} server-key={keys.server_public}")
     with receiver.start(mode="process") as handle:
         sender.run(mode="process", timeout=60)
         handle.wait(timeout=60)
-    assert out.read_bytes() == FIXTURE.read_bytes()
+    assert out.read_bytes() == FIXTURE_V2.read_bytes()
 
 
 @pytest.mark.parametrize("mode", ["inline", "process"])
@@ -524,3 +529,52 @@ def test_trace_src_fused_with_the_sender_chain_writes_the_same_stream_as_unfused
 def test_trace_src_into_needs_a_consumer():
     with pytest.raises(ConfigError, match="no consumer= given"):
         TraceSourceInto(path=str(FIXTURE))
+
+
+# ---- failure detection -------------------------------------------------------------------------
+
+def watch(source: ZmqSource, seconds: float, push: zmq.Socket | None = None, every: float | None = None) -> list:
+    """What the source yields for ``seconds`` (None while it waits), ``push`` sending a message every ``every``."""
+    import time
+    source.idle_every = 0.01
+    seen, stream = [], source.produce()
+    ends = time.monotonic() + seconds
+    next_send = time.monotonic()
+    while time.monotonic() < ends:
+        if push is not None and every is not None and time.monotonic() >= next_send:
+            push.send(b"beat")
+            next_send += every
+        item = next(stream)
+        seen.append(item if item is None else (Flag(item.flags).name if item.is_control else "data", time.monotonic()))
+    return seen
+
+
+@pytest.fixture
+def failover_source():
+    endpoint = free_tcp_endpoint()
+    source = started(ZmqSource(endpoint=endpoint, failover=True, failover_after="250ms", insecure=True))
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.connect(endpoint)
+    yield source, push
+    push.close(0)
+    context.term()
+    source.stop()
+
+
+def test_zmq_src_declares_a_silent_sender_lost_only_after_it_was_heard(failover_source):
+    source, push = failover_source
+    assert all(item is None for item in watch(source, 0.6))     # nobody yet: nothing to lose
+    push.send(b"last words")
+    seen = [item for item in watch(source, 0.8) if item is not None]
+    assert [name for name, _ in seen] == ["data", "SENDER_LOST"]
+    assert seen[1][1] - seen[0][1] >= 0.25
+    assert source.counters["senders_lost"] == 1
+    push.send(b"back again")      # a returning sender arms the detection again
+    assert [name for name, _ in (i for i in watch(source, 0.8) if i is not None)] == ["data", "SENDER_LOST"]
+
+
+def test_zmq_src_rides_out_gaps_shorter_than_failover_after(failover_source):
+    source, push = failover_source
+    seen = [item for item in watch(source, 1.2, push, every=0.1) if item is not None]
+    assert len(seen) >= 5 and {name for name, _ in seen} == {"data"}

@@ -180,11 +180,15 @@ def pagepipe_stage(*arguments: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("sender_key", ["client", "stranger"])
-def test_pagepipe_stage_processes_link_with_keys_and_refuse_a_stranger(tmp_path, curve_keys, sender_key):
+@pytest.mark.parametrize("sender_key", ["client", "stranger", "no key", "wrong server key"])
+def test_pagepipe_stage_processes_link_with_keys_and_refuse_every_other_peer(tmp_path, curve_keys, sender_key):
     """zmq-src and zmq-sink as two `pagepipe stage` processes; the test feeds the sink and reads the source."""
     endpoint = free_tcp_endpoint()
-    secret = curve_keys.client_secret if sender_key == "client" else curve_keys.stranger_secret
+    sender_keys = {"client": [f"secret-key={curve_keys.client_secret}", f"server-key={curve_keys.server_public}"],
+                   "stranger": [f"secret-key={curve_keys.stranger_secret}", f"server-key={curve_keys.server_public}"],
+                   "no key": ["insecure=true"],
+                   "wrong server key": [f"secret-key={curve_keys.client_secret}",
+                                        f"server-key={curve_keys.stranger_public}"]}[sender_key]
     into_sink, out_of_source = f"ipc://{tmp_path}/in.ipc", f"ipc://{tmp_path}/out.ipc"
     with zmq.Context() as context, context.socket(zmq.PUSH) as push, context.socket(zmq.PULL) as pull:
         push.linger = pull.linger = 0
@@ -193,8 +197,8 @@ def test_pagepipe_stage_processes_link_with_keys_and_refuse_a_stranger(tmp_path,
         receiver = pagepipe_stage("zmq-src", f"endpoint={endpoint}", "timeout=4s",
                                   f"secret-key={curve_keys.server_secret}", f"authorized-keys={curve_keys.allowed}",
                                   "--output", out_of_source)
-        sender = pagepipe_stage("zmq-sink", f"endpoint={endpoint}", "timeout=3s", f"secret-key={secret}",
-                                f"server-key={curve_keys.server_public}", "--input", f">{into_sink}")
+        sender = pagepipe_stage("zmq-sink", f"endpoint={endpoint}", "timeout=3s", *sender_keys,
+                                "--input", f">{into_sink}")
         try:
             for batch in (Batch(format=STREAM, payload=np.frombuffer(b"stream bytes", np.uint8)),
                           Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)):
@@ -214,5 +218,6 @@ def test_pagepipe_stage_processes_link_with_keys_and_refuse_a_stranger(tmp_path,
     else:
         assert received == []
         assert receiver.returncode == 1 and "nothing received" in receiver_output
-        assert "refused a peer at 127.0.0.1: unknown key" in receiver_output
+        assert ("refused a peer at 127.0.0.1: unknown key" if sender_key == "stranger"
+                else "failed their handshake") in receiver_output
         assert sender.returncode == 1

@@ -53,3 +53,31 @@ def test_verify_command_says_what_to_do_about_damaged_pages(tmp_path):
     code, text = _verify_command(tmp_path)
     assert code == 1 and "damaged pages: 0" in text
     assert "asks for a resync" in text and "epoch 1" in text
+
+
+def _inspect_command(path) -> tuple[int, str]:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    console = Console(record=True, width=200)
+    code = run(parser.parse_args(["inspect", str(path)]), console)
+    return code, console.export_text()
+
+
+def test_inspect_command_lists_regions_with_dtypes_shapes_epoch_and_age(tmp_path):
+    regions = [dict(REGIONS[0], dtype="<f8", shape=[3, 1024]), REGIONS[1]]
+    store = ReplicaStore(tmp_path, fsync=False)
+    pages = np.full((len(ALL_PAGES), PAGE), 1, dtype=np.uint8)
+    digests = digest_pages(pages)
+    store.commit(4, Layout.from_untrusted(PAGE, regions, max_pages=1 << 20), ALL_PAGES, [whole_pages(pages)],
+                 digests, combine_digests(ALL_PAGES, digests))
+    store.close()
+    code, text = _inspect_command(tmp_path)
+    assert code == 0
+    assert "epoch 4, committed" in text and "s ago, 2 regions, 8 pages of 4096 bytes" in text
+    assert "heap: <f8 (3, 1024), pages 0..5" in text
+    assert "stack: bytes (8192), pages 8..9" in text
+
+
+def test_inspect_command_says_why_a_directory_is_no_replica(tmp_path):
+    code, text = _inspect_command(tmp_path)
+    assert code == 1 and "no manifest.json" in text

@@ -16,6 +16,6 @@ def test_bad_arguments_exit_with_status_2():
 
 
 def test_a_run_line_says_what_was_left():
-    assert "LEFT STOPPED" in Outcome("a worker", "SIGKILL", 0.5, True, False).line()
+    assert "(running): LEFT STOPPED" in Outcome("a worker", "SIGKILL", 0.5, True, False, phase="running").line()
     assert Outcome("the launcher", "SIGTERM", 0.1, False, False, [12, 13]).line().endswith(
         "target runs, 2 pagepipe processes left behind")

@@ -6,6 +6,7 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 
@@ -474,3 +475,80 @@ def test_a_region_that_reuses_dropped_page_numbers_starts_as_zeros(tmp_path):
     assert not stack[0].any()
     np.testing.assert_array_equal(stack[1], filled([9], 3)[0])
     assert verify_replica(tmp_path).ok
+
+
+# ---- every failure a ReplicaError; one writer (issue 10) ----------------------------
+
+def test_an_image_that_cannot_be_mapped_is_a_replica_error_naming_the_path(tmp_path, monkeypatch):
+    store = ReplicaStore(tmp_path, fsync=False)
+
+    def no_memory(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(np, "memmap", no_memory)
+    with pytest.raises(ReplicaError, match=f"replica {tmp_path}: cannot map the image .*allocate memory"):
+        commit(store, 1, ALL_PAGES, 7)
+    store.close()
+
+
+def test_a_full_disk_during_a_commit_is_a_replica_error(tmp_path, monkeypatch):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 7)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(replica_store, "_write_all", disk_full)
+    with pytest.raises(ReplicaError, match="cannot write the journal .*No space left"):
+        commit(store, 2, [1], 9)
+    store.close()
+    assert read_manifest(tmp_path)["epoch"] == 1
+
+
+def test_a_layout_beyond_max_pages_or_the_disk_is_refused_before_any_file_grows(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False, max_pages=1 << 40)
+    huge = Layout.from_untrusted(PAGE, [{"name": "x", "start": 0, "first_page": 0,
+                                         "npages": replica_store.disk_free_bytes(tmp_path) // PAGE + 1}],
+                                 max_pages=1 << 40)
+    with pytest.raises(ReplicaError, match="the disk has"):
+        store.check_room(huge)
+    with pytest.raises(ReplicaError, match="exceeds max-pages=100"):
+        ReplicaStore(tmp_path / "small", fsync=False, max_pages=100).check_room(layout([dict(REGIONS[0], npages=101)]))
+    store.close()
+    assert not (tmp_path / IMAGE).exists()
+
+
+def test_one_writer_at_a_time_and_readers_alongside(tmp_path):
+    writer = ReplicaStore(tmp_path, fsync=False)
+    commit(writer, 1, ALL_PAGES, 7)
+    assert replica_store.replica_locked(tmp_path)
+    with pytest.raises(replica_store.ReplicaLocked, match="another receiver is writing it"):
+        ReplicaStore(tmp_path, fsync=False)
+    assert load_replica(tmp_path)["stack"].size == 2 * PAGE and verify_replica(tmp_path).ok
+    writer.close()
+    assert not replica_store.replica_locked(tmp_path)
+    ReplicaStore(tmp_path, fsync=False).close()
+
+
+def test_a_commit_left_to_settle_is_durable_by_its_journal_and_settles_later(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=True, settle_later=True)
+    commit(store, 1, ALL_PAGES, 1)              # the first commit has no journal: settled at once
+    assert not store.unsettled
+    second = commit(store, 2, [1, 9], 2)
+    assert store.unsettled and os.path.getsize(tmp_path / JOURNAL) > 0
+    assert read_manifest(tmp_path)["epoch"] == 2
+    assert verify_replica(tmp_path).ok          # applied, only its flushes are pending
+    np.testing.assert_array_equal(load_replica(tmp_path)["heap"].reshape(6, PAGE)[1], second[0])
+    crashed = tmp_path.parent / f"{tmp_path.name}-crashed"
+    shutil.copytree(tmp_path, crashed)          # the files as a crash before settling leaves them
+    reopened = ReplicaStore(crashed)            # the journal is replayed
+    assert reopened.recovered_journal == "replayed" and reopened.epoch == 2 and not reopened.unsettled
+    reopened.close()
+    np.testing.assert_array_equal(load_replica(crashed)["heap"], load_replica(tmp_path)["heap"])
+    commit(store, 3, [2], 3)
+    commit(store, 4, [3], 4)                    # settles epoch 3 first
+    store.settle()
+    assert not store.unsettled and os.path.getsize(tmp_path / JOURNAL) == 0
+    commit(store, 5, [4], 5)
+    store.close()                               # settles too
+    assert os.path.getsize(tmp_path / JOURNAL) == 0 and read_manifest(tmp_path)["epoch"] == 5

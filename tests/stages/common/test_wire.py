@@ -216,6 +216,32 @@ def test_layout_round_trips_regions_and_extra_metadata():
     assert regions == REGIONS and extra == {"vanished": [[20, 4]]}
 
 
+def test_layout_carries_the_dtype_and_shape_of_array_regions():
+    arrays = [dict(REGIONS[0], dtype="<f8", shape=[16, 512]), REGIONS[1]]
+    regions, extra = wire.parse_layout(parsed(RecordType.LAYOUT, wire.layout_body(arrays, {"tracking": "uffd"})),
+                                       page_size=4096)
+    assert regions == arrays and extra == {"tracking": "uffd"}
+
+
+@pytest.mark.parametrize("arrays, problem", [
+    ({"0": {"dtype": "O", "shape": [1]}}, "Python objects"),
+    ({"0": {"dtype": "<f8", "shape": [10 ** 9]}}, "does not fit"),
+    ({"9": {"dtype": "<f8", "shape": [1]}}, "names no region"),
+    ([1], "not a JSON object")])
+def test_layout_array_metadata_is_checked(arrays, problem):
+    body = wire.layout_body(REGIONS, {wire.REGION_ARRAYS: arrays})
+    with pytest.raises(CorruptData, match=problem):
+        wire.parse_layout(parsed(RecordType.LAYOUT, body), page_size=4096)
+
+
+def test_heartbeat_round_trips_and_is_an_optional_record():
+    assert RecordType.HEARTBEAT & wire.OPTIONAL_RECORD
+    beat = wire.parse_heartbeat(parsed(RecordType.HEARTBEAT, wire.heartbeat_body(wire.Heartbeat(1.5e9, 100))))
+    assert beat == wire.Heartbeat(1.5e9, 100)
+    with pytest.raises(CorruptData, match="unexpected bytes"):
+        wire.parse_heartbeat(parsed(RecordType.HEARTBEAT, wire.heartbeat_body(wire.Heartbeat(1.0, 1)) + [b"x"]))
+
+
 def test_overlapping_layout_regions_are_refused():
     overlapping = [dict(REGIONS[0]), dict(REGIONS[1], first_page=10)]
     with pytest.raises(CorruptData, match="'heap' and 'stack' overlap"):

@@ -1,7 +1,9 @@
 """remap: page numbers stay stable while process mappings appear, grow, shrink, split or vanish."""
 from __future__ import annotations
 
-from stages.common.layout import Mapping, Region, layout_meta, remap
+import pytest
+
+from stages.common.layout import Mapping, Region, array_spec, layout_meta, remap
 
 P = 4096
 
@@ -39,3 +41,18 @@ def test_layout_meta_lists_regions_and_vanished_ranges():
     meta = layout_meta([Region("a", 4096, 0, 1)], [(5, 2)])
     assert meta == {"regions": [{"name": "a", "start": 4096, "first_page": 0, "npages": 1}],
                     "vanished": [{"first_page": 5, "npages": 2}]}
+
+
+def test_a_region_holding_an_array_names_its_dtype_and_shape():
+    assert Region("g", 0, 0, 2, "<f8", (2, 512)).to_meta() == {
+        "name": "g", "start": 0, "first_page": 0, "npages": 2, "dtype": "<f8", "shape": [2, 512]}
+
+
+@pytest.mark.parametrize("dtype, shape, problem", [
+    ("O", [1], "Python objects"), ("float99", [1], "not a numpy dtype"), (7, [1], "not a numpy dtype string"),
+    ("<f8", [-1], "non-negative"), ("<f8", "12", "non-negative"), ("<f8", [True], "non-negative"),
+    ("<f8", [1025], "does not fit in 8192 bytes")])
+def test_untrusted_array_specs_are_checked(dtype, shape, problem):
+    with pytest.raises(ValueError, match=problem):
+        array_spec(dtype, shape, capacity=8192)
+    assert array_spec("float64", [1024], capacity=8192) == ("<f8", (1024,))

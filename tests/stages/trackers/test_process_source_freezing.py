@@ -198,6 +198,9 @@ def test_a_checkpoint_slower_than_the_interval_still_leaves_min_run_between_paus
     assert 0 < fraction < 1 and source.counters["stopped_seconds"] >= stopped
     elapsed = ends[-1].meta["time"] - ends[0].meta["time"]
     assert fraction <= (stopped + ends[-1].meta["pause_ms"] / 1e3) / elapsed + 0.05
+    steady = sorted(end.meta["pause_ms"] for end in ends[1:])  # the first, full checkpoint counted apart
+    assert source.counters["pause_ms_median"] == pytest.approx(steady[2], rel=0.01)
+    assert steady[3] <= source.counters["pause_ms_p99"] <= steady[-1]
 
 
 def test_min_run_defaults_to_half_the_interval():
