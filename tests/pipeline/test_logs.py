@@ -22,10 +22,10 @@ def _pagepipe(*arguments: str, timeout: float = 120) -> subprocess.CompletedProc
 
 def test_launch_without_a_terminal_writes_status_lines_with_epoch_statistics():
     result = _pagepipe("launch", "--stats-interval", "300ms",
-                       "workload-src kind=kv size=1MiB seconds=2s rate=40 ! classify ! xor-delta ! rle ! frame ! null-sink")
+                       "workload-src kind=kv size=1MiB seconds=3s rate=40 ! classify ! xor-delta ! rle ! frame ! null-sink")
     assert result.returncode == 0, result.stderr
     status = [line for line in result.stdout.splitlines() if " pagepipe status " in line]
-    assert len(status) >= 3
+    assert len(status) >= 2, result.stdout
     assert any("pause median" in line and "ratio" in line for line in status)
     assert "per epoch (" in result.stdout and "finished in" in result.stdout   # then the summary
 
@@ -97,8 +97,8 @@ def test_worker_processes_carry_the_stage_worker_and_pipeline_in_their_title():
         handle.stop()
 
 
-def test_stage_without_a_terminal_writes_status_lines_while_it_waits():
-    inputs, outputs = free_tcp_endpoint(), free_tcp_endpoint()
+def test_stage_without_a_terminal_writes_status_lines_while_it_waits(tmp_path):
+    inputs, outputs = f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out"
     stage = subprocess.Popen([PAGEPIPE, "stage", "identity", "--input", inputs, "--output", outputs,
                               "--stats-interval", "300ms"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
