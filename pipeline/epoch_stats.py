@@ -17,7 +17,8 @@ Names in use (record any other numeric name the same way; it reaches the series,
 - replica-sink: ``commit_latency_seconds`` (sender's checkpoint time to commit; the two
   clocks must agree across hosts), ``applied_bytes``, ``discarded`` (1), ``resync_requests``.
 
-Merging the workers of one stage: values whose name ends in ``_seconds``, and ``time``,
+Records go by plan node: stages run fused (``classify0+xor-delta0+rle0``) record under the
+fused node's name. Merging the workers of one stage: values whose name ends in ``_seconds``, and ``time``,
 take the maximum (a pause is as long as its longest part); every other value adds up.
 The pipeline series merges every stage's own values the same way and adds ``wire_bytes``
 (the bytes of the first framed-stream link that has the epoch) and ``ratio``
@@ -193,8 +194,7 @@ class EpochSeries:
         }
 
 
-def distributions(epochs: dict[int, dict[str, float]], since: int = -1) -> dict[str, dict[str, float | int]]:
-    """The distribution of every value name over the epochs after ``since``."""
+def distributions(epochs: dict[int, dict[str, float]]) -> dict[str, dict[str, float | int]]:
+    """The distribution of every value name (``time`` aside) over these epochs."""
     keys = sorted({key for values in epochs.values() for key in values} - {"time"})
-    return {key: distribution(values[key] for epoch, values in epochs.items()
-                              if epoch > since and key in values) for key in keys}
+    return {key: distribution(values[key] for values in epochs.values() if key in values) for key in keys}
