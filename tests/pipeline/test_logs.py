@@ -117,3 +117,11 @@ def test_demo_without_a_terminal_writes_status_lines_and_events(tmp_path):
     assert any(" pagepipe status " in line and "ack median" in line for line in lines)
     assert any("connected: zmq-src0[0]: receiving from a sender" in line for line in lines)
     assert "replica vs source, byte for byte: identical" in result.stdout
+
+
+def test_a_sender_without_receiver_says_what_it_waits_for_then_fails_in_one_line():
+    endpoint = free_tcp_endpoint()
+    result = _pagepipe("launch", f"test-src epochs=2 ! frame ! zmq-sink endpoint={endpoint} insecure=true timeout=2s")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"waiting: zmq-sink0[0]: waiting for a receiver at {endpoint}" in result.stdout
+    assert f"no receiver took data at {endpoint}" in result.stderr.splitlines()[0]
