@@ -29,6 +29,7 @@ from .bus import Message
 from .errors import ConfigError, CorruptData, StageFailed
 from .graph import Plan
 from .registry import class_path
+from .stage import Stage
 from .shm import ring_name
 from .worker import InputSpec, OutputSpec, Worker, WorkerSpec, run_worker_process
 
@@ -72,9 +73,9 @@ def _describe_exit(code: int | None) -> str:
 class _Thread:
     """A ``runs_in_caller`` worker: a thread of the supervising process."""
 
-    def __init__(self, worker: Worker):
+    def __init__(self, worker: Worker, stop_event: threading.Event):
         self.worker = worker
-        self.stop_event = worker.stop_event
+        self.stop_event = stop_event
         self.thread = threading.Thread(target=self._run, name=f"pagepipe-{worker.spec.stage_name}", daemon=True)
         self.exitcode: int | None = None
 
@@ -107,7 +108,7 @@ class ProcessExecution:
         self._finished = False
 
     # ---- start ---------------------------------------------------------
-    def specs(self, directory: str) -> list[tuple[WorkerSpec, object]]:
+    def specs(self, directory: str) -> list[tuple[WorkerSpec, Stage | None]]:
         """Every worker's spec (and its caller-side stage object, for runs_in_caller stages)."""
         nodes = self.plan.nodes
 
@@ -168,13 +169,15 @@ class ProcessExecution:
             self._bus = self._context.socket(zmq.PULL)
             self._bus.linger = 0
             self._bus.bind(f"ipc://{self._directory}/bus")
-            context = multiprocessing.get_context(self.start_method)
+            context = (multiprocessing.get_context("forkserver") if self.start_method == "forkserver"
+                       else multiprocessing.get_context("spawn"))
             if self.start_method == "forkserver":
                 context.set_forkserver_preload(["pipeline.worker", "numpy", "zmq"])
             for spec, stage in specs:
                 key = (spec.stage_name, spec.worker_index)
                 if stage is not None:
-                    thread = _Thread(Worker(spec, stage=stage, stop_event=threading.Event()))
+                    stop_event = threading.Event()
+                    thread = _Thread(Worker(spec, stage=stage, stop_event=stop_event), stop_event)
                     self.threads[key] = thread
                     thread.start()
                 else:
@@ -211,9 +214,11 @@ class ProcessExecution:
         self._finished = not pending
 
     def _drain_bus(self, post: Callable[[Message], None], pending: set) -> None:
+        bus = self._bus
+        assert bus is not None  # bound by launch() before any worker starts
         while True:
             try:
-                raw = self._bus.recv_json(zmq.NOBLOCK)
+                raw = bus.recv_json(zmq.NOBLOCK)
             except zmq.Again:
                 return
             except ValueError as exc:
@@ -232,7 +237,7 @@ class ProcessExecution:
         deadline = time.monotonic() + EXIT_REPORT_GRACE
         while key in pending and time.monotonic() < deadline:
             self._drain_bus(post, pending)
-            if key in pending:
+            if key in pending and self._bus is not None:
                 self._bus.poll(20)
         if key in pending:
             process = self.processes.get(key)

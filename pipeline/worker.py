@@ -41,7 +41,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import setproctitle
 import zmq
@@ -83,6 +83,9 @@ SUPERVISOR_GONE_SIGNAL = signal.SIGUSR1
 SUPERVISOR_GONE_GRACE = 1.0
 """Seconds a worker whose supervisor died gets to stop its stage before it kills itself."""
 EXIT_SUPERVISOR_GONE = 3
+BUS_LINGER_MS = 10000
+"""The supervisor reads its bus all the time: bus messages it has not taken within this long have no reader, and
+a worker's exit never waits on them longer (the data links keep waiting: their last messages must arrive)."""
 _supervisor_gone = threading.Event()
 """Set by the supervisor watch (a process worker's supervisor has exited)."""
 
@@ -148,6 +151,9 @@ def _frames_cost(frames: list) -> int:
 class Worker:
     """Run one stage worker until its stream ends, it fails, or it is told to stop."""
 
+    core: WorkerCore
+    """The stage driven by this worker; set by ``_build``."""
+
     def __init__(self, spec: WorkerSpec, stage: Stage | None = None,
                  stop_event: threading.Event | None = None,
                  local_post: Callable[[Message], None] | None = None):
@@ -175,7 +181,6 @@ class Worker:
         self._pending: dict[tuple[int, int], list] = {}  # (output link, worker) -> small batches' frames to send
         self._pending_bytes = 0
         self._hold_data = False
-        self.core: WorkerCore | None = None
 
     # ---- bus -----------------------------------------------------------
     def post(self, kind: str, **fields: Any) -> None:
@@ -196,6 +201,7 @@ class Worker:
         try:
             if self.spec.bus_endpoint:
                 self._bus = self._socket(zmq.PUSH)
+                self._bus.linger = BUS_LINGER_MS if self.spec.linger_ms < 0 else min(self.spec.linger_ms, BUS_LINGER_MS)
                 self._bus.connect(self.spec.bus_endpoint)
             self._check_alive()
             self._build()
@@ -267,7 +273,7 @@ class Worker:
         return socket
 
     def _stop_stage(self, code: int) -> int:
-        if self.core is None:
+        if getattr(self, "core", None) is None:   # failed before _build
             return code
         try:
             self.core.stop()
@@ -280,7 +286,7 @@ class Worker:
     def _close(self, code: int) -> None:
         orphaned = bool(self.spec.supervisor_pid) and not _alive(self.spec.supervisor_pid)
         for socket in self._sockets:
-            if code != 0 and (socket is not self._bus or orphaned):   # nobody reads an orphan's bus messages
+            if orphaned or (code != 0 and socket is not self._bus):   # nobody reads what an orphan sends
                 socket.linger = 0
             socket.close()
         self._context.term()
@@ -307,8 +313,8 @@ class Worker:
         records = self.core.epoch_records()
         if records:
             self.post("epochs", records=records)
-        for element, stats in self.core.statistics():
-            self._post_as(element, "stats", stats)
+        for element, figures in self.core.statistics():
+            self._post_as(element, "stats", figures)
 
     # ---- receiving -----------------------------------------------------
     def _produce(self) -> None:
@@ -365,7 +371,7 @@ class Worker:
         for _ in range(DRAIN_LIMIT):
             # Ask for events rather than catch zmq.Again: messages mostly arrive one per wake-up, and raising
             # Again each time costs more than the question.
-            if not socket.get(_EVENTS) & _POLLIN:
+            if not cast(int, socket.get(_EVENTS)) & _POLLIN:   # EVENTS is an int option
                 break
             first = socket.recv(_NOBLOCK, copy=False)
             frames = [first]
@@ -392,6 +398,7 @@ class Worker:
         while self._released:
             index, offset, kind = self._released.pop()
             _, credit, link = self._inputs[index]
+            assert credit is not None  # rings (and their releases) exist only on credited links
             try:
                 credit.send(RELEASE.pack(link, self.spec.worker_index, offset, kind), zmq.NOBLOCK)
             except zmq.Again:
@@ -460,7 +467,9 @@ class Worker:
         packed = ring.pack(frames)
         # wait while downstream makes progress; a ring that stays full (a receiver holding old slots)
         # falls back to the socket: never a deadlock
-        while packed is None and self._credit.poll(RING_WAIT_MS, _POLLIN):
+        credit = self._credit
+        assert credit is not None  # a worker with credited outputs has a credit socket
+        while packed is None and credit.poll(RING_WAIT_MS, _POLLIN):
             self._collect_credit()
             packed = ring.pack(frames)
             self._tick()
@@ -474,7 +483,9 @@ class Worker:
 
     def _await_credit(self) -> None:
         """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
-        if self._credit.poll(POLL_MS, zmq.POLLIN):
+        credit = self._credit
+        assert credit is not None  # only credited links wait for credit
+        if credit.poll(POLL_MS, zmq.POLLIN):
             self._collect_credit()
         else:
             self._check_alive()
@@ -482,7 +493,7 @@ class Worker:
 
     def _collect_credit(self) -> None:
         """Take every credit message waiting: bytes downstream workers have taken off their sockets."""
-        while self._credit is not None and self._credit.get(_EVENTS) & _POLLIN:
+        while self._credit is not None and cast(int, self._credit.get(_EVENTS)) & _POLLIN:
             message = self._credit.recv()
             if len(message) == RELEASE.size:
                 self._release(*RELEASE.unpack(message))
@@ -501,10 +512,10 @@ class Worker:
             if self._released:  # the held arrays may have been the last views of an upstream slot
                 self._return_slots()
             return
-        if kind != SLOT or link >= len(self._send_rings) or self._send_rings[link] is None \
-                or worker >= len(self._send_rings[link]):
+        rings = self._send_rings[link] if link < len(self._send_rings) else None
+        if kind != SLOT or rings is None or worker >= len(rings):
             raise CorruptData(f"ring release of kind {kind} for unknown link {link} worker {worker}")
-        self._send_rings[link][worker].release(offset)
+        rings[worker].release(offset)
 
     def _send(self, socket: zmq.Socket, frames: list) -> None:
         """Send one multipart message, waiting (and checking for stop) while the socket is full.
@@ -549,7 +560,7 @@ def _watch_supervisor(pid: int) -> None:
     tracker see their pipes close and exit.
     """
     signal.signal(SUPERVISOR_GONE_SIGNAL, _raise_stopped)
-    main = threading.main_thread().ident
+    main = threading.get_ident()          # called on the main thread
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:

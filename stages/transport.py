@@ -35,10 +35,10 @@ from pipeline.stage import Property, Stage, StageContext
 
 from .classify import Classify
 from .xor_delta import XorDelta
-from .codecs import Encoded, get_codec
+from .codecs import ChainCodec, Encoded, EntropyCodec, PageCodec, get_codec
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
-from .common.security import CurveProperties, LinkSecurity
+from .common.security import CurveProperties, Gatekeeper, LinkSecurity
 
 _ZERO_COPY_BYTES = 64 << 10
 WAITING_NOTICE_MS = 1000
@@ -69,6 +69,7 @@ class _ZmqStage(CurveProperties, Stage):
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
+    bind: bool                      # a property of each subclass, with its own default
     endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path", required=True)
 
     def start(self, context: StageContext) -> None:
@@ -76,7 +77,7 @@ class _ZmqStage(CurveProperties, Stage):
         if not self.endpoint:
             raise TransportError(f"{self.factory_name}: no endpoint= given")
         security = self.link_security(self.endpoint, self.bind)
-        self._gatekeeper = None
+        self._gatekeeper: Gatekeeper | None = None
         self._socket = self._open(security)
         self.counters.update({"messages": 0, self.bytes_counter: 0})
 
@@ -114,7 +115,7 @@ class _ZmqStage(CurveProperties, Stage):
     def stop(self) -> None:
         sock = getattr(self, "_socket", None)
         if sock is not None:
-            self._socket = None
+            del self._socket
             self._close(sock)
 
 
@@ -141,7 +142,7 @@ class ZmqSink(_ZmqStage):
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:   # the stream is bytes: pieces of at most MESSAGE_BYTES fit any receiver's limit
-            view = memoryview(payload).cast("B")
+            view = payload.data.cast("B")
             for start in range(0, len(view), MESSAGE_BYTES):
                 self._send(view[start:start + MESSAGE_BYTES])
         self._post_refusals()
@@ -299,7 +300,7 @@ class FileSink(Stage):
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:
-            self._write(memoryview(payload).cast("B"))
+            self._write(payload.data.cast("B"))
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
@@ -340,7 +341,7 @@ class FileSink(Stage):
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
-            self._fd = None
+            del self._fd
 
 
 class FileSource(Stage):
@@ -408,12 +409,13 @@ class TraceSource(Stage):
     def produce(self) -> Iterator[Batch]:
         self._image = np.zeros((0, 4096), dtype=np.uint8)
         self._touched: list[np.ndarray] = []
-        self._codecs: dict[str, object] = {}
+        self._codecs: dict[str, PageCodec | ChainCodec] = {}
         self._sequence = 0
         self._clock: tuple[float, float] | None = None   # (recorded time, wall time) of the first epoch
         context = StageContext(stage_name=self.factory_name, post=self.context.post)
         with _mapped(self.path, self.factory_name) as trace:
-            steps = (self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
+            steps: Iterable[tuple[float | None, Iterable[Batch]]] = (
+                self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
             if self.preload:
                 steps = [(recorded, list(batches)) for recorded, batches in steps]
             for recorded, batches in steps:
@@ -452,10 +454,16 @@ class TraceSource(Stage):
         if batch.format == ENCODED:
             chain = batch.meta["codec"]
             if chain not in self._codecs:
-                self._codecs[chain] = get_codec(chain)
+                codec = get_codec(chain)
+                if isinstance(codec, EntropyCodec):
+                    raise CorruptData(f"{self.factory_name}: {self.path}: epoch {batch.epoch} names codec {chain!r}, "
+                                      f"which does not encode pages")
+                self._codecs[chain] = codec
+            assert batch.payload is not None and batch.offsets is not None   # deframe emits them with ENCODED
             encoded = Encoded(batch.payload, batch.offsets, batch.kinds, chain, batch.meta["raw_size"])
             self._codecs[chain].decode(encoded, self._image, rows=batch.page_numbers)
         else:
+            assert batch.data is not None                                    # and data with PAGES
             self._image[batch.page_numbers] = batch.data
         self._touched.append(batch.page_numbers)
 
@@ -508,7 +516,7 @@ class TraceSourceInto(TraceSource):
             raise ConfigError(f"{self.factory_name}: built by fusing trace-src with a stage; no consumer= given")
         consumer_class, consumer_properties = self.consumer
         self._consumer: Stage = consumer_class(**consumer_properties)
-        self.output_caps = self._consumer.output_caps
+        setattr(self, "output_caps", self._consumer.output_caps)   # per instance: what the fused consumer emits
         self.fusion = Fusion.join(self, self._consumer)
         self._replayed = self.fusion.link_after(self)
 

@@ -17,8 +17,9 @@ against its stored digest while it is still in cache, and the digests against
 the manifest's image digest. A manifest of another format version is refused
 with ReplicaError. Like a restarted replica-sink, resuming completes a commit
 that was interrupted (its journal is complete); the replica must not be open
-for writing elsewhere then (stop or fence its receiver first). A commit that
-begins while the files are read makes the reading start again.
+for writing elsewhere then (a running receiver's lock makes that a
+ReplicaLocked; after a failover its sink has settled, so nothing is pending).
+A commit that begins while the files are read makes the reading start again.
 """
 from __future__ import annotations
 
