@@ -31,8 +31,8 @@ def test_launch_without_a_terminal_writes_status_lines_with_epoch_statistics():
 
 
 def test_json_lines_are_status_events_then_a_summary():
-    result = _pagepipe("launch", "--log-format", "json", "--stats-interval", "300ms",
-                       "workload-src kind=kv size=1MiB seconds=1s rate=40 ! classify ! xor-delta ! rle ! frame ! null-sink")
+    result = _pagepipe("launch", "--log-format", "json", "--stats-interval", "300ms",   # records come once a second
+                       "workload-src kind=kv size=1MiB seconds=4s rate=40 ! classify ! xor-delta ! rle ! frame ! null-sink")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert {line["type"] for line in lines[:-1]} <= {"status", "event"} and lines[-1]["type"] == "summary"
