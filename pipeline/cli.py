@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 from importlib.metadata import entry_points
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from rich.console import Console
 
