@@ -21,7 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from multiprocessing.context import DefaultContext
+from typing import Callable, cast
 
 import zmq
 
@@ -31,6 +32,7 @@ from .graph import Plan
 from .registry import class_path
 from .stage import Stage
 from .shm import ring_name
+from .stage import Stage
 from .worker import InputSpec, OutputSpec, Worker, WorkerSpec, run_worker_process
 
 TERMINATE_GRACE = 2.0
@@ -92,12 +94,14 @@ class _Thread:
 class ProcessExecution:
     """Start, watch and stop the workers of a plan in separate processes."""
 
-    def __init__(self, plan: Plan, max_inflight: int, start_method: str = "forkserver"):
+    def __init__(self, plan: Plan, max_inflight: int, start_method: str = "forkserver", name: str = ""):
         if start_method not in ("forkserver", "spawn"):
             raise ConfigError(f"start method {start_method!r}: use forkserver or spawn (never fork)")
         self.plan = plan
         self.max_inflight = max_inflight
         self.start_method = start_method
+        self.name = name or f"pid {os.getpid()}"
+        """Shown in the workers' process titles (``pagepipe: xor-delta0 worker 1/2 of NAME``)."""
         self.processes: dict[tuple[str, int], multiprocessing.process.BaseProcess] = {}
         self.threads: dict[tuple[str, int], _Thread] = {}
         self._directory = ""
@@ -144,7 +148,7 @@ class ProcessExecution:
                     credit_endpoint=credit(index, worker) if node.downstream else None,
                     bus_endpoint=f"ipc://{directory}/bus", max_inflight=self.max_inflight,
                     supervisor_pid=0 if caller_side else os.getpid(),
-                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1,
+                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1, pipeline_name=self.name,
                     arena=None if caller_side else (directory, index), output_shards=self.plan.output_shards(index))
                 result.append((spec, node.stage if caller_side else None))
         return result
@@ -189,12 +193,20 @@ class ProcessExecution:
             raise
 
     # ---- watch ---------------------------------------------------------
+    @property
+    def _bus_socket(self) -> zmq.Socket:
+        """The bus, once ``launch`` bound it."""
+        if self._bus is None:
+            raise RuntimeError("supervise() before launch()")
+        return self._bus
+
     def supervise(self, post: Callable[[Message], None], should_stop: Callable[[], bool]) -> None:
         """Forward bus messages until every worker is done; raise StageFailed on the first failure."""
+        bus = self._bus_socket
         pending = set(self.processes) | set(self.threads)
         judged: set[tuple[str, int]] = set()
         poller = zmq.Poller()
-        poller.register(self._bus, zmq.POLLIN)
+        poller.register(bus, zmq.POLLIN)
         sentinels = {process.sentinel: key for key, process in self.processes.items()}
         for sentinel in sentinels:
             poller.register(sentinel, zmq.POLLIN)
@@ -227,7 +239,7 @@ class ProcessExecution:
             key = (message.stage, message.worker)
             if message.kind == "error":
                 raise StageFailed(message.stage, message.worker, str(message.fields.get("reason", "")),
-                                  str(message.fields.get("traceback", "")))
+                                  str(message.fields.get("traceback", "")), str(message.fields.get("category", "bug")))
             if message.kind == "done":
                 pending.discard(key)
 

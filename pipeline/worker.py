@@ -44,11 +44,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
 import numpy as np
+import setproctitle
 import zmq
 
 from .batch import Batch
 from .bus import STATS_INTERVAL, Message, json_default
-from .errors import CorruptData
+from .errors import CorruptData, error_category
 from .core import WorkerCore
 from .registry import import_target
 from .routing import Router
@@ -139,6 +140,7 @@ class WorkerSpec:
     max_inflight: int = 32 << 20
     supervisor_pid: int = 0
     linger_ms: int = -1
+    pipeline_name: str = ""
     output_shards: int = 1
     """Workers the single downstream stage shards pages among (StageContext.output_shards)."""
     arena: tuple[str, int] | None = None
@@ -216,7 +218,7 @@ class Worker:
             self._check_alive()
             self._build()
             self._cpu_at_start = time.process_time()
-            self.core.start()
+            self._core.start()
             if self.spec.inputs:
                 self._serve()
             else:
@@ -228,7 +230,8 @@ class Worker:
             code = 2
         except BaseException as exc:  # reported on the bus, then the process exits non-zero
             code = 1
-            self.post("error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            self.post("error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                      category=error_category(exc))
         finally:
             code = self._stop_stage(code)
             if code == 0:
@@ -318,18 +321,28 @@ class Worker:
             self._post_statistics()
             self._check_alive()
 
+    @property
+    def _core(self) -> WorkerCore:
+        """The worker's engine, once ``_build`` made it."""
+        if self.core is None:
+            raise RuntimeError(f"{self.spec.stage_name}: worker used before it was built")
+        return self.core
+
     def _post_statistics(self) -> None:
-        stats = self.core.stats
+        stats = self._core.stats
         self._collect_credit()
         stats.queue_bytes = sum(self._inflight.values())
         if self.stop_event is None:  # a process of its own
             stats.cpu_seconds = time.process_time() - self._cpu_at_start
+        records = self.core.epoch_records()
+        if records:
+            self.post("epochs", records=records)
         for element, figures in self.core.statistics():
             self._post_as(element, "stats", figures)
 
     # ---- receiving -----------------------------------------------------
     def _produce(self) -> None:
-        for _ in self.core.produce():
+        for _ in self._core.produce():
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Stopped()
             self.core.tick()
@@ -339,7 +352,7 @@ class Worker:
     def _serve(self) -> None:
         poller = zmq.Poller()
         registered: set[int] = set()
-        core = self.core
+        core = self._core
         if self._credit is not None:  # releases of forwarded batches must flow upstream while this worker idles
             poller.register(self._credit, zmq.POLLIN)
         while not core.finished:
@@ -376,7 +389,7 @@ class Worker:
         self._return_slots()
 
     def _drain(self, index: int, socket: zmq.Socket) -> None:
-        core = self.core
+        core = self._core
         threshold = self.spec.max_inflight // 4
         ring = self._receive_rings[index]
         for _ in range(DRAIN_LIMIT):
@@ -629,8 +642,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_title(spec: WorkerSpec) -> str:
+    """``pagepipe: xor-delta0 worker 1/2 of NAME``: what ps, top and pkill -f see of a worker."""
+    title = f"pagepipe: {spec.stage_name} worker {spec.worker_index + 1}/{spec.worker_count}"
+    return f"{title} of {spec.pipeline_name}" if spec.pipeline_name else title
+
+
 def run_worker_process(spec: WorkerSpec) -> None:
     """Entry point of a worker process (spawn/forkserver target)."""
+    setproctitle.setproctitle(process_title(spec))
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     if spec.supervisor_pid:

@@ -14,10 +14,10 @@ from typing import Any, Iterable
 import numpy as np
 
 from pipeline.batch import DELTAS, ENCODED, Batch, PageKind
-from pipeline.errors import ConfigError, CorruptData
+from pipeline.errors import CorruptData
 from pipeline.stage import Property, Stage
-from stages.classify import first_bad_kind
-from stages.codecs import PAGE_CODECS, Encoded, PageCodec, get_codec
+from stages.common.checks import array_of, check_format_page_size, first_bad_kind, page_data
+from stages.codecs import PAGE_CODECS, Encoded, get_page_codec
 
 RUN_FORMATS = tuple(PAGE_CODECS)
 _DELTAS_KINDS = (PageKind.DELTA, PageKind.FULL, PageKind.RAW, PageKind.ZERO)
@@ -42,13 +42,14 @@ def assemble_encoded(batch: Batch, kinds: np.ndarray, delta_rows: np.ndarray, en
         delta_kinds = np.asarray(encoded.kinds, dtype=np.uint8)
     page_size = batch.page_size
     delta_end = int(delta_offsets[-1])
+    data = page_data(batch, "rle")
     if whole_rows.shape[0] == batch.npages:
-        payload = batch.data.reshape(-1)  # every page whole (a first checkpoint): no copy
+        payload = data.reshape(-1)  # every page whole (a first checkpoint): no copy
     elif whole_rows.shape[0]:
         payload = np.empty(delta_end + whole_rows.shape[0] * page_size, dtype=np.uint8)
         payload[:delta_end] = delta_payload
         # mode="clip": the rows are valid by construction, and the default mode copies through a buffer
-        np.take(batch.data, whole_rows, axis=0, out=payload[delta_end:].reshape(-1, page_size), mode="clip")
+        np.take(data, whole_rows, axis=0, out=payload[delta_end:].reshape(-1, page_size), mode="clip")
     else:
         payload = delta_payload
     whole_ends = delta_end + page_size * np.arange(1, whole_rows.shape[0] + 1, dtype=np.uint64)
@@ -66,14 +67,6 @@ def assemble_encoded(batch: Batch, kinds: np.ndarray, delta_rows: np.ndarray, en
     )
 
 
-def check_format_page_size(codec: PageCodec, batch: Batch, where: str) -> None:
-    """ConfigError naming ``where`` if the run format does not define the batch's page size (xbzrle, xen: 4096)."""
-    try:
-        codec.check_page_size(batch.page_size)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 class RunLengthEncode(Stage):
     factory_name = "rle"
     description = "Run-length encode each page's XOR delta (native, QEMU xbzrle or Xen format); whole pages pass as-is"
@@ -84,7 +77,7 @@ class RunLengthEncode(Stage):
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
-        self._codec = get_codec(self.format)
+        self._codec = get_page_codec(self.format)
         self.counters.update(overflows=0, unchanged=0, bytes_in=0, bytes_out=0)
 
     def process(self, batch: Batch) -> Iterable[Batch]:
@@ -93,15 +86,15 @@ class RunLengthEncode(Stage):
         encoded = None
         if delta_rows.shape[0]:
             # Fancy indexing copies, so the codec may bring ``cached`` up to date without touching the batch.
-            cached = batch.reference[delta_rows]
-            all_delta = delta_rows.shape[0] == batch.npages
-            current = np.ascontiguousarray(batch.data) if all_delta else batch.data[delta_rows]
+            cached = array_of(batch, "reference", self.factory_name)[delta_rows]
+            data = page_data(batch, self.factory_name)
+            current = np.ascontiguousarray(data) if delta_rows.shape[0] == batch.npages else data[delta_rows]
             encoded = self._codec.encode(current, cached)
             self.counters["overflows"] += int(np.count_nonzero(encoded.kinds == PageKind.FULL))
             self.counters["unchanged"] += int(np.count_nonzero(encoded.kinds == PageKind.UNCHANGED))
         out = assemble_encoded(batch, batch.kinds, delta_rows, encoded, self._codec.name)
         self.counters["bytes_in"] += int(np.count_nonzero(batch.kinds != PageKind.ZERO)) * batch.page_size
-        self.counters["bytes_out"] += int(out.payload.shape[0])
+        self.counters["bytes_out"] += int(array_of(out, "payload", self.factory_name).shape[0])
         yield out
 
     def _check(self, batch: Batch) -> None:

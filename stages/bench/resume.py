@@ -33,7 +33,8 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.units import parse_size
 from stages.common.pages import combine_digests, digest_pages
-from stages.common.replica_store import IMAGE, Layout, ReplicaStore, whole_pages
+from stages.common.layout import Layout
+from stages.common.replica_store import IMAGE, ReplicaStore, whole_pages
 from stages.trackers.region import PAGE_SIZE
 from stages.trackers.resume import resume_from_replica
 from stages.trackers.uffd import WriteTracker

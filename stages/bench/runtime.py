@@ -44,6 +44,7 @@ from pipeline.bus import RunResult, stage_totals
 from pipeline.pipeline import Pipeline
 from pipeline.stage import Property, Stage, StageContext
 from stages.basic import Identity, TestSource
+from stages.common.checks import page_data
 
 MiB = 1 << 20
 GB = 1e9
@@ -137,7 +138,8 @@ class ZstdPages(Stage):
         self._compressor = zstandard.ZstdCompressor(level=self.level)
 
     def process(self, batch: Batch) -> Iterable[Batch]:
-        payload = np.frombuffer(self._compressor.compress(batch.data), dtype=np.uint8)
+        pages = memoryview(page_data(batch, self.factory_name)).cast("B")
+        payload = np.frombuffer(self._compressor.compress(pages), dtype=np.uint8)
         offsets = np.full(batch.npages + 1, payload.shape[0], dtype=np.uint64)
         offsets[0] = 0  # the whole frame is filed under the first page
         yield Batch(format=ENCODED, epoch=batch.epoch, sequence=batch.sequence, page_numbers=batch.page_numbers,
@@ -240,7 +242,8 @@ def raw_pyzmq_rate(total_bytes: int, size: int = MiB) -> float:
 def chain_run(identities: int, total_bytes: int) -> Run:
     """``test-src ! identity x N ! rate-sink`` moving 1 MiB batches of pages the source wrote once."""
     batches = max(4, total_bytes // MiB)
-    stages = [TestSource(epochs=1, pages=batches * PAGES_PER_MiB, batch_pages=PAGES_PER_MiB, pattern="zeros")]
+    stages: list[Stage] = [TestSource(epochs=1, pages=batches * PAGES_PER_MiB, batch_pages=PAGES_PER_MiB,
+                                      pattern="zeros")]
     stages += [Identity() for _ in range(identities)] + [RateSink()]
     return measure(stages)[0]
 
@@ -251,8 +254,8 @@ def chain_rate(identities: int, total_bytes: int) -> float:
 
 def overhead_per_batch(batches: int) -> tuple[float, float]:
     """CPU seconds per batch of an identity worker, and wall seconds per batch at the sink (one-page batches)."""
-    stages = [TestSource(epochs=1, pages=batches, batch_pages=1, pattern="zeros"),
-              Identity(), Identity(), Identity(), RateSink()]
+    stages: list[Stage] = [TestSource(epochs=1, pages=batches, batch_pages=1, pattern="zeros"),
+                           Identity(), Identity(), Identity(), RateSink()]
     rate, result = _sink_rate(stages)
     per_batch = [result.statistics[(s.name, 0)]["cpu_seconds"] / result.statistics[(s.name, 0)]["batches_in"]
                  for s in stages[1:4]]
@@ -305,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         identities = [value for name, value in figures["chain3_cpu_per_gb"].items() if name.startswith("identity")]
         figures["pass_through_cpu_us"] = statistics.median(identities) * MiB / GB * 1e6  # CPU per 1 MiB batch
     with console.status("overhead per batch"):
-        runs = [overhead_per_batch(args.batches) for _ in range(args.repeat)]
-        figures["overhead_cpu_us"] = statistics.median(cpu for cpu, _ in runs) * 1e6
-        figures["overhead_wall_us"] = statistics.median(wall for _, wall in runs) * 1e6
+        overheads = [overhead_per_batch(args.batches) for _ in range(args.repeat)]
+        figures["overhead_cpu_us"] = statistics.median(cpu for cpu, _ in overheads) * 1e6
+        figures["overhead_wall_us"] = statistics.median(wall for _, wall in overheads) * 1e6
     with console.status("scaling of a CPU-bound stage, workers=1 and 2 interleaved"):
         pairs = [(scaling_run(1, args.epochs), scaling_run(2, args.epochs)) for _ in range(args.repeat)]
         figures["zstd_w1_mbps"] = statistics.median(one.rate for one, _ in pairs) / 1e6

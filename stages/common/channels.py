@@ -29,6 +29,7 @@ from typing import Callable
 import xxhash
 
 from pipeline.errors import ConfigError, CorruptData, TransportError
+from pipeline.units import parse_endpoint
 
 from . import wire
 
@@ -91,10 +92,11 @@ def channel_endpoints(endpoint: str, channels: int) -> list[str]:
     if not 1 <= channels <= MAX_CHANNELS:
         raise ConfigError(f"channels={channels}: use 1 to {MAX_CHANNELS}")
     if "," in endpoint:
-        listed = [part.strip() for part in endpoint.split(",")]
+        listed = [parse_endpoint(part.strip()) for part in endpoint.split(",")]
         if len(listed) != channels:
             raise ConfigError(f"endpoint lists {len(listed)} endpoints for channels={channels}")
         return listed
+    endpoint = parse_endpoint(endpoint)
     if channels == 1:
         return [endpoint]
     if endpoint.startswith("ipc://"):
