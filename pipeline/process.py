@@ -21,8 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from multiprocessing.context import DefaultContext
-from typing import Callable, cast
+from typing import Callable
 
 import zmq
 
@@ -30,8 +29,8 @@ from .bus import Message
 from .errors import ConfigError, CorruptData, StageFailed
 from .graph import Plan
 from .registry import class_path
-from .shm import ring_name
 from .stage import Stage
+from .shm import ring_name
 from .worker import InputSpec, OutputSpec, Worker, WorkerSpec, run_worker_process
 
 TERMINATE_GRACE = 2.0
@@ -74,11 +73,9 @@ def _describe_exit(code: int | None) -> str:
 class _Thread:
     """A ``runs_in_caller`` worker: a thread of the supervising process."""
 
-    def __init__(self, worker: Worker):
+    def __init__(self, worker: Worker, stop_event: threading.Event):
         self.worker = worker
-        if worker.stop_event is None:
-            raise ValueError("a caller-side worker needs a stop event")
-        self.stop_event: threading.Event = worker.stop_event
+        self.stop_event = stop_event
         self.thread = threading.Thread(target=self._run, name=f"pagepipe-{worker.spec.stage_name}", daemon=True)
         self.exitcode: int | None = None
 
@@ -170,13 +167,15 @@ class ProcessExecution:
             self._bus = self._context.socket(zmq.PULL)
             self._bus.linger = 0
             self._bus.bind(f"ipc://{self._directory}/bus")
-            context = cast(DefaultContext, multiprocessing.get_context(self.start_method))  # has Process()
+            context = (multiprocessing.get_context("forkserver") if self.start_method == "forkserver"
+                       else multiprocessing.get_context("spawn"))
             if self.start_method == "forkserver":
                 context.set_forkserver_preload(["pipeline.worker", "numpy", "zmq"])
             for spec, stage in specs:
                 key = (spec.stage_name, spec.worker_index)
                 if stage is not None:
-                    thread = _Thread(Worker(spec, stage=stage, stop_event=threading.Event()))
+                    stop_event = threading.Event()
+                    thread = _Thread(Worker(spec, stage=stage, stop_event=stop_event), stop_event)
                     self.threads[key] = thread
                     thread.start()
                 else:
@@ -189,20 +188,12 @@ class ProcessExecution:
             raise
 
     # ---- watch ---------------------------------------------------------
-    @property
-    def _bus_socket(self) -> zmq.Socket:
-        """The bus, once ``launch`` bound it."""
-        if self._bus is None:
-            raise RuntimeError("supervise() before launch()")
-        return self._bus
-
     def supervise(self, post: Callable[[Message], None], should_stop: Callable[[], bool]) -> None:
         """Forward bus messages until every worker is done; raise StageFailed on the first failure."""
-        bus = self._bus_socket
         pending = set(self.processes) | set(self.threads)
         judged: set[tuple[str, int]] = set()
         poller = zmq.Poller()
-        poller.register(bus, zmq.POLLIN)
+        poller.register(self._bus, zmq.POLLIN)
         sentinels = {process.sentinel: key for key, process in self.processes.items()}
         for sentinel in sentinels:
             poller.register(sentinel, zmq.POLLIN)
@@ -221,9 +212,11 @@ class ProcessExecution:
         self._finished = not pending
 
     def _drain_bus(self, post: Callable[[Message], None], pending: set) -> None:
+        bus = self._bus
+        assert bus is not None  # bound by launch() before any worker starts
         while True:
             try:
-                raw = self._bus_socket.recv_json(zmq.NOBLOCK)
+                raw = bus.recv_json(zmq.NOBLOCK)
             except zmq.Again:
                 return
             except ValueError as exc:
@@ -242,8 +235,8 @@ class ProcessExecution:
         deadline = time.monotonic() + EXIT_REPORT_GRACE
         while key in pending and time.monotonic() < deadline:
             self._drain_bus(post, pending)
-            if key in pending:
-                self._bus_socket.poll(20)
+            if key in pending and self._bus is not None:
+                self._bus.poll(20)
         if key in pending:
             process = self.processes.get(key)
             code = process.exitcode if process is not None else code

@@ -82,6 +82,9 @@ SUPERVISOR_GONE_SIGNAL = signal.SIGUSR1
 SUPERVISOR_GONE_GRACE = 1.0
 """Seconds a worker whose supervisor died gets to stop its stage before it kills itself."""
 EXIT_SUPERVISOR_GONE = 3
+BUS_LINGER_MS = 10000
+"""The supervisor reads its bus all the time: bus messages it has not taken within this long have no reader, and
+a worker's exit never waits on them longer (the data links keep waiting: their last messages must arrive)."""
 _supervisor_gone = threading.Event()
 """Set by the supervisor watch (a process worker's supervisor has exited)."""
 
@@ -146,6 +149,9 @@ def _frames_cost(frames: list) -> int:
 class Worker:
     """Run one stage worker until its stream ends, it fails, or it is told to stop."""
 
+    core: WorkerCore
+    """The stage driven by this worker; set by ``_build``."""
+
     def __init__(self, spec: WorkerSpec, stage: Stage | None = None,
                  stop_event: threading.Event | None = None,
                  local_post: Callable[[Message], None] | None = None):
@@ -173,7 +179,6 @@ class Worker:
         self._pending: dict[tuple[int, int], list] = {}  # (output link, worker) -> small batches' frames to send
         self._pending_bytes = 0
         self._hold_data = False
-        self.core: WorkerCore | None = None
 
     # ---- bus -----------------------------------------------------------
     def post(self, kind: str, **fields: Any) -> None:
@@ -194,11 +199,12 @@ class Worker:
         try:
             if self.spec.bus_endpoint:
                 self._bus = self._socket(zmq.PUSH)
+                self._bus.linger = BUS_LINGER_MS if self.spec.linger_ms < 0 else min(self.spec.linger_ms, BUS_LINGER_MS)
                 self._bus.connect(self.spec.bus_endpoint)
             self._check_alive()
             self._build()
             self._cpu_at_start = time.process_time()
-            self._core.start()
+            self.core.start()
             if self.spec.inputs:
                 self._serve()
             else:
@@ -264,7 +270,7 @@ class Worker:
         return socket
 
     def _stop_stage(self, code: int) -> int:
-        if self.core is None:
+        if getattr(self, "core", None) is None:   # failed before _build
             return code
         try:
             self.core.stop()
@@ -277,7 +283,7 @@ class Worker:
     def _close(self, code: int) -> None:
         orphaned = bool(self.spec.supervisor_pid) and not _alive(self.spec.supervisor_pid)
         for socket in self._sockets:
-            if code != 0 and (socket is not self._bus or orphaned):   # nobody reads an orphan's bus messages
+            if orphaned or (code != 0 and socket is not self._bus):   # nobody reads what an orphan sends
                 socket.linger = 0
             socket.close()
         self._context.term()
@@ -295,25 +301,18 @@ class Worker:
             self._post_statistics()
             self._check_alive()
 
-    @property
-    def _core(self) -> WorkerCore:
-        """The worker's engine, once ``_build`` made it."""
-        if self.core is None:
-            raise RuntimeError(f"{self.spec.stage_name}: worker used before it was built")
-        return self.core
-
     def _post_statistics(self) -> None:
-        stats = self._core.stats
+        stats = self.core.stats
         self._collect_credit()
         stats.queue_bytes = sum(self._inflight.values())
         if self.stop_event is None:  # a process of its own
             stats.cpu_seconds = time.process_time() - self._cpu_at_start
-        for element, body in self._core.statistics():
-            self._post_as(element, "stats", body)
+        for element, figures in self.core.statistics():
+            self._post_as(element, "stats", figures)
 
     # ---- receiving -----------------------------------------------------
     def _produce(self) -> None:
-        for _ in self._core.produce():
+        for _ in self.core.produce():
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Stopped()
             self.core.tick()
@@ -323,7 +322,7 @@ class Worker:
     def _serve(self) -> None:
         poller = zmq.Poller()
         registered: set[int] = set()
-        core = self._core
+        core = self.core
         if self._credit is not None:  # releases of forwarded batches must flow upstream while this worker idles
             poller.register(self._credit, zmq.POLLIN)
         while not core.finished:
@@ -360,13 +359,13 @@ class Worker:
         self._return_slots()
 
     def _drain(self, index: int, socket: zmq.Socket) -> None:
-        core = self._core
+        core = self.core
         threshold = self.spec.max_inflight // 4
         ring = self._receive_rings[index]
         for _ in range(DRAIN_LIMIT):
             # Ask for events rather than catch zmq.Again: messages mostly arrive one per wake-up, and raising
             # Again each time costs more than the question.
-            if not cast(int, socket.get(_EVENTS)) & _POLLIN:
+            if not cast(int, socket.get(_EVENTS)) & _POLLIN:   # EVENTS is an int option
                 break
             first = socket.recv(_NOBLOCK, copy=False)
             frames = [first]
@@ -393,8 +392,7 @@ class Worker:
         while self._released:
             index, offset, kind = self._released.pop()
             _, credit, link = self._inputs[index]
-            if credit is None:  # rings (and so releases) exist only on credited links
-                continue
+            assert credit is not None  # rings (and their releases) exist only on credited links
             try:
                 credit.send(RELEASE.pack(link, self.spec.worker_index, offset, kind), zmq.NOBLOCK)
             except zmq.Again:
@@ -463,7 +461,9 @@ class Worker:
         packed = ring.pack(frames)
         # wait while downstream makes progress; a ring that stays full (a receiver holding old slots)
         # falls back to the socket: never a deadlock
-        while packed is None and self._credit is not None and self._credit.poll(RING_WAIT_MS, _POLLIN):
+        credit = self._credit
+        assert credit is not None  # a worker with credited outputs has a credit socket
+        while packed is None and credit.poll(RING_WAIT_MS, _POLLIN):
             self._collect_credit()
             packed = ring.pack(frames)
             self._tick()
@@ -477,7 +477,9 @@ class Worker:
 
     def _await_credit(self) -> None:
         """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
-        if self._credit is not None and self._credit.poll(POLL_MS, zmq.POLLIN):
+        credit = self._credit
+        assert credit is not None  # only credited links wait for credit
+        if credit.poll(POLL_MS, zmq.POLLIN):
             self._collect_credit()
         else:
             self._check_alive()
@@ -504,8 +506,8 @@ class Worker:
             if self._released:  # the held arrays may have been the last views of an upstream slot
                 self._return_slots()
             return
-        rings = self._send_rings[link] if kind == SLOT and link < len(self._send_rings) else None
-        if rings is None or worker >= len(rings):
+        rings = self._send_rings[link] if link < len(self._send_rings) else None
+        if kind != SLOT or rings is None or worker >= len(rings):
             raise CorruptData(f"ring release of kind {kind} for unknown link {link} worker {worker}")
         rings[worker].release(offset)
 
@@ -552,8 +554,7 @@ def _watch_supervisor(pid: int) -> None:
     tracker see their pipes close and exit.
     """
     signal.signal(SUPERVISOR_GONE_SIGNAL, _raise_stopped)
-    main = threading.main_thread().ident
-    assert main is not None  # the main thread is running: it called us
+    main = threading.get_ident()          # called on the main thread
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:

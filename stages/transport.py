@@ -36,7 +36,6 @@ from pipeline.stage import Property, Stage, StageContext
 from .classify import Classify
 from .xor_delta import XorDelta
 from .codecs import ChainCodec, Encoded, EntropyCodec, PageCodec, get_codec
-from .common.checks import array_of
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
 from .common.security import CurveProperties, Gatekeeper, LinkSecurity
@@ -68,8 +67,8 @@ class _ZmqStage(CurveProperties, Stage):
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
+    bind: bool                      # a property of each subclass, with its own default
     endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path")
-    bind = Property("bool", False, "Bind the endpoint instead of connecting (each stage sets its default)")
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -112,8 +111,9 @@ class _ZmqStage(CurveProperties, Stage):
         self._zmq.term()
 
     def stop(self) -> None:
-        sock = self.__dict__.pop("_socket", None)  # set by start(); closed once
+        sock = getattr(self, "_socket", None)
         if sock is not None:
+            del self._socket
             self._close(sock)
 
 
@@ -140,7 +140,7 @@ class ZmqSink(_ZmqStage):
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:   # the stream is bytes: pieces of at most MESSAGE_BYTES fit any receiver's limit
-            view = memoryview(payload).cast("B")
+            view = payload.data.cast("B")
             for start in range(0, len(view), MESSAGE_BYTES):
                 self._send(view[start:start + MESSAGE_BYTES])
         self._post_refusals()
@@ -287,7 +287,7 @@ class FileSink(Stage):
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:
-            self._write(memoryview(payload).cast("B"))
+            self._write(payload.data.cast("B"))
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
@@ -325,9 +325,10 @@ class FileSink(Stage):
                              f"(errno {exc.errno}); {kept}") from None
 
     def stop(self) -> None:
-        fd = self.__dict__.pop("_fd", None)  # opened by start(); closed once
+        fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
+            del self._fd
 
 
 class FileSource(Stage):
@@ -400,11 +401,11 @@ class TraceSource(Stage):
         self._clock: tuple[float, float] | None = None   # (recorded time, wall time) of the first epoch
         context = StageContext(stage_name=self.factory_name, post=self.context.post)
         with _mapped(self.path, self.factory_name) as trace:
-            steps = (self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
-            replayed: Iterable[tuple[float | None, Iterable[Batch]]] = steps
+            steps: Iterable[tuple[float | None, Iterable[Batch]]] = (
+                self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
             if self.preload:
-                replayed = [(recorded, list(batches)) for recorded, batches in steps]
-            for recorded, batches in replayed:
+                steps = [(recorded, list(batches)) for recorded, batches in steps]
+            for recorded, batches in steps:
                 self._wait_for(recorded)
                 yield from batches
 
@@ -442,13 +443,15 @@ class TraceSource(Stage):
             if chain not in self._codecs:
                 codec = get_codec(chain)
                 if isinstance(codec, EntropyCodec):
-                    raise CorruptData(f"{self.factory_name}: {self.path}: chain {chain!r} has no page format")
+                    raise CorruptData(f"{self.factory_name}: {self.path}: epoch {batch.epoch} names codec {chain!r}, "
+                                      f"which does not encode pages")
                 self._codecs[chain] = codec
-            encoded = Encoded(array_of(batch, "payload", self.factory_name),
-                              array_of(batch, "offsets", self.factory_name), batch.kinds, chain, batch.meta["raw_size"])
+            assert batch.payload is not None and batch.offsets is not None   # deframe emits them with ENCODED
+            encoded = Encoded(batch.payload, batch.offsets, batch.kinds, chain, batch.meta["raw_size"])
             self._codecs[chain].decode(encoded, self._image, rows=batch.page_numbers)
         else:
-            self._image[batch.page_numbers] = array_of(batch, "data", self.factory_name)
+            assert batch.data is not None                                    # and data with PAGES
+            self._image[batch.page_numbers] = batch.data
         self._touched.append(batch.page_numbers)
 
     def _emit_epoch(self, marker: Batch) -> Iterator[Batch]:
@@ -500,12 +503,9 @@ class TraceSourceInto(TraceSource):
             raise ConfigError(f"{self.factory_name}: built by fusing trace-src with a stage; no consumer= given")
         consumer_class, consumer_properties = self.consumer
         self._consumer: Stage = consumer_class(**consumer_properties)
+        setattr(self, "output_caps", self._consumer.output_caps)   # per instance: what the fused consumer emits
         self.fusion = Fusion.join(self, self._consumer)
         self._replayed = self.fusion.link_after(self)
-
-    def output_format(self, input_format: str | None) -> str | None:
-        """What the consumer emits for the pages it is fed."""
-        return self._consumer.output_format(PAGES)
 
     @classmethod
     def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":
