@@ -71,7 +71,6 @@ class _ZmqStage(CurveProperties, Stage):
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
     bind: bool                      # a property of each subclass, with its own default
     endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path", required=True)
-    bind = Property("bool", False, "Bind the endpoint instead of connecting (each stage sets its default)")
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -114,7 +113,7 @@ class _ZmqStage(CurveProperties, Stage):
         self._zmq.term()
 
     def stop(self) -> None:
-        sock = self.__dict__.pop("_socket", None)  # set by start(); closed once
+        sock = getattr(self, "_socket", None)
         if sock is not None:
             del self._socket
             self._close(sock)
@@ -339,7 +338,7 @@ class FileSink(Stage):
                              f"(errno {exc.errno}); {kept}") from None
 
     def stop(self) -> None:
-        fd = self.__dict__.pop("_fd", None)  # opened by start(); closed once
+        fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
             del self._fd
@@ -418,8 +417,8 @@ class TraceSource(Stage):
             steps: Iterable[tuple[float | None, Iterable[Batch]]] = (
                 self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
             if self.preload:
-                replayed = [(recorded, list(batches)) for recorded, batches in steps]
-            for recorded, batches in replayed:
+                steps = [(recorded, list(batches)) for recorded, batches in steps]
+            for recorded, batches in steps:
                 self._wait_for(recorded)
                 yield from batches
 
@@ -520,10 +519,6 @@ class TraceSourceInto(TraceSource):
         setattr(self, "output_caps", self._consumer.output_caps)   # per instance: what the fused consumer emits
         self.fusion = Fusion.join(self, self._consumer)
         self._replayed = self.fusion.link_after(self)
-
-    def output_format(self, input_format: str | None) -> str | None:
-        """What the consumer emits for the pages it is fed."""
-        return self._consumer.output_format(PAGES)
 
     @classmethod
     def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":
