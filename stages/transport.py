@@ -80,7 +80,6 @@ class _ZmqStage(CurveProperties, Stage):
     endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path (with channels=N: the "
                         "first of N consecutive ports or paths path, path.1, ..., or N endpoints, comma-separated)",
                         required=True, several=True)
-    bind = Property("bool", False, "Bind the endpoint instead of connecting (each stage sets its default)")
     channels = Property("int", 1, "Connections the stream is spread over, each with its own ZeroMQ context "
                                   "(stages.common.channels); sender and receiver must agree",
                         minimum=1, maximum=MAX_CHANNELS)
@@ -446,9 +445,10 @@ class FileSink(Stage):
                              f"(errno {exc.errno}); {kept}") from None
 
     def stop(self) -> None:
-        fd = self.__dict__.pop("_fd", None)  # opened by start(); closed once
+        fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
+            del self._fd
 
 
 class FileSource(Stage):
@@ -523,8 +523,9 @@ class TraceSource(Stage):
         with _mapped(self.path, self.factory_name) as trace:
             steps: Iterable[tuple[float | None, Iterable[Batch]]] = (
                 self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
-            replayed = [(recorded, list(batches)) for recorded, batches in steps] if self.preload else steps
-            for recorded, batches in replayed:
+            if self.preload:
+                steps = [(recorded, list(batches)) for recorded, batches in steps]
+            for recorded, batches in steps:
                 self._wait_for(recorded)
                 yield from batches
 
@@ -629,10 +630,6 @@ class TraceSourceInto(TraceSource):
         setattr(self, "output_caps", self._consumer.output_caps)   # per instance: what the fused consumer emits
         self.fusion = Fusion.join(self, self._consumer)
         self._replayed = self.fusion.link_after(self)
-
-    def output_format(self, input_format: str | None) -> str | None:
-        """What the consumer emits for the pages it is fed."""
-        return self._consumer.output_format(PAGES)
 
     @classmethod
     def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":
