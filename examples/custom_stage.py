@@ -91,7 +91,7 @@ def make_trace(args: argparse.Namespace, directory: Path) -> tuple[Path, str]:
     if corpus is not None:
         epochs = write_trace_from_npz(corpus, trace, epochs=args.epochs)
         return trace, f"memcached corpus, {epochs} epochs"
-    Pipeline.parse(f"workload-src kind={args.workload} size={args.size} seconds={args.seconds} rate=200 "
+    Pipeline.parse(f"workload-src kind={args.workload} size={args.size} seconds={args.seconds}s rate=200 "
                    f"! frame ! file-sink path={trace}").run(mode="inline", timeout=300)
     return trace, f"{args.workload} workload, {args.seconds} s"
 

@@ -14,6 +14,7 @@ from .batch import Batch, Flag
 from .bus import WorkerStatistics, plain_counters
 from .errors import ConfigError
 from .fusion import Fusion
+from .epoch_stats import EpochCounter
 from .routing import EpochPageCounter, FanIn
 from .stage import Stage, StageContext
 
@@ -42,6 +43,7 @@ class WorkerCore:
         self.stats = WorkerStatistics(context.stage_name, context.worker_index)
         self.finished = False
         self._last_epoch = 0
+        self._epoch_counter = EpochCounter()
         self._next_tick = 0.0
 
     def start(self) -> None:
@@ -60,13 +62,25 @@ class WorkerCore:
         return [(name, member_statistics(whole, fusion, index, name, self.context.stage_name))
                 for index, name in enumerate(self.elements)]
 
+    def epoch_records(self) -> list[list]:
+        """The per-epoch records waiting to be posted (``epochs`` bus message), taken."""
+        return self.context.recorder.take()
+
+    def _close_epoch(self, epoch: int) -> None:
+        stats = self.stats
+        self._epoch_counter.close(self.context.recorder, epoch, stats.bytes_in, stats.bytes_out,
+                                  stats.pages_in, stats.pages_out)
+
     def feed(self, input_index: int, batch: Batch) -> bool:
         """Give the stage one batch from upstream worker ``input_index``; True once the stream has ended."""
         self.stats.count_in(batch)
         for released in self.fan_in.push(input_index, batch):
             self._drive(self.stage.handle(released))
-            if released.is_control and released.flags & Flag.END_OF_STREAM:
-                self.finished = True
+            if released.is_control:
+                if released.flags & Flag.EPOCH_END:
+                    self._close_epoch(released.epoch)
+                if released.flags & Flag.END_OF_STREAM:
+                    self.finished = True
         return self.finished
 
     def produce(self) -> Iterator[None]:
@@ -91,6 +105,8 @@ class WorkerCore:
                 continue
             ended = bool(batch.is_control and batch.flags & Flag.END_OF_STREAM)
             self._emit(batch)
+            if batch.is_control and batch.flags & Flag.EPOCH_END:
+                self._close_epoch(batch.epoch)
             yield
         if not ended:
             self._emit(Batch.control(Flag.END_OF_STREAM, self._last_epoch, format=self.output_format or "any"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .batch import ANY
+from .batch import ANY, STREAM
 from .errors import CapsError, ConfigError
 from .routing import PAGE_FORMATS, SHARDABLE_FORMATS
 from .stage import Stage
@@ -45,6 +45,17 @@ class Plan:
     def names(self) -> list[str]:
         return [node.name for node in self.nodes]
 
+    def wire_links(self) -> list[tuple[str, str]]:
+        """Where the framed stream's bytes are counted: (node, "bytes_out") of nodes emitting it,
+        (node, "bytes_in") of nodes taking it, in plan order (pipeline.epoch_stats)."""
+        links = []
+        for node in self.nodes:
+            if node.output_format == STREAM:
+                links.append((node.name, "bytes_out"))
+            if node.input_format == STREAM:
+                links.append((node.name, "bytes_in"))
+        return links
+
     def element_names(self) -> list[str]:
         """Every original element, in order (the members of fused nodes one by one)."""
         return [element for node in self.nodes for element in node.elements]
@@ -68,6 +79,11 @@ def build_plan(elements: list[Stage], links: list[tuple[Stage, Stage]], fuse: bo
 
     if not elements:
         raise ConfigError("the pipeline has no elements")
+    for stage in elements:
+        try:
+            stage.check()
+        except ConfigError as exc:
+            raise fail(ConfigError, stage, str(exc)) from None
     upstream: dict[int, Stage] = {}
     downstream: dict[int, list[Stage]] = {id(stage): [] for stage in elements}
     for source, target in links:

@@ -92,12 +92,14 @@ class _Thread:
 class ProcessExecution:
     """Start, watch and stop the workers of a plan in separate processes."""
 
-    def __init__(self, plan: Plan, max_inflight: int, start_method: str = "forkserver"):
+    def __init__(self, plan: Plan, max_inflight: int, start_method: str = "forkserver", name: str = ""):
         if start_method not in ("forkserver", "spawn"):
             raise ConfigError(f"start method {start_method!r}: use forkserver or spawn (never fork)")
         self.plan = plan
         self.max_inflight = max_inflight
         self.start_method = start_method
+        self.name = name or f"pid {os.getpid()}"
+        """Shown in the workers' process titles (``pagepipe: xor-delta0 worker 1/2 of NAME``)."""
         self.processes: dict[tuple[str, int], multiprocessing.process.BaseProcess] = {}
         self.threads: dict[tuple[str, int], _Thread] = {}
         self._directory = ""
@@ -144,7 +146,7 @@ class ProcessExecution:
                     credit_endpoint=credit(index, worker) if node.downstream else None,
                     bus_endpoint=f"ipc://{directory}/bus", max_inflight=self.max_inflight,
                     supervisor_pid=0 if caller_side else os.getpid(),
-                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1)
+                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1, pipeline_name=self.name)
                 result.append((spec, node.stage if caller_side else None))
         return result
 
@@ -226,7 +228,7 @@ class ProcessExecution:
             key = (message.stage, message.worker)
             if message.kind == "error":
                 raise StageFailed(message.stage, message.worker, str(message.fields.get("reason", "")),
-                                  str(message.fields.get("traceback", "")))
+                                  str(message.fields.get("traceback", "")), str(message.fields.get("category", "bug")))
             if message.kind == "done":
                 pending.discard(key)
 

@@ -43,11 +43,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
+import setproctitle
 import zmq
 
 from .batch import Batch
 from .bus import STATS_INTERVAL, Message, json_default
-from .errors import CorruptData
+from .errors import CorruptData, error_category
 from .core import WorkerCore
 from .registry import import_target
 from .routing import Router
@@ -132,6 +133,7 @@ class WorkerSpec:
     max_inflight: int = 32 << 20
     supervisor_pid: int = 0
     linger_ms: int = -1
+    pipeline_name: str = ""
 
 
 def attach(socket: zmq.Socket, endpoint: str, bind_by_default: bool) -> None:
@@ -216,7 +218,8 @@ class Worker:
             code = 2
         except BaseException as exc:  # reported on the bus, then the process exits non-zero
             code = 1
-            self.post("error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            self.post("error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                      category=error_category(exc))
         finally:
             code = self._stop_stage(code)
             if code == 0:
@@ -307,6 +310,9 @@ class Worker:
         stats.queue_bytes = sum(self._inflight.values())
         if self.stop_event is None:  # a process of its own
             stats.cpu_seconds = time.process_time() - self._cpu_at_start
+        records = self.core.epoch_records()
+        if records:
+            self.post("epochs", records=records)
         for element, figures in self.core.statistics():
             self._post_as(element, "stats", figures)
 
@@ -597,8 +603,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_title(spec: WorkerSpec) -> str:
+    """``pagepipe: xor-delta0 worker 1/2 of NAME``: what ps, top and pkill -f see of a worker."""
+    title = f"pagepipe: {spec.stage_name} worker {spec.worker_index + 1}/{spec.worker_count}"
+    return f"{title} of {spec.pipeline_name}" if spec.pipeline_name else title
+
+
 def run_worker_process(spec: WorkerSpec) -> None:
     """Entry point of a worker process (spawn/forkserver target)."""
+    setproctitle.setproctitle(process_title(spec))
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     if spec.supervisor_pid:

@@ -74,7 +74,7 @@ from stages.common.pages import combine_digests, digest_pages
 from stages.common.checks import array_of
 from stages.common.layout import Layout
 from stages.common.replica_store import (DEFAULT_MAX_PAGES, ReplicaLock, ReplicaLocked, ReplicaStore, clear_replica,
-                                         disk_free_bytes, ensure_replica_directory, replica_layout, verify_replica,
+                                         check_replica_directory, disk_free_bytes, ensure_replica_directory, replica_layout, verify_replica,
                                          zero_page_digest)
 
 
@@ -225,12 +225,12 @@ class ReplicaSink(CurveProperties, Stage):
     output_caps = None
     max_workers = 1
 
-    path = Property("str", "", "Replica directory (created if missing)")
+    path = Property("str", "", "Replica directory (created if missing)", required=True)
     fsync = Property("bool", True, "fsync journal, image and manifest at every commit (power-loss safety)")
     settle = Property("choice", "idle", "With fsync: acknowledge an epoch once its journal is durable and flush "
                       "the rest while idle (idle), or only after every flush (commit); equally safe",
                       choices=("idle", "commit"))
-    ack_endpoint = Property("str", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks); on tcp give "
+    ack_endpoint = Property("endpoint", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks); on tcp give "
                             "secret-key= and server-key= (the sender's public key)")
     ack_bind = Property("bool", False, "Bind the ack socket instead of connecting it")
     ack_queue = Property("int", 10000, "Ack messages held for a sender that is not reading; beyond, dropped "
@@ -243,6 +243,8 @@ class ReplicaSink(CurveProperties, Stage):
     max_pages = Property("int", DEFAULT_MAX_PAGES, "Largest layout accepted, in pages", minimum=1)
     verify_on_start = Property("bool", True, "Check every page of an existing replica before resuming from it")
     resync_interval = Property("duration", "2s", "Repeat an unanswered resync request after this long")
+    force = Property("bool", False, "Write the replica into a non-empty directory that is not a replica "
+                     "(by default refused: a replica is marked by its manifest and lock file)")
     on_failover = Property("str", "", "Shell command run once the sender is lost (zmq-src failover=true), with "
                            "PAGEPIPE_REPLICA and PAGEPIPE_EPOCH in its environment; it outlives the pipeline")
     after_failover = Property("choice", "refuse", "A sender heard again after failover: refuse its epochs (stale), "
@@ -256,6 +258,7 @@ class ReplicaSink(CurveProperties, Stage):
                              bytes_applied=0, epochs_spilled=0, resyncs_requested=0, acks_dropped=0,
                              commit_seconds=0.0, last_epoch=0, failovers=0)
         self.lock: ReplicaLock | None = None
+        check_replica_directory(self.path, self.force)
         self.failed_over = False
         """True once the sender was declared lost: the replica is fenced (see after-failover)."""
         self._refused_epoch: int | None = None
@@ -535,6 +538,12 @@ class ReplicaSink(CurveProperties, Stage):
         self.counters["pages_applied"] += page_numbers.shape[0]
         self.counters["bytes_applied"] += pending.page_bytes
         self.counters["last_epoch"] = epoch
+        record: dict[str, float] = {"applied_bytes": pending.page_bytes,
+                                    "resync": int(bool(marker.flags & Flag.RESYNC))}
+        when = marker.meta.get("time")
+        if isinstance(when, (int, float)) and not isinstance(when, bool):
+            record["commit_latency_seconds"] = max(0.0, time.time() - when)
+        self.context.record_epoch(epoch, **record)
         if self.store.unsettled:
             self.tick_interval = SETTLE_INTERVAL    # settle soon, between inputs
         if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream, **identity_fields):
@@ -607,8 +616,9 @@ class ReplicaSink(CurveProperties, Stage):
         """Drop an epoch that cannot be committed; the replica keeps its last committed epoch."""
         pending.drop_spill()
         self.counters["epochs_discarded"] += 1
+        self.context.record_epoch(pending.epoch, discarded=1)
         self.context.warn(f"replica-sink: epoch {pending.epoch} discarded ({reason}); "
-                          f"replica stays at epoch {self.store.epoch}")
+                          f"replica stays at epoch {self.store.epoch}", event="discarded", epoch=pending.epoch)
         self.in_sync = False
         if self.acks is not None and not self.acks.discarded(pending.epoch, reason):
             self._ack_dropped(f"discard notice of epoch {pending.epoch}")
@@ -621,6 +631,7 @@ class ReplicaSink(CurveProperties, Stage):
         self._last_resync_request = now
         self._resync_pending = True
         self.counters["resyncs_requested"] += 1
+        self.context.event("resync", f"replica-sink: asked the sender for a resync ({reason})")
         if not self.acks.request_resync(reason, epoch=self.store.epoch):
             self._ack_dropped("resync request")
 

@@ -41,6 +41,8 @@ from .common.pages import combine_digests, digest_pages, find_zero_pages
 from .common.security import CurveProperties, Gatekeeper, LinkSecurity
 
 _ZERO_COPY_BYTES = 64 << 10
+WAITING_NOTICE_MS = 1000
+"""A receiver with nothing after this long says what it waits for (an event on the bus)."""
 _END_MESSAGE = b""
 MESSAGE_BYTES = 1 << 20
 """zmq-sink sends the stream in messages of at most this size; zmq-src's max-message is never below it."""
@@ -68,7 +70,7 @@ class _ZmqStage(CurveProperties, Stage):
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
     bind: bool                      # a property of each subclass, with its own default
-    endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path")
+    endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path", required=True)
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -153,6 +155,9 @@ class ZmqSink(_ZmqStage):
 
     def _send(self, data) -> None:
         size = len(data)
+        if not self.counters["messages"]:   # the first message says whether a receiver is there
+            if not self._socket.poll(WAITING_NOTICE_MS, zmq.POLLOUT):
+                self.context.event("waiting", f"waiting for a receiver at {self.endpoint} (up to {self.timeout:g} s)")
         try:
             self._socket.send(data, copy=size < _ZERO_COPY_BYTES)
         except zmq.Again:
@@ -160,6 +165,8 @@ class ZmqSink(_ZmqStage):
                                  f"within {self.timeout:g} s (unreachable or not running)") from None
         except zmq.ZMQError as exc:
             raise TransportError(f"{self.factory_name}: sending to {self.endpoint} failed: {exc}") from None
+        if not self.counters["messages"]:
+            self.context.event("connected", f"sending to a receiver at {self.endpoint}")
         self.counters["messages"] += 1
         self.counters["bytes_out"] += size
 
@@ -193,10 +200,14 @@ class ZmqSource(_ZmqStage):
         sequence = 0
         last_heard: float | None = None     # monotonic time of the last message; None until one came
         waited_since = time.monotonic()
+        said_waiting = False
         while True:
             message = self._next_message(waited_since, last_heard)
             if message is None:     # idle_every passed, or the sender fell silent
                 now = time.monotonic()
+                if sequence == 0 and not said_waiting and now - waited_since >= WAITING_NOTICE_MS / 1000:
+                    self.context.event("waiting", f"waiting for a sender on {self.endpoint} (nothing received yet)")
+                    said_waiting = True
                 if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
                     yield self._sender_lost(last_heard, now)
                     last_heard = None   # armed again by the next message (a returning sender)
@@ -208,6 +219,8 @@ class ZmqSource(_ZmqStage):
             if message.more:
                 self._refuse_multipart()
                 continue
+            if sequence == 0:
+                self.context.event("connected", f"receiving from a sender on {self.endpoint}")
             if len(message) == 0:
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                 return
@@ -269,7 +282,7 @@ class FileSink(Stage):
     output_caps = None
     max_workers = 1
 
-    path = Property("str", "", "File to write (created, or truncated if it exists)")
+    path = Property("str", "", "File to write (created, or truncated if it exists)", required=True)
     fsync = Property("bool", False, "fsync the file at every epoch commit (durable, slower)")
 
     def start(self, context: StageContext) -> None:
@@ -337,7 +350,7 @@ class FileSource(Stage):
     output_caps = STREAM
     max_workers = 1
 
-    path = Property("str", "", "Trace file to read")
+    path = Property("str", "", "Trace file to read", required=True)
     chunk_size = Property("size", "1MiB", "Bytes per emitted batch", minimum=4096)
 
     def produce(self) -> Iterator[Batch]:
@@ -377,7 +390,7 @@ class TraceSource(Stage):
     max_workers = 1
     back_to_back = True  # a recorded pace waits before an epoch's batches, never between them
 
-    path = Property("str", "", "Trace file written by file-sink (any codec chain)")
+    path = Property("str", "", "Trace file written by file-sink (any codec chain)", required=True)
     pace = Property("choice", "fast", "fast: as fast as possible; recorded: at the recorded checkpoint times",
                     choices=("fast", "recorded"))
     batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1)

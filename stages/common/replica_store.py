@@ -197,6 +197,24 @@ def ensure_replica_directory(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_replica_directory(path: str | os.PathLike, force: bool = False) -> None:
+    """ConfigError for a non-empty directory that is not a replica, unless ``force``: what marks a
+    replica is its manifest (once an epoch is committed) or its lock file (from the moment a
+    replica-sink opened it), so a replica-sink never scatters its files among someone else's."""
+    directory = Path(path)
+    if force or not directory.is_dir():
+        return
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise ReplicaError(f"replica {path}: cannot list the directory ({exc.strerror or exc})") from None
+    if entries and MANIFEST not in entries and LOCK not in entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"replica-sink: path={path} holds {len(entries)} other file(s) ({shown}) and is not "
+                          f"a replica (no {MANIFEST} or {LOCK} file); give a new or empty directory, or add "
+                          f"force=true to keep the replica's files among them")
+
+
 def _hex(value: int) -> str:
     return f"0x{value & _MASK64:016x}"
 
@@ -933,6 +951,16 @@ def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyRe
     """Check a replica, read-only: manifest, file sizes, every page against its stored digest, the image
     digest, and that no interrupted commit is pending."""
     problems: list[str] = []
+    directory = Path(path)
+    if not directory.exists():
+        return VerifyReport(str(path), 0, 0, [], [f"replica {path}: no such directory (check the path; "
+                                                    "a replica-sink creates it)"])
+    if not directory.is_dir():
+        return VerifyReport(str(path), 0, 0, [], [f"replica {path}: a file, not a replica directory (give the "
+                                                    "directory a replica-sink path= wrote)"])
+    if not (directory / MANIFEST).exists() and not (directory / LOCK).exists():
+        return VerifyReport(str(path), 0, 0, [], [f"replica {path}: not a replica (no {MANIFEST} or {LOCK}); "
+                                                    "give the directory a replica-sink path= wrote"])
     try:
         store = ReplicaStore(path, fsync=False, writable=False)
     except ReplicaError as exc:

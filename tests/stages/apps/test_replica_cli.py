@@ -44,6 +44,17 @@ def test_verify_command_reports_consistent_and_damaged_replicas(tmp_path):
 
 
 
+def test_verify_command_says_what_to_do_about_damaged_pages(tmp_path):
+    store = ReplicaStore(tmp_path, fsync=False)
+    commit(store, 1, ALL_PAGES, 3)
+    store.close()
+    with open(tmp_path / IMAGE, "r+b") as image:
+        image.write(b"\x07")
+    code, text = _verify_command(tmp_path)
+    assert code == 1 and "damaged pages: 0" in text
+    assert "asks for a resync" in text and "epoch 1" in text
+
+
 def _inspect_command(path) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
