@@ -12,11 +12,14 @@ part for these regions) and handed over as they are.
 A checkpoint that sends everything (the first, a resync) is copied while the
 processes run: ``arm`` (in a short stop: inject, arm what is not armed yet),
 then ``copy_live`` reads every resident page of the armed ranges with the
-processes running, and the checkpoint's pause re-reads only the pages written
-(or dropped) since they were armed, and any page the live read was refused
-(its mapping changed meanwhile): a page written during the live copy is
-always in the written set, since write-protection was armed before the copy
-began. Ranges that appear after the arming stop are read whole in the pause.
+processes running, then the pages written during that pass (listed and
+re-protected by the written scan; a few passes, as live migration's pre-copy
+does), and the checkpoint's pause re-reads only the pages written (or
+dropped) since the last scan, and any page a live read was refused (its
+mapping changed meanwhile). No write is missed: a page's write-protection is
+armed, or re-armed by a scan (which flushes the TLBs before it returns),
+before a pass reads it, so a later write is listed by a later scan. Ranges
+that appear after the arming stop are read whole in the pause.
 
 Digested instead (DigestTracking, as in mode=digest, ``copy=`` applies), with
 the reason warned once per mapping:
