@@ -102,7 +102,7 @@ def test_stage_without_a_terminal_writes_status_lines_while_it_waits(tmp_path):
     stage = subprocess.Popen([PAGEPIPE, "stage", "identity", "--input", inputs, "--output", outputs,
                               "--stats-interval", "300ms"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(3)
+        time.sleep(8)     # a few intervals even when starting the interpreter takes seconds on a loaded machine
     finally:
         stage.terminate()
         out, _ = stage.communicate(timeout=30)
