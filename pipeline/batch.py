@@ -79,7 +79,7 @@ STREAM = "stream"     # payload = framed wire bytes (docs/FORMAT.md)
 ANY = "any"           # accepted by stages that do not look inside (sinks, tee)
 FORMATS = (PAGES, DELTAS, ENCODED, STREAM, ANY)
 
-_ARRAY_DTYPES = {
+_ARRAY_DTYPES: dict[str, np.dtype] = {
     "page_numbers": np.dtype(np.uint64),
     "kinds": np.dtype(np.uint8),
     "data": np.dtype(np.uint8),
@@ -190,7 +190,8 @@ class Batch:
         fields = self.__dict__
         arrays = [(code, dtype, array) for code, name, dtype in _ARRAY_TABLE
                   if (array := fields[name]) is not None]
-        descriptors, body, frames = [], [meta], [b""]
+        descriptors, body = [], [meta]
+        frames: list[bytes | memoryview] = [b""]
         position = _HEADER.size + len(arrays) * _ARRAY.size + len(meta)
         for code, dtype, array in arrays:
             if array.dtype != dtype or not array.flags.c_contiguous:

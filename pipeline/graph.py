@@ -169,8 +169,8 @@ def fuse_neighbours(plan: Plan) -> Plan:
         node.downstream = [renumber[d] for d in node.downstream]
         fused_nodes.append(node)
     for index, node in enumerate(fused_nodes):
-        for child in node.downstream:
-            fused_nodes[child].upstream = index
+        for downstream_index in node.downstream:
+            fused_nodes[downstream_index].upstream = index
     return Plan(fused_nodes)
 
 

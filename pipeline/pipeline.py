@@ -204,6 +204,7 @@ class PipelineHandle:
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """The final statistics once the pipeline ends; re-raises its failure (StageFailed)."""
+        assert self._thread is not None, "wait() needs a started pipeline (Pipeline.start)"
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(f"pipeline still running after {timeout} s")

@@ -30,6 +30,7 @@ from .errors import ConfigError, CorruptData, StageFailed
 from .graph import Plan
 from .registry import class_path
 from .shm import ring_name
+from .stage import Stage
 from .worker import InputSpec, OutputSpec, Worker, WorkerSpec, run_worker_process
 
 TERMINATE_GRACE = 2.0
@@ -74,6 +75,7 @@ class _Thread:
 
     def __init__(self, worker: Worker):
         self.worker = worker
+        assert worker.stop_event is not None  # a caller-side worker is stopped through its event
         self.stop_event = worker.stop_event
         self.thread = threading.Thread(target=self._run, name=f"pagepipe-{worker.spec.stage_name}", daemon=True)
         self.exitcode: int | None = None
@@ -105,7 +107,7 @@ class ProcessExecution:
         self._finished = False
 
     # ---- start ---------------------------------------------------------
-    def specs(self, directory: str) -> list[tuple[WorkerSpec, object]]:
+    def specs(self, directory: str) -> list[tuple[WorkerSpec, Stage | None]]:
         """Every worker's spec (and its caller-side stage object, for runs_in_caller stages)."""
         nodes = self.plan.nodes
 
@@ -166,7 +168,8 @@ class ProcessExecution:
             self._bus = self._context.socket(zmq.PULL)
             self._bus.linger = 0
             self._bus.bind(f"ipc://{self._directory}/bus")
-            context = multiprocessing.get_context(self.start_method)
+            context = (multiprocessing.get_context("forkserver") if self.start_method == "forkserver"
+                       else multiprocessing.get_context("spawn"))  # the two __init__ allows, typed
             if self.start_method == "forkserver":
                 context.set_forkserver_preload(["pipeline.worker", "numpy", "zmq"])
             for spec, stage in specs:
@@ -209,6 +212,7 @@ class ProcessExecution:
         self._finished = not pending
 
     def _drain_bus(self, post: Callable[[Message], None], pending: set) -> None:
+        assert self._bus is not None  # bound by launch()
         while True:
             try:
                 raw = self._bus.recv_json(zmq.NOBLOCK)
@@ -231,6 +235,7 @@ class ProcessExecution:
         while key in pending and time.monotonic() < deadline:
             self._drain_bus(post, pending)
             if key in pending:
+                assert self._bus is not None  # bound by launch()
                 self._bus.poll(20)
         if key in pending:
             process = self.processes.get(key)

@@ -46,7 +46,7 @@ class Property:
         self.maximum = maximum
         self.choices = tuple(choices) if choices is not None else None
         self.internal = internal
-        self.bad_default = None
+        self.bad_default: ConfigError | None = None
         self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -55,7 +55,7 @@ class Property:
         try:
             self.default = self.parse(self.default)
         except ConfigError as exc:  # raised by check_stage_class, naming the class (Python would wrap it here)
-            self.bad_default: ConfigError | None = exc
+            self.bad_default = exc
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
@@ -99,6 +99,7 @@ class Property:
         if self.type == "duration":
             return parse_duration(value)
         if self.type == "choice":
+            assert self.choices is not None  # __init__ requires choices for a choice property
             if str(value) not in self.choices:
                 raise ConfigError(f"property {self.name}: {value!r} is not one of {', '.join(self.choices)}")
             return str(value)

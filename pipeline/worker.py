@@ -196,9 +196,9 @@ class Worker:
                 self._bus = self._socket(zmq.PUSH)
                 self._bus.connect(self.spec.bus_endpoint)
             self._check_alive()
-            self._build()
+            core = self._build()
             self._cpu_at_start = time.process_time()
-            self.core.start()
+            core.start()
             if self.spec.inputs:
                 self._serve()
             else:
@@ -218,7 +218,7 @@ class Worker:
             self._close(code)
         return code
 
-    def _build(self) -> None:
+    def _build(self) -> WorkerCore:
         spec = self.spec
         if self.stage is None:
             self.stage = import_target(spec.stage_target)(**spec.properties)
@@ -254,6 +254,7 @@ class Worker:
         if spec.credit_endpoint:
             self._credit = self._socket(zmq.PULL, hwm=0)
             attach(self._credit, spec.credit_endpoint, bind_by_default=True)
+        return self.core
 
     def _socket(self, kind: int, hwm: int = 1000) -> zmq.Socket:
         socket = self._context.socket(kind)
@@ -296,16 +297,18 @@ class Worker:
             self._check_alive()
 
     def _post_statistics(self) -> None:
+        assert self.core is not None  # called only once run() has built it
         stats = self.core.stats
         self._collect_credit()
         stats.queue_bytes = sum(self._inflight.values())
         if self.stop_event is None:  # a process of its own
             stats.cpu_seconds = time.process_time() - self._cpu_at_start
-        for element, stats in self.core.statistics():
-            self._post_as(element, "stats", stats)
+        for element, element_stats in self.core.statistics():
+            self._post_as(element, "stats", element_stats)
 
     # ---- receiving -----------------------------------------------------
     def _produce(self) -> None:
+        assert self.core is not None  # called only once run() has built it
         for _ in self.core.produce():
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Stopped()
@@ -317,6 +320,7 @@ class Worker:
         poller = zmq.Poller()
         registered: set[int] = set()
         core = self.core
+        assert core is not None  # called only once run() has built it
         if self._credit is not None:  # releases of forwarded batches must flow upstream while this worker idles
             poller.register(self._credit, zmq.POLLIN)
         while not core.finished:
@@ -354,12 +358,13 @@ class Worker:
 
     def _drain(self, index: int, socket: zmq.Socket) -> None:
         core = self.core
+        assert core is not None  # called only once run() has built it
         threshold = self.spec.max_inflight // 4
         ring = self._receive_rings[index]
         for _ in range(DRAIN_LIMIT):
             # Ask for events rather than catch zmq.Again: messages mostly arrive one per wake-up, and raising
             # Again each time costs more than the question.
-            if not socket.get(_EVENTS) & _POLLIN:
+            if not socket.get(_EVENTS) & _POLLIN:  # type: ignore[operator]  # pyzmq: get() -> int | bytes; EVENTS is int
                 break
             first = socket.recv(_NOBLOCK, copy=False)
             frames = [first]
@@ -386,6 +391,7 @@ class Worker:
         while self._released:
             index, offset, kind = self._released.pop()
             _, credit, link = self._inputs[index]
+            assert credit is not None  # only credited inputs have rings, whose slots these are
             try:
                 credit.send(RELEASE.pack(link, self.spec.worker_index, offset, kind), zmq.NOBLOCK)
             except zmq.Again:
@@ -454,6 +460,7 @@ class Worker:
         packed = ring.pack(frames)
         # wait while downstream makes progress; a ring that stays full (a receiver holding old slots)
         # falls back to the socket: never a deadlock
+        assert self._credit is not None  # rings exist only on credited outputs
         while packed is None and self._credit.poll(RING_WAIT_MS, _POLLIN):
             self._collect_credit()
             packed = ring.pack(frames)
@@ -468,6 +475,7 @@ class Worker:
 
     def _await_credit(self) -> None:
         """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
+        assert self._credit is not None  # only credited outputs wait for credit
         if self._credit.poll(POLL_MS, zmq.POLLIN):
             self._collect_credit()
         else:
@@ -476,7 +484,7 @@ class Worker:
 
     def _collect_credit(self) -> None:
         """Take every credit message waiting: bytes downstream workers have taken off their sockets."""
-        while self._credit is not None and self._credit.get(_EVENTS) & _POLLIN:
+        while self._credit is not None and self._credit.get(_EVENTS) & _POLLIN:  # type: ignore[operator]  # as above
             message = self._credit.recv()
             if len(message) == RELEASE.size:
                 self._release(*RELEASE.unpack(message))
@@ -495,10 +503,10 @@ class Worker:
             if self._released:  # the held arrays may have been the last views of an upstream slot
                 self._return_slots()
             return
-        if kind != SLOT or link >= len(self._send_rings) or self._send_rings[link] is None \
-                or worker >= len(self._send_rings[link]):
+        rings = self._send_rings[link] if kind == SLOT and link < len(self._send_rings) else None
+        if rings is None or worker >= len(rings):
             raise CorruptData(f"ring release of kind {kind} for unknown link {link} worker {worker}")
-        self._send_rings[link][worker].release(offset)
+        rings[worker].release(offset)
 
     def _send(self, socket: zmq.Socket, frames: list) -> None:
         """Send one multipart message, waiting (and checking for stop) while the socket is full.
@@ -544,6 +552,7 @@ def _watch_supervisor(pid: int) -> None:
     """
     signal.signal(SUPERVISOR_GONE_SIGNAL, _raise_stopped)
     main = threading.main_thread().ident
+    assert main is not None  # the main thread has started
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
