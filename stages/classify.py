@@ -99,7 +99,7 @@ class Classify(Stage):
         from stages.xor_delta import XorDelta, XorDeltaRle  # that module builds on this one
 
         if (type(self) is not Classify or type(downstream) not in (XorDelta, XorDeltaRle)
-                or downstream.classify is not None or downstream.workers != self.workers):
+                or not isinstance(downstream, XorDelta) or downstream.classify is not None or downstream.workers != self.workers):
             return None
         return type(downstream)(**downstream.property_values(), classify=self.property_values())
 
@@ -132,6 +132,7 @@ class Classify(Stage):
     def classified_kinds(self, batch: Batch) -> np.ndarray:
         """The kinds of a checked PAGES batch's pages after classification (a new array); counts them."""
         kinds_in = batch.kinds
+        assert batch.data is not None  # checked: check_pages_batch
         zero = find_zero_pages(batch.data)
         raw = None
         if kinds_in.any():  # pages that arrive ZERO or RAW keep their kind

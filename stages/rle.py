@@ -17,7 +17,7 @@ from pipeline.batch import DELTAS, ENCODED, Batch, PageKind
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import Property, Stage
 from stages.classify import first_bad_kind
-from stages.codecs import PAGE_CODECS, Encoded, PageCodec, get_codec
+from stages.codecs import PAGE_CODECS, Encoded, PageCodec, get_codec_as
 
 RUN_FORMATS = tuple(PAGE_CODECS)
 _DELTAS_KINDS = (PageKind.DELTA, PageKind.FULL, PageKind.RAW, PageKind.ZERO)
@@ -41,6 +41,7 @@ def assemble_encoded(batch: Batch, kinds: np.ndarray, delta_rows: np.ndarray, en
         delta_payload = encoded.payload[: int(delta_offsets[-1])]
         delta_kinds = np.asarray(encoded.kinds, dtype=np.uint8)
     page_size = batch.page_size
+    assert batch.data is not None  # the caller checked the batch carries page data
     delta_end = int(delta_offsets[-1])
     if whole_rows.shape[0] == batch.npages:
         payload = batch.data.reshape(-1)  # every page whole (a first checkpoint): no copy
@@ -84,27 +85,30 @@ class RunLengthEncode(Stage):
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
-        self._codec = get_codec(self.format)
+        self._codec = get_codec_as(PageCodec, self.format)
         self.counters.update(overflows=0, unchanged=0, bytes_in=0, bytes_out=0)
 
     def process(self, batch: Batch) -> Iterable[Batch]:
-        self._check(batch)
+        data = self._check(batch)
         delta_rows = np.flatnonzero(batch.kinds == PageKind.DELTA)
         encoded = None
         if delta_rows.shape[0]:
+            assert batch.reference is not None  # _check: DELTA pages come with their reference
             # Fancy indexing copies, so the codec may bring ``cached`` up to date without touching the batch.
             cached = batch.reference[delta_rows]
             all_delta = delta_rows.shape[0] == batch.npages
-            current = np.ascontiguousarray(batch.data) if all_delta else batch.data[delta_rows]
+            current = np.ascontiguousarray(data) if all_delta else data[delta_rows]
             encoded = self._codec.encode(current, cached)
             self.counters["overflows"] += int(np.count_nonzero(encoded.kinds == PageKind.FULL))
             self.counters["unchanged"] += int(np.count_nonzero(encoded.kinds == PageKind.UNCHANGED))
         out = assemble_encoded(batch, batch.kinds, delta_rows, encoded, self._codec.name)
         self.counters["bytes_in"] += int(np.count_nonzero(batch.kinds != PageKind.ZERO)) * batch.page_size
+        assert out.payload is not None  # an ENCODED batch carries its payload
         self.counters["bytes_out"] += int(out.payload.shape[0])
         yield out
 
-    def _check(self, batch: Batch) -> None:
+    def _check(self, batch: Batch) -> np.ndarray:
+        """The batch's page data, once the batch is a well-formed DELTAS batch for this run format."""
         where = self.factory_name
         if batch.format != DELTAS or batch.data is None:
             raise CorruptData(f"{where}: expected a {DELTAS} batch with page data, got {batch.format!r} "
@@ -119,3 +123,4 @@ class RunLengthEncode(Stage):
         if batch.reference is None and np.any(batch.kinds == PageKind.DELTA):
             raise CorruptData(f"{where}: {DELTAS} batch of epoch {batch.epoch} has DELTA pages but no reference")
         check_format_page_size(self._codec, batch, where)
+        return batch.data

@@ -45,7 +45,7 @@ from pipeline.errors import CorruptData
 from pipeline.fusion import Fusion
 from pipeline.stage import Property, Stage, StageContext
 from stages.classify import Classify, check_pages_batch, in_ranges, layout_regions, page_ranges
-from stages.codecs import PageCodec, get_codec
+from stages.codecs import PageCodec, get_codec_as
 from stages.rle import RunLengthEncode, check_format_page_size
 
 DENSE_PAGE_LIMIT = 1 << 24
@@ -332,12 +332,13 @@ class XorDelta(Stage):
 
     def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
         """DELTAS: ``reference`` rows of DELTA pages hold the copies before this batch; then the cache is updated."""
-        cache = self._cache
+        cache, data = self._cache, batch.data
+        assert cache is not None and data is not None  # made by _plan; checked by check_pages_batch
         hits = plan.rows(KIND_DELTA)
-        reference = np.zeros_like(batch.data)  # rows of other pages travel as zeros, never as stale memory
+        reference = np.zeros_like(data)  # rows of other pages travel as zeros, never as stale memory
         reference[hits] = cache.pages[plan.slots[hits]]
         stored = np.flatnonzero(((plan.kinds == KIND_FULL) | (plan.kinds == KIND_DELTA)) & (plan.slots >= 0))
-        cache.pages[plan.slots[stored]] = batch.data[stored]
+        cache.pages[plan.slots[stored]] = data[stored]
         cache.pages[plan.slots[plan.cached_rows(KIND_ZERO)]] = 0
         sent = np.count_nonzero(plan.kinds != KIND_ZERO)
         self.counters["bytes_out"] += int(sent) * batch.page_size
@@ -349,17 +350,19 @@ class XorDelta(Stage):
         cache = self._cache_for(batch)
         pages = batch.page_numbers
         cache.begin_batch()
+        assert batch.data is not None  # checked by check_pages_batch
         try:
             looked_up = cache.look_up(batch.data, pages, batch.kinds, find_zero)
         except RepeatedPage:
             raise CorruptData(f"{self.factory_name}: batch of epoch {batch.epoch} repeats a page number") from None
         if looked_up is None:
-            kinds_in = self._classifier.classified_kinds(batch) if find_zero else batch.kinds
+            kinds_in = (self._classifier.classified_kinds(batch) if find_zero and self._classifier is not None
+                        else batch.kinds)  # find_zero: there is a classifier
             kinds, slots = self._look_up_general(cache, batch, kinds_in)
         else:
             kinds, slots = looked_up
         counts = np.bincount(kinds, minlength=KIND_DELTA + 1)
-        if find_zero and looked_up is not None:
+        if find_zero and looked_up is not None and self._classifier is not None:
             self._classifier.count(zero=int(counts[KIND_ZERO]), raw=0, pages=batch.npages)
         needs_slot = np.flatnonzero((slots < 0) & (kinds != KIND_RAW))
         evictions = 0
@@ -415,7 +418,7 @@ class XorDeltaRle(XorDelta):
         self._rle = RunLengthEncode(**(self.rle or {}))  # keeps rle's counters as rle would
         self.fusion = Fusion.join(self, self._rle)
         self._deltas = self.fusion.link_after(self)
-        self._codec: PageCodec = get_codec(self._rle.format)
+        self._codec = get_codec_as(PageCodec, self._rle.format)
         self._kernel_format = _kernels.FORMATS[self._codec.name]
         self._emit_zero = bool(self._codec.get_config().get("emit_zero", False))
 
@@ -434,7 +437,8 @@ class XorDeltaRle(XorDelta):
             yield out
 
     def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
-        cache = self._cache
+        cache, data = self._cache, batch.data
+        assert cache is not None and data is not None  # made by _plan; checked by check_pages_batch
         npages = batch.npages
         fmt = self._kernel_format
         capacity = _kernels.payload_capacity(fmt, plan.hits, plan.whole, cache.page_size)
@@ -442,12 +446,12 @@ class XorDeltaRle(XorDelta):
         offsets = np.empty(npages + 1, dtype=np.uint64)
         kinds = np.empty(npages, dtype=np.uint8)
         order = np.empty(npages, dtype=np.int64)
-        used = _kernels.encode_batch(fmt, batch.data, plan.kinds, plan.slots, cache.pages, payload, offsets, kinds,
+        used = _kernels.encode_batch(fmt, data, plan.kinds, plan.slots, cache.pages, payload, offsets, kinds,
                                      order, self._emit_zero)
         if used < 0:
             raise RuntimeError(f"{self.factory_name}: encode kernel rejected its plan")  # prevented by _plan
         payload = payload[:used].copy() if used < capacity // 2 else payload[:used]
-        self._deltas.count(batch, extra_bytes=batch.data.nbytes)  # the DELTAS batch: these arrays + a reference
+        self._deltas.count(batch, extra_bytes=data.nbytes)  # the DELTAS batch: these arrays + a reference
         self.counters["bytes_out"] += int(np.count_nonzero(plan.kinds != KIND_ZERO)) * batch.page_size
         rle = self._rle.counters
         rle["overflows"] += int(np.count_nonzero(kinds[:plan.hits] == KIND_FULL))

@@ -51,7 +51,7 @@ object holds compression contexts: use one per thread (they are cheap).
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from pipeline.errors import ConfigError
 from stages.codecs.chain import ChainCodec
@@ -59,9 +59,10 @@ from stages.codecs.encoded import Encoded
 from stages.codecs.entropy import EntropyCodec, Lz4Codec, ZstdCodec
 from stages.codecs.page_codec import NativeCodec, PageCodec, XbzrleCodec, XenCodec
 
-__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_codec", "list_codecs"]
+__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_codec", "get_codec_as", "list_codecs"]
 
 Codec = Union[PageCodec, EntropyCodec, ChainCodec]
+_CodecT = TypeVar("_CodecT", PageCodec, EntropyCodec, ChainCodec)
 
 PAGE_CODECS: dict[str, type[PageCodec]] = {"native": NativeCodec, "xbzrle": XbzrleCodec, "xen": XenCodec}
 ENTROPY_CODECS: dict[str, type[EntropyCodec]] = {"zstd": ZstdCodec, "lz4": Lz4Codec}
@@ -102,4 +103,15 @@ def get_codec(name: str | dict[str, Any], **options: Any) -> Codec:
         if entropy_names else None
     if page_codec and entropy_codec:
         return ChainCodec(page_codec, entropy_codec)
-    return page_codec or entropy_codec
+    codec = page_codec or entropy_codec
+    assert codec is not None  # the name check above leaves a run format, an entropy coder or both
+    return codec
+
+
+def get_codec_as(kind: type[_CodecT], name: str | dict[str, Any], **options: Any) -> _CodecT:
+    """``get_codec``, for a caller that needs one kind of codec (PageCodec, EntropyCodec or ChainCodec):
+    ConfigError naming the codec if it is another kind."""
+    codec = get_codec(name, **options)
+    if not isinstance(codec, kind):
+        raise ConfigError(f"codec {name!r} is a {type(codec).__name__}, not a {kind.__name__}")
+    return codec
