@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from rich.console import Console
@@ -119,7 +119,7 @@ class Trace:
 
     def save(self, path: Path) -> None:
         """Write the .npz (compressed: real memory is mostly zeros)."""
-        arrays = {
+        arrays: dict[str, Any] = {  # Any: savez_compressed also takes allow_pickle=bool
             "base": self.base,
             "region_starts": np.array([r.start for r in self.regions], dtype=np.uint64),
             "region_npages": np.array([r.npages for r in self.regions], dtype=np.uint64),
@@ -275,6 +275,7 @@ def spawned_python(seconds: float, keys: int = 200_000) -> Iterator[int]:
     worker = multiprocessing.get_context("spawn").Process(target=churn_python_objects, args=(seconds, keys),
                                                           daemon=True)
     worker.start()
+    assert worker.pid is not None  # started
     try:
         yield worker.pid
     finally:
@@ -313,6 +314,7 @@ def spawned_memcached(memory_mib: int, load: MemcachedLoad | None = None) -> Ite
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        assert server.stderr is not None  # stderr=PIPE
         server.stderr.close()
 
 
@@ -320,6 +322,7 @@ def _wait_for_port(server: subprocess.Popen, port: int) -> None:
     deadline = time.monotonic() + 10
     while True:
         if server.poll() is not None:
+            assert server.stderr is not None  # stderr=PIPE
             raise TransportError(f"memcached exited (code {server.returncode}): {server.stderr.read().decode()[-300:]}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
@@ -330,6 +333,7 @@ def _wait_for_port(server: subprocess.Popen, port: int) -> None:
 
 def _stop_worker(worker: multiprocessing.process.BaseProcess) -> None:
     """End a workload process of ours: resume it if stopped, SIGTERM, SIGKILL if it lingers."""
+    assert worker.pid is not None  # started
     with contextlib.suppress(ProcessLookupError):
         os.kill(worker.pid, signal.SIGCONT)
     worker.terminate()

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -49,10 +50,10 @@ def free_endpoint() -> str:
 def raw_gbps(keys: StreamKeys | None, seconds: float) -> float:
     """1 MiB messages PUSH -> PULL over tcp loopback for about ``seconds``; GB/s received."""
     endpoint = free_endpoint()
-    server = link_security("bench", endpoint, True, **keys.receiver_source()) if keys else \
-        link_security("bench", endpoint, True, insecure=True)
-    client = link_security("bench", endpoint, False, **keys.sender_sink()) if keys else \
-        link_security("bench", endpoint, False, insecure=True)
+    server_keys: dict[str, Any] = keys.receiver_source() if keys else {"insecure": True}
+    client_keys: dict[str, Any] = keys.sender_sink() if keys else {"insecure": True}
+    server = link_security("bench", endpoint, True, **server_keys)
+    client = link_security("bench", endpoint, False, **client_keys)
     receiving_context, sending_context = server.context(), client.context()
     pull, push = receiving_context.socket(zmq.PULL), sending_context.socket(zmq.PUSH)
     gatekeeper = server.apply(pull)

@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.batch import Batch, Flag
 from pipeline.errors import CorruptData
-from pipeline.stage import StageContext
+from pipeline.stage import Stage, StageContext
 from stages.classify import Classify
 from stages.common import wire
 from stages.common.replica_store import load_replica, read_manifest, verify_replica
@@ -79,7 +79,7 @@ def make_seed_stream(chain: str, seed: int) -> SeedStream:
     grows the heap."""
     rng = np.random.default_rng(seed)
     run_format, _, layer = chain.partition("+")
-    stages = [Classify()]
+    stages: list[Stage] = [Classify()]
     if run_format:
         stages += [XorDelta(cache_pages=64), RunLengthEncode(format=run_format)]
         stages += [Zstd()] if layer == "zstd" else [Lz4()] if layer == "lz4" else []
@@ -123,8 +123,8 @@ def make_seed_stream(chain: str, seed: int) -> SeedStream:
 
 # ---- mutations -------------------------------------------------------------------
 
-def natural_mutation(rng: np.random.Generator, data: bytes) -> bytes:
-    data = bytearray(data)
+def natural_mutation(rng: np.random.Generator, original: bytes) -> bytes:
+    data = bytearray(original)
     for _ in range(int(rng.integers(1, 4))):
         choice = int(rng.integers(0, 6))
         at = int(rng.integers(0, len(data)))
@@ -252,7 +252,7 @@ def receive(data: bytes, replica: Path, rng: np.random.Generator) -> tuple[int, 
     finally:
         for stage in stages:
             stage.stop()
-    return sink.counters["epochs_committed"], error
+    return int(sink.counters["epochs_committed"]), error
 
 
 def check_replica(replica: Path, seed: SeedStream) -> str | None:

@@ -97,7 +97,7 @@ def encode_stream(npages: int, epochs: list, chain: str) -> list[list[Batch]]:
     return [epoch for epoch in per_epoch if epoch]
 
 
-def measure_apply(per_epoch: list[list[Batch]], fsync: bool) -> tuple[float, float, int]:
+def measure_apply(per_epoch: list[list[Batch]], fsync: bool) -> tuple[float, int, int]:
     """Seconds spent applying all epochs after the first, their page bytes, and epochs committed."""
     with tempfile.TemporaryDirectory(prefix="pagepipe-bench-") as directory:
         sink = ReplicaSink(path=directory, fsync=fsync)
@@ -112,7 +112,7 @@ def measure_apply(per_epoch: list[list[Batch]], fsync: bool) -> tuple[float, flo
                 list(sink.handle(batch))
             elapsed += time.perf_counter() - began
             page_bytes += sum(b.npages for b in batches) * 4096
-        committed = sink.counters["epochs_committed"]
+        committed = int(sink.counters["epochs_committed"])
         sink.stop()
     return elapsed, page_bytes, committed
 

@@ -45,7 +45,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -105,11 +105,18 @@ def epoch_batches(epochs: Sequence[Epoch], batch_pages: int) -> Iterator[tuple[i
 def direct_chain(chain: str, cache: str) -> list[Stage]:
     """classify+xor-delta+rle (fused, as the runtime runs them) [! zstd|lz4], started as one worker each."""
     run_format, *entropy = chain.split("+")
-    stages: list[Stage] = [Classify().fuse(XorDelta(cache=cache)).fuse(RunLengthEncode(format=run_format))]
+    stages: list[Stage] = [_fuse(_fuse(Classify(), XorDelta(cache=cache)), RunLengthEncode(format=run_format))]
     stages += [{"zstd": Zstd, "lz4": Lz4}[name]() for name in entropy]
     for stage in stages:
         stage.start(StageContext(stage.factory_name))
     return stages
+
+
+def _fuse(first: Stage, second: Stage) -> Stage:
+    fused = first.fuse(second)
+    if fused is None:
+        raise RuntimeError(f"{first.factory_name} does not fuse with {second.factory_name}")
+    return fused
 
 
 @dataclass
@@ -131,9 +138,10 @@ def run_direct(chain: str, epochs: Sequence[Epoch], batch_pages: int, cache: str
         for stage in stages:
             outputs = [out for item in outputs for out in stage.handle(item)]
         run.seconds[part] += time.process_time() - started
-        if not batch.is_control:
+        if not batch.is_control and batch.data is not None:  # epoch_batches: page batches carry data
             run.bytes_in[part] += batch.data.nbytes
-            run.bytes_out[part] += sum(int(out.payload.shape[0]) for out in outputs if not out.is_control)
+            run.bytes_out[part] += sum(int(out.payload.shape[0]) for out in outputs
+                                       if not out.is_control and out.payload is not None)
     return run
 
 
@@ -163,7 +171,8 @@ class TimedNullSink(NullSink):
 
 def write_repeated_trace(trace: RecordedTrace, rounds: int, directory: Path) -> Path:
     """A trace file: the whole memory, then the recorded epochs ``rounds`` times over."""
-    arrays = {"base": trace.base, "region_starts": trace.region_starts, "region_npages": trace.region_npages}
+    arrays: dict[str, Any] = {"base": trace.base, "region_starts": trace.region_starts,  # Any: savez also takes allow_pickle=bool
+                              "region_npages": trace.region_npages}
     for count, (pages, data) in enumerate(epoch for _ in range(rounds) for epoch in trace.epochs):
         arrays[f"epoch{count:03d}_pages"], arrays[f"epoch{count:03d}_data"] = pages, data
     repeated = directory / "repeated.npz"
