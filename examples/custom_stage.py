@@ -91,22 +91,22 @@ def make_trace(args: argparse.Namespace, directory: Path) -> tuple[Path, str]:
     if corpus is not None:
         epochs = write_trace_from_npz(corpus, trace, epochs=args.epochs)
         return trace, f"memcached corpus, {epochs} epochs"
-    Pipeline.parse(f"workload-src kind={args.workload} size={args.size} seconds={args.seconds} rate=200 "
+    Pipeline.parse(f"workload-src kind={args.workload} size={args.size} seconds={args.seconds}s rate=200 "
                    f"! frame ! file-sink path={trace}").run(mode="inline", timeout=300)
     return trace, f"{args.workload} workload, {args.seconds} s"
 
 
 def run_chain(classifier: str, trace: Path, out: Path, args: argparse.Namespace) -> tuple[float, dict]:
     """Seconds (median of ``--repeats``) and the last run's per-element totals."""
-    seconds, result = [], None
+    seconds, totals = [], {}
     for _ in range(args.repeats):
         pipeline = Pipeline.parse(f"trace-src path={trace} preload=true ! {classifier} ! xor-delta "
                                   f"cache={args.cache} ! rle ! zstd ! frame ! file-sink path={out}")
         started = time.perf_counter()
         result = pipeline.run(mode=args.mode, timeout=600)
         seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds), {name: result.totals(name) for name in
-                                        ("trace-src0", classifier.split()[0] + "0", "xor-delta0")}
+        totals = {name: result.totals(name) for name in ("trace-src0", classifier.split()[0] + "0", "xor-delta0")}
+    return statistics.median(seconds), totals
 
 
 def replica_of(stream: Path, directory: Path) -> dict[str, np.ndarray]:

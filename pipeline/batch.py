@@ -190,7 +190,8 @@ class Batch:
         fields = self.__dict__
         arrays = [(code, dtype, array) for code, name, dtype in _ARRAY_TABLE
                   if (array := fields[name]) is not None]
-        descriptors, body = [], [meta]
+        descriptors: list[bytes] = []
+        body: list[Any] = [meta]  # bytes and contiguous arrays: b"".join takes their buffers
         frames: list[bytes | memoryview] = [b""]
         position = _HEADER.size + len(arrays) * _ARRAY.size + len(meta)
         for code, dtype, array in arrays:
@@ -319,11 +320,12 @@ class Batch:
             if self.offsets.shape != (n + 1,):
                 raise CorruptData(f"batch epoch {self.epoch}: {self.offsets.shape[0]} offsets for {n} pages")
             payload_len = 0 if self.payload is None else self.payload.shape[0]
-            # An entropy-coded payload ("native+zstd") is indexed after decompression: the decode stage bounds it.
-            entropy_coded = "+" in str(self.meta.get("codec", ""))
+            # Offsets index the payload, unless the batch declares the size it unpacks to (meta["raw_size"]):
+            # then the stages that read it, which know its codec, bound them (stages.common.checks).
+            bounded = "raw_size" not in self.meta
             offsets = self.offsets
             if n and (offsets[0] != 0 or (offsets[1:] < offsets[:-1]).any()
-                      or (not entropy_coded and int(self.offsets[-1]) > payload_len)):
+                      or (bounded and int(self.offsets[-1]) > payload_len)):
                 raise CorruptData(f"batch epoch {self.epoch}: offsets not increasing within payload of {payload_len} bytes")
 
 

@@ -1,8 +1,10 @@
 """The bus: what stages tell the supervisor, and the statistics they keep.
 
 Every worker posts ``Message``s: ``stats`` about once a second and once at the
-end, ``warning``, ``error`` (with exception and traceback), ``eos`` when its
-stream has ended and ``done`` when it is about to exit. Messages are plain
+end (preceded by ``epochs``, the per-epoch records taken since the last one; see
+pipeline.epoch_stats), ``warning``, ``event`` (something a log shows as it happens:
+connected, waiting, resync), ``error`` (with exception and traceback), ``eos`` when
+its stream has ended and ``done`` when it is about to exit. Messages are plain
 JSON-able dicts on the wire so the bus never unpickles anything. Stages may
 post other kinds through ``StageContext.post``; they reach listeners as they are.
 """
@@ -15,10 +17,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .batch import Batch
+from .epoch_stats import EpochSeries
 from .errors import CorruptData
 
 STATS_INTERVAL = 1.0
 """Seconds between statistics messages of one worker."""
+TIMELINE_LIMIT = 100_000
+"""Statistics samples kept per worker for the timeline (about a day at one a second)."""
+TIMELINE_KEYS = ("bytes_in", "bytes_out", "pages_out", "busy_seconds", "cpu_seconds")
 
 
 def json_default(value: Any) -> Any:
@@ -135,6 +141,10 @@ class RunResult:
     statistics: dict[tuple[str, int], dict[str, Any]]
     warnings: list[Message]
     elapsed_seconds: float
+    epochs: EpochSeries = field(default_factory=EpochSeries)
+    """Per-epoch statistics of every stage (pipeline.epoch_stats)."""
+    timeline: dict[str, dict[str, list]] = field(default_factory=dict)
+    """Per worker (``stage[worker]``): seconds since the start and cumulative counts at each statistics message."""
 
     def totals(self, stage: str) -> dict[str, Any]:
         """Statistics of one stage summed over its workers (empty if it reported none)."""
@@ -146,29 +156,50 @@ class RunResult:
             "workers": [stats for stats in self.statistics.values()],
             "stages": stage_totals(self.statistics),
             "warnings": [m.to_dict() for m in self.warnings],
+            "epochs": self.epochs.to_json(),
+            "timeline": self.timeline,
         }
 
 
 class Collector:
     """Keeps the latest statistics and the warnings while forwarding every message to listeners."""
 
-    def __init__(self, listeners: Iterable[Callable[[Message], None]] = (), stage_order: Iterable[str] = ()):
+    def __init__(self, listeners: Iterable[Callable[[Message], None]] = (), stage_order: Iterable[str] = (),
+                 wire_links: Iterable[tuple[str, str]] = (), epoch_order: Iterable[str] = ()):
         self.stage_order = {name: index for index, name in enumerate(stage_order)}
         self.listeners = [listener for listener in listeners if listener is not None]
         self.statistics: dict[tuple[str, int], dict[str, Any]] = {}
         self.warnings: list[Message] = []
+        self.epochs = EpochSeries(wire_links, order=list(epoch_order) or list(self.stage_order))
+        """Per-epoch records come per node of the plan (a fused node under its fused name)."""
+        self.timeline: dict[str, dict[str, list]] = {}
         self.started = time.monotonic()
 
     def post(self, message: Message) -> None:
         if message.kind == "stats":
             self.statistics[(message.stage, message.worker)] = message.fields
+            self._sample(message)
+        elif message.kind == "epochs":
+            self.epochs.add(message.stage, message.fields.get("records"))
         elif message.kind == "warning":
             self.warnings.append(message)
         for listener in self.listeners:
             listener(message)
 
+    def _sample(self, message: Message) -> None:
+        series = self.timeline.setdefault(f"{message.stage}[{message.worker}]",
+                                          {"seconds": [], **{key: [] for key in TIMELINE_KEYS}})
+        if len(series["seconds"]) >= TIMELINE_LIMIT:
+            for values in series.values():
+                del values[:len(values) // 2]
+        series["seconds"].append(round(time.monotonic() - self.started, 3))
+        for key in TIMELINE_KEYS:
+            value = message.fields.get(key, 0)
+            series[key].append(value if isinstance(value, (int, float)) else 0)
+
     def result(self) -> RunResult:
         last = len(self.stage_order)
         ordered = dict(sorted(self.statistics.items(),
                               key=lambda item: (self.stage_order.get(item[0][0], last), item[0])))
-        return RunResult(ordered, list(self.warnings), time.monotonic() - self.started)
+        return RunResult(ordered, list(self.warnings), time.monotonic() - self.started, self.epochs,
+                         self.timeline)

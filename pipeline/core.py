@@ -7,27 +7,20 @@ same batches in both modes.
 """
 from __future__ import annotations
 
-import enum
 import time
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 from .batch import Batch, Flag
 from .bus import WorkerStatistics, plain_counters
 from .errors import ConfigError
 from .fusion import Fusion
+from .epoch_stats import EpochCounter
 from .routing import EpochPageCounter, FanIn
 from .stage import Stage, StageContext
 
 IDLE_EVERY = 0.02
 """Seconds a waiting source goes without yielding (see ``Stage.idle_every``): bounds how late a timer runs inline."""
-
-
-class _Done(enum.Enum):
-    """End of a stage's output: an enum member, so ``is _DONE`` narrows the type (a bare object() does not)."""
-    DONE = enum.auto()
-
-
-_DONE: Literal[_Done.DONE] = _Done.DONE
+_DONE = object()
 
 
 class WorkerCore:
@@ -46,6 +39,7 @@ class WorkerCore:
         self.stats = WorkerStatistics(context.stage_name, context.worker_index)
         self.finished = False
         self._last_epoch = 0
+        self._epoch_counter = EpochCounter()
         self._next_tick = 0.0
 
     def start(self) -> None:
@@ -64,13 +58,25 @@ class WorkerCore:
         return [(name, member_statistics(whole, fusion, index, name, self.context.stage_name))
                 for index, name in enumerate(self.elements)]
 
+    def epoch_records(self) -> list[list]:
+        """The per-epoch records waiting to be posted (``epochs`` bus message), taken."""
+        return self.context.recorder.take()
+
+    def _close_epoch(self, epoch: int) -> None:
+        stats = self.stats
+        self._epoch_counter.close(self.context.recorder, epoch, stats.bytes_in, stats.bytes_out,
+                                  stats.pages_in, stats.pages_out)
+
     def feed(self, input_index: int, batch: Batch) -> bool:
         """Give the stage one batch from upstream worker ``input_index``; True once the stream has ended."""
         self.stats.count_in(batch)
         for released in self.fan_in.push(input_index, batch):
             self._drive(self.stage.handle(released))
-            if released.is_control and released.flags & Flag.END_OF_STREAM:
-                self.finished = True
+            if released.is_control:
+                if released.flags & Flag.EPOCH_END:
+                    self._close_epoch(released.epoch)
+                if released.flags & Flag.END_OF_STREAM:
+                    self.finished = True
         return self.finished
 
     def produce(self) -> Iterator[None]:
@@ -95,6 +101,8 @@ class WorkerCore:
                 continue
             ended = bool(batch.is_control and batch.flags & Flag.END_OF_STREAM)
             self._emit(batch)
+            if batch.is_control and batch.flags & Flag.EPOCH_END:
+                self._close_epoch(batch.epoch)
             yield
         if not ended:
             self._emit(Batch.control(Flag.END_OF_STREAM, self._last_epoch, format=self.output_format or "any"))
@@ -121,7 +129,7 @@ class WorkerCore:
         while (batch := self._next(outputs)) is not _DONE:
             self._emit(batch)
 
-    def _next(self, outputs: Iterator[Batch | None]) -> Batch | None | Literal[_Done.DONE]:
+    def _next(self, outputs: Iterator[Batch]) -> Batch | None | object:
         began = time.perf_counter()
         try:
             return next(outputs)
@@ -130,7 +138,7 @@ class WorkerCore:
         finally:
             self.stats.busy_seconds += time.perf_counter() - began
 
-    def _emit(self, batch: object) -> None:  # whatever the stage yielded: checked here
+    def _emit(self, batch: Batch) -> None:
         if not isinstance(batch, Batch):
             raise ConfigError(f"{self.context.stage_name}: emitted {type(batch).__name__}, not a pipeline Batch")
         if self.page_counter is not None:

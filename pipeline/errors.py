@@ -37,6 +37,11 @@ class CorruptData(PagepipeError, ValueError):
     The message says what is wrong and where (record, page index, byte offset).
     """
 
+    offset: int | None = None
+    """Where in a stream the malformed bytes start, when a stream reader knows (also sequence and epoch)."""
+    sequence: int | None = None
+    epoch: int | None = None
+
 
 class TrackerError(PagepipeError):
     """A dirty tracker cannot track what it was given (buffer, region, process)."""
@@ -53,9 +58,19 @@ class ReplicaError(PagepipeError):
 class StageFailed(PagepipeError):
     """A stage raised or its process died; names the stage and worker."""
 
-    def __init__(self, stage: str, worker: int, reason: str, traceback: str = ""):
+    def __init__(self, stage: str, worker: int, reason: str, traceback: str = "", category: str = "bug"):
         self.stage = stage
         self.worker = worker
         self.reason = reason
         self.traceback = traceback
+        self.category = category
+        """``config`` (a ConfigError: bad configuration found when the stage started), ``error`` (another
+        PagepipeError: the reason says it all) or ``bug`` (any other exception: the traceback helps)."""
         super().__init__(f"stage {stage!r} worker {worker} failed: {reason}")
+
+
+def error_category(exc: BaseException) -> str:
+    """How a stage's exception is reported (StageFailed.category)."""
+    if isinstance(exc, ConfigError):
+        return "config"
+    return "error" if isinstance(exc, PagepipeError) else "bug"

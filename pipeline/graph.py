@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .batch import ANY
+from .batch import ANY, STREAM
 from .errors import CapsError, ConfigError
 from .routing import PAGE_FORMATS, SHARDABLE_FORMATS
 from .stage import Stage
@@ -45,6 +45,17 @@ class Plan:
     def names(self) -> list[str]:
         return [node.name for node in self.nodes]
 
+    def wire_links(self) -> list[tuple[str, str]]:
+        """Where the framed stream's bytes are counted: (node, "bytes_out") of nodes emitting it,
+        (node, "bytes_in") of nodes taking it, in plan order (pipeline.epoch_stats)."""
+        links = []
+        for node in self.nodes:
+            if node.output_format == STREAM:
+                links.append((node.name, "bytes_out"))
+            if node.input_format == STREAM:
+                links.append((node.name, "bytes_in"))
+        return links
+
     def element_names(self) -> list[str]:
         """Every original element, in order (the members of fused nodes one by one)."""
         return [element for node in self.nodes for element in node.elements]
@@ -68,6 +79,11 @@ def build_plan(elements: list[Stage], links: list[tuple[Stage, Stage]], fuse: bo
 
     if not elements:
         raise ConfigError("the pipeline has no elements")
+    for stage in elements:
+        try:
+            stage.check()
+        except ConfigError as exc:
+            raise fail(ConfigError, stage, str(exc)) from None
     upstream: dict[int, Stage] = {}
     downstream: dict[int, list[Stage]] = {id(stage): [] for stage in elements}
     for source, target in links:
@@ -145,21 +161,21 @@ def fuse_neighbours(plan: Plan) -> Plan:
     for index, node in enumerate(nodes):
         while alive[index] and len(node.downstream) == 1:
             child_index = node.downstream[0]
-            child = nodes[child_index]
-            fused = node.stage.fuse(child.stage) if declares_fuse(node.stage) else None
+            below = nodes[child_index]
+            fused = node.stage.fuse(below.stage) if declares_fuse(node.stage) else None
             if fused is None:
                 break
-            elements = node.elements + child.elements
+            elements = node.elements + below.elements
             members = len(fused.fusion.members) if fused.fusion is not None else 0
             if members != len(elements):
                 raise ConfigError(f"{type(node.stage).__qualname__}.fuse: the fused stage accounts for {members} "
                                   f"elements, not {len(elements)} ({', '.join(elements)}); give it a "
                                   "pipeline.fusion.Fusion with one member per element")
             fused.workers = node.workers
-            fused.name = f"{node.name}+{child.name}"
+            fused.name = f"{node.name}+{below.name}"
             node.stage, node.name, node.elements = fused, fused.name, elements
-            node.output_format = child.output_format
-            node.downstream = child.downstream
+            node.output_format = below.output_format
+            node.downstream = below.downstream
             alive[child_index] = False
     keep = [i for i, live in enumerate(alive) if live]
     renumber = {old: new for new, old in enumerate(keep)}
@@ -169,8 +185,8 @@ def fuse_neighbours(plan: Plan) -> Plan:
         node.downstream = [renumber[d] for d in node.downstream]
         fused_nodes.append(node)
     for index, node in enumerate(fused_nodes):
-        for downstream_index in node.downstream:
-            fused_nodes[downstream_index].upstream = index
+        for child in node.downstream:
+            fused_nodes[child].upstream = index
     return Plan(fused_nodes)
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 from .batch import Batch
 from .bus import STATS_INTERVAL, Message
 from .core import WorkerCore
-from .errors import StageFailed
+from .errors import StageFailed, error_category
 from .graph import Node, Plan
 from .routing import Router
 from .stage import Stage, StageContext
@@ -90,7 +90,7 @@ class InlineExecution:
         except Exception as exc:
             context = core.context
             raise StageFailed(context.stage_name, context.worker_index, f"{type(exc).__name__}: {exc}",
-                              traceback.format_exc()) from exc
+                              traceback.format_exc(), error_category(exc)) from exc
 
     def _run_sources(self, should_stop: Callable[[], bool]) -> None:
         running: list[tuple[WorkerCore, Iterator[None]]] = [
@@ -115,6 +115,9 @@ class InlineExecution:
     def _post_statistics(self, final: bool) -> None:
         for node, cores in zip(self.plan.nodes, self.cores):
             for core in cores:
+                records = core.epoch_records()
+                if records:
+                    self._post(Message("epochs", node.name, core.context.worker_index, {"records": records}))
                 for element, stats in core.statistics():
                     self._post(Message("stats", element, core.context.worker_index, stats))
                 if final and node.output_format is None:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, ParseError
+from . import registry
 from .registry import load
 from .stage import Stage
 
@@ -99,6 +100,12 @@ def parse_description(text: str) -> Description:
         else:
             if not _NAME.match(token.text):
                 raise ParseError(f"expected a stage name, found {token.text!r}", text, token.position)
+            after = items[-1] if items and pending_link is None else None
+            if isinstance(after, ElementWords) and after.properties and token.text not in registry.factories():
+                key, value = after.properties[-1]
+                raise ParseError(f"{token.text!r} follows {key.text}={value.text} without '!' and is no stage: "
+                                 f"a value with a space needs quotes ({key.text}=\"{value.text} {token.text}\"), "
+                                 f"a new element follows '!'", text, token.position)
             item = ElementWords(token)
         items.append(item)
         if pending_link is not None:
@@ -133,7 +140,7 @@ def build_stage(words: ElementWords, text: str) -> Stage:
             raise ParseError(f"{words.factory.text}: property {prop.name} takes a Python object; "
                              "set it from the Python API", text, key.position)
         try:
-            values[prop.attribute] = prop.parse(value.text)
+            values[prop.attribute] = prop.parse_text(value.text)
         except ConfigError as exc:
             raise ParseError(f"{words.factory.text}: {exc}", text, value.position) from None
     try:

@@ -125,29 +125,33 @@ class Pipeline:
     # ---- running ---------------------------------------------------------
     def start(self, mode: str = "process", on_message: Callable[[Message], None] | None = None,
               fuse: bool = True, max_inflight: int | str = DEFAULT_MAX_INFLIGHT,
-              start_method: str = "forkserver") -> "PipelineHandle":
+              start_method: str = "forkserver", name: str = "") -> "PipelineHandle":
         """Start in the background; returns a handle (messages, wait, stop)."""
-        handle = self._prepare(mode, on_message, fuse, max_inflight, start_method)
+        handle = self._prepare(mode, on_message, fuse, max_inflight, start_method, name)
         handle._start_thread()
         return handle
 
     def run(self, mode: str = "process", on_message: Callable[[Message], None] | None = None,
             timeout: float | None = None, fuse: bool = True, max_inflight: int | str = DEFAULT_MAX_INFLIGHT,
-            start_method: str = "forkserver") -> RunResult:
-        """Run to the end in the calling thread; StageFailed if a stage fails, TimeoutError after ``timeout``."""
-        handle = self._prepare(mode, on_message, fuse, max_inflight, start_method)
+            start_method: str = "forkserver", name: str = "") -> RunResult:
+        """Run to the end in the calling thread; StageFailed if a stage fails, TimeoutError after ``timeout``.
+
+        ``name`` appears in the worker processes' titles (``pagepipe: xor-delta0 worker 1/2 of NAME``).
+        """
+        handle = self._prepare(mode, on_message, fuse, max_inflight, start_method, name)
         return handle._run_here(timeout)
 
     def _prepare(self, mode: str, on_message, fuse: bool, max_inflight: int | str,
-                 start_method: str) -> "PipelineHandle":
+                 start_method: str, name: str = "") -> "PipelineHandle":
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r}: use one of {', '.join(MODES)}")
         plan = self.plan(fuse=fuse)
         limit = parse_size(max_inflight)
         if limit <= 0:
             raise ConfigError(f"max-inflight {max_inflight!r} must be positive")
-        execution = InlineExecution(plan) if mode == "inline" else ProcessExecution(plan, limit, start_method)
-        return PipelineHandle(execution, Collector([on_message], stage_order=plan.element_names()))
+        execution = InlineExecution(plan) if mode == "inline" else ProcessExecution(plan, limit, start_method, name)
+        return PipelineHandle(execution, Collector([on_message], stage_order=plan.element_names(),
+                                                   wire_links=plan.wire_links(), epoch_order=plan.names()))
 
 
 class PipelineHandle:
@@ -204,7 +208,8 @@ class PipelineHandle:
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """The final statistics once the pipeline ends; re-raises its failure (StageFailed)."""
-        assert self._thread is not None, "wait() needs a started pipeline (Pipeline.start)"
+        if self._thread is None:
+            raise RuntimeError("wait() is for a pipeline started with start(); run() waits by itself")
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(f"pipeline still running after {timeout} s")

@@ -21,7 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from multiprocessing.context import DefaultContext
+from typing import Callable, cast
 
 import zmq
 
@@ -29,6 +30,7 @@ from .bus import Message
 from .errors import ConfigError, CorruptData, StageFailed
 from .graph import Plan
 from .registry import class_path
+from .stage import Stage
 from .shm import ring_name
 from .stage import Stage
 from .worker import InputSpec, OutputSpec, Worker, WorkerSpec, run_worker_process
@@ -73,10 +75,9 @@ def _describe_exit(code: int | None) -> str:
 class _Thread:
     """A ``runs_in_caller`` worker: a thread of the supervising process."""
 
-    def __init__(self, worker: Worker):
+    def __init__(self, worker: Worker, stop_event: threading.Event):
         self.worker = worker
-        assert worker.stop_event is not None  # a caller-side worker is stopped through its event
-        self.stop_event = worker.stop_event
+        self.stop_event = stop_event
         self.thread = threading.Thread(target=self._run, name=f"pagepipe-{worker.spec.stage_name}", daemon=True)
         self.exitcode: int | None = None
 
@@ -93,12 +94,14 @@ class _Thread:
 class ProcessExecution:
     """Start, watch and stop the workers of a plan in separate processes."""
 
-    def __init__(self, plan: Plan, max_inflight: int, start_method: str = "forkserver"):
+    def __init__(self, plan: Plan, max_inflight: int, start_method: str = "forkserver", name: str = ""):
         if start_method not in ("forkserver", "spawn"):
             raise ConfigError(f"start method {start_method!r}: use forkserver or spawn (never fork)")
         self.plan = plan
         self.max_inflight = max_inflight
         self.start_method = start_method
+        self.name = name or f"pid {os.getpid()}"
+        """Shown in the workers' process titles (``pagepipe: xor-delta0 worker 1/2 of NAME``)."""
         self.processes: dict[tuple[str, int], multiprocessing.process.BaseProcess] = {}
         self.threads: dict[tuple[str, int], _Thread] = {}
         self._directory = ""
@@ -145,7 +148,7 @@ class ProcessExecution:
                     credit_endpoint=credit(index, worker) if node.downstream else None,
                     bus_endpoint=f"ipc://{directory}/bus", max_inflight=self.max_inflight,
                     supervisor_pid=0 if caller_side else os.getpid(),
-                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1)
+                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1, pipeline_name=self.name)
                 result.append((spec, node.stage if caller_side else None))
         return result
 
@@ -169,13 +172,14 @@ class ProcessExecution:
             self._bus.linger = 0
             self._bus.bind(f"ipc://{self._directory}/bus")
             context = (multiprocessing.get_context("forkserver") if self.start_method == "forkserver"
-                       else multiprocessing.get_context("spawn"))  # the two __init__ allows, typed
+                       else multiprocessing.get_context("spawn"))
             if self.start_method == "forkserver":
                 context.set_forkserver_preload(["pipeline.worker", "numpy", "zmq"])
             for spec, stage in specs:
                 key = (spec.stage_name, spec.worker_index)
                 if stage is not None:
-                    thread = _Thread(Worker(spec, stage=stage, stop_event=threading.Event()))
+                    stop_event = threading.Event()
+                    thread = _Thread(Worker(spec, stage=stage, stop_event=stop_event), stop_event)
                     self.threads[key] = thread
                     thread.start()
                 else:
@@ -188,12 +192,20 @@ class ProcessExecution:
             raise
 
     # ---- watch ---------------------------------------------------------
+    @property
+    def _bus_socket(self) -> zmq.Socket:
+        """The bus, once ``launch`` bound it."""
+        if self._bus is None:
+            raise RuntimeError("supervise() before launch()")
+        return self._bus
+
     def supervise(self, post: Callable[[Message], None], should_stop: Callable[[], bool]) -> None:
         """Forward bus messages until every worker is done; raise StageFailed on the first failure."""
+        bus = self._bus_socket
         pending = set(self.processes) | set(self.threads)
         judged: set[tuple[str, int]] = set()
         poller = zmq.Poller()
-        poller.register(self._bus, zmq.POLLIN)
+        poller.register(bus, zmq.POLLIN)
         sentinels = {process.sentinel: key for key, process in self.processes.items()}
         for sentinel in sentinels:
             poller.register(sentinel, zmq.POLLIN)
@@ -212,10 +224,11 @@ class ProcessExecution:
         self._finished = not pending
 
     def _drain_bus(self, post: Callable[[Message], None], pending: set) -> None:
-        assert self._bus is not None  # bound by launch()
+        bus = self._bus
+        assert bus is not None  # bound by launch() before any worker starts
         while True:
             try:
-                raw = self._bus.recv_json(zmq.NOBLOCK)
+                raw = bus.recv_json(zmq.NOBLOCK)
             except zmq.Again:
                 return
             except ValueError as exc:
@@ -225,7 +238,7 @@ class ProcessExecution:
             key = (message.stage, message.worker)
             if message.kind == "error":
                 raise StageFailed(message.stage, message.worker, str(message.fields.get("reason", "")),
-                                  str(message.fields.get("traceback", "")))
+                                  str(message.fields.get("traceback", "")), str(message.fields.get("category", "bug")))
             if message.kind == "done":
                 pending.discard(key)
 
@@ -234,8 +247,7 @@ class ProcessExecution:
         deadline = time.monotonic() + EXIT_REPORT_GRACE
         while key in pending and time.monotonic() < deadline:
             self._drain_bus(post, pending)
-            if key in pending:
-                assert self._bus is not None  # bound by launch()
+            if key in pending and self._bus is not None:
                 self._bus.poll(20)
         if key in pending:
             process = self.processes.get(key)

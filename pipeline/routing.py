@@ -131,7 +131,7 @@ class FanIn:
         self._marker[index] = batch
         if any(marker is None for marker in self._marker):
             return
-        markers = [marker for marker in self._marker if marker is not None]  # all set: checked above
+        markers = [marker for marker in self._marker if marker is not None]  # all of them, by now
         self._marker = [None] * self.inputs
         released.append(merge_markers(markers))
         for held_index, held in enumerate(self._held):

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from .batch import ANY, FORMATS, Batch, Flag
+from .epoch_stats import EpochRecorder
 from .errors import ConfigError
 from .fusion import Fusion
-from .units import parse_duration, parse_size
+from .units import parse_duration, parse_endpoint, parse_size
 
-PROPERTY_TYPES = ("int", "float", "bool", "str", "size", "duration", "choice", "object")
+PROPERTY_TYPES = ("int", "float", "bool", "str", "size", "duration", "choice", "endpoint", "object")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -25,14 +26,18 @@ class Property:
     """A typed, documented stage property, parsed from launch strings.
 
     ``type`` is one of PROPERTY_TYPES: ``size`` accepts ``32MiB``, ``duration``
-    accepts ``25ms`` (stored in seconds), ``choice`` one of ``choices``,
-    ``object`` any Python value (Python API only, not from a launch string).
+    accepts ``25ms`` (stored in seconds; a launch string must give the unit, the
+    Python API may pass seconds), ``choice`` one of ``choices``, ``endpoint`` a
+    ZeroMQ endpoint with its scheme (``tcp://host:port``; empty allowed unless
+    required), ``object`` any Python value (Python API only, not from a launch
+    string). ``required=True``: the pipeline refuses to start without it.
     ``internal=True`` marks a property only the runtime or fusion sets: it is
     left out of ``pagepipe inspect``.
     """
 
     def __init__(self, type: str, default: Any, doc: str, *, minimum: float | None = None,
-                 maximum: float | None = None, choices: Iterable[str] | None = None, internal: bool = False):
+                 maximum: float | None = None, choices: Iterable[str] | None = None, internal: bool = False,
+                 required: bool = False):
         if type not in PROPERTY_TYPES:
             raise ValueError(f"unknown property type {type!r}; use one of {', '.join(PROPERTY_TYPES)}")
         if (type == "choice") != (choices is not None):
@@ -45,6 +50,7 @@ class Property:
         self.minimum = minimum
         self.maximum = maximum
         self.choices = tuple(choices) if choices is not None else None
+        self.required = required
         self.internal = internal
         self.bad_default: ConfigError | None = None
         self.name = ""
@@ -98,12 +104,23 @@ class Property:
             return parse_size(value)
         if self.type == "duration":
             return parse_duration(value)
+        if self.type == "endpoint":
+            return parse_endpoint(value) if value != "" else ""
         if self.type == "choice":
-            assert self.choices is not None  # __init__ requires choices for a choice property
-            if str(value) not in self.choices:
-                raise ConfigError(f"property {self.name}: {value!r} is not one of {', '.join(self.choices)}")
+            choices = self.choices or ()
+            if str(value) not in choices:
+                raise ConfigError(f"property {self.name}: {value!r} is not one of {', '.join(choices)}")
             return str(value)
         return str(value)
+
+    def parse_text(self, text: str) -> Any:
+        """Parse a value written in a launch string: like ``parse``, but a duration needs its unit."""
+        if self.type == "duration":
+            try:
+                parse_duration(text, require_unit=True)
+            except ConfigError as exc:
+                raise ConfigError(f"property {self.name}: {exc}") from None
+        return self.parse(text)
 
     def describe_range(self) -> str:
         """Allowed values, for ``pagepipe inspect``."""
@@ -125,9 +142,25 @@ class StageContext:
     worker_count: int = 1
     post: Callable[..., None] = field(default=lambda kind, **fields: None)
     """``post("warning", message=...)`` sends a message to the bus."""
+    recorder: EpochRecorder = field(default_factory=EpochRecorder)
 
-    def warn(self, message: str) -> None:
-        self.post("warning", message=message)
+    def warn(self, message: str, **fields: Any) -> None:
+        """A warning on the bus; ``event="discarded"`` and the like name it for logs."""
+        self.post("warning", message=message, **fields)
+
+    def event(self, name: str, message: str, **fields: Any) -> None:
+        """Tell the bus something happened that a log should show as it happens (``connected``,
+        ``waiting``, ``resync``, ...); ``message`` is one line for people."""
+        self.post("event", event=name, message=message, **fields)
+
+    def record_epoch(self, epoch: int, **values: float) -> None:
+        """Record numbers about one epoch (``pause_seconds=``, ``dirty_pages=``, ...; see
+        pipeline.epoch_stats for the names in use and how workers' values merge).
+
+        Thread safe and cheap (a deque append); the records reach the supervisor with the next
+        statistics message and end up in ``--stats-json``, the summary, reports and metrics.
+        """
+        self.recorder.pending.append((epoch, values))
 
 
 class Stage:
@@ -137,6 +170,14 @@ class Stage:
     accepted; empty for sources) and ``output_caps`` (format produced; None for
     sinks), declare ``Property`` attributes, and implement ``process`` (or
     ``produce`` for sources).
+
+    Reporting: ``self.counters`` (running totals, posted once a second),
+    ``self.context.warn(text)``, ``self.context.event(name, text)`` (a log line as it
+    happens), and ``self.context.record_epoch(epoch, pause_seconds=..., dirty_pages=...)``
+    for per-epoch numbers (the runtime already records each stage's bytes and pages in
+    and out per epoch); see pipeline.epoch_stats.
+    A property declared with ``required=True`` must be given; the launch parser checks
+    it before anything starts.
 
     Merging stages never changes results: the runtime may run neighbours as
     one fused stage (``fuse``), but only stages whose own class declares how
@@ -173,8 +214,8 @@ class Stage:
 
     def __init__(self, **properties: Any):
         self._properties: dict[str, Any] = {}
-        self.counters: dict[str, int | float] = {}
-        """Stage-specific statistics (hits, misses, ...), reported on the bus."""
+        self.counters: dict[str, Any] = {}
+        """Stage-specific statistics (hits, misses, ...: numbers, or a short text), reported on the bus."""
         self.context = StageContext(stage_name=self.factory_name)
         known = self.properties()
         for key, value in properties.items():
@@ -195,6 +236,26 @@ class Stage:
                 if isinstance(value, Property):
                     found[value.name] = value
         return found
+
+    def missing_properties(self) -> list[str]:
+        """Launch names of the required properties not given (empty or unset)."""
+        return [prop.name for prop in self.properties().values()
+                if prop.required and getattr(self, prop.attribute) in (None, "")]
+
+    def check(self) -> None:
+        """Check the configuration before anything starts (the pipeline's plan calls it); ConfigError
+        saying what is wrong. By default: every required property is given. Stages with rules
+        across properties (one of pid=, pids=, cgroup=) extend it."""
+        self.check_required()
+
+    def check_required(self) -> None:
+        """ConfigError naming the required properties not given, and an example of each."""
+        missing = self.missing_properties()
+        if missing:
+            where = self.name or self.factory_name
+            raise ConfigError(f"{where}: required propert{'y' if len(missing) == 1 else 'ies'} "
+                              f"{', '.join(m + '=' for m in missing)} not given "
+                              f"(pagepipe inspect {self.factory_name} describes {'it' if len(missing) == 1 else 'them'})")
 
     def property_values(self) -> dict[str, Any]:
         """The values set explicitly, by attribute name; enough to rebuild the stage elsewhere."""

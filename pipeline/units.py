@@ -1,4 +1,5 @@
-"""Parse property values written with units: sizes (``32MiB``) and durations (``25ms``)."""
+"""Parse property values written with units: sizes (``32MiB``), durations (``25ms``), and endpoints
+(``tcp://host:port``)."""
 from __future__ import annotations
 
 import re
@@ -25,15 +26,44 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
-def parse_duration(text: str | float) -> float:
-    """``"25ms"`` -> 0.025 seconds. Plain numbers are seconds."""
+def parse_duration(text: str | float, require_unit: bool = False) -> float:
+    """``"25ms"`` -> 0.025 seconds. Plain numbers are seconds, unless ``require_unit`` (launch
+    strings: ``interval=25`` is refused, only a bare ``0`` needs no unit)."""
     if isinstance(text, (int, float)):
         return float(text)
     match = _NUMBER_WITH_UNIT.match(str(text))
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _DURATION_UNITS:
-        raise ConfigError(f"not a duration: {text!r} (examples: 2, 25ms, 1.5s)")
-    return float(match.group(1)) * _DURATION_UNITS[unit]
+        raise ConfigError(f"not a duration: {text!r} (examples: 25ms, 1.5s, 2min)")
+    value = float(match.group(1)) * _DURATION_UNITS[unit]
+    if require_unit and not unit and value != 0:
+        raise ConfigError(f"{text!r} has no unit: write {match.group(1)}s or {match.group(1)}ms")
+    return value
+
+
+ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc", "pgm", "epgm", "udp", "ws", "wss", "vmci")
+_TCP_ADDRESS = re.compile(r"^(?:\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.;:-]+):(?:\*|[0-9]{1,5})$")
+
+
+def parse_endpoint(text: str) -> str:
+    """Check a ZeroMQ endpoint (``tcp://host:port``, ``ipc:///path``); a leading ``@`` or ``>``
+    (bind or connect) is kept. ConfigError saying what is missing."""
+    text = str(text)
+    bare = text[1:] if text[:1] in ("@", ">") else text
+    scheme, separator, address = bare.partition("://")
+    if not separator:
+        raise ConfigError(f"endpoint {text!r} has no scheme: write tcp://{bare} (or ipc:///path)")
+    if scheme not in ENDPOINT_SCHEMES:
+        raise ConfigError(f"endpoint {text!r}: unknown scheme {scheme!r}; use tcp://host:port or ipc:///path")
+    if not address:
+        raise ConfigError(f"endpoint {text!r} has no address after {scheme}://")
+    if scheme == "tcp":
+        if not _TCP_ADDRESS.match(address):
+            raise ConfigError(f"endpoint {text!r}: a tcp endpoint is tcp://host:port (port a number, or * when binding)")
+        port = address.rpartition(":")[2]
+        if port != "*" and not 0 < int(port) < 65536:
+            raise ConfigError(f"endpoint {text!r}: port {port} is outside 1..65535")
+    return text
 
 
 def format_size(n: float) -> str:

@@ -41,13 +41,14 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
+import setproctitle
 import zmq
 
 from .batch import Batch
 from .bus import STATS_INTERVAL, Message, json_default
-from .errors import CorruptData
+from .errors import CorruptData, error_category
 from .core import WorkerCore
 from .registry import import_target
 from .routing import Router
@@ -82,6 +83,9 @@ SUPERVISOR_GONE_SIGNAL = signal.SIGUSR1
 SUPERVISOR_GONE_GRACE = 1.0
 """Seconds a worker whose supervisor died gets to stop its stage before it kills itself."""
 EXIT_SUPERVISOR_GONE = 3
+BUS_LINGER_MS = 10000
+"""The supervisor reads its bus all the time: bus messages it has not taken within this long have no reader, and
+a worker's exit never waits on them longer (the data links keep waiting: their last messages must arrive)."""
 _supervisor_gone = threading.Event()
 """Set by the supervisor watch (a process worker's supervisor has exited)."""
 
@@ -129,6 +133,7 @@ class WorkerSpec:
     max_inflight: int = 32 << 20
     supervisor_pid: int = 0
     linger_ms: int = -1
+    pipeline_name: str = ""
 
 
 def attach(socket: zmq.Socket, endpoint: str, bind_by_default: bool) -> None:
@@ -145,6 +150,9 @@ def _frames_cost(frames: list) -> int:
 
 class Worker:
     """Run one stage worker until its stream ends, it fails, or it is told to stop."""
+
+    core: WorkerCore
+    """The stage driven by this worker; set by ``_build``."""
 
     def __init__(self, spec: WorkerSpec, stage: Stage | None = None,
                  stop_event: threading.Event | None = None,
@@ -173,7 +181,6 @@ class Worker:
         self._pending: dict[tuple[int, int], list] = {}  # (output link, worker) -> small batches' frames to send
         self._pending_bytes = 0
         self._hold_data = False
-        self.core: WorkerCore | None = None
 
     # ---- bus -----------------------------------------------------------
     def post(self, kind: str, **fields: Any) -> None:
@@ -194,11 +201,12 @@ class Worker:
         try:
             if self.spec.bus_endpoint:
                 self._bus = self._socket(zmq.PUSH)
+                self._bus.linger = BUS_LINGER_MS if self.spec.linger_ms < 0 else min(self.spec.linger_ms, BUS_LINGER_MS)
                 self._bus.connect(self.spec.bus_endpoint)
             self._check_alive()
-            core = self._build()
+            self._build()
             self._cpu_at_start = time.process_time()
-            core.start()
+            self._core.start()
             if self.spec.inputs:
                 self._serve()
             else:
@@ -210,7 +218,8 @@ class Worker:
             code = 2
         except BaseException as exc:  # reported on the bus, then the process exits non-zero
             code = 1
-            self.post("error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            self.post("error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                      category=error_category(exc))
         finally:
             code = self._stop_stage(code)
             if code == 0:
@@ -218,7 +227,7 @@ class Worker:
             self._close(code)
         return code
 
-    def _build(self) -> WorkerCore:
+    def _build(self) -> None:
         spec = self.spec
         if self.stage is None:
             self.stage = import_target(spec.stage_target)(**spec.properties)
@@ -254,7 +263,6 @@ class Worker:
         if spec.credit_endpoint:
             self._credit = self._socket(zmq.PULL, hwm=0)
             attach(self._credit, spec.credit_endpoint, bind_by_default=True)
-        return self.core
 
     def _socket(self, kind: int, hwm: int = 1000) -> zmq.Socket:
         socket = self._context.socket(kind)
@@ -265,7 +273,7 @@ class Worker:
         return socket
 
     def _stop_stage(self, code: int) -> int:
-        if self.core is None:
+        if getattr(self, "core", None) is None:   # failed before _build
             return code
         try:
             self.core.stop()
@@ -278,7 +286,7 @@ class Worker:
     def _close(self, code: int) -> None:
         orphaned = bool(self.spec.supervisor_pid) and not _alive(self.spec.supervisor_pid)
         for socket in self._sockets:
-            if code != 0 and (socket is not self._bus or orphaned):   # nobody reads an orphan's bus messages
+            if orphaned or (code != 0 and socket is not self._bus):   # nobody reads what an orphan sends
                 socket.linger = 0
             socket.close()
         self._context.term()
@@ -296,20 +304,28 @@ class Worker:
             self._post_statistics()
             self._check_alive()
 
+    @property
+    def _core(self) -> WorkerCore:
+        """The worker's engine, once ``_build`` made it."""
+        if self.core is None:
+            raise RuntimeError(f"{self.spec.stage_name}: worker used before it was built")
+        return self.core
+
     def _post_statistics(self) -> None:
-        assert self.core is not None  # called only once run() has built it
-        stats = self.core.stats
+        stats = self._core.stats
         self._collect_credit()
         stats.queue_bytes = sum(self._inflight.values())
         if self.stop_event is None:  # a process of its own
             stats.cpu_seconds = time.process_time() - self._cpu_at_start
-        for element, element_stats in self.core.statistics():
-            self._post_as(element, "stats", element_stats)
+        records = self.core.epoch_records()
+        if records:
+            self.post("epochs", records=records)
+        for element, figures in self.core.statistics():
+            self._post_as(element, "stats", figures)
 
     # ---- receiving -----------------------------------------------------
     def _produce(self) -> None:
-        assert self.core is not None  # called only once run() has built it
-        for _ in self.core.produce():
+        for _ in self._core.produce():
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Stopped()
             self.core.tick()
@@ -319,8 +335,7 @@ class Worker:
     def _serve(self) -> None:
         poller = zmq.Poller()
         registered: set[int] = set()
-        core = self.core
-        assert core is not None  # called only once run() has built it
+        core = self._core
         if self._credit is not None:  # releases of forwarded batches must flow upstream while this worker idles
             poller.register(self._credit, zmq.POLLIN)
         while not core.finished:
@@ -357,14 +372,13 @@ class Worker:
         self._return_slots()
 
     def _drain(self, index: int, socket: zmq.Socket) -> None:
-        core = self.core
-        assert core is not None  # called only once run() has built it
+        core = self._core
         threshold = self.spec.max_inflight // 4
         ring = self._receive_rings[index]
         for _ in range(DRAIN_LIMIT):
             # Ask for events rather than catch zmq.Again: messages mostly arrive one per wake-up, and raising
             # Again each time costs more than the question.
-            if not socket.get(_EVENTS) & _POLLIN:  # type: ignore[operator]  # pyzmq: get() -> int | bytes; EVENTS is int
+            if not cast(int, socket.get(_EVENTS)) & _POLLIN:   # EVENTS is an int option
                 break
             first = socket.recv(_NOBLOCK, copy=False)
             frames = [first]
@@ -391,7 +405,7 @@ class Worker:
         while self._released:
             index, offset, kind = self._released.pop()
             _, credit, link = self._inputs[index]
-            assert credit is not None  # only credited inputs have rings, whose slots these are
+            assert credit is not None  # rings (and their releases) exist only on credited links
             try:
                 credit.send(RELEASE.pack(link, self.spec.worker_index, offset, kind), zmq.NOBLOCK)
             except zmq.Again:
@@ -460,8 +474,9 @@ class Worker:
         packed = ring.pack(frames)
         # wait while downstream makes progress; a ring that stays full (a receiver holding old slots)
         # falls back to the socket: never a deadlock
-        assert self._credit is not None  # rings exist only on credited outputs
-        while packed is None and self._credit.poll(RING_WAIT_MS, _POLLIN):
+        credit = self._credit
+        assert credit is not None  # a worker with credited outputs has a credit socket
+        while packed is None and credit.poll(RING_WAIT_MS, _POLLIN):
             self._collect_credit()
             packed = ring.pack(frames)
             self._tick()
@@ -475,8 +490,9 @@ class Worker:
 
     def _await_credit(self) -> None:
         """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
-        assert self._credit is not None  # only credited outputs wait for credit
-        if self._credit.poll(POLL_MS, zmq.POLLIN):
+        credit = self._credit
+        assert credit is not None  # only credited links wait for credit
+        if credit.poll(POLL_MS, zmq.POLLIN):
             self._collect_credit()
         else:
             self._check_alive()
@@ -484,7 +500,7 @@ class Worker:
 
     def _collect_credit(self) -> None:
         """Take every credit message waiting: bytes downstream workers have taken off their sockets."""
-        while self._credit is not None and self._credit.get(_EVENTS) & _POLLIN:  # type: ignore[operator]  # as above
+        while self._credit is not None and cast(int, self._credit.get(_EVENTS)) & _POLLIN:
             message = self._credit.recv()
             if len(message) == RELEASE.size:
                 self._release(*RELEASE.unpack(message))
@@ -503,8 +519,8 @@ class Worker:
             if self._released:  # the held arrays may have been the last views of an upstream slot
                 self._return_slots()
             return
-        rings = self._send_rings[link] if kind == SLOT and link < len(self._send_rings) else None
-        if rings is None or worker >= len(rings):
+        rings = self._send_rings[link] if link < len(self._send_rings) else None
+        if kind != SLOT or rings is None or worker >= len(rings):
             raise CorruptData(f"ring release of kind {kind} for unknown link {link} worker {worker}")
         rings[worker].release(offset)
 
@@ -551,8 +567,7 @@ def _watch_supervisor(pid: int) -> None:
     tracker see their pipes close and exit.
     """
     signal.signal(SUPERVISOR_GONE_SIGNAL, _raise_stopped)
-    main = threading.main_thread().ident
-    assert main is not None  # the main thread has started
+    main = threading.get_ident()          # called on the main thread
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -595,8 +610,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_title(spec: WorkerSpec) -> str:
+    """``pagepipe: xor-delta0 worker 1/2 of NAME``: what ps, top and pkill -f see of a worker."""
+    title = f"pagepipe: {spec.stage_name} worker {spec.worker_index + 1}/{spec.worker_count}"
+    return f"{title} of {spec.pipeline_name}" if spec.pipeline_name else title
+
+
 def run_worker_process(spec: WorkerSpec) -> None:
     """Entry point of a worker process (spawn/forkserver target)."""
+    setproctitle.setproctitle(process_title(spec))
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     if spec.supervisor_pid:

@@ -15,35 +15,12 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pipeline.batch import KIND_NORMAL, KIND_RAW, KIND_ZERO, PAGES, Batch, Flag, PageKind
-from pipeline.errors import ConfigError, CorruptData
+from pipeline.batch import KIND_NORMAL, KIND_RAW, KIND_ZERO, PAGES, Batch, Flag
+from pipeline.errors import ConfigError
 from pipeline.stage import Property, Stage
-from stages.common.pages import check_page_size, find_zero_pages
-from stages.common.layout import Region
-
-
-def layout_regions(batch: Batch, where: str) -> list[Region]:
-    """The regions of a LAYOUT batch's ``meta["regions"]``, checked; CorruptData naming ``where`` if malformed."""
-    entries = batch.meta.get("regions")
-    if not isinstance(entries, list):
-        raise CorruptData(f"{where}: LAYOUT of epoch {batch.epoch} has no regions list")
-    regions = []
-    for index, entry in enumerate(entries):
-        try:
-            region = Region(str(entry["name"]), int(entry["start"]), int(entry["first_page"]), int(entry["npages"]))
-        except (KeyError, TypeError, ValueError):
-            raise CorruptData(f"{where}: LAYOUT of epoch {batch.epoch}, region {index} is malformed: "
-                              f"{entry!r}") from None
-        if region.first_page < 0 or region.npages < 0:
-            raise CorruptData(f"{where}: LAYOUT of epoch {batch.epoch}, region {region.name!r} has negative pages")
-        regions.append(region)
-    return regions
-
-
-def page_ranges(regions: Iterable[Region]) -> np.ndarray:
-    """The [first, end) page-number rows of ``regions``, as ``in_ranges`` takes them."""
-    rows = [(r.first_page, r.first_page + r.npages) for r in regions]
-    return np.array(rows, dtype=np.int64).reshape(-1, 2)
+from stages.common.checks import check_pages_batch, page_data
+from stages.common.layout import in_ranges, layout_regions, page_ranges
+from stages.common.pages import find_zero_pages
 
 
 def parse_page_ranges(text: str) -> np.ndarray:
@@ -59,19 +36,6 @@ def parse_page_ranges(text: str) -> np.ndarray:
             raise ConfigError(f"classify: raw-pages entry {part!r} is not an increasing range of page numbers")
         ranges.append((low, high + 1))
     return np.array(ranges, dtype=np.int64).reshape(-1, 2)
-
-
-def in_ranges(page_numbers: np.ndarray, ranges: np.ndarray) -> np.ndarray:
-    """Bool mask: which page numbers fall in any [first, end) row of ``ranges`` (vectorised)."""
-    if ranges.shape[0] == 0:
-        return np.zeros(page_numbers.shape[0], dtype=bool)
-    ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
-    pages = page_numbers.astype(np.int64)
-    # For each page, the last range starting at or before it; inside if below that range's end.
-    candidate = np.searchsorted(ranges[:, 0], pages, side="right") - 1
-    # Overlapping ranges: compare with the furthest end reached so far.
-    reach = np.maximum.accumulate(ranges[:, 1])
-    return (candidate >= 0) & (pages < reach[np.maximum(candidate, 0)])
 
 
 class Classify(Stage):
@@ -98,8 +62,10 @@ class Classify(Stage):
         one process hop fewer. Only these exact classes fuse (merging stages never changes results)."""
         from stages.xor_delta import XorDelta, XorDeltaRle  # that module builds on this one
 
-        if (type(self) is not Classify or type(downstream) not in (XorDelta, XorDeltaRle)
-                or not isinstance(downstream, XorDelta) or downstream.classify is not None or downstream.workers != self.workers):
+        if type(self) is not Classify or not isinstance(downstream, XorDelta) \
+                or type(downstream) not in (XorDelta, XorDeltaRle):
+            return None
+        if downstream.classify is not None or downstream.workers != self.workers:
             return None
         return type(downstream)(**downstream.property_values(), classify=self.property_values())
 
@@ -132,8 +98,7 @@ class Classify(Stage):
     def classified_kinds(self, batch: Batch) -> np.ndarray:
         """The kinds of a checked PAGES batch's pages after classification (a new array); counts them."""
         kinds_in = batch.kinds
-        assert batch.data is not None  # checked: check_pages_batch
-        zero = find_zero_pages(batch.data)
+        zero = find_zero_pages(page_data(batch, self.factory_name))
         raw = None
         if kinds_in.any():  # pages that arrive ZERO or RAW keep their kind
             zero |= kinds_in == KIND_ZERO
@@ -159,35 +124,3 @@ class Classify(Stage):
         if mask.shape != page_numbers.shape:
             raise ConfigError(f"classify: raw-predicate returned shape {mask.shape} for {page_numbers.shape[0]} pages")
         return mask.astype(bool)
-
-
-def check_pages_batch(batch: Batch, where: str) -> None:
-    """Raise CorruptData naming ``where`` unless ``batch`` is a consistent PAGES batch with known kinds."""
-    if batch.format != PAGES:
-        raise CorruptData(f"{where}: expected a {PAGES} batch, got {batch.format!r} (epoch {batch.epoch})")
-    if batch.data is None:
-        raise CorruptData(f"{where}: {PAGES} batch of epoch {batch.epoch} carries no page data")
-    try:
-        batch.validate()
-    except CorruptData as exc:
-        raise CorruptData(f"{where}: {exc}") from None
-    if batch.data.dtype != np.uint8 or batch.page_numbers.dtype != np.uint64 or batch.kinds.dtype != np.uint8:
-        raise CorruptData(f"{where}: batch of epoch {batch.epoch} has wrong dtypes")
-    if not batch.data.flags.c_contiguous:
-        raise CorruptData(f"{where}: page data of epoch {batch.epoch} is not C-contiguous (np.ascontiguousarray)")
-    try:
-        check_page_size(batch.page_size)
-    except ValueError as exc:
-        raise CorruptData(f"{where}: batch of epoch {batch.epoch}: {exc}") from None
-    if batch.npages and int(batch.kinds.max()) > KIND_RAW:  # NORMAL, ZERO and RAW are 0, 1 and 2
-        bad = first_bad_kind(batch.kinds, (PageKind.NORMAL, PageKind.ZERO, PageKind.RAW))
-        raise CorruptData(f"{where}: {PAGES} batch of epoch {batch.epoch} has page kind {bad}, "
-                          "expected NORMAL/ZERO/RAW")
-
-
-def first_bad_kind(kinds: np.ndarray, allowed: Iterable[PageKind]) -> int | None:
-    """The first value of ``kinds`` not in ``allowed``, or None (one table lookup per page)."""
-    table = np.zeros(256, dtype=bool)
-    table[list(allowed)] = True
-    valid = table[kinds]
-    return None if valid.all() else int(kinds[np.argmin(valid)])

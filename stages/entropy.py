@@ -16,7 +16,8 @@ import numpy as np
 from pipeline.batch import ENCODED, PAGES, Batch
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.stage import Property, Stage
-from stages.codecs import ENTROPY_CODECS, PageCodec, get_codec
+from stages.codecs import ENTROPY_CODECS, PageCodec, get_codec, get_entropy_codec, split_chain_name
+from stages.common.checks import array_of, check_encoded_batch
 from stages.common.pages import check_page_size
 from stages.rle import RUN_FORMATS
 
@@ -28,21 +29,7 @@ def split_chain(batch: Batch, where: str) -> tuple[str, list[str]]:
     chain = batch.meta.get("codec")
     if not isinstance(chain, str) or not chain:
         raise CorruptData(f"{where}: {ENCODED} batch of epoch {batch.epoch} names no codec (meta['codec'] = {chain!r})")
-    run_format, *layers = chain.split("+")
-    return run_format, layers
-
-
-def check_encoded_batch(batch: Batch, where: str) -> None:
-    """Raise CorruptData naming ``where`` unless ``batch`` is a consistent ENCODED batch."""
-    if batch.format != ENCODED or batch.payload is None or batch.offsets is None:
-        raise CorruptData(f"{where}: expected an {ENCODED} batch with payload and offsets, got {batch.format!r} "
-                          f"(epoch {batch.epoch})")
-    if batch.payload.dtype != np.uint8 or batch.payload.ndim != 1:
-        raise CorruptData(f"{where}: payload of epoch {batch.epoch} is not a 1-D uint8 array")
-    try:
-        batch.validate()
-    except CorruptData as exc:
-        raise CorruptData(f"{where}: {exc}") from None
+    return split_chain_name(chain)
 
 
 class _Compress(Stage):
@@ -54,7 +41,7 @@ class _Compress(Stage):
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
-        self._codec = get_codec(self.coder, **self._coder_options())
+        self._codec = get_entropy_codec(self.coder, **self._coder_options())
         self.counters.update(bytes_in=0, bytes_out=0)
 
     def _coder_options(self) -> dict[str, Any]:
@@ -66,8 +53,9 @@ class _Compress(Stage):
         if layers:
             raise ConfigError(f"{self.factory_name}: batch of epoch {batch.epoch} is already entropy coded "
                               f"({batch.meta['codec']}); use one entropy stage")
-        raw_size = int(batch.offsets[-1])
-        compressed = self._codec.compress(np.ascontiguousarray(batch.payload[:raw_size]))
+        raw_size = int(array_of(batch, "offsets", self.factory_name)[-1])
+        payload = array_of(batch, "payload", self.factory_name)
+        compressed = self._codec.compress(np.ascontiguousarray(payload[:raw_size]))
         self.counters["bytes_in"] += raw_size
         self.counters["bytes_out"] += int(compressed.shape[0])
         yield batch.with_(payload=compressed,
@@ -129,10 +117,11 @@ class Decode(Stage):
                               f"({batch.meta['codec']}); at most one is supported")
         entropy_codec = self._codec(layers[0], ENTROPY_CODERS, "entropy codec", batch)
         raw_size = self._raw_size(batch, run_codec)
-        payload = entropy_codec.decompress(batch.payload, raw_size)
+        compressed = array_of(batch, "payload", where)
+        payload = entropy_codec.decompress(compressed, raw_size)
         out = batch.with_(payload=payload, meta={**batch.meta, "codec": run_format, "raw_size": raw_size})
         check_encoded_batch(out, where)
-        self.counters["bytes_in"] += int(batch.payload.shape[0])
+        self.counters["bytes_in"] += int(compressed.shape[0])
         self.counters["bytes_out"] += raw_size
         yield out
 
@@ -152,10 +141,11 @@ class Decode(Stage):
         most = batch.npages * run_codec.max_page_bytes(batch.page_size)
         if raw_size > most:
             raise CorruptData(f"{where}: raw_size {raw_size} exceeds what {batch.npages} pages can encode to ({most})")
-        if batch.offsets.shape != (batch.npages + 1,):
-            raise CorruptData(f"{where}: {batch.offsets.shape[0]} offsets for {batch.npages} pages")
-        if int(batch.offsets[-1]) != raw_size:
-            raise CorruptData(f"{where}: raw_size {raw_size} differs from the last offset {int(batch.offsets[-1])}")
+        offsets = array_of(batch, "offsets", where)
+        if offsets.shape != (batch.npages + 1,):
+            raise CorruptData(f"{where}: {offsets.shape[0]} offsets for {batch.npages} pages")
+        if int(offsets[-1]) != raw_size:
+            raise CorruptData(f"{where}: raw_size {raw_size} differs from the last offset {int(offsets[-1])}")
         return raw_size
 
     def _codec(self, name: str, known: tuple[str, ...], what: str, batch: Batch) -> Any:

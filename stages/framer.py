@@ -20,15 +20,17 @@ replica-sink puts into its acknowledgements.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.batch import ANY, ENCODED, PAGES, STREAM, Batch, Flag, PageKind
+from pipeline.batch import ANY, DEFAULT_PAGE_SIZE, ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, PagepipeError
 from pipeline.stage import Property, Stage, StageContext
 
+from .codecs import is_entropy_coded
 from .common import wire
+from .common.checks import array_of, check_encoded_batch
 from .common.wire import Commit, Record, RecordFlag, RecordType
 
 _MIN_RECORD_LIMIT = 64 << 10
@@ -104,6 +106,8 @@ class Frame(Stage):
         chain = str(batch.meta.get("codec", "")) if batch.format == ENCODED else ""
         if batch.format == ENCODED and not chain:
             raise ConfigError(f"{self.factory_name}: encoded batch of epoch {batch.epoch} names no codec chain")
+        if batch.format == ENCODED:
+            check_encoded_batch(batch, self.factory_name)
         parts: list = []
         self._declare(batch, self.codec or chain, parts)
         self._enter_epoch(batch.epoch)
@@ -125,24 +129,25 @@ class Frame(Stage):
                 data = batch.data[start:end] if batch.data is not None else None
                 yield wire.pages_body(batch.page_numbers[start:end], batch.kinds[start:end], data)
             return
-        offsets = np.asarray(batch.offsets, dtype=np.uint64)
+        offsets = np.asarray(array_of(batch, "offsets", self.factory_name), dtype=np.uint64)
+        payload = array_of(batch, "payload", self.factory_name)
         raw_size = int(batch.meta.get("raw_size", int(offsets[-1])))
         if raw_size != int(offsets[-1]):
             raise CorruptData(f"{self.factory_name}: encoded batch of epoch {batch.epoch} has raw_size {raw_size} "
                               f"but its offsets end at {int(offsets[-1])}")
-        if "+" in chain:        # one entropy frame over the whole batch: it cannot be cut
-            size = wire.encoded_body_size(batch.npages, len(batch.payload), chain)
+        if is_entropy_coded(chain):        # one entropy frame over the whole batch: it cannot be cut
+            size = wire.encoded_body_size(batch.npages, len(payload), chain)
             if size > self.max_record:
                 raise ConfigError(
                     f"{self.factory_name}: a {chain!r} batch of {size} bytes exceeds max-record={self.max_record} "
                     f"and cannot be split; raise max-record or send smaller batches")
-            yield wire.encoded_body(batch.page_numbers, batch.kinds, offsets, batch.payload, chain, raw_size)
+            yield wire.encoded_body(batch.page_numbers, batch.kinds, offsets, payload, chain, raw_size)
             return
         costs = wire.ENCODED_ENTRY_SIZE + np.diff(offsets).astype(np.int64)
         budget = self.max_record - wire.encoded_body_size(0, 0, chain)
         for start, end in _split(costs, budget, self.factory_name):
             local = offsets[start:end + 1] - offsets[start]
-            piece = batch.payload[int(offsets[start]):int(offsets[end])]
+            piece = payload[int(offsets[start]):int(offsets[end])]
             yield wire.encoded_body(batch.page_numbers[start:end], batch.kinds[start:end], local, piece,
                                     chain, int(local[-1]))
 
@@ -178,12 +183,12 @@ class Frame(Stage):
             self.context.warn(f"{self.factory_name}: epoch {marker.epoch} end says {announced} pages, "
                               f"{self._epoch_entries} were framed")
         meta = marker.meta
-        digest = meta.get("digest")
-        fits = isinstance(digest, (int, np.integer)) and 0 <= int(digest) < 1 << 64
-        known = {"pages", "digest"} if fits else {"pages"}
+        given = meta.get("digest")
+        digest = int(given) if isinstance(given, (int, np.integer)) and 0 <= int(given) < 1 << 64 else None
+        known = {"pages", "digest"} if digest is not None else {"pages"}
         commit = Commit(pages=self._epoch_entries, records=len(self._epoch_checksums),
                         stream_digest=wire.stream_digest(self._epoch_checksums),
-                        digest=int(digest) if fits else None,
+                        digest=digest,
                         time=meta.get("time"), pause_ms=meta.get("pause_ms"),
                         extra={k: v for k, v in meta.items() if k not in known | {"time", "pause_ms", "stream_id"}},
                         layout_digest=self._layout_digest)
@@ -219,18 +224,22 @@ class Frame(Stage):
     def _stream_header(self, batch: Batch, chain: str) -> wire.StreamHeader:
         if self.version == 1:
             return wire.StreamHeader(batch.page_size, self.max_record, wire._U32.pack(batch.stream), chain, 0, 1)
-        self._settle_identity(batch)
-        return wire.StreamHeader(batch.page_size, self.max_record, self._identity, chain, self._segment, self.version)
+        identity = self._chosen_identity(batch)
+        return wire.StreamHeader(batch.page_size, self.max_record, identity, chain, self._segment, self.version)
 
     def _settle_identity(self, batch: Batch) -> int:
         """Choose the identity at the first record (the header may come later) and return the checksum seed."""
+        return int.from_bytes(self._chosen_identity(batch)[:8], "little")
+
+    def _chosen_identity(self, batch: Batch) -> bytes:
+        """The stream identity: the configured one, the first batch's meta["stream_id"], or a new one."""
         if self._identity is None:
             chosen = batch.meta.get("stream_id")
             try:
                 self._identity = wire.parse_stream_id(chosen) if isinstance(chosen, str) else wire.new_stream_id()
             except ValueError as exc:
                 raise ConfigError(f"{self.factory_name}: meta['stream_id']: {exc}") from None
-        return int.from_bytes(self._identity[:8], "little")
+        return self._identity
 
     @property
     def identity(self) -> str | None:
@@ -302,14 +311,16 @@ class Deframe(Stage):
         self._layout_digest = 0                 # of the last LAYOUT record's body (v2 commits name it)
         self._identity: bytes | None = None     # the stream followed (v2)
         self._segment = 0
-        self._starts = self._ends = None        # current layout, sorted page ranges
+        self._starts: np.ndarray | None = None   # current layout, sorted page ranges
+        self._ends: np.ndarray | None = None
         self._open_epoch: int | None = None
         self._last_committed: int | None = None
         self._epoch_entries = 0
         self._epoch_checksums: list[int] = []
         self._ended = False
         self._waiting_for_segment = self.resume
-        self._handlers = {RecordType.LAYOUT: self._on_layout, RecordType.PAGES: self._on_pages,
+        self._handlers: dict[int, Callable[[Record], Batch | list[Batch] | None]] = {
+                          RecordType.LAYOUT: self._on_layout, RecordType.PAGES: self._on_pages,
                           RecordType.ENCODED: self._on_encoded, RecordType.EPOCH_COMMIT: self._on_commit,
                           RecordType.END_OF_STREAM: self._on_end, RecordType.HEARTBEAT: self._on_heartbeat}
         self.counters.update(records=0, skipped_records=0, segments=0, streams=0, bytes_in=0, skipped_bytes=0,
@@ -375,9 +386,10 @@ class Deframe(Stage):
     def _sender_lost(self, batch: Batch) -> Batch:
         """The source declared the sender gone: an open epoch is torn for good, and whatever the sender (or a
         new one) sends later starts over at a stream segment."""
+        header = self._reader.header
         lost = Batch.control(Flag.SENDER_LOST, self._last_committed or 0, format=ANY,
-                             **(self._header_fields() if self._reader.header else {}),
-                             **{**batch.meta, "open_epoch": self._open_epoch})
+                             page_size=header.page_size if header else DEFAULT_PAGE_SIZE,
+                             stream=header.stream if header else 0, **{**batch.meta, "open_epoch": self._open_epoch})
         self._reader = wire.RecordReader(self.max_record)
         self._open_epoch = None
         self._epoch_entries = 0
@@ -417,7 +429,7 @@ class Deframe(Stage):
 
     def _on_layout(self, record: Record) -> Batch | None:
         """The new layout; None when a segment merely repeats the current one."""
-        regions, extra = wire.parse_layout(record, self._reader.header.page_size)
+        regions, extra = wire.parse_layout(record, self._in_header.page_size)
         self._layout_digest = wire.layout_digest(record.body)
         if (regions, extra) == self._layout:
             return None
@@ -432,7 +444,7 @@ class Deframe(Stage):
         """Whole pages. ZERO entries are expanded into zero pages only while they cost no more memory
         than the record's own bytes; a record of more becomes a ``native`` whole-page encoding (FULL,
         RAW and ZERO entries, NORMAL sent as FULL), so memory stays within twice what was received."""
-        page_size = self._reader.header.page_size
+        page_size = self._in_header.page_size
         page_numbers, kinds, rows = wire.parse_pages(record, page_size)
         self._admit(record, page_numbers)
         if (kinds.shape[0] - rows.shape[0]) * page_size <= len(record.body):
@@ -456,14 +468,14 @@ class Deframe(Stage):
         return parts
 
     def _on_encoded(self, record: Record) -> Batch:
-        pages = wire.parse_encoded(record, self._reader.header.page_size)
+        pages = wire.parse_encoded(record, self._in_header.page_size)
         self._check_chain(pages.chain, record)
         self._admit(record, pages.page_numbers)
         return self._data(record, ENCODED, pages.page_numbers, pages.kinds, payload=pages.payload,
                           offsets=pages.offsets, meta={"codec": pages.chain, "raw_size": pages.raw_size})
 
     def _on_commit(self, record: Record) -> Batch:
-        commit = wire.parse_commit(record, self._reader.header.version)
+        commit = wire.parse_commit(record, self._in_header.version)
         self._check_epoch(record)
         if commit.layout_digest is not None and commit.layout_digest != self._layout_digest:
             raise record.error(f"epoch commit names layout digest {commit.layout_digest:#x}, the layout in force "
@@ -510,12 +522,13 @@ class Deframe(Stage):
     def _admit(self, record: Record, page_numbers: np.ndarray) -> None:
         """Epoch order and layout bounds for a page record, then count it into its epoch."""
         self._check_epoch(record)
-        if self._starts is None:
+        if self._starts is None or self._ends is None:
             raise record.error("page record before any layout record")
+        starts, ends = self._starts, self._ends
         for first in range(0, page_numbers.size, MAX_BATCH_ENTRIES):     # in slices: bounded temporaries
             numbers = page_numbers[first:first + MAX_BATCH_ENTRIES]
-            region = np.searchsorted(self._starts, numbers, side="right").astype(np.int64) - 1
-            inside = (region >= 0) & (numbers < self._ends[np.maximum(region, 0)])
+            region = np.searchsorted(starts, numbers, side="right").astype(np.int64) - 1
+            inside = (region >= 0) & (numbers < ends[np.maximum(region, 0)])
             if not inside.all():
                 index = first + int(np.argmin(inside))
                 raise record.error(f"page entry {index}: page number {int(page_numbers[index])} "
@@ -538,20 +551,28 @@ class Deframe(Stage):
         self._known_chains.add(chain)
 
     # ---- output ---------------------------------------------------------------
-    def _header_fields(self) -> dict[str, int]:
+    @property
+    def _in_header(self) -> wire.StreamHeader:
+        """The header of the stream being read; CorruptData before it has been read."""
         header = self._reader.header
-        return {"page_size": header.page_size, "stream": header.stream}
+        if header is None:
+            raise wire.corrupt("record before the stream header", offset=0)
+        return header
 
     def _control(self, flags: Flag, epoch: int, sequence: int, meta: dict[str, Any]) -> Batch:
-        identity = self._reader.header.stream_hex
-        if identity is not None:
-            meta = {**meta, "stream_id": identity}
-        return Batch(flags=flags, epoch=epoch, sequence=sequence, meta=meta, **self._header_fields())
+        header = self._in_header
+        if header.stream_hex is not None:
+            meta = {**meta, "stream_id": header.stream_hex}
+        return Batch(flags=flags, epoch=epoch, sequence=sequence, meta=meta, page_size=header.page_size,
+                     stream=header.stream)
 
     def _data(self, record: Record, fmt: str, page_numbers: np.ndarray, kinds: np.ndarray, *,
-              meta: dict | None = None, **arrays: np.ndarray) -> Batch:
+              meta: dict | None = None, data: np.ndarray | None = None, payload: np.ndarray | None = None,
+              offsets: np.ndarray | None = None) -> Batch:
+        header = self._in_header
         return Batch(format=fmt, epoch=record.epoch, sequence=record.sequence, flags=_batch_flags(record),
-                     page_numbers=page_numbers, kinds=kinds, meta=meta or {}, **self._header_fields(), **arrays)
+                     page_size=header.page_size, stream=header.stream, page_numbers=page_numbers, kinds=kinds,
+                     data=data, payload=payload, offsets=offsets, meta=meta or {})
 
 
 MAX_BATCH_ENTRIES = 1 << 16
@@ -562,19 +583,19 @@ payload is one entropy frame cannot be cut."""
 
 def _in_parts(batch: Batch) -> Iterator[Batch]:
     """``batch``, cut into batches of at most MAX_BATCH_ENTRIES entries where it is a page batch that can be."""
-    if batch.is_control or batch.npages <= MAX_BATCH_ENTRIES or "+" in str(batch.meta.get("codec", "")):
+    if batch.is_control or batch.npages <= MAX_BATCH_ENTRIES or is_entropy_coded(str(batch.meta.get("codec", ""))):
         yield batch
         return
     for start in range(0, batch.npages, MAX_BATCH_ENTRIES):
         end = min(start + MAX_BATCH_ENTRIES, batch.npages)
-        part = {"page_numbers": batch.page_numbers[start:end], "kinds": batch.kinds[start:end]}
+        part = batch.with_(page_numbers=batch.page_numbers[start:end], kinds=batch.kinds[start:end])
         if batch.format == PAGES:
-            part["data"] = batch.data[start:end]
+            yield part.with_(data=array_of(batch, "data", "deframe")[start:end])
         else:
-            first, last = int(batch.offsets[start]), int(batch.offsets[end])
-            part.update(payload=batch.payload[first:last], offsets=batch.offsets[start:end + 1] - np.uint64(first),
-                        meta={**batch.meta, "raw_size": last - first})
-        yield batch.with_(**part)
+            offsets, payload = array_of(batch, "offsets", "deframe"), array_of(batch, "payload", "deframe")
+            first, last = int(offsets[start]), int(offsets[end])
+            yield part.with_(payload=payload[first:last], offsets=offsets[start:end + 1] - np.uint64(first),
+                             meta={**batch.meta, "raw_size": last - first})
 
 
 def deframe_stream(chunks: Iterable, max_record: int = wire.DEFAULT_RECORD_LIMIT,

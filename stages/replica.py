@@ -71,9 +71,11 @@ from stages.common.acks import AckSender
 from stages.common.security import CurveProperties
 from stages.codecs import ChainCodec, Codec, Encoded, get_codec
 from stages.common.pages import combine_digests, digest_pages
-from stages.common.replica_store import (DEFAULT_MAX_PAGES, Layout, ReplicaLock, ReplicaLocked, ReplicaStore,
-                                         clear_replica, disk_free_bytes, ensure_replica_directory,
-                                         verify_replica, zero_page_digest)
+from stages.common.checks import array_of
+from stages.common.layout import Layout
+from stages.common.replica_store import (DEFAULT_MAX_PAGES, ReplicaLock, ReplicaLocked, ReplicaStore, clear_replica,
+                                         check_replica_directory, disk_free_bytes, ensure_replica_directory, replica_layout, verify_replica,
+                                         zero_page_digest)
 
 
 def _kind_table(*kinds: PageKind) -> np.ndarray:
@@ -169,12 +171,13 @@ class PendingEpoch:
                      *(np.ascontiguousarray(e.payload, dtype=np.uint8) for e in encodings)]
             parts += group
             self._spill_size += 25 * count + 8 + payload
-        free = disk_free_bytes(self.spill_path.parent)
+        path = self._spill_file()
+        free = disk_free_bytes(path.parent)
         size = sum(memoryview(part).nbytes for part in parts)
         if free is not None and size > free:
             raise CorruptData(f"replica-sink: epoch {self.epoch} is larger than the free disk space "
                               f"({free} bytes) it would spill to")
-        with open(self.spill_path, "ab") as spill:
+        with open(path, "ab") as spill:
             for part in parts:
                 spill.write(memoryview(part).cast("B"))
         self.page_numbers, self.encodings, self.digests, self.held = [], [], [], 0
@@ -183,6 +186,11 @@ class PendingEpoch:
         self.doomed = self.doomed or reason
         self.page_numbers, self.encodings, self.digests, self.held = [], [], [], 0
         self.drop_spill()
+
+    def _spill_file(self) -> Path:
+        if self.spill_path is None:  # spilling happens only with a spill path
+            raise ReplicaError(f"replica-sink: epoch {self.epoch} has no spill file")
+        return self.spill_path
 
     def drop_spill(self) -> None:
         if self.spilled and self.spill_path is not None:
@@ -193,7 +201,7 @@ class PendingEpoch:
         """All page numbers, encodings and digests of the epoch (spilled ones mapped from the file)."""
         if self.spilled:
             self.spill()
-            data = np.memmap(self.spill_path, dtype=np.uint8, mode="r")
+            data = np.memmap(self._spill_file(), dtype=np.uint8, mode="r")
             numbers, digests, encodings = [], [], []
             for codec, count, payload, at in self.spilled:
                 numbers.append(data[at:at + 8 * count].view("<u8"))
@@ -217,12 +225,12 @@ class ReplicaSink(CurveProperties, Stage):
     output_caps = None
     max_workers = 1
 
-    path = Property("str", "", "Replica directory (created if missing)")
+    path = Property("str", "", "Replica directory (created if missing)", required=True)
     fsync = Property("bool", True, "fsync journal, image and manifest at every commit (power-loss safety)")
     settle = Property("choice", "idle", "With fsync: acknowledge an epoch once its journal is durable and flush "
                       "the rest while idle (idle), or only after every flush (commit); equally safe",
                       choices=("idle", "commit"))
-    ack_endpoint = Property("str", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks); on tcp give "
+    ack_endpoint = Property("endpoint", "", "Sender's ack listener, e.g. tcp://127.0.0.1:5556 ('' = no acks); on tcp give "
                             "secret-key= and server-key= (the sender's public key)")
     ack_bind = Property("bool", False, "Bind the ack socket instead of connecting it")
     ack_queue = Property("int", 10000, "Ack messages held for a sender that is not reading; beyond, dropped "
@@ -235,6 +243,8 @@ class ReplicaSink(CurveProperties, Stage):
     max_pages = Property("int", DEFAULT_MAX_PAGES, "Largest layout accepted, in pages", minimum=1)
     verify_on_start = Property("bool", True, "Check every page of an existing replica before resuming from it")
     resync_interval = Property("duration", "2s", "Repeat an unanswered resync request after this long")
+    force = Property("bool", False, "Write the replica into a non-empty directory that is not a replica "
+                     "(by default refused: a replica is marked by its manifest and lock file)")
     on_failover = Property("str", "", "Shell command run once the sender is lost (zmq-src failover=true), with "
                            "PAGEPIPE_REPLICA and PAGEPIPE_EPOCH in its environment; it outlives the pipeline")
     after_failover = Property("choice", "refuse", "A sender heard again after failover: refuse its epochs (stale), "
@@ -247,7 +257,8 @@ class ReplicaSink(CurveProperties, Stage):
         self.counters.update(epochs_committed=0, epochs_discarded=0, epochs_refused=0, pages_applied=0,
                              bytes_applied=0, epochs_spilled=0, resyncs_requested=0, acks_dropped=0,
                              commit_seconds=0.0, last_epoch=0, failovers=0)
-        self.lock = None
+        self.lock: ReplicaLock | None = None
+        check_replica_directory(self.path, self.force)
         self.failed_over = False
         """True once the sender was declared lost: the replica is fenced (see after-failover)."""
         self._refused_epoch: int | None = None
@@ -373,7 +384,8 @@ class ReplicaSink(CurveProperties, Stage):
         """A PAGES batch as a ``native`` whole-page encoding, and its digests: ZERO entries stay entries
         (no page is copied or digested for them), the other pages are copied once."""
         carries = kinds != PageKind.ZERO
-        rows = np.array(batch.data[carries] if not carries.all() else batch.data, dtype=np.uint8, copy=True)
+        data = array_of(batch, "data", "replica-sink")
+        rows = np.array(data[carries] if not carries.all() else data, dtype=np.uint8, copy=True)
         encoded_kinds = np.where(carries, np.uint8(PageKind.FULL), np.uint8(PageKind.ZERO)).astype(np.uint8)
         offsets = np.zeros(kinds.shape[0] + 1, dtype=np.uint64)
         np.cumsum(carries * np.uint64(batch.page_size), out=offsets[1:])
@@ -471,7 +483,7 @@ class ReplicaSink(CurveProperties, Stage):
 
     def _set_layout(self, batch: Batch) -> None:
         try:
-            layout = Layout.from_untrusted(batch.page_size, batch.meta.get("regions"), max_pages=self.max_pages)
+            layout = replica_layout(batch.page_size, batch.meta.get("regions"), max_pages=self.max_pages)
             self.store.check_room(layout)       # before anything is allocated for it
         except ReplicaError as exc:
             raise CorruptData(f"replica-sink: epoch {batch.epoch} layout record: {exc}") from None
@@ -526,6 +538,11 @@ class ReplicaSink(CurveProperties, Stage):
         self.counters["pages_applied"] += page_numbers.shape[0]
         self.counters["bytes_applied"] += pending.page_bytes
         self.counters["last_epoch"] = epoch
+        record = {"applied_bytes": pending.page_bytes, "resync": int(bool(marker.flags & Flag.RESYNC))}
+        when = marker.meta.get("time")
+        if isinstance(when, (int, float)) and not isinstance(when, bool):
+            record["commit_latency_seconds"] = max(0.0, time.time() - when)
+        self.context.record_epoch(epoch, **record)
         if self.store.unsettled:
             self.tick_interval = SETTLE_INTERVAL    # settle soon, between inputs
         if self.acks is not None and not self.acks.ack(epoch, stream=marker.stream, **identity_fields):
@@ -598,8 +615,9 @@ class ReplicaSink(CurveProperties, Stage):
         """Drop an epoch that cannot be committed; the replica keeps its last committed epoch."""
         pending.drop_spill()
         self.counters["epochs_discarded"] += 1
+        self.context.record_epoch(pending.epoch, discarded=1)
         self.context.warn(f"replica-sink: epoch {pending.epoch} discarded ({reason}); "
-                          f"replica stays at epoch {self.store.epoch}")
+                          f"replica stays at epoch {self.store.epoch}", event="discarded", epoch=pending.epoch)
         self.in_sync = False
         if self.acks is not None and not self.acks.discarded(pending.epoch, reason):
             self._ack_dropped(f"discard notice of epoch {pending.epoch}")
@@ -612,6 +630,7 @@ class ReplicaSink(CurveProperties, Stage):
         self._last_resync_request = now
         self._resync_pending = True
         self.counters["resyncs_requested"] += 1
+        self.context.event("resync", f"replica-sink: asked the sender for a resync ({reason})")
         if not self.acks.request_resync(reason, epoch=self.store.epoch):
             self._ack_dropped("resync request")
 
@@ -621,14 +640,18 @@ class ReplicaSink(CurveProperties, Stage):
         self.context.warn(f"replica-sink: {what} dropped: the ack channel {self.ack_endpoint} is full")
 
     def stop(self) -> None:
-        if getattr(self, "pending", None) is not None:
-            self._discard(self.pending, "torn: the pipeline stopped before its commit record")
+        pending = getattr(self, "pending", None)
+        if pending is not None:
+            self._discard(pending, "torn: the pipeline stopped before its commit record")
             self.pending = None
-        if getattr(self, "acks", None) is not None:
-            self.acks.close()
+        acks = getattr(self, "acks", None)
+        if acks is not None:
+            acks.close()
             self.acks = None
-        if getattr(self, "store", None) is not None:
-            self.store.close()
-        if getattr(self, "lock", None) is not None:
-            self.lock.release()
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
             self.lock = None

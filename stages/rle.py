@@ -14,10 +14,10 @@ from typing import Any, Iterable
 import numpy as np
 
 from pipeline.batch import DELTAS, ENCODED, Batch, PageKind
-from pipeline.errors import ConfigError, CorruptData
+from pipeline.errors import CorruptData
 from pipeline.stage import Property, Stage
-from stages.classify import first_bad_kind
-from stages.codecs import PAGE_CODECS, Encoded, PageCodec, get_codec_as
+from stages.common.checks import array_of, check_format_page_size, first_bad_kind, page_data
+from stages.codecs import PAGE_CODECS, Encoded, get_page_codec
 
 RUN_FORMATS = tuple(PAGE_CODECS)
 _DELTAS_KINDS = (PageKind.DELTA, PageKind.FULL, PageKind.RAW, PageKind.ZERO)
@@ -41,15 +41,15 @@ def assemble_encoded(batch: Batch, kinds: np.ndarray, delta_rows: np.ndarray, en
         delta_payload = encoded.payload[: int(delta_offsets[-1])]
         delta_kinds = np.asarray(encoded.kinds, dtype=np.uint8)
     page_size = batch.page_size
-    assert batch.data is not None  # the caller checked the batch carries page data
     delta_end = int(delta_offsets[-1])
+    data = page_data(batch, "rle")
     if whole_rows.shape[0] == batch.npages:
-        payload = batch.data.reshape(-1)  # every page whole (a first checkpoint): no copy
+        payload = data.reshape(-1)  # every page whole (a first checkpoint): no copy
     elif whole_rows.shape[0]:
         payload = np.empty(delta_end + whole_rows.shape[0] * page_size, dtype=np.uint8)
         payload[:delta_end] = delta_payload
         # mode="clip": the rows are valid by construction, and the default mode copies through a buffer
-        np.take(batch.data, whole_rows, axis=0, out=payload[delta_end:].reshape(-1, page_size), mode="clip")
+        np.take(data, whole_rows, axis=0, out=payload[delta_end:].reshape(-1, page_size), mode="clip")
     else:
         payload = delta_payload
     whole_ends = delta_end + page_size * np.arange(1, whole_rows.shape[0] + 1, dtype=np.uint64)
@@ -67,14 +67,6 @@ def assemble_encoded(batch: Batch, kinds: np.ndarray, delta_rows: np.ndarray, en
     )
 
 
-def check_format_page_size(codec: PageCodec, batch: Batch, where: str) -> None:
-    """ConfigError naming ``where`` if the run format does not define the batch's page size (xbzrle, xen: 4096)."""
-    try:
-        codec.check_page_size(batch.page_size)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 class RunLengthEncode(Stage):
     factory_name = "rle"
     description = "Run-length encode each page's XOR delta (native, QEMU xbzrle or Xen format); whole pages pass as-is"
@@ -85,30 +77,27 @@ class RunLengthEncode(Stage):
 
     def __init__(self, **properties: Any):
         super().__init__(**properties)
-        self._codec = get_codec_as(PageCodec, self.format)
+        self._codec = get_page_codec(self.format)
         self.counters.update(overflows=0, unchanged=0, bytes_in=0, bytes_out=0)
 
     def process(self, batch: Batch) -> Iterable[Batch]:
-        data = self._check(batch)
+        self._check(batch)
         delta_rows = np.flatnonzero(batch.kinds == PageKind.DELTA)
         encoded = None
         if delta_rows.shape[0]:
-            assert batch.reference is not None  # _check: DELTA pages come with their reference
             # Fancy indexing copies, so the codec may bring ``cached`` up to date without touching the batch.
-            cached = batch.reference[delta_rows]
-            all_delta = delta_rows.shape[0] == batch.npages
-            current = np.ascontiguousarray(data) if all_delta else data[delta_rows]
+            cached = array_of(batch, "reference", self.factory_name)[delta_rows]
+            data = page_data(batch, self.factory_name)
+            current = np.ascontiguousarray(data) if delta_rows.shape[0] == batch.npages else data[delta_rows]
             encoded = self._codec.encode(current, cached)
             self.counters["overflows"] += int(np.count_nonzero(encoded.kinds == PageKind.FULL))
             self.counters["unchanged"] += int(np.count_nonzero(encoded.kinds == PageKind.UNCHANGED))
         out = assemble_encoded(batch, batch.kinds, delta_rows, encoded, self._codec.name)
         self.counters["bytes_in"] += int(np.count_nonzero(batch.kinds != PageKind.ZERO)) * batch.page_size
-        assert out.payload is not None  # an ENCODED batch carries its payload
-        self.counters["bytes_out"] += int(out.payload.shape[0])
+        self.counters["bytes_out"] += int(array_of(out, "payload", self.factory_name).shape[0])
         yield out
 
-    def _check(self, batch: Batch) -> np.ndarray:
-        """The batch's page data, once the batch is a well-formed DELTAS batch for this run format."""
+    def _check(self, batch: Batch) -> None:
         where = self.factory_name
         if batch.format != DELTAS or batch.data is None:
             raise CorruptData(f"{where}: expected a {DELTAS} batch with page data, got {batch.format!r} "
@@ -123,4 +112,3 @@ class RunLengthEncode(Stage):
         if batch.reference is None and np.any(batch.kinds == PageKind.DELTA):
             raise CorruptData(f"{where}: {DELTAS} batch of epoch {batch.epoch} has DELTA pages but no reference")
         check_format_page_size(self._codec, batch, where)
-        return batch.data

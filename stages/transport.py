@@ -35,12 +35,14 @@ from pipeline.stage import Property, Stage, StageContext
 
 from .classify import Classify
 from .xor_delta import XorDelta
-from .codecs import Encoded, get_codec
+from .codecs import ChainCodec, Encoded, EntropyCodec, PageCodec, get_codec
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
-from .common.security import CurveProperties, LinkSecurity
+from .common.security import CurveProperties, Gatekeeper, LinkSecurity
 
 _ZERO_COPY_BYTES = 64 << 10
+WAITING_NOTICE_MS = 1000
+"""A receiver with nothing after this long says what it waits for (an event on the bus)."""
 _END_MESSAGE = b""
 MESSAGE_BYTES = 1 << 20
 """zmq-sink sends the stream in messages of at most this size; zmq-src's max-message is never below it."""
@@ -67,14 +69,16 @@ class _ZmqStage(CurveProperties, Stage):
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
-    endpoint = Property("str", "", "ZeroMQ endpoint, tcp://host:port or ipc://path")
+    bind: bool                      # a property of each subclass, with its own default
+    endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path", required=True)
+    bind = Property("bool", False, "Bind the endpoint instead of connecting (each stage sets its default)")
 
     def start(self, context: StageContext) -> None:
         super().start(context)
         if not self.endpoint:
             raise TransportError(f"{self.factory_name}: no endpoint= given")
         security = self.link_security(self.endpoint, self.bind)
-        self._gatekeeper = None
+        self._gatekeeper: Gatekeeper | None = None
         self._socket = self._open(security)
         self.counters.update({"messages": 0, self.bytes_counter: 0})
 
@@ -110,9 +114,9 @@ class _ZmqStage(CurveProperties, Stage):
         self._zmq.term()
 
     def stop(self) -> None:
-        sock = getattr(self, "_socket", None)
+        sock = self.__dict__.pop("_socket", None)  # set by start(); closed once
         if sock is not None:
-            self._socket = None
+            del self._socket
             self._close(sock)
 
 
@@ -139,7 +143,7 @@ class ZmqSink(_ZmqStage):
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:   # the stream is bytes: pieces of at most MESSAGE_BYTES fit any receiver's limit
-            view = memoryview(payload).cast("B")
+            view = payload.data.cast("B")
             for start in range(0, len(view), MESSAGE_BYTES):
                 self._send(view[start:start + MESSAGE_BYTES])
         self._post_refusals()
@@ -152,6 +156,9 @@ class ZmqSink(_ZmqStage):
 
     def _send(self, data) -> None:
         size = len(data)
+        if not self.counters["messages"]:   # the first message says whether a receiver is there
+            if not self._socket.poll(WAITING_NOTICE_MS, zmq.POLLOUT):
+                self.context.event("waiting", f"waiting for a receiver at {self.endpoint} (up to {self.timeout:g} s)")
         try:
             self._socket.send(data, copy=size < _ZERO_COPY_BYTES)
         except zmq.Again:
@@ -159,6 +166,8 @@ class ZmqSink(_ZmqStage):
                                  f"within {self.timeout:g} s (unreachable or not running)") from None
         except zmq.ZMQError as exc:
             raise TransportError(f"{self.factory_name}: sending to {self.endpoint} failed: {exc}") from None
+        if not self.counters["messages"]:
+            self.context.event("connected", f"sending to a receiver at {self.endpoint}")
         self.counters["messages"] += 1
         self.counters["bytes_out"] += size
 
@@ -192,10 +201,14 @@ class ZmqSource(_ZmqStage):
         sequence = 0
         last_heard: float | None = None     # monotonic time of the last message; None until one came
         waited_since = time.monotonic()
+        said_waiting = False
         while True:
             message = self._next_message(waited_since, last_heard)
             if message is None:     # idle_every passed, or the sender fell silent
                 now = time.monotonic()
+                if sequence == 0 and not said_waiting and now - waited_since >= WAITING_NOTICE_MS / 1000:
+                    self.context.event("waiting", f"waiting for a sender on {self.endpoint} (nothing received yet)")
+                    said_waiting = True
                 if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
                     yield self._sender_lost(last_heard, now)
                     last_heard = None   # armed again by the next message (a returning sender)
@@ -207,6 +220,8 @@ class ZmqSource(_ZmqStage):
             if message.more:
                 self._refuse_multipart()
                 continue
+            if sequence == 0:
+                self.context.event("connected", f"receiving from a sender on {self.endpoint}")
             if len(message) == 0:
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                 return
@@ -268,7 +283,7 @@ class FileSink(Stage):
     output_caps = None
     max_workers = 1
 
-    path = Property("str", "", "File to write (created, or truncated if it exists)")
+    path = Property("str", "", "File to write (created, or truncated if it exists)", required=True)
     fsync = Property("bool", False, "fsync the file at every epoch commit (durable, slower)")
 
     def start(self, context: StageContext) -> None:
@@ -286,7 +301,7 @@ class FileSink(Stage):
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:
-            self._write(memoryview(payload).cast("B"))
+            self._write(payload.data.cast("B"))
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
@@ -324,10 +339,10 @@ class FileSink(Stage):
                              f"(errno {exc.errno}); {kept}") from None
 
     def stop(self) -> None:
-        fd = getattr(self, "_fd", None)
+        fd = self.__dict__.pop("_fd", None)  # opened by start(); closed once
         if fd is not None:
             os.close(fd)
-            self._fd = None
+            del self._fd
 
 
 class FileSource(Stage):
@@ -336,7 +351,7 @@ class FileSource(Stage):
     output_caps = STREAM
     max_workers = 1
 
-    path = Property("str", "", "Trace file to read")
+    path = Property("str", "", "Trace file to read", required=True)
     chunk_size = Property("size", "1MiB", "Bytes per emitted batch", minimum=4096)
 
     def produce(self) -> Iterator[Batch]:
@@ -376,7 +391,7 @@ class TraceSource(Stage):
     max_workers = 1
     back_to_back = True  # a recorded pace waits before an epoch's batches, never between them
 
-    path = Property("str", "", "Trace file written by file-sink (any codec chain)")
+    path = Property("str", "", "Trace file written by file-sink (any codec chain)", required=True)
     pace = Property("choice", "fast", "fast: as fast as possible; recorded: at the recorded checkpoint times",
                     choices=("fast", "recorded"))
     batch_pages = Property("int", 256, "Pages per emitted batch", minimum=1)
@@ -395,15 +410,16 @@ class TraceSource(Stage):
     def produce(self) -> Iterator[Batch]:
         self._image = np.zeros((0, 4096), dtype=np.uint8)
         self._touched: list[np.ndarray] = []
-        self._codecs: dict[str, object] = {}
+        self._codecs: dict[str, PageCodec | ChainCodec] = {}
         self._sequence = 0
         self._clock: tuple[float, float] | None = None   # (recorded time, wall time) of the first epoch
         context = StageContext(stage_name=self.factory_name, post=self.context.post)
         with _mapped(self.path, self.factory_name) as trace:
-            steps = (self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
+            steps: Iterable[tuple[float | None, Iterable[Batch]]] = (
+                self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
             if self.preload:
-                steps = [(recorded, list(batches)) for recorded, batches in steps]
-            for recorded, batches in steps:
+                replayed = [(recorded, list(batches)) for recorded, batches in steps]
+            for recorded, batches in replayed:
                 self._wait_for(recorded)
                 yield from batches
 
@@ -439,10 +455,16 @@ class TraceSource(Stage):
         if batch.format == ENCODED:
             chain = batch.meta["codec"]
             if chain not in self._codecs:
-                self._codecs[chain] = get_codec(chain)
+                codec = get_codec(chain)
+                if isinstance(codec, EntropyCodec):
+                    raise CorruptData(f"{self.factory_name}: {self.path}: epoch {batch.epoch} names codec {chain!r}, "
+                                      f"which does not encode pages")
+                self._codecs[chain] = codec
+            assert batch.payload is not None and batch.offsets is not None   # deframe emits them with ENCODED
             encoded = Encoded(batch.payload, batch.offsets, batch.kinds, chain, batch.meta["raw_size"])
             self._codecs[chain].decode(encoded, self._image, rows=batch.page_numbers)
         else:
+            assert batch.data is not None                                    # and data with PAGES
             self._image[batch.page_numbers] = batch.data
         self._touched.append(batch.page_numbers)
 
@@ -495,9 +517,13 @@ class TraceSourceInto(TraceSource):
             raise ConfigError(f"{self.factory_name}: built by fusing trace-src with a stage; no consumer= given")
         consumer_class, consumer_properties = self.consumer
         self._consumer: Stage = consumer_class(**consumer_properties)
-        self.output_caps = self._consumer.output_caps
+        setattr(self, "output_caps", self._consumer.output_caps)   # per instance: what the fused consumer emits
         self.fusion = Fusion.join(self, self._consumer)
         self._replayed = self.fusion.link_after(self)
+
+    def output_format(self, input_format: str | None) -> str | None:
+        """What the consumer emits for the pages it is fed."""
+        return self._consumer.output_format(PAGES)
 
     @classmethod
     def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":

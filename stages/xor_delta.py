@@ -44,9 +44,11 @@ from pipeline.batch import (
 from pipeline.errors import CorruptData
 from pipeline.fusion import Fusion
 from pipeline.stage import Property, Stage, StageContext
-from stages.classify import Classify, check_pages_batch, in_ranges, layout_regions, page_ranges
-from stages.codecs import PageCodec, get_codec_as
-from stages.rle import RunLengthEncode, check_format_page_size
+from stages.classify import Classify
+from stages.common.checks import check_format_page_size, check_pages_batch, page_data
+from stages.common.layout import in_ranges, layout_regions, page_ranges, vanished_ranges
+from stages.codecs import PageCodec, get_page_codec
+from stages.rle import RunLengthEncode
 
 DENSE_PAGE_LIMIT = 1 << 24
 """Page numbers below this (64 GiB of 4 KiB pages) use a dense numpy map, 4 bytes per number; above it, a dict."""
@@ -207,19 +209,6 @@ class PageCache:
         self._index.clear()
 
 
-def vanished_ranges(batch: Batch, where: str) -> np.ndarray:
-    """[first, end) rows of a LAYOUT's ``meta["vanished"]`` page ranges (page numbers that no longer exist)."""
-    rows = []
-    for entry in batch.meta.get("vanished") or []:
-        try:
-            first, npages = int(entry["first_page"]), int(entry["npages"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptData(f"{where}: LAYOUT of epoch {batch.epoch} has a malformed vanished range "
-                              f"{entry!r}") from None
-        rows.append((first, first + npages))
-    return np.array(rows, dtype=np.int64).reshape(-1, 2)
-
-
 _PLANNED_KIND = np.full((256, 2), 255, dtype=np.uint8)
 """Outgoing kind by (incoming kind, cached?): NORMAL pages become DELTA (cached) or FULL; ZERO and RAW stay."""
 _PLANNED_KIND[KIND_NORMAL] = (KIND_FULL, KIND_DELTA)
@@ -332,8 +321,8 @@ class XorDelta(Stage):
 
     def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
         """DELTAS: ``reference`` rows of DELTA pages hold the copies before this batch; then the cache is updated."""
-        cache, data = self._cache, batch.data
-        assert cache is not None and data is not None  # made by _plan; checked by check_pages_batch
+        cache = self._cache_for(batch)
+        data = page_data(batch, self.factory_name)
         hits = plan.rows(KIND_DELTA)
         reference = np.zeros_like(data)  # rows of other pages travel as zeros, never as stale memory
         reference[hits] = cache.pages[plan.slots[hits]]
@@ -349,21 +338,20 @@ class XorDelta(Stage):
         and evictions; count hits, misses and evictions."""
         cache = self._cache_for(batch)
         pages = batch.page_numbers
+        classifier = self._classifier if find_zero else None
         cache.begin_batch()
-        assert batch.data is not None  # checked by check_pages_batch
         try:
-            looked_up = cache.look_up(batch.data, pages, batch.kinds, find_zero)
+            looked_up = cache.look_up(page_data(batch, self.factory_name), pages, batch.kinds, find_zero)
         except RepeatedPage:
             raise CorruptData(f"{self.factory_name}: batch of epoch {batch.epoch} repeats a page number") from None
         if looked_up is None:
-            kinds_in = (self._classifier.classified_kinds(batch) if find_zero and self._classifier is not None
-                        else batch.kinds)  # find_zero: there is a classifier
+            kinds_in = classifier.classified_kinds(batch) if classifier is not None else batch.kinds
             kinds, slots = self._look_up_general(cache, batch, kinds_in)
         else:
             kinds, slots = looked_up
         counts = np.bincount(kinds, minlength=KIND_DELTA + 1)
-        if find_zero and looked_up is not None and self._classifier is not None:
-            self._classifier.count(zero=int(counts[KIND_ZERO]), raw=0, pages=batch.npages)
+        if classifier is not None and looked_up is not None:
+            classifier.count(zero=int(counts[KIND_ZERO]), raw=0, pages=batch.npages)
         needs_slot = np.flatnonzero((slots < 0) & (kinds != KIND_RAW))
         evictions = 0
         if needs_slot.shape[0]:
@@ -418,7 +406,7 @@ class XorDeltaRle(XorDelta):
         self._rle = RunLengthEncode(**(self.rle or {}))  # keeps rle's counters as rle would
         self.fusion = Fusion.join(self, self._rle)
         self._deltas = self.fusion.link_after(self)
-        self._codec = get_codec_as(PageCodec, self._rle.format)
+        self._codec: PageCodec = get_page_codec(self._rle.format)
         self._kernel_format = _kernels.FORMATS[self._codec.name]
         self._emit_zero = bool(self._codec.get_config().get("emit_zero", False))
 
@@ -437,8 +425,8 @@ class XorDeltaRle(XorDelta):
             yield out
 
     def _emit(self, batch: Batch, plan: CachePlan) -> Batch:
-        cache, data = self._cache, batch.data
-        assert cache is not None and data is not None  # made by _plan; checked by check_pages_batch
+        cache = self._cache_for(batch)
+        data = page_data(batch, self.factory_name)
         npages = batch.npages
         fmt = self._kernel_format
         capacity = _kernels.payload_capacity(fmt, plan.hits, plan.whole, cache.page_size)

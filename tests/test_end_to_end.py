@@ -304,7 +304,7 @@ def test_sender_killed_mid_stream_then_restarted(tmp_path):
     keys = StreamKeys.create(tmp_path / "keys")
     receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} {keys.words(keys.receiver_source())} ! deframe ! "
                               f"decode ! replica-sink path={replica} fsync=false").start(mode="process")
-    sender = _launch_process(f"workload-src kind=sim size=4MiB seconds=60 rate=40 ! classify ! xor-delta ! rle ! "
+    sender = _launch_process(f"workload-src kind=sim size=4MiB seconds=60s rate=40 ! classify ! xor-delta ! rle ! "
                              f"frame ! zmq-sink endpoint={endpoint} {keys.words(keys.sender_sink())}",
                              stderr=subprocess.DEVNULL)
     try:

@@ -14,6 +14,7 @@ on disk is compared with the workload's memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import socket
 import statistics
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from rich.console import Console, Group
@@ -30,6 +31,7 @@ from rich.live import Live
 from rich.table import Table
 
 from pipeline.bus import Message
+from pipeline.cli import add_log_arguments, run_log
 from pipeline.subcommand import Subcommand
 from pipeline.errors import ConfigError, PagepipeError
 from pipeline.pipeline import Pipeline
@@ -189,20 +191,28 @@ def progress_table(result: DemoResult, progress: Progress, elapsed: float, acked
     return Group(table, busy)
 
 
-def run_demo(options: DemoOptions, *, show_progress: bool = True) -> DemoResult:
-    """Run the demo end to end; the result says whether the replica equals the source."""
+def run_demo(options: DemoOptions, *, show_progress: bool = True,
+             on_message: Callable[[Message], None] | None = None) -> DemoResult:
+    """Run the demo end to end; the result says whether the replica equals the source.
+    ``on_message`` also gets every bus message of both pipelines (a log, for example)."""
     if options.rate <= 0 or options.seconds <= 0:
         raise ConfigError("demo: rate and seconds must be positive")
     with tempfile.TemporaryDirectory(prefix="pagepipe-demo-") as scratch:
         replica = options.replica or f"{scratch}/replica"
-        return _run(options, replica, show_progress, StreamKeys.create(f"{scratch}/keys"))
+        return _run(options, replica, show_progress, StreamKeys.create(f"{scratch}/keys"), on_message)
 
 
-def _run(options: DemoOptions, replica: str, show_progress: bool, keys: StreamKeys) -> DemoResult:
+def _run(options: DemoOptions, replica: str, show_progress: bool, keys: StreamKeys,
+         on_message: Callable[[Message], None] | None = None) -> DemoResult:
     memory = tracked_array(options.size, np.uint8)
     workload = make_workload(options.workload, memory, options.seed)
     source = RegionSource(regions=memory, max_unacked=options.max_unacked)
     progress = Progress()
+    listen = progress.on_message
+    if on_message is not None:
+        def listen(message: Message) -> None:
+            progress.on_message(message)
+            on_message(message)
     data_endpoint = free_tcp_endpoint()
     listener = AckListener("tcp://127.0.0.1:*", **keys.sender_acks()).attach(source)
     result = DemoResult(False, 0, 0.0, 0, 0, [], [])
@@ -212,8 +222,8 @@ def _run(options: DemoOptions, replica: str, show_progress: bool, keys: StreamKe
     try:
         sending = Pipeline.chain(*sender_stages(source, options, data_endpoint, keys))
         receiving = Pipeline.chain(*receiver_stages(options, data_endpoint, listener.endpoint, replica, keys))
-        receiver = receiving.start(mode="process", on_message=progress.on_message)
-        sender = sending.start(mode="process", on_message=progress.on_message)
+        receiver = receiving.start(mode="process", on_message=listen, name="demo receiver")
+        sender = sending.start(mode="process", on_message=listen, name="demo sender")
         synced = time.monotonic()
         _await_ack(listener, 1, (sender, receiver), or_resync=True)   # the receiver's start-up resync request
         _checkpoint(source, result, {})                  # epoch 1: the initial full copy, not timed
@@ -328,19 +338,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-unacked", type=int, default=16, help="epochs in flight before checkpoints wait (0 = unbounded)")
     parser.add_argument("--steps", type=int, default=16, help="workload steps between checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="no live table, only the summary")
+    add_log_arguments(parser)
 
 
 def run(args: argparse.Namespace, console: Console | None = None) -> int:
-    """Run the demo from parsed options: 0 only if the replica equals the source, 2 for bad options."""
+    """Run the demo from parsed options: 0 only if the replica equals the source; ConfigError for bad options."""
     console = console or Console()
-    try:
-        options = DemoOptions(workload=args.workload, size=parse_size(args.size), seconds=parse_duration(args.seconds),
-                              rate=args.rate, codec=args.codec, workers=args.workers, replica=args.replica,
-                              fsync=args.fsync, max_unacked=args.max_unacked, steps=args.steps)
-        result = run_demo(options, show_progress=not args.no_progress)
-    except ConfigError as exc:
-        console.print(f"pagepipe demo: {exc}", markup=False, highlight=False)
-        return 2
+    options = DemoOptions(workload=args.workload, size=parse_size(args.size), seconds=parse_duration(args.seconds),
+                          rate=args.rate, codec=args.codec, workers=args.workers, replica=args.replica,
+                          fsync=args.fsync, max_unacked=args.max_unacked, steps=args.steps)
+    log = run_log(args, console, [("frame0", "bytes_out")])
+    with log or contextlib.nullcontext():
+        result = run_demo(options, show_progress=not args.no_progress and console.is_terminal, on_message=log)
     print_summary(result, options, console)
     return 0 if result.identical else 1
 
@@ -353,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     """``pagepipe demo [options]`` (also ``python -m stages.apps.demo``)."""
     parser = argparse.ArgumentParser(prog="pagepipe demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except ConfigError as exc:
+        print(f"pagepipe demo: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def receive(data: bytes, replica: Path, rng: np.random.Generator) -> tuple[int, 
     finally:
         for stage in stages:
             stage.stop()
-    return int(sink.counters["epochs_committed"]), error
+    return sink.counters["epochs_committed"], error
 
 
 def check_replica(replica: Path, seed: SeedStream) -> str | None:

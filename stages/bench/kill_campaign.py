@@ -140,12 +140,13 @@ def one_run(rng: random.Random, workdir: Path, target_bytes: int) -> Outcome:
     beat.write_bytes(bytes(8))
     target = subprocess.Popen([sys.executable, "-c", TARGET, str(beat), str(target_bytes)])
     launcher = None
+    assert target.stdout is not None  # stdout=PIPE
     try:
         deadline = time.monotonic() + 30
         while not _heartbeat(beat) and target.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # the target is up once it beats
         sink = (f"file-sink path={workdir / 'stream'}" if rng.random() < 0.5
-                else "zmq-sink endpoint=tcp://127.0.0.1:9 timeout=300ms")
+                else "zmq-sink endpoint=tcp://127.0.0.1:9 timeout=300ms insecure=true")  # nobody listens
         launcher = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch", "--timeout", "60",
                                      f"process-src pid={target.pid} interval=10ms ! classify ! xor-delta ! rle ! "
                                      f"zstd ! frame ! {sink}"],

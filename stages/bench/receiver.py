@@ -112,7 +112,7 @@ def measure_apply(per_epoch: list[list[Batch]], fsync: bool) -> tuple[float, int
                 list(sink.handle(batch))
             elapsed += time.perf_counter() - began
             page_bytes += sum(b.npages for b in batches) * 4096
-        committed = int(sink.counters["epochs_committed"])
+        committed = sink.counters["epochs_committed"]
         sink.stop()
     return elapsed, page_bytes, committed
 

@@ -116,8 +116,8 @@ def start_and_wait(command: list[str], port: int) -> subprocess.Popen:
     while not listening(port):
         if process.poll() is not None or time.monotonic() > deadline:
             stop(process)
-            assert process.stdout is not None  # stdout=PIPE
-            raise RuntimeError(f"{' '.join(command[3:5])} did not bind port {port}: {process.stdout.read()[-2000:]}")
+            output = process.stdout.read() if process.stdout is not None else ""
+            raise RuntimeError(f"{' '.join(command[3:5])} did not bind port {port}: {output[-2000:]}")
         time.sleep(0.02)
     return process
 

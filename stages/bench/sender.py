@@ -56,6 +56,7 @@ from pipeline.pipeline import Pipeline
 from pipeline.stage import Stage, StageContext
 from stages.basic import Identity, NullSink
 from stages.classify import Classify
+from stages.common.checks import array_of, page_data
 from stages.entropy import Lz4, Zstd
 from stages.framer import Frame
 from stages.rle import RunLengthEncode
@@ -105,18 +106,15 @@ def epoch_batches(epochs: Sequence[Epoch], batch_pages: int) -> Iterator[tuple[i
 def direct_chain(chain: str, cache: str) -> list[Stage]:
     """classify+xor-delta+rle (fused, as the runtime runs them) [! zstd|lz4], started as one worker each."""
     run_format, *entropy = chain.split("+")
-    stages: list[Stage] = [_fuse(_fuse(Classify(), XorDelta(cache=cache)), RunLengthEncode(format=run_format))]
+    fused = Classify().fuse(XorDelta(cache=cache))
+    fused = fused.fuse(RunLengthEncode(format=run_format)) if fused is not None else None
+    if fused is None:
+        raise RuntimeError("classify, xor-delta and rle no longer fuse")
+    stages: list[Stage] = [fused]
     stages += [{"zstd": Zstd, "lz4": Lz4}[name]() for name in entropy]
     for stage in stages:
         stage.start(StageContext(stage.factory_name))
     return stages
-
-
-def _fuse(first: Stage, second: Stage) -> Stage:
-    fused = first.fuse(second)
-    if fused is None:
-        raise RuntimeError(f"{first.factory_name} does not fuse with {second.factory_name}")
-    return fused
 
 
 @dataclass
@@ -138,10 +136,10 @@ def run_direct(chain: str, epochs: Sequence[Epoch], batch_pages: int, cache: str
         for stage in stages:
             outputs = [out for item in outputs for out in stage.handle(item)]
         run.seconds[part] += time.process_time() - started
-        if not batch.is_control and batch.data is not None:  # epoch_batches: page batches carry data
-            run.bytes_in[part] += batch.data.nbytes
-            run.bytes_out[part] += sum(int(out.payload.shape[0]) for out in outputs
-                                       if not out.is_control and out.payload is not None)
+        if not batch.is_control:
+            run.bytes_in[part] += page_data(batch, "sender bench").nbytes
+            run.bytes_out[part] += sum(int(array_of(out, "payload", "sender bench").shape[0])
+                                       for out in outputs if not out.is_control)
     return run
 
 
@@ -171,8 +169,7 @@ class TimedNullSink(NullSink):
 
 def write_repeated_trace(trace: RecordedTrace, rounds: int, directory: Path) -> Path:
     """A trace file: the whole memory, then the recorded epochs ``rounds`` times over."""
-    arrays: dict[str, Any] = {"base": trace.base, "region_starts": trace.region_starts,  # Any: savez also takes allow_pickle=bool
-                              "region_npages": trace.region_npages}
+    arrays: dict[str, Any] = {"base": trace.base, "region_starts": trace.region_starts, "region_npages": trace.region_npages}
     for count, (pages, data) in enumerate(epoch for _ in range(rounds) for epoch in trace.epochs):
         arrays[f"epoch{count:03d}_pages"], arrays[f"epoch{count:03d}_data"] = pages, data
     repeated = directory / "repeated.npz"
@@ -231,9 +228,7 @@ def run_runtime(trace_file: Path, chain: str, mode: str, cache: str, config: Run
     wall = time.perf_counter() - started
     stats = {stage: values for (stage, _), values in result.statistics.items()}
     sink = stats["null-sink0"]["counters"]
-    # trace-src may run fused with the stages after it: its node's name starts with its own
-    (source_stats,) = [values for stage, values in stats.items() if stage.split("+")[0] == "trace-src0"]
-    dirty = source_stats["pages_out"] * page_size
+    dirty = stats["trace-src0"]["pages_out"] * page_size   # fused or not, trace-src reports under its own name
     return sink["last_batch"] - sink["first_batch"], wall, dirty
 
 

@@ -51,7 +51,7 @@ object holds compression contexts: use one per thread (they are cheap).
 """
 from __future__ import annotations
 
-from typing import Any, TypeVar, Union
+from typing import Any, Union
 
 from pipeline.errors import ConfigError
 from stages.codecs.chain import ChainCodec
@@ -59,19 +59,57 @@ from stages.codecs.encoded import Encoded
 from stages.codecs.entropy import EntropyCodec, Lz4Codec, ZstdCodec
 from stages.codecs.page_codec import NativeCodec, PageCodec, XbzrleCodec, XenCodec
 
-__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_codec", "get_codec_as", "list_codecs"]
+__all__ = ["ChainCodec", "Encoded", "EntropyCodec", "PageCodec", "get_chain_codec", "get_codec", "get_entropy_codec", "get_page_codec",
+           "is_entropy_coded", "list_codecs", "split_chain_name"]
 
 Codec = Union[PageCodec, EntropyCodec, ChainCodec]
-_CodecT = TypeVar("_CodecT", PageCodec, EntropyCodec, ChainCodec)
 
 PAGE_CODECS: dict[str, type[PageCodec]] = {"native": NativeCodec, "xbzrle": XbzrleCodec, "xen": XenCodec}
 ENTROPY_CODECS: dict[str, type[EntropyCodec]] = {"zstd": ZstdCodec, "lz4": Lz4Codec}
 _OPTIONS = {"native": {"emit_zero"}, "xbzrle": set(), "xen": set(), "zstd": {"level"}, "lz4": set()}
 
 
+CHAIN_SEPARATOR = "+"
+
+
+def split_chain_name(name: str) -> tuple[str, list[str]]:
+    """A chain name as ``meta["codec"]`` carries it: "native+zstd" -> ("native", ["zstd"]); "native" -> ("native", [])."""
+    run_format, *layers = name.split(CHAIN_SEPARATOR)
+    return run_format, layers
+
+
+def is_entropy_coded(name: str) -> bool:
+    """Whether a chain compresses the whole payload, so a batch's offsets index the decompressed bytes."""
+    return bool(split_chain_name(name)[1])
+
+
+def get_page_codec(name: str, **options: Any) -> PageCodec:
+    """``get_codec`` for a run format ("native", "xbzrle", "xen"); ConfigError for any other codec."""
+    codec = get_codec(name, **options)
+    if not isinstance(codec, PageCodec):
+        raise ConfigError(f"codec {name!r} is not a run format ({', '.join(PAGE_CODECS)})")
+    return codec
+
+
+def get_chain_codec(name: str, **options: Any) -> PageCodec | ChainCodec:
+    """``get_codec`` for what encodes pages: a run format, alone or with an entropy coder; ConfigError otherwise."""
+    codec = get_codec(name, **options)
+    if isinstance(codec, EntropyCodec):
+        raise ConfigError(f"codec {name!r} has no run format ({', '.join(PAGE_CODECS)})")
+    return codec
+
+
+def get_entropy_codec(name: str, **options: Any) -> EntropyCodec:
+    """``get_codec`` for an entropy coder ("zstd", "lz4"); ConfigError for any other codec."""
+    codec = get_codec(name, **options)
+    if not isinstance(codec, EntropyCodec):
+        raise ConfigError(f"codec {name!r} is not an entropy coder ({', '.join(ENTROPY_CODECS)})")
+    return codec
+
+
 def list_codecs() -> list[str]:
     """Every codec name get_codec accepts: run formats, entropy coders, and their chains."""
-    chains = [f"{page}+{entropy}" for page in PAGE_CODECS for entropy in ENTROPY_CODECS]
+    chains = [f"{page}{CHAIN_SEPARATOR}{entropy}" for page in PAGE_CODECS for entropy in ENTROPY_CODECS]
     return [*PAGE_CODECS, *ENTROPY_CODECS, *chains]
 
 
@@ -86,7 +124,7 @@ def get_codec(name: str | dict[str, Any], **options: Any) -> Codec:
         name = name.get("id", "")
     if not isinstance(name, str):
         raise ConfigError(f"codec name must be a string, got {name!r}")
-    parts = name.strip().lower().split("+")
+    parts = name.strip().lower().split(CHAIN_SEPARATOR)
     page_name, entropy_names = (parts[0], parts[1:]) if parts[0] in PAGE_CODECS else ("", parts)
     if len(entropy_names) > 1 or any(part not in ENTROPY_CODECS for part in entropy_names) or parts == [""]:
         raise ConfigError(f"unknown codec {name!r}: expected a run format ({', '.join(PAGE_CODECS)}), "
@@ -104,14 +142,6 @@ def get_codec(name: str | dict[str, Any], **options: Any) -> Codec:
     if page_codec and entropy_codec:
         return ChainCodec(page_codec, entropy_codec)
     codec = page_codec or entropy_codec
-    assert codec is not None  # the name check above leaves a run format, an entropy coder or both
-    return codec
-
-
-def get_codec_as(kind: type[_CodecT], name: str | dict[str, Any], **options: Any) -> _CodecT:
-    """``get_codec``, for a caller that needs one kind of codec (PageCodec, EntropyCodec or ChainCodec):
-    ConfigError naming the codec if it is another kind."""
-    codec = get_codec(name, **options)
-    if not isinstance(codec, kind):
-        raise ConfigError(f"codec {name!r} is a {type(codec).__name__}, not a {kind.__name__}")
+    if codec is None:  # an empty name, refused above
+        raise ConfigError(f"unknown codec {name!r}")
     return codec

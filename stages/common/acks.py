@@ -74,10 +74,12 @@ class AckSender:
     """Receiver side: sends acknowledgements and resync requests without ever blocking."""
 
     def __init__(self, endpoint: str, *, bind: bool = False, linger: float = 1.0, queue: int = 10000,
-                 secret_key: str = "", server_key: str = "", authorized_keys: str = "", insecure: bool = False):
+                 secret_key: str = "", public_key: str = "", server_key: str = "", authorized_keys: str = "",
+                 insecure: bool = False):
         """Keys as for ``link_security``: on tcp, this end's ``secret_key`` and the listener's ``server_key``."""
-        security = link_security(_WHERE, endpoint, bind, secret_key=secret_key, server_key=server_key,
-                                 authorized_keys=authorized_keys, insecure=insecure, max_connections=2)
+        security = link_security(_WHERE, endpoint, bind, secret_key=secret_key, public_key=public_key,
+                                 server_key=server_key, authorized_keys=authorized_keys, insecure=insecure,
+                                 max_connections=2)
         self._context, self._socket, self._gatekeeper = _open_socket(zmq.PUSH, endpoint, bind, security)
         self._socket.setsockopt(zmq.SNDHWM, queue)
         self._socket.setsockopt(zmq.LINGER, int(linger * 1000))
@@ -139,12 +141,12 @@ class AckListener:
                  on_ack: Callable[[int], None] | None = None,
                  on_resync: Callable[[str], None] | None = None,
                  on_discard: Callable[[int], None] | None = None, history: int = 100000,
-                 stream_id: str | None = None, secret_key: str = "", authorized_keys: str = "",
-                 server_key: str = "", insecure: bool = False, max_connections: int = 2):
+                 stream_id: str | None = None, secret_key: str = "", public_key: str = "",
+                 authorized_keys: str = "", server_key: str = "", insecure: bool = False, max_connections: int = 2):
         """Keys as for ``link_security``: on tcp, this end's ``secret_key`` and ``authorized_keys``, the
         directory of the receivers' public keys."""
-        self._security = link_security(_WHERE, endpoint, bind, secret_key=secret_key, server_key=server_key,
-                                       authorized_keys=authorized_keys, insecure=insecure,
+        self._security = link_security(_WHERE, endpoint, bind, secret_key=secret_key, public_key=public_key,
+                                       server_key=server_key, authorized_keys=authorized_keys, insecure=insecure,
                                        max_connections=max_connections)
         self._context, self._socket, self._gatekeeper = _open_socket(
             zmq.PULL, endpoint, bind, self._security, lambda socket: socket.setsockopt(zmq.RCVHWM, QUEUED_MESSAGES))
@@ -236,7 +238,7 @@ class AckListener:
                 self._socket.recv(copy=False)
             self.counters["malformed"] += 1
             return False
-        if self._security.curve and frame.get("User-Id").encode() not in self._security.allowed:
+        if self._security.curve and str(frame.get("User-Id")).encode() not in self._security.allowed:
             self.counters["unauthenticated"] += 1
             return False
         return True

@@ -44,7 +44,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,7 +54,7 @@ import xxhash
 from pipeline.batch import PageKind
 from pipeline.errors import ConfigError, ReplicaError
 from stages.codecs import Encoded, PageCodec, get_codec
-from stages.common.layout import array_spec
+from stages.common.layout import Layout, Region
 from stages.common.pages import combine_digests, digest_pages
 
 FORMAT_NAME = "pagepipe-replica"
@@ -70,7 +70,6 @@ JOURNAL_END = b"PPJEND\x00\x01"
 _JOURNAL_HEAD = struct.Struct("<8sI")        # magic, header length
 _JOURNAL_TAIL = struct.Struct("<Q8s")        # xxh3-64 of everything before, end magic
 MAX_JOURNAL_HEADER = 1 << 20
-MIN_PAGE_SIZE, MAX_PAGE_SIZE = 512, 65536
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 DEFAULT_MAX_PAGES = 1 << 26   # 256 GiB of 4 KiB pages; bounds what an untrusted layout can make us allocate
 
@@ -156,80 +155,12 @@ def disk_free_bytes(path: str | os.PathLike) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The tracked regions, mapped onto dense page-number ranges."""
-
-    page_size: int
-    regions: tuple[dict[str, Any], ...]
-
-    @property
-    def total_pages(self) -> int:
-        """One past the highest page number of any region."""
-        return max((r["first_page"] + r["npages"] for r in self.regions), default=0)
-
-    @property
-    def page_count(self) -> int:
-        """Pages inside regions (holes between regions excluded)."""
-        return sum(r["npages"] for r in self.regions)
-
-    @classmethod
-    def from_untrusted(cls, page_size: Any, regions: Any, *, max_pages: int) -> "Layout":
-        """Validate a layout from the wire or a manifest; raise ReplicaError saying what is wrong."""
-        if not isinstance(page_size, int) or page_size < MIN_PAGE_SIZE or page_size > MAX_PAGE_SIZE \
-                or page_size & (page_size - 1):
-            raise ReplicaError(f"layout: page size {page_size!r} is not a power of two in "
-                               f"{MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}")
-        if not isinstance(regions, list):
-            raise ReplicaError(f"layout: regions must be a list, got {type(regions).__name__}")
-        clean = []
-        for index, region in enumerate(regions):
-            try:
-                entry = {"name": str(region["name"]), "start": int(region["start"]),
-                         "first_page": int(region["first_page"]), "npages": int(region["npages"])}
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ReplicaError(f"layout: region {index} is malformed ({exc!r})") from None
-            if entry["first_page"] < 0 or entry["npages"] < 0:
-                raise ReplicaError(f"layout: region {index} ({entry['name']}) has a negative page range")
-            if region.get("dtype"):   # an array: its dtype and shape give it back (absent: plain bytes)
-                try:
-                    dtype, shape = array_spec(region["dtype"], region.get("shape"), entry["npages"] * page_size)
-                except ValueError as exc:
-                    raise ReplicaError(f"layout: region {index} ({entry['name']}): {exc}") from None
-                entry.update(dtype=dtype, shape=list(shape))
-            clean.append(entry)
-        clean.sort(key=lambda r: r["first_page"])
-        for before, after in zip(clean, clean[1:]):
-            if before["first_page"] + before["npages"] > after["first_page"]:
-                raise ReplicaError(f"layout: regions {before['name']!r} and {after['name']!r} overlap")
-        layout = cls(page_size, tuple(clean))
-        if layout.total_pages > max_pages:
-            raise ReplicaError(f"layout: {layout.total_pages} pages exceed the limit of {max_pages}")
-        return layout
-
-    def as_json(self) -> dict[str, Any]:
-        return {"page_size": self.page_size, "regions": [dict(r) for r in self.regions]}
-
-    @cached_property
-    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        firsts = np.array([r["first_page"] for r in self.regions], dtype=np.uint64)
-        return firsts, firsts + np.array([r["npages"] for r in self.regions], dtype=np.uint64)
-
-    @cached_property
-    def _gapless(self) -> bool:
-        """Whether the regions cover one range of page numbers without holes."""
-        firsts, ends = self._bounds
-        return bool(firsts.size) and bool(np.all(firsts[1:] == ends[:-1]))
-
-    def outside(self, page_numbers: np.ndarray) -> np.ndarray:
-        """Boolean mask of the page numbers that fall in no region."""
-        firsts, ends = self._bounds
-        if self._gapless:
-            return (page_numbers < firsts[0]) | (page_numbers >= ends[-1])
-        index = np.searchsorted(firsts, page_numbers, side="right").astype(np.int64) - 1
-        inside = index >= 0
-        inside[inside] = page_numbers[inside] < ends[index[inside]]
-        return ~inside
+def replica_layout(page_size: Any, regions: Any, *, max_pages: int) -> Layout:
+    """``Layout.from_untrusted`` for a replica (from the wire or a manifest): ReplicaError saying what is wrong."""
+    try:
+        return Layout.from_untrusted(page_size, regions, max_pages=max_pages)
+    except ValueError as exc:
+        raise ReplicaError(f"layout: {exc}") from None
 
 
 def whole_pages(pages: np.ndarray, zero: np.ndarray | None = None) -> Encoded:
@@ -243,14 +174,6 @@ def whole_pages(pages: np.ndarray, zero: np.ndarray | None = None) -> Encoded:
     offsets = np.concatenate([np.zeros(1, dtype=np.uint64), np.cumsum(sizes, dtype=np.uint64)])
     payload = np.ascontiguousarray(pages).reshape(-1)
     return Encoded(payload=payload, offsets=offsets, kinds=kinds, codec="native", raw_size=int(payload.size))
-
-
-def layout_page_numbers(layout: Layout) -> np.ndarray:
-    """Every page number inside the layout's regions, ascending (uint64)."""
-    if not layout.regions:
-        return np.empty(0, dtype=np.uint64)
-    return np.concatenate([np.arange(r["first_page"], r["first_page"] + r["npages"], dtype=np.uint64)
-                           for r in layout.regions])
 
 
 def clear_replica(path: str | os.PathLike) -> None:
@@ -272,6 +195,24 @@ def ensure_replica_directory(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise ReplicaError(f"replica {path}: not a directory")
     return path
+
+
+def check_replica_directory(path: str | os.PathLike, force: bool = False) -> None:
+    """ConfigError for a non-empty directory that is not a replica, unless ``force``: what marks a
+    replica is its manifest (once an epoch is committed) or its lock file (from the moment a
+    replica-sink opened it), so a replica-sink never scatters its files among someone else's."""
+    directory = Path(path)
+    if force or not directory.is_dir():
+        return
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise ReplicaError(f"replica {path}: cannot list the directory ({exc.strerror or exc})") from None
+    if entries and MANIFEST not in entries and LOCK not in entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"replica-sink: path={path} holds {len(entries)} other file(s) ({shown}) and is not "
+                          f"a replica (no {MANIFEST} or {LOCK} file); give a new or empty directory, or add "
+                          f"force=true to keep the replica's files among them")
 
 
 def _hex(value: int) -> str:
@@ -537,7 +478,7 @@ class ReplicaStore:
         """Order-independent digest of every page of the layout, from the digest file."""
         if self._digests is None or self.layout is None:
             return 0
-        page_numbers = layout_page_numbers(self.layout)
+        page_numbers = self.layout.page_numbers()
         return combine_digests(page_numbers, np.asarray(self._digests[page_numbers.astype(np.intp)]))
 
     # ---- writing -------------------------------------------------------
@@ -586,7 +527,7 @@ class ReplicaStore:
             previous = int(str(self.manifest["image_digest"]), 16)
             removed = combine_digests(page_numbers, self._digests.view(np.ndarray)[rows])
             return (previous - removed + epoch_digest) & _MASK64
-        layout_pages = layout_page_numbers(layout)
+        layout_pages = layout.page_numbers()
         new_digests = np.array(self._digests[layout_pages.astype(np.intp)])
         new_digests[np.searchsorted(layout_pages, page_numbers)] = digests
         return combine_digests(layout_pages, new_digests)
@@ -733,7 +674,7 @@ class ReplicaStore:
         numbers must find zeros there, as in never-written memory."""
         if old is None or old == new or old.page_size != new.page_size:
             return
-        old_pages = layout_page_numbers(old)
+        old_pages = old.page_numbers()
         dropped = old_pages[new.outside(old_pages)]
         dropped = dropped[dropped < self._image.shape[0]]
         if not dropped.size:
@@ -762,7 +703,7 @@ class ReplicaStore:
 
     def _load_manifest(self) -> None:
         manifest = read_manifest(self.path)
-        self.layout = Layout.from_untrusted(manifest["page_size"], manifest["regions"], max_pages=self.max_pages)
+        self.layout = replica_layout(manifest["page_size"], manifest["regions"], max_pages=self.max_pages)
         image_path = self.path / IMAGE
         needed = max(self.layout.total_pages, 1)
         if not image_path.exists() or os.path.getsize(image_path) < needed * self.layout.page_size \
@@ -782,7 +723,7 @@ class ReplicaStore:
         except ReplicaError:
             journal_path.unlink()
             return "discarded"
-        layout = Layout.from_untrusted(manifest["page_size"], manifest["regions"], max_pages=self.max_pages)
+        layout = replica_layout(manifest["page_size"], manifest["regions"], max_pages=self.max_pages)
         try:
             self._load_manifest()
             if self.layout.page_size != layout.page_size:
@@ -887,10 +828,12 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def region_keys(regions: tuple[dict[str, Any], ...]) -> list[str]:
-    """Region names, made unique by appending the start address where names repeat."""
-    names = [r["name"] for r in regions]
-    return [name if names.count(name) == 1 else f"{name}@0x{r['start']:x}" for name, r in zip(names, regions)]
+def region_keys(regions: Sequence[Region | dict[str, Any]]) -> list[str]:
+    """Region names (of Regions or their meta dicts), made unique by appending the start address where names
+    repeat."""
+    pairs = [(r.name, r.start) if isinstance(r, Region) else (str(r["name"]), int(r["start"])) for r in regions]
+    names = [name for name, _ in pairs]
+    return [name if names.count(name) == 1 else f"{name}@0x{start:x}" for name, start in pairs]
 
 
 def _commit_state(path: Path) -> tuple[bytes, bytes]:
@@ -941,7 +884,7 @@ def _load_once(path: Path, typed: bool = False) -> dict[str, np.ndarray]:
         journal = store.pending_journal()
         if journal is not None:
             manifest = journal[0]
-            layout = Layout.from_untrusted(manifest["page_size"], manifest["regions"], max_pages=store.max_pages)
+            layout = replica_layout(manifest["page_size"], manifest["regions"], max_pages=store.max_pages)
         elif store.layout is not None:
             layout = store.layout
         else:
@@ -953,20 +896,20 @@ def _load_once(path: Path, typed: bool = False) -> dict[str, np.ndarray]:
         if journal is not None:
             _, page_numbers, _, encodings = journal
             _apply_encodings(image, page_numbers, encodings)
-        regions = {key: (r, image[r["first_page"]:r["first_page"] + r["npages"]].reshape(-1))
+        regions = {key: (r, image[r.first_page:r.end_page].reshape(-1))
                    for key, r in zip(region_keys(layout.regions), layout.regions)}
         return {key: region_array(r, data) if typed else data for key, (r, data) in regions.items()}
     finally:
         store.close()
 
 
-def region_array(region: dict[str, Any], data: np.ndarray) -> np.ndarray:
+def region_array(region: Region, data: np.ndarray) -> np.ndarray:
     """A region's bytes (``npages * page_size`` uint8) as the array it was: its dtype and shape from the
     layout, or the bytes themselves for a region without them (replicas written before they travelled)."""
-    if not region.get("dtype"):
+    if not region.dtype:
         return data
-    dtype = np.dtype(region["dtype"])
-    shape = tuple(region.get("shape", ()))
+    dtype = np.dtype(region.dtype)
+    shape = region.shape
     count = int(np.prod(shape, dtype=np.int64))
     return data[:count * dtype.itemsize].view(dtype).reshape(shape)
 
@@ -996,6 +939,16 @@ def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyRe
     """Check a replica, read-only: manifest, file sizes, every page against its stored digest, the image
     digest, and that no interrupted commit is pending."""
     problems: list[str] = []
+    directory = Path(path)
+    if not directory.exists():
+        return VerifyReport(str(path), 0, 0, [], [f"replica {path}: no such directory (check the path; "
+                                                    "a replica-sink creates it)"])
+    if not directory.is_dir():
+        return VerifyReport(str(path), 0, 0, [], [f"replica {path}: a file, not a replica directory (give the "
+                                                    "directory a replica-sink path= wrote)"])
+    if not (directory / MANIFEST).exists() and not (directory / LOCK).exists():
+        return VerifyReport(str(path), 0, 0, [], [f"replica {path}: not a replica (no {MANIFEST} or {LOCK}); "
+                                                    "give the directory a replica-sink path= wrote"])
     try:
         store = ReplicaStore(path, fsync=False, writable=False)
     except ReplicaError as exc:
@@ -1008,7 +961,7 @@ def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyRe
                 f"replica for writing (a restarted replica-sink) completes it"])
         if store.is_empty:
             return VerifyReport(str(path), 0, 0, [], [f"replica {path}: nothing committed yet"])
-        page_numbers = layout_page_numbers(store.layout)
+        page_numbers = store.layout.page_numbers()
         bad: list[int] = []
         for start in range(0, page_numbers.size, 4096):
             chunk = page_numbers[start:start + 4096].astype(np.intp)

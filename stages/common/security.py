@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import zmq
 import zmq.auth
@@ -48,8 +49,9 @@ IO_THREADS = 2
 """I/O threads of a context that carries CURVE: encryption runs in them, so one would cap it at one core."""
 _MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-_FAILED_HANDSHAKE_REPORT_SECONDS = 10.0
-"""Failed handshakes (no key, a wrong server key, not ZeroMQ) are warned about at most this often, with a count."""
+REPORT_SECONDS = 10.0
+"""Each kind of refusal (a failed handshake, an unknown key, a dropped connection) is warned about at once, then
+at most this often with a count: a refused peer that keeps reconnecting does not flood the bus."""
 _EVENT = struct.Struct("=HI")
 _log = logging.getLogger("pagepipe.security")
 
@@ -196,6 +198,16 @@ def link_security(where: str, endpoint: str, bind: bool, *, secret_key: str = ""
     return LinkSecurity(where, False, public, secret, server_key=load_key(server_key, secret=False, what=where)[0])
 
 
+class KeyOptions(TypedDict, total=False):
+    """Key settings of one end, as keyword arguments (``link_security``, AckListener, AckSender, the stages)."""
+
+    secret_key: str
+    public_key: str
+    server_key: str
+    authorized_keys: str
+    insecure: bool
+
+
 @dataclass(frozen=True)
 class StreamKeys:
     """Key pairs of one sender and one receiver, each end's allow-list holding the other's public key.
@@ -229,23 +241,23 @@ class StreamKeys:
         return keys
 
     @staticmethod
-    def words(properties: dict[str, str]) -> str:
+    def words(properties: KeyOptions) -> str:
         """Properties as launch-line words (``secret-key=... server-key=...``)."""
         return " ".join(f"{name.replace('_', '-')}={value}" for name, value in properties.items())
 
-    def receiver_source(self) -> dict[str, str]:
+    def receiver_source(self) -> KeyOptions:
         """zmq-src, binding the data link."""
         return {"secret_key": self.receiver_secret, "authorized_keys": self.receiver_allows}
 
-    def sender_sink(self) -> dict[str, str]:
+    def sender_sink(self) -> KeyOptions:
         """zmq-sink, connecting to the receiver."""
         return {"secret_key": self.sender_secret, "server_key": self.receiver_public}
 
-    def sender_acks(self) -> dict[str, str]:
+    def sender_acks(self) -> KeyOptions:
         """The sender's ack listener (process-src ack-endpoint=, AckListener), binding the ack link."""
         return {"secret_key": self.sender_secret, "authorized_keys": self.sender_allows}
 
-    def receiver_acks(self) -> dict[str, str]:
+    def receiver_acks(self) -> KeyOptions:
         """replica-sink's ack channel, connecting to the sender."""
         return {"secret_key": self.receiver_secret, "server_key": self.sender_public}
 
@@ -280,13 +292,12 @@ class Gatekeeper:
         self.allowed = allowed
         self.max_connections = max_connections
         self.counters = {"peers_admitted": 0, "peers_refused": 0, "connections_dropped": 0, "handshakes_failed": 0}
-        self._failed_since_report = 0
-        self._last_report = -float("inf")
+        self._reports: dict[str, tuple[int, float]] = {}   # kind -> (refusals since the last warning, its time)
         self._open: set[int] = set()
         self._warnings: list[str] = []
         self._lock = threading.Lock()
         context = guarded.context
-        self._zap = None
+        self._zap: zmq.Socket | None = None
         if allowed is not None:
             self._zap = context.socket(zmq.REP)
             self._zap.linger = 0
@@ -328,12 +339,14 @@ class Gatekeeper:
                 return
             if self._monitor in ready:
                 self._drain_monitor()
-            if self._zap in ready:
-                self._answer(self._zap.recv_multipart())
+            if self._zap is not None and self._zap in ready:
+                self._answer(self._zap, self._zap.recv_multipart())
 
     def _drain_monitor(self) -> None:
-        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            frames = self._monitor.recv_multipart()
+        monitor = self._monitor
+        assert monitor is not None           # registered with the poller only when there is one
+        while monitor.poll(0):
+            frames = monitor.recv_multipart()
             event, value = _EVENT.unpack(frames[0][:_EVENT.size])
             if event == zmq.EVENT_ACCEPTED:
                 if len(self._open) >= self.max_connections:
@@ -343,16 +356,19 @@ class Gatekeeper:
             elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED):
                 self._open.discard(value)
             else:
-                self._handshake_failed()
+                self.counters["handshakes_failed"] += 1
+                self._report("handshake", "a peer failed its handshake (no key, a wrong server key, or not "
+                                          "ZeroMQ) and was dropped unread")
 
-    def _handshake_failed(self) -> None:
-        self.counters["handshakes_failed"] += 1
-        self._failed_since_report += 1
+    def _report(self, kind: str, text: str) -> None:
+        """Warn about a refusal of ``kind`` now if none was warned about lately, else count it for later."""
+        count, last = self._reports.get(kind, (0, -float("inf")))
         now = time.monotonic()
-        if now - self._last_report >= _FAILED_HANDSHAKE_REPORT_SECONDS:
-            self._warn(f"{self.where}: {self._failed_since_report} peer(s) failed their handshake (no key, a wrong "
-                       f"server key, or not ZeroMQ) and were dropped unread")
-            self._failed_since_report, self._last_report = 0, now
+        if now - last < REPORT_SECONDS:
+            self._reports[kind] = (count + 1, last)
+            return
+        self._reports[kind] = (0, now)
+        self._warn(f"{self.where}: {text}" + (f" (and {count} more since the last warning)" if count else ""))
 
     def _drop(self, fd: int) -> None:
         """Shut down a connection beyond the limit before its handshake (ZeroMQ then closes it)."""
@@ -363,24 +379,24 @@ class Gatekeeper:
         except OSError:
             return  # already gone
         self.counters["connections_dropped"] += 1
-        self._warn(f"{self.where}: dropped a connection from {peer[0]}:{peer[1]}: already "
-                   f"{self.max_connections} connections (max-connections)")
+        self._report("dropped", f"dropped a connection from {peer[0]}:{peer[1]}: already "
+                                f"{self.max_connections} connections (max-connections)")
 
-    def _answer(self, request: list[bytes]) -> None:
+    def _answer(self, zap: zmq.Socket, request: list[bytes]) -> None:
         if len(request) < 6:
             return  # not a ZAP request; ZeroMQ itself never sends one
         version, request_id, _domain, address, _identity, mechanism, *credentials = request
         key = zmq.utils.z85.encode(credentials[0]) if mechanism == b"CURVE" and credentials else None
-        if key is not None and key in self.allowed:
+        if key is not None and self.allowed is not None and key in self.allowed:
             status, text, user = b"200", b"OK", key
             self.counters["peers_admitted"] += 1
         else:
             reason = "unknown key" if key is not None else f"no key (mechanism {mechanism.decode(errors='replace')})"
             status, text, user = b"400", b"not authorized", b""
             self.counters["peers_refused"] += 1
-            self._warn(f"{self.where}: refused a peer at {address.decode(errors='replace')}: {reason}"
-                       + (f" {key.decode()}" if key is not None else ""))
-        self._zap.send_multipart([version, request_id, status, text, user, b""])
+            self._report(f"refused {key!r}", f"refused a peer at {address.decode(errors='replace')}: {reason}"
+                                             + (f" {key.decode()}" if key is not None else ""))
+        zap.send_multipart([version, request_id, status, text, user, b""])
 
     def close(self) -> None:
         """Stop the thread (call from the thread that owns the guarded socket, before closing it)."""

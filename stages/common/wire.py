@@ -34,7 +34,9 @@ import xxhash
 from pipeline.batch import PageKind
 from pipeline.errors import CorruptData
 
-from .layout import array_spec
+from stages.codecs import is_entropy_coded
+
+from .layout import Region, array_spec, check_regions
 from .pages import check_page_size
 
 MAGIC = b"PAGEPIPE"
@@ -159,6 +161,7 @@ def encode_stream_header(header: StreamHeader) -> bytes:
     layout = _HEADER_FIXED[header.version]
     fixed_size = layout.size + len(chain)
     size = -(-fixed_size // 8) * 8 + 8
+    fields: tuple[int] | tuple[int, bytes]
     if header.version == 1:
         fields = (header.stream,)
     else:
@@ -278,6 +281,8 @@ def pages_body(page_numbers: np.ndarray, kinds: np.ndarray, data: np.ndarray | N
     parts = [_PAGES_HEAD.pack(len(page_numbers), stored),
              np.ascontiguousarray(page_numbers, dtype="<u8"), np.ascontiguousarray(kinds, dtype=np.uint8)]
     if stored:
+        if data is None:
+            raise ValueError(f"{stored} pages to store but no page data")
         rows = data if stored == len(kinds) else data[carries]
         parts.append(np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1))
     return parts
@@ -442,6 +447,8 @@ class RecordReader:
         return RECORD_HEADER_SIZE + length
 
     def _check(self, data: memoryview) -> Record:
+        if self.header is None:
+            raise corrupt("record before the stream header", offset=self.offset)
         record_type, flags, length, epoch, sequence, checksum = _RECORD_HEADER.unpack_from(data)
         hasher = xxhash.xxh3_64(data[:_CHECKED_HEADER_BYTES], seed=self.header.checksum_seed)
         hasher.update(data[RECORD_HEADER_SIZE:])
@@ -504,8 +511,8 @@ class _BodyCursor:
 
 
 def parse_layout(record: Record, page_size: int | None = None) -> tuple[list[dict], dict[str, Any]]:
-    """Regions ({"name","start","first_page","npages"}, plus "dtype" and "shape" for arrays), checked not to
-    overlap (and each array to fit its pages, given ``page_size``), and the other metadata."""
+    """Regions ({"name","start","first_page","npages"}, plus "dtype" and "shape" for arrays, in record order),
+    checked not to overlap (and each array to fit its pages, given ``page_size``), and the other metadata."""
     cursor = _BodyCursor(record)
     count, reserved = cursor.unpack(_PAGES_HEAD, "layout head")
     if count > MAX_REGIONS or reserved:
@@ -524,10 +531,10 @@ def parse_layout(record: Record, page_size: int | None = None) -> tuple[list[dic
     extra = cursor.extra()
     cursor.end()
     _attach_arrays(record, regions, extra.pop(REGION_ARRAYS, {}), page_size)
-    ordered = sorted(regions, key=lambda region: region["first_page"])
-    for before, after in zip(ordered, ordered[1:]):
-        if before["first_page"] + before["npages"] > after["first_page"]:
-            raise record.error(f"layout regions {before['name']!r} and {after['name']!r} overlap")
+    try:
+        check_regions(Region.from_meta(region, index) for index, region in enumerate(regions))
+    except ValueError as exc:
+        raise record.error(f"layout {exc}") from None
     return regions, extra
 
 
@@ -612,7 +619,7 @@ def parse_encoded(record: Record, page_size: int) -> EncodedPages:
     np.cumsum(lengths, out=offsets[1:])
     if int(offsets[-1]) != raw_size:
         raise record.error(f"entry lengths sum to {int(offsets[-1])}, raw size says {raw_size}")
-    if "+" not in chain and payload_len != raw_size:
+    if not is_entropy_coded(chain) and payload_len != raw_size:
         raise record.error(f"chain {chain!r} has no entropy layer but payload is {payload_len} bytes, "
                            f"raw size {raw_size}")
     return EncodedPages(page_numbers.astype(np.uint64, copy=False), kinds, offsets, payload, chain, raw_size)

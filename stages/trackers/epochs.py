@@ -7,12 +7,14 @@ marker carries.
 """
 from __future__ import annotations
 
+import threading
 import time
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.batch import PAGES, Batch, Flag
+from pipeline.stage import StageContext
 from stages.common.pages import combine_digests, digest_pages
 
 from stages.common.layout import Region, layout_meta
@@ -21,7 +23,7 @@ from stages.common.layout import Region, layout_meta
 class EpochStream:
     """Builds a tracker's batches in stream order."""
 
-    def __init__(self, page_size: int, batch_pages: int, **layout_extra: object):
+    def __init__(self, page_size: int, batch_pages: int, **layout_extra: Any):
         self.page_size = page_size
         self.batch_pages = batch_pages
         self.layout_extra = layout_extra
@@ -67,3 +69,36 @@ class EpochStream:
 
     def end_of_stream(self, last_epoch: int) -> Batch:
         return self._stamp(Batch.control(Flag.END_OF_STREAM, last_epoch, page_size=self.page_size))
+
+
+class EpochRecords:
+    """A tracker's per-epoch statistics (pipeline.epoch_stats): what each checkpoint took, and, once
+    the receiver acknowledges an epoch, checkpoint -> acknowledgement latency."""
+
+    KEPT = 100_000
+    """Checkpoint times kept for epochs not acknowledged yet (the oldest go first)."""
+
+    def __init__(self, page_size: int):
+        self.page_size = page_size
+        self._began: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def checkpoint(self, context: StageContext, epoch: int, began: float, pause: float, pages: int,
+                   when: float, resync: bool) -> None:
+        """Record one checkpoint (``began``: time.monotonic() when it started)."""
+        context.record_epoch(epoch, pause_seconds=pause, dirty_pages=pages, dirty_bytes=pages * self.page_size,
+                             time=when, resync=int(resync))
+        with self._lock:
+            self._began[epoch] = began
+            if len(self._began) > self.KEPT:
+                del self._began[next(iter(self._began))]
+
+    def acknowledged(self, context: StageContext, epoch: int) -> None:
+        """The receiver committed ``epoch``: record its latency (earlier epochs it covers are forgotten)."""
+        now = time.monotonic()
+        with self._lock:
+            began = self._began.pop(epoch, None)
+            for older in [e for e in self._began if e < epoch]:
+                del self._began[older]
+        if began is not None:
+            context.record_epoch(epoch, ack_latency_seconds=now - began)

@@ -46,7 +46,7 @@ from stages.common.wire import new_stream_id
 
 from .digest_tracking import DigestTracking
 from .uffd_tracking import UffdTracking
-from .epochs import EpochStream
+from .epochs import EpochRecords, EpochStream
 from .freezer import AlreadyTraced, PtraceFreezer, SignalFreezer, open_freezer
 from .procmem import ProcessGone, past_end_of_file, read_pages, writable_mappings
 from .proclayout import ProcessLayout, Tracked
@@ -112,7 +112,7 @@ class ProcessSource(CurveProperties, Stage):
                     "are found after the processes resume (shortest pause; memory as large as theirs) | changed: the pause "
                     "digests chunk by chunk and copies only changed pages (4 MiB of memory)",
                     choices=("all", "changed"))
-    ack_endpoint = Property("str", "", "Bind an ack listener here (e.g. tcp://primary:5556) for the receiver's "
+    ack_endpoint = Property("endpoint", "", "Bind an ack listener here (e.g. tcp://primary:5556) for the receiver's "
                             "replica-sink ack-endpoint=: its resync requests reach this tracker ('' = none); on "
                             "tcp give secret-key= and authorized-keys= (the receivers' public keys)")
 
@@ -131,6 +131,7 @@ class ProcessSource(CurveProperties, Stage):
         self._sharers_checked: tuple = ((), 0.0)
         self._sharers_warned: set[tuple[int, str]] = set()
         self._stopped_seconds = 0.0
+        self._records = EpochRecords(PAGE_SIZE)
         self._steady_pauses: collections.deque[float] = collections.deque(maxlen=PAUSE_WINDOW)
         self.stream_id = new_stream_id().hex()
         """This tracker's stream identity: frame writes it into the wire, acknowledgements must name it."""
@@ -161,12 +162,19 @@ class ProcessSource(CurveProperties, Stage):
     def min_run_seconds(self) -> float:
         return self.interval / 2 if self.min_run is None else self.min_run
 
-    def _target_set(self) -> TargetSet:
+    def check(self) -> None:
+        """Before anything starts: exactly one of pid=, pids=, cgroup= (ConfigError)."""
+        super().check()
         given = [bool(self.pid), bool(self.pids), bool(self.cgroup)]
         if sum(given) != 1:
             raise ConfigError(f"{self._where}: give exactly one of pid=, pids= and cgroup=")
         if self.tree and self.cgroup:
             raise ConfigError(f"{self._where}: tree=true goes with pid= or pids=, not cgroup=")
+        if self.pids:
+            _pid_list(self.pids)
+
+    def _target_set(self) -> TargetSet:
+        self.check()
         roots = [self.pid] if self.pid else _pid_list(self.pids)
         return TargetSet(roots if not self.cgroup else (), self.tree, self.cgroup)
 
@@ -234,6 +242,11 @@ class ProcessSource(CurveProperties, Stage):
     def request_resync(self) -> None:
         """The next checkpoint carries the layout and every tracked page, flagged RESYNC."""
         self._resync_requested = True
+        self.context.event("resync", f"{self._where}: a resync was asked for: the next checkpoint carries every page")
+
+    def acknowledged(self, epoch: int) -> None:
+        """The receiver committed ``epoch`` (ack listener thread): records its checkpoint -> ack latency."""
+        self._records.acknowledged(self.context, epoch)
 
     def close(self) -> None:
         """Take one final checkpoint now and end the stream (thread safe)."""
@@ -265,6 +278,7 @@ class ProcessSource(CurveProperties, Stage):
             if len(numbers):
                 yield from stream.pages(epoch, numbers, data, resync)
             yield stream.end(epoch, snapshot.pause, snapshot.when, resync)
+            self._records.checkpoint(self.context, epoch, started, snapshot.pause, len(numbers), snapshot.when, resync)
             self._post_statistics(epoch, snapshot.pause, time.monotonic() - first_start,
                                   steady=not (resync or epoch == 1))
             if final:

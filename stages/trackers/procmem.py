@@ -36,6 +36,24 @@ class ProcessGone(Exception):
     """The process has exited (or is a zombie); not an error for a tracker: its stream ends."""
 
 
+def permission_hint(pid: int) -> str:
+    """What a user can do when reading another process's memory is refused."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as file:
+            scope = file.read().strip()
+    except OSError:
+        scope = ""
+    hint = (f"run pagepipe as the user that owns pid {pid}, or as root, or give it CAP_SYS_PTRACE "
+            f"(setcap cap_sys_ptrace+ep on the python binary)")
+    if scope and scope != "0":
+        hint += (f"; kernel.yama.ptrace_scope is {scope}: at 1 only a parent may read its child unless it "
+                 "has CAP_SYS_PTRACE (sysctl kernel.yama.ptrace_scope=0 lifts that), at 2 only "
+                 "CAP_SYS_PTRACE helps, at 3 nothing does")
+    elif not scope:
+        hint += "; where the Yama LSM is on, kernel.yama.ptrace_scope above 0 also restricts this"
+    return hint
+
+
 def writable_mappings(pid: int) -> list[Mapping]:
     """The process's writable mappings worth tracking (no vdso/vvar, no device memory)."""
     try:
@@ -44,7 +62,7 @@ def writable_mappings(pid: int) -> list[Mapping]:
     except FileNotFoundError:
         raise ProcessGone(pid) from None
     except PermissionError as exc:
-        raise TrackerError(f"cannot read the mappings of pid {pid}: {exc.strerror}") from None
+        raise TrackerError(f"cannot read the mappings of pid {pid}: {exc.strerror}; {permission_hint(pid)}") from None
     mappings = []
     for line in lines:
         fields = line.split(maxsplit=5)
@@ -154,6 +172,8 @@ def read_pages(pid: int, runs: list[tuple[int, int, int]], page_size: int, out: 
             code = ctypes.get_errno()
             if code == errno.ESRCH:
                 raise TrackerError(f"pid {pid} died during the checkpoint")
+            if code in (errno.EPERM, errno.EACCES):
+                raise TrackerError(f"cannot read the memory of pid {pid}: {os.strerror(code)}; {permission_hint(pid)}")
             if code != errno.EFAULT:
                 raise TrackerError(f"cannot read the memory of pid {pid}: {os.strerror(code)}")
             done = 0

@@ -28,7 +28,7 @@ from pipeline.stage import Property, Stage, StageContext
 from stages.common.pages import digest_pages
 from stages.common.wire import new_stream_id
 
-from .epochs import EpochStream
+from .epochs import EpochRecords, EpochStream
 from stages.common.layout import Region
 from .staging import StagingSlabs
 from .uffd import WriteTracker
@@ -208,6 +208,7 @@ class RegionSource(Stage):
         self._failure: TrackerError | None = None
         self._closed = False
         self._acknowledged_epoch = 0
+        self._records = EpochRecords(PAGE_SIZE)
         self._discarded_epoch = 0          # epochs up to here may be lost to a resync: no longer in flight
         self._reported_discarded: set[int] = set()   # epochs the receiver said it dropped: never acknowledged
         self._acknowledged = threading.Condition()
@@ -289,6 +290,7 @@ class RegionSource(Stage):
             if self._closed:
                 raise TrackerError(f"{self._where}: checkpoint after close()")
             began = time.perf_counter()
+            began_monotonic = time.monotonic()
             when = time.time()
             epoch = self._epoch + 1
             resync = self._resync_requested
@@ -306,6 +308,7 @@ class RegionSource(Stage):
             self._publish(staged + [_EpochEnd(epoch, pause, when, resync)])
             self.counters.update(checkpoints=epoch, pause_ms=pause * 1e3,
                                  pause_ms_max=max(pause * 1e3, self.counters.get("pause_ms_max", 0.0)))
+            self._records.checkpoint(self.context, epoch, began_monotonic, pause, pages, when, resync)
         if wait:
             self._wait_acknowledged(epoch, timeout)
         return CheckpointInfo(epoch, pages, pause)
@@ -316,12 +319,14 @@ class RegionSource(Stage):
         The epochs in flight will never be acknowledged: they no longer count against max-unacked.
         """
         self._resync_requested = True
+        self.context.event("resync", f"{self._where}: a resync was asked for: the next checkpoint carries every page")
         with self._acknowledged:
             self._discarded_epoch = self._epoch
             self._acknowledged.notify_all()
 
     def acknowledged(self, epoch: int) -> None:
         """Hook for the receiver side: the replica has applied ``epoch``; releases ``checkpoint(wait=True)``."""
+        self._records.acknowledged(self.context, epoch)
         with self._acknowledged:
             self._acknowledged_epoch = max(self._acknowledged_epoch, epoch)
             self._reported_discarded = {e for e in self._reported_discarded if e > self._acknowledged_epoch}

@@ -72,6 +72,23 @@ def marker_directory() -> str:
     raise TrackerError("no writable folder for userfaultfd markers (/run/pagepipe or /tmp)")
 
 
+def prune_markers(directory: str) -> None:
+    """Remove the markers of processes that no longer exist (a process left stopped and killed later)."""
+    for name in os.listdir(directory):
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "uffd":
+            continue
+        try:
+            if start_time(int(parts[1])) == parts[2]:
+                continue
+        except (ptrace.ThreadGone, ValueError, IndexError, OSError):
+            pass
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+
+
 def start_time(pid: int) -> str:
     """The process's start time in clock ticks (field 22 of /proc/PID/stat): pid + start time name one process."""
     try:
@@ -141,7 +158,6 @@ class RemoteUffd:
         self._armed: dict[int, int] = {}  # start -> end of each registered range
         self._resident: dict[int, np.ndarray] = {}  # start -> resident [start, end) ranges at the last scan
         self.stale_closed: list[int] = []
-        self.foreign: list[int] = []  # userfaultfds the target holds itself
         self._guardian = guardian  # shared by the caller (who closes it), or ours, started at attach
         self._own_guardian = guardian is None
 
@@ -149,11 +165,12 @@ class RemoteUffd:
 
     def attach(self, stops: dict[int, ptrace.Stop]) -> None:
         """Close a stale descriptor of a crashed run, inject a userfaultfd, take our copy, enable async WP."""
-        self._marker = os.path.join(marker_directory(), f"uffd-{self.pid}-{start_time(self.pid)}")
+        directory = marker_directory()
+        prune_markers(directory)
+        self._marker = os.path.join(directory, f"uffd-{self.pid}-{start_time(self.pid)}")
         if self._guardian is None:
             self._guardian = Guardian()
         self._close_stale(stops)
-        self.foreign = userfaultfd_descriptors(self.pid)
         fd = self._inject(stops, syscall_number(), (_UFFD_FLAGS,))
         if fd < 0:
             hint = " (the target's sysctl vm.unprivileged_userfaultfd / seccomp?)" if -fd == errno.EPERM else ""
@@ -165,9 +182,9 @@ class RemoteUffd:
             self._uffd = UffdFile(_pidfd_getfd(self.pid, fd))
             try:
                 self._uffd.api(_FEATURES | UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
-            except TrackerError:
-                self._uffd.close()
-                self._uffd = UffdFile(_pidfd_getfd(self.pid, fd))  # the API handshake is once per descriptor
+            except UffdError as exc:  # an unknown feature leaves the handshake undone: ask for less
+                if exc.errno != errno.EINVAL:
+                    raise
                 self._uffd.api(_FEATURES)
             self._scanner = PagemapScanner(self.pid)
         except BaseException:

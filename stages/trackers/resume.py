@@ -17,8 +17,9 @@ against its stored digest while it is still in cache, and the digests against
 the manifest's image digest. A manifest of another format version is refused
 with ReplicaError. Like a restarted replica-sink, resuming completes a commit
 that was interrupted (its journal is complete); the replica must not be open
-for writing elsewhere then (stop or fence its receiver first). A commit that
-begins while the files are read makes the reading start again.
+for writing elsewhere then (a running receiver's lock makes that a
+ReplicaLocked; after a failover its sink has settled, so nothing is pending).
+A commit that begins while the files are read makes the reading start again.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from pipeline.errors import ReplicaError
 from stages.common.pages import digest_pages
+from stages.common.layout import Region
 from stages.common.replica_store import (IMAGE, ReplicaStore, _commit_state, read_manifest, region_array,
                                          region_keys)
 
@@ -80,13 +82,13 @@ def _read_verified(path: Path) -> dict[str, np.ndarray]:
         store.close()
 
 
-def _read_region(image: Any, region: dict[str, Any], page_size: int, digests: np.ndarray, path: Path) -> np.ndarray:
+def _read_region(image: Any, region: Region, page_size: int, digests: np.ndarray, path: Path) -> np.ndarray:
     """One region's pages read from the image into a fresh mapping, each checked against its digest.
 
     Each piece is digested by a helper thread while the next is read (both release the GIL), so the check
     costs little more than the read.
     """
-    first, npages = region["first_page"], region["npages"]
+    first, npages = region.first_page, region.npages
     mapping = page_mapping(npages * page_size, prefault=True)
     data = np.frombuffer(mapping, dtype=np.uint8, count=npages * page_size)
     view = memoryview(mapping)
@@ -96,7 +98,7 @@ def _read_region(image: Any, region: dict[str, Any], page_size: int, digests: np
         actual = digest_pages(data[low * page_size:high * page_size].reshape(-1, page_size))
         bad = np.flatnonzero(actual != digests[first + low:first + high])
         if bad.size:
-            raise ReplicaError(f"replica {path}: region {region['name']!r}: page {first + low + int(bad[0])} "
+            raise ReplicaError(f"replica {path}: region {region.name!r}: page {first + low + int(bad[0])} "
                                f"differs from its digest ({bad.size} pages in this piece); nothing resumed")
 
     checking = None
@@ -106,7 +108,7 @@ def _read_region(image: Any, region: dict[str, Any], page_size: int, digests: np
                 high = min(npages, low + pages_per_chunk)
                 start, end = low * page_size, high * page_size
                 if os.preadv(image.fileno(), [view[start:end]], (first + low) * page_size) != end - start:
-                    raise ReplicaError(f"replica {path}: {IMAGE} ends inside region {region['name']!r}")
+                    raise ReplicaError(f"replica {path}: {IMAGE} ends inside region {region.name!r}")
                 if checking is not None:
                     checking.result()
                 checking = verifier.submit(check, low, high)

@@ -173,9 +173,15 @@ class WorkloadSource(Stage):
                                    mode=self.mode, name=self.name or self.factory_name)
         self.region.start(context)
 
+    @property
+    def _live_region(self) -> RegionSource:
+        if self.region is None:
+            raise TrackerError(f"{self.factory_name}: not started")
+        return self.region
+
     def request_resync(self) -> None:
         """The next checkpoint carries the layout and every page, flagged RESYNC."""
-        self.region.request_resync()
+        self._live_region.request_resync()
 
     def produce(self) -> Iterator[Batch]:
         """Run the workload in a thread that checkpoints it; emit the region tracker's stream."""
@@ -183,31 +189,35 @@ class WorkloadSource(Stage):
         self._driver.start()
         self.region.idle_every = self.idle_every
         try:
-            yield from self.region.produce()
+            yield from self._live_region.produce()
         finally:
             self.stop()
             self._driver.join()
 
     def _drive(self) -> None:
         """``steps`` steps, then a checkpoint, ``rate`` times a second until ``seconds`` have passed."""
+        region = self._live_region
+        workload = self.workload
+        if workload is None:
+            raise TrackerError(f"{self.factory_name}: not started")
         try:
             period = 1.0 / self.rate
             began = time.monotonic()
             next_checkpoint = began
             while not self._stop.is_set():
                 for _ in range(self.steps):
-                    self.workload.step()
+                    workload.step()
                 if self._stop.wait(max(0.0, next_checkpoint - time.monotonic())):
                     break
-                self.region.checkpoint()
+                region.checkpoint()
                 if time.monotonic() - began >= self.seconds:
                     break
                 next_checkpoint = max(next_checkpoint + period, time.monotonic())
-            self.region.close()
+            region.close()
         except TrackerError:
             pass  # the region tracker ends its stream with this error itself
         except Exception as exc:  # a workload bug: end the stream with it rather than hang
-            self.region.abort(f"workload {self.kind} failed: {exc!r}")
+            region.abort(f"workload {self.kind} failed: {exc!r}")
 
     def stop(self) -> None:
         self._stop.set()

@@ -149,7 +149,8 @@ def test_custom_stage_experiment_runs_beside_the_built_in_and_replicates_the_sam
                             "--repeats", "1", "--mode", mode, cwd=tmp_path)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "replicas identical" in completed.stdout
-    built_in, experiment = [line for line in completed.stdout.splitlines() if "│ built-in" in line or "│ hot-raw" in line]
+    built_in, experiment = [line for line in completed.stdout.splitlines()
+                            if "│ built-in" in line or "│ hot-raw" in line]
     assert "trace-src0+classify0+xor-delta0+rle0" in built_in      # the built-ins fuse ...
     assert experiment.rstrip(" │").endswith("-")                   # ... the experiment's stage is never swallowed
     assert int(experiment.split("│")[5].replace(",", "")) > 0     # it sent some pages RAW

@@ -245,6 +245,19 @@ class Hoarder(Recorder):
 
 
 @register
+class EpochNoter(Identity):
+    """Pass-through recording per-epoch values at each epoch end: ``noted=1`` (adds up over workers) and
+    ``wait_seconds`` = 0.001 x (worker index + 1) (takes the maximum)."""
+
+    factory_name = "epoch-noter"
+
+    def control(self, batch: Batch) -> Iterable[Batch]:
+        if batch.flags & Flag.EPOCH_END:
+            self.context.record_epoch(batch.epoch, noted=1, wait_seconds=0.001 * (self.context.worker_index + 1))
+        yield batch
+
+
+@register
 class PausingSource(Stage):
     """Two one-batch epochs with ``pause`` seconds between them, waiting as region-src does (None every
     ``idle_every``)."""

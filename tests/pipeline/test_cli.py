@@ -87,3 +87,11 @@ def test_stage_subcommand_runs_one_stage_between_tcp_endpoints():
     assert stage.returncode == 0
     assert np.array_equal(received[0].data, sent[0].data)
     assert received[1].meta["pages"] == 3 and received[2].flags == Flag.END_OF_STREAM
+
+
+def test_inspect_marks_required_properties(capsys):
+    assert main(["inspect", "zmq-sink"]) == 0
+    text = capsys.readouterr().out
+    assert "endpoint          endpoint  required" in text
+    assert main(["inspect", "replica-sink"]) == 0
+    assert "path              str       required" in capsys.readouterr().out

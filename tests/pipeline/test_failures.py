@@ -113,6 +113,29 @@ def test_a_killed_supervisor_takes_blocked_workers_the_fork_server_and_the_resou
     assert not wait_until_gone(everything)
 
 
+def test_a_killed_fork_server_fails_the_run_and_leaves_nothing_behind(tmp_path):
+    """SIGKILL of the fork server (the workers' parent): the workers die with it (PR_SET_PDEATHSIG), the
+    supervisor names the failed stage and exits 1, and no process stays, not even one blocked in stage code."""
+    supervisor = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch",
+                                   f"zmq-src endpoint=ipc://{tmp_path}/nobody.ipc ! identity ! null-sink"],
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_workers(supervisor, 4)
+    time.sleep(0.5)
+    everything = descendants(supervisor.pid)
+    fork_servers = [pid for pid in everything if _parent(pid) == supervisor.pid
+                    and b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(fork_servers) == 1
+    os.kill(fork_servers[0], signal.SIGKILL)
+    _, errors = supervisor.communicate(timeout=30)
+    assert supervisor.returncode == 1 and "failed" in errors
+    assert not wait_until_gone(everything)
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
 def test_a_run_removes_the_files_a_killed_supervisor_left_behind():
     dead = subprocess.Popen(["true"])
     dead.wait()

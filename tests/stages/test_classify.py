@@ -7,7 +7,8 @@ import pytest
 from pipeline.batch import DELTAS, Batch, PageKind
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.testing import Harness, layout_batch, page_kinds, pages_batch
-from stages.classify import Classify, in_ranges, parse_page_ranges
+from stages.classify import Classify, parse_page_ranges
+from stages.common.layout import in_ranges
 from stages.rle import RunLengthEncode
 from stages.xor_delta import XorDelta, XorDeltaRle
 

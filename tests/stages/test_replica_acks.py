@@ -194,7 +194,7 @@ def test_acks_from_peers_without_an_allowed_key_release_nothing(curve_keys):
         assert not listener.wait_for(1, timeout=2.0)
         assert listener.acked_epoch == 0 and listener.counters["acks"] == 0
         warnings = " ".join(listener.take_warnings())
-        assert "unknown key" in warnings and "failed their handshake" in warnings
+        assert "unknown key" in warnings and "failed its handshake" in warnings
     finally:
         for peer in peers:
             peer.close()

@@ -15,7 +15,7 @@ from stages.bench.realmemory import find_corpus
 from pipeline.batch import DELTAS, ENCODED, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData
 from pipeline.pipeline import Pipeline
-from pipeline.stage import Stage, StageContext
+from pipeline.testing import Harness, pages_batch
 from stages.classify import Classify
 from stages.codecs import Encoded, get_codec
 from stages.entropy import Decode, Zstd
@@ -70,17 +70,6 @@ def epochs_of(source: str):
     return SOURCES[source]()
 
 
-def started(stage: Stage, worker_index: int = 0, worker_count: int = 1) -> Stage:
-    stage.start(StageContext(stage.factory_name, worker_index, worker_count))
-    return stage
-
-
-def through(stages: list[Stage], batches: list[Batch]) -> list[Batch]:
-    for stage in stages:
-        batches = [out for batch in batches for out in stage.handle(batch)]
-    return batches
-
-
 def over_the_wire(batch: Batch) -> Batch:
     """As the receiver sees it: rebuilt from ZeroMQ frames (read-only buffers)."""
     return Batch.from_frames([bytes(frame) for frame in batch.to_frames()])
@@ -95,36 +84,36 @@ def apply(batch: Batch, replica: np.ndarray) -> None:
     get_codec(batch.meta["codec"]).decode(encoded, replica, rows=batch.page_numbers.astype(np.int64))
 
 
-def replicate(epochs, sender_stages: list[Stage], shards: int = 1) -> list[Batch]:
-    """Send every epoch through ``sender_stages`` (per shard: pages split by page number); decode, apply at a receiver.
+def replicate(epochs, senders: Harness | list[Harness]) -> list[Batch]:
+    """Send every epoch through ``senders`` (one harness, or one per shard: pages split by page number); decode,
+    apply at a receiver.
 
     The receiver's copy must equal the sender's memory after every epoch. Returns the batches sent.
     """
     numbers, base = next(epochs)
     memory = base.copy()
     replica = np.full_like(memory, 0xAA)
-    decode = started(Decode())
+    decode = Harness(Decode())
+    shards = senders if isinstance(senders, list) else [senders]
     sent: list[Batch] = []
     updates = [(numbers, base)] + list(epochs)
     for epoch, (numbers, data) in enumerate(updates, start=1):
         memory[numbers.astype(np.intp)] = data
         outputs = []
-        for shard, stages in enumerate(sender_stages if shards > 1 else [sender_stages]):
-            mine = numbers % shards == shard
-            pages = Batch(epoch=epoch, page_numbers=numbers[mine], kinds=np.zeros(int(mine.sum()), np.uint8),
-                          data=data[mine])
-            outputs += through(stages, [pages, Batch.control(Flag.EPOCH_END, epoch=epoch, pages=int(mine.sum()))])
+        for shard, sender in enumerate(shards):
+            mine = numbers % len(shards) == shard
+            outputs += sender.push(pages_batch(numbers[mine], data[mine], epoch=epoch))
+            outputs += sender.end_epoch()
         for batch in outputs:
-            for decoded in decode.handle(over_the_wire(batch)):
+            for decoded in decode.push(over_the_wire(batch)):
                 apply(decoded, replica)
         sent += outputs
         np.testing.assert_array_equal(replica, memory, err_msg=f"receiver differs after epoch {epoch}")
     return sent
 
 
-def sender_chain(run_format: str, **xor_delta) -> list[Stage]:
-    return [started(Classify(raw_pages="5-6")), started(XorDelta(**xor_delta)),
-            started(RunLengthEncode(format=run_format)), started(Zstd())]
+def sender_chain(run_format: str, **xor_delta) -> Harness:
+    return Harness(Classify(raw_pages="5-6"), XorDelta(**xor_delta), RunLengthEncode(format=run_format), Zstd())
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
@@ -142,16 +131,16 @@ def test_every_epoch_decodes_to_the_sender_pages(run_format, source):
 def test_small_cache_with_evictions_still_decodes(run_format):
     chain = sender_chain(run_format, cache_pages=20)
     replicate(synthetic_epochs(), chain)
-    assert chain[1].counters["evictions"] > 0 and chain[1].counters["hits"] > 0
+    assert chain.stages[1].counters["evictions"] > 0 and chain.stages[1].counters["hits"] > 0
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
 @pytest.mark.parametrize("run_format", RUN_FORMATS)
 def test_fused_sends_the_same_bytes_as_unfused(run_format, source):
     unfused_chain = sender_chain(run_format)
-    classify, xor_delta, rle, _ = unfused_chain
-    fused = started(classify.fuse(xor_delta).fuse(rle))  # one stage: classify + xor-delta + the fused kernel
-    fused_chain = [fused, started(Zstd())]
+    classify, xor_delta, rle, _ = unfused_chain.stages
+    fused = classify.fuse(xor_delta).fuse(rle)  # one stage: classify + xor-delta + the fused kernel
+    fused_chain = Harness(fused, Zstd())
     unfused_sent = replicate(epochs_of(source), unfused_chain)
     fused_sent = replicate(epochs_of(source), fused_chain)
     for plain, joint in zip(unfused_sent, fused_sent, strict=True):
@@ -159,25 +148,23 @@ def test_fused_sends_the_same_bytes_as_unfused(run_format, source):
         np.testing.assert_array_equal(plain.kinds, joint.kinds)
         if not plain.is_control:
             np.testing.assert_array_equal(plain.payload, joint.payload)
-    for member, apart in zip(fused.fusion.members, unfused_chain, strict=False):  # each element's own counters
+    for member, apart in zip(fused.fusion.members, unfused_chain.stages, strict=False):  # each element's own counters
         assert member.counters == apart.counters
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_sharded_cache_round_trip(source):
-    rle, zstd = started(RunLengthEncode()), started(Zstd())
-    shards = [[started(Classify()), started(XorDelta(cache_pages=64), worker, 2), rle, zstd] for worker in (0, 1)]
-    replicate(epochs_of(source), shards, shards=2)
-    for worker in (0, 1):
-        xor_delta = shards[worker][1]
+    shards = [Harness(Classify(), XorDelta(cache_pages=64), RunLengthEncode(), Zstd(), worker_index=worker,
+                      worker_count=2) for worker in (0, 1)]
+    replicate(epochs_of(source), shards)
+    for shard in shards:
+        xor_delta = shard.stages[1]
         assert xor_delta.cache_slots(PAGE) == 32 and xor_delta.counters["hits"] > 0
 
 
 def test_empty_page_batch_passes_the_chain_and_decodes_to_nothing():
-    empty = Batch(epoch=1, page_numbers=np.empty(0, np.uint64), kinds=np.empty(0, np.uint8),
-                  data=np.empty((0, PAGE), np.uint8))
-    (sent,) = through(sender_chain("native"), [empty])
-    (decoded,) = list(started(Decode()).handle(over_the_wire(sent)))
+    sent = sender_chain("native").push_one(pages_batch([]))
+    decoded = Harness(Decode()).push_one(over_the_wire(sent))
     assert decoded.npages == 0 and decoded.payload.shape == (0,) and list(decoded.offsets) == [0]
 
 
@@ -192,18 +179,18 @@ def test_dense_change_overflows_to_a_whole_page(run_format):
     current = reference.copy()
     current[0, 1::2] = 1            # every other byte: no run format can beat the page
     current[1, 100] = 7
-    stage = started(RunLengthEncode(format=run_format))
-    (out,) = list(stage.handle(deltas_batch(current, reference, [PageKind.DELTA, PageKind.DELTA])))
+    stage = Harness(RunLengthEncode(format=run_format))
+    out = stage.push_one(deltas_batch(current, reference, [PageKind.DELTA, PageKind.DELTA]))
     assert out.format == ENCODED and list(out.kinds) == [PageKind.FULL, PageKind.DELTA]
     np.testing.assert_array_equal(out.payload[:PAGE], current[0])
-    assert stage.counters["overflows"] == 1
+    assert stage.stage.counters["overflows"] == 1
     assert out.meta == {"codec": run_format, "raw_size": int(out.offsets[-1])}
 
 
 def test_whole_and_zero_pages_follow_the_encoded_ones():
     current = np.arange(3 * PAGE, dtype=np.uint64).astype(np.uint8).reshape(3, PAGE)
     kinds = [PageKind.ZERO, PageKind.FULL, PageKind.DELTA]
-    (out,) = list(started(RunLengthEncode()).handle(deltas_batch(current, current.copy(), kinds)))
+    out = Harness(RunLengthEncode()).push_one(deltas_batch(current, current.copy(), kinds))
     assert list(out.page_numbers) == [2, 1, 0]
     assert list(out.kinds) == [PageKind.UNCHANGED, PageKind.FULL, PageKind.ZERO]
     start, end = int(out.offsets[1]), int(out.offsets[2])
@@ -217,16 +204,16 @@ def test_unknown_format_is_a_config_error():
 
 
 def test_bad_deltas_batches_are_corrupt_naming_the_stage():
-    stage = started(RunLengthEncode())
+    stage = Harness(RunLengthEncode())
     page = np.zeros((1, PAGE), np.uint8)
     with pytest.raises(CorruptData, match="rle: expected a deltas batch"):
-        list(stage.handle(deltas_batch(page, page, [PageKind.DELTA]).with_(format=ENCODED)))
+        stage.push(deltas_batch(page, page, [PageKind.DELTA]).with_(format=ENCODED))
     with pytest.raises(CorruptData, match="rle: .*no reference"):
-        list(stage.handle(deltas_batch(page, None, [PageKind.DELTA])))
+        stage.push(deltas_batch(page, None, [PageKind.DELTA]))
     with pytest.raises(CorruptData, match="rle: .*page kind 0"):
-        list(stage.handle(deltas_batch(page, page, [PageKind.NORMAL])))
+        stage.push(deltas_batch(page, page, [PageKind.NORMAL]))
     with pytest.raises(CorruptData, match="rle: .*reference shape"):
-        list(stage.handle(deltas_batch(page, np.zeros((1, 512), np.uint8), [PageKind.DELTA])))
+        stage.push(deltas_batch(page, np.zeros((1, 512), np.uint8), [PageKind.DELTA]))
 
 
 # ---- the real chain through the runtime: trace-src ! classify ! xor-delta ! rle ! zstd ! file-sink ----------
@@ -251,11 +238,11 @@ def receive(stream: Path, npages: int) -> tuple[np.ndarray, int]:
     Returns the receiver copy and the number of epochs checked.
     """
     replica = np.full((npages, PAGE), 0xAA, dtype=np.uint8)
-    decode = started(Decode())
+    decode = Harness(Decode())
     touched: list[np.ndarray] = []
     epochs = 0
     for batch in deframe_stream([stream.read_bytes()]):
-        for decoded in decode.handle(batch):
+        for decoded in decode.push(batch):
             if decoded.flags & Flag.EPOCH_END:
                 pages = np.concatenate(touched).astype(np.intp)
                 digest = combine_digests(pages.astype(np.uint64), digest_pages(replica[pages]))
@@ -301,7 +288,7 @@ def test_format_without_the_page_size_is_a_config_error_naming_the_stage():
     pages = np.zeros((1, 1024), np.uint8)
     batch = deltas_batch(pages, pages, [PageKind.DELTA]).with_(page_size=1024)
     with pytest.raises(ConfigError, match="rle: xbzrle: the format defines only page size 4096"):
-        list(started(RunLengthEncode(format="xbzrle")).handle(batch))
+        Harness(RunLengthEncode(format="xbzrle")).push(batch)
 
 
 def test_what_the_sender_chain_records_the_receiver_chain_replicates(tmp_path):

@@ -46,7 +46,7 @@ def test_demo_command_exits_zero_with_summary(capsys):
                                                 (["--max-unacked", "-1"], "max-unacked: -1 is below the minimum 0")])
 def test_demo_command_refuses_bad_options(capsys, argument, message):
     assert main(["--seconds", "1", "--no-progress"] + argument) == 2
-    assert message in capsys.readouterr().out
+    assert message in capsys.readouterr().err
 
 
 def test_demo_progress_table_shows_live_figures():

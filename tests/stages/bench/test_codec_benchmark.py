@@ -165,11 +165,6 @@ def test_empty_trace_is_skipped(tmp_path):
     assert json.loads(report.read_text())["datasets"] == []
 
 
-def test_an_entropy_coder_alone_is_refused_by_name():
-    with pytest.raises(ConfigError, match=r"--codecs zstd: an entropy coder alone encodes no pages.*native\+zstd"):
-        select_codecs(["native", "zstd"])
-
-
 def test_every_registered_codec_round_trips_on_every_pattern(tmp_path, monkeypatch):
     monkeypatch.setenv(CORPUS_ENV, str(tmp_path))  # synthetic only, whether or not the corpus is here
     expected = list(select_codecs([]))

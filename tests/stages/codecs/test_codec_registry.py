@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError, CorruptData
-from stages.codecs import ChainCodec, EntropyCodec, PageCodec, get_codec, get_codec_as, list_codecs
+from stages.codecs import ChainCodec, EntropyCodec, PageCodec, get_codec, list_codecs
 
 
 def test_list_codecs_names_run_formats_entropy_coders_and_chains():
@@ -20,13 +20,6 @@ def test_every_listed_name_builds_a_codec_with_that_name(name):
     assert codec.name == name
     expected = ChainCodec if "+" in name else (EntropyCodec if name in ("zstd", "lz4") else PageCodec)
     assert isinstance(codec, expected)
-
-
-def test_get_codec_as_returns_the_kind_asked_for_or_names_the_codec():
-    assert isinstance(get_codec_as(PageCodec, "xen"), PageCodec)
-    assert get_codec_as(ChainCodec, "native+zstd", level=3).get_config() == get_codec("native+zstd", level=3).get_config()
-    with pytest.raises(ConfigError, match=r"'zstd' is a ZstdCodec, not a PageCodec"):
-        get_codec_as(PageCodec, "zstd")
 
 
 @pytest.mark.parametrize("name", ["native+zstd", "zstd", "native", "xen+lz4"])

@@ -18,9 +18,9 @@ from pipeline.errors import ReplicaError
 from stages.common import replica_store
 from stages.codecs import get_codec
 from stages.common.pages import combine_digests, digest_pages
-from stages.common.replica_store import (DIGESTS, IMAGE, JOURNAL, MANIFEST, MANIFEST_TEMPORARY, Layout, ReplicaStore,
-                                  load_replica, read_manifest, verify_replica,
-                                  whole_pages)
+from stages.common.layout import Layout
+from stages.common.replica_store import (DIGESTS, IMAGE, JOURNAL, MANIFEST, MANIFEST_TEMPORARY, ReplicaStore,
+                                         load_replica, read_manifest, replica_layout, verify_replica, whole_pages)
 
 PAGE = 4096
 REGIONS = [{"name": "heap", "start": 0x10000, "first_page": 0, "npages": 6},
@@ -28,7 +28,7 @@ REGIONS = [{"name": "heap", "start": 0x10000, "first_page": 0, "npages": 6},
 
 
 def layout(regions=REGIONS, page_size=PAGE) -> Layout:
-    return Layout.from_untrusted(page_size, regions, max_pages=1 << 20)
+    return replica_layout(page_size, regions, max_pages=1 << 20)
 
 
 def filled(page_numbers, value: int, page_size=PAGE) -> np.ndarray:
@@ -305,13 +305,13 @@ def test_a_journal_deleted_behind_the_store_is_created_again(tmp_path):
 ])
 def test_bad_layout_is_refused(regions, message):
     with pytest.raises(ReplicaError, match=message):
-        Layout.from_untrusted(PAGE, regions, max_pages=1 << 20)
+        replica_layout(PAGE, regions, max_pages=1 << 20)
 
 
 @pytest.mark.parametrize("page_size", [0, 1000, 3 * 4096, 1 << 20, "4096"])
 def test_bad_page_size_is_refused(page_size):
     with pytest.raises(ReplicaError, match="page size"):
-        Layout.from_untrusted(page_size, REGIONS, max_pages=1 << 20)
+        replica_layout(page_size, REGIONS, max_pages=1 << 20)
 
 
 def test_layout_flags_page_numbers_in_holes_and_beyond():
@@ -349,7 +349,7 @@ def test_empty_or_foreign_directory_is_refused(tmp_path):
 def _commit_forever(path: str, npages: int) -> None:
     """Child process: commit baseline epochs 1, 2, 3, ... where every byte of epoch k is k % 256."""
     store = ReplicaStore(path, fsync=False)
-    the_layout = Layout.from_untrusted(PAGE, [{"name": "all", "start": 0, "first_page": 0, "npages": npages}],
+    the_layout = replica_layout(PAGE, [{"name": "all", "start": 0, "first_page": 0, "npages": npages}],
                                        max_pages=npages)
     page_numbers = np.arange(npages, dtype=np.uint64)
     epoch = store.epoch

@@ -140,3 +140,14 @@ def test_pages_left_lists_the_pages_no_longer_in_the_ranges():
     assert len(_pages_left(before, before, PAGE)) == 0
     assert (_pages_left(before, np.empty((0, 2), dtype=np.uint64), PAGE) // PAGE).tolist() == \
         list(range(10)) + list(range(20, 30))
+
+
+def test_markers_of_processes_gone_are_pruned(tmp_path):
+    alive = tmp_path / f"uffd-{os.getpid()}-{remote_uffd.start_time(os.getpid())}"
+    reused = tmp_path / f"uffd-{os.getpid()}-1"  # same pid, another process (start time differs)
+    gone = tmp_path / f"uffd-{2 ** 22 + 7}-123"
+    other = tmp_path / "unrelated"
+    for path in (alive, reused, gone, other):
+        path.write_text("3")
+    remote_uffd.prune_markers(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
