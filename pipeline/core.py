@@ -7,8 +7,9 @@ same batches in both modes.
 """
 from __future__ import annotations
 
+import enum
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 from .batch import Batch, Flag
 from .bus import WorkerStatistics, plain_counters
@@ -20,7 +21,14 @@ from .stage import Stage, StageContext
 
 IDLE_EVERY = 0.02
 """Seconds a waiting source goes without yielding (see ``Stage.idle_every``): bounds how late a timer runs inline."""
-_DONE = object()
+
+
+class _Done(enum.Enum):
+    """End of a stage's output: an enum member, so ``is _DONE`` narrows the type (a bare object() does not)."""
+    DONE = enum.auto()
+
+
+_DONE: Literal[_Done.DONE] = _Done.DONE
 
 
 class WorkerCore:
@@ -129,7 +137,7 @@ class WorkerCore:
         while (batch := self._next(outputs)) is not _DONE:
             self._emit(batch)
 
-    def _next(self, outputs: Iterator[Batch]) -> Batch | None | object:
+    def _next(self, outputs: Iterator[Batch | None]) -> Batch | None | Literal[_Done.DONE]:
         began = time.perf_counter()
         try:
             return next(outputs)
@@ -138,7 +146,7 @@ class WorkerCore:
         finally:
             self.stats.busy_seconds += time.perf_counter() - began
 
-    def _emit(self, batch: Batch) -> None:
+    def _emit(self, batch: object) -> None:  # whatever the stage yielded: checked here
         if not isinstance(batch, Batch):
             raise ConfigError(f"{self.context.stage_name}: emitted {type(batch).__name__}, not a pipeline Batch")
         if self.page_counter is not None:

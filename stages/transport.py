@@ -69,7 +69,6 @@ class _ZmqStage(CurveProperties, Stage):
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
-    bind: bool                      # a property of each subclass, with its own default
     endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path", required=True)
     bind = Property("bool", False, "Bind the endpoint instead of connecting (each stage sets its default)")
 

@@ -125,7 +125,7 @@ class ZstdPages(Stage):
         self._compressor = zstandard.ZstdCompressor(level=self.level)
 
     def process(self, batch: Batch) -> Iterable[Batch]:
-        pages = memoryview(page_data(batch, self.factory_name)).cast("B")
+        pages = page_data(batch, self.factory_name).data.cast("B")  # .data: memoryview(array), typed
         payload = np.frombuffer(self._compressor.compress(pages), dtype=np.uint8)
         offsets = np.full(batch.npages + 1, payload.shape[0], dtype=np.uint64)
         offsets[0] = 0  # the whole frame is filed under the first page
@@ -149,7 +149,7 @@ def _push_frames(endpoint: str, count: int, size: int) -> None:
         push.linger = -1
         push.connect(endpoint)
         for _ in range(count):
-            push.send(frame, copy=False)
+            push.send(frame.data, copy=False)  # .data: memoryview(frame), typed
 
 
 def raw_pyzmq_rate(total_bytes: int, size: int = MiB) -> float:
