@@ -115,7 +115,6 @@ class _ZmqStage(CurveProperties, Stage):
     def stop(self) -> None:
         sock = self.__dict__.pop("_socket", None)  # set by start(); closed once
         if sock is not None:
-            del self._socket
             self._close(sock)
 
 
@@ -341,7 +340,6 @@ class FileSink(Stage):
         fd = self.__dict__.pop("_fd", None)  # opened by start(); closed once
         if fd is not None:
             os.close(fd)
-            del self._fd
 
 
 class FileSource(Stage):
@@ -416,6 +414,7 @@ class TraceSource(Stage):
         with _mapped(self.path, self.factory_name) as trace:
             steps: Iterable[tuple[float | None, Iterable[Batch]]] = (
                 self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
+            replayed = steps
             if self.preload:
                 replayed = [(recorded, list(batches)) for recorded, batches in steps]
             for recorded, batches in replayed:
