@@ -21,8 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from multiprocessing.context import DefaultContext
-from typing import Callable, cast
+from typing import Callable
 
 import zmq
 
@@ -32,7 +31,6 @@ from .graph import Plan
 from .registry import class_path
 from .stage import Stage
 from .shm import ring_name
-from .stage import Stage
 from .worker import InputSpec, OutputSpec, Worker, WorkerSpec, run_worker_process
 
 TERMINATE_GRACE = 2.0
@@ -192,20 +190,12 @@ class ProcessExecution:
             raise
 
     # ---- watch ---------------------------------------------------------
-    @property
-    def _bus_socket(self) -> zmq.Socket:
-        """The bus, once ``launch`` bound it."""
-        if self._bus is None:
-            raise RuntimeError("supervise() before launch()")
-        return self._bus
-
     def supervise(self, post: Callable[[Message], None], should_stop: Callable[[], bool]) -> None:
         """Forward bus messages until every worker is done; raise StageFailed on the first failure."""
-        bus = self._bus_socket
         pending = set(self.processes) | set(self.threads)
         judged: set[tuple[str, int]] = set()
         poller = zmq.Poller()
-        poller.register(bus, zmq.POLLIN)
+        poller.register(self._bus, zmq.POLLIN)
         sentinels = {process.sentinel: key for key, process in self.processes.items()}
         for sentinel in sentinels:
             poller.register(sentinel, zmq.POLLIN)

@@ -206,7 +206,7 @@ class Worker:
             self._check_alive()
             self._build()
             self._cpu_at_start = time.process_time()
-            self._core.start()
+            self.core.start()
             if self.spec.inputs:
                 self._serve()
             else:
@@ -304,15 +304,8 @@ class Worker:
             self._post_statistics()
             self._check_alive()
 
-    @property
-    def _core(self) -> WorkerCore:
-        """The worker's engine, once ``_build`` made it."""
-        if self.core is None:
-            raise RuntimeError(f"{self.spec.stage_name}: worker used before it was built")
-        return self.core
-
     def _post_statistics(self) -> None:
-        stats = self._core.stats
+        stats = self.core.stats
         self._collect_credit()
         stats.queue_bytes = sum(self._inflight.values())
         if self.stop_event is None:  # a process of its own
@@ -325,7 +318,7 @@ class Worker:
 
     # ---- receiving -----------------------------------------------------
     def _produce(self) -> None:
-        for _ in self._core.produce():
+        for _ in self.core.produce():
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Stopped()
             self.core.tick()
@@ -335,7 +328,7 @@ class Worker:
     def _serve(self) -> None:
         poller = zmq.Poller()
         registered: set[int] = set()
-        core = self._core
+        core = self.core
         if self._credit is not None:  # releases of forwarded batches must flow upstream while this worker idles
             poller.register(self._credit, zmq.POLLIN)
         while not core.finished:
@@ -372,7 +365,7 @@ class Worker:
         self._return_slots()
 
     def _drain(self, index: int, socket: zmq.Socket) -> None:
-        core = self._core
+        core = self.core
         threshold = self.spec.max_inflight // 4
         ring = self._receive_rings[index]
         for _ in range(DRAIN_LIMIT):

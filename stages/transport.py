@@ -70,7 +70,6 @@ class _ZmqStage(CurveProperties, Stage):
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
     endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path", required=True)
-    bind = Property("bool", False, "Bind the endpoint instead of connecting (each stage sets its default)")
 
     def start(self, context: StageContext) -> None:
         super().start(context)
@@ -113,7 +112,7 @@ class _ZmqStage(CurveProperties, Stage):
         self._zmq.term()
 
     def stop(self) -> None:
-        sock = self.__dict__.pop("_socket", None)  # set by start(); closed once
+        sock = getattr(self, "_socket", None)
         if sock is not None:
             self._close(sock)
 
@@ -337,7 +336,7 @@ class FileSink(Stage):
                              f"(errno {exc.errno}); {kept}") from None
 
     def stop(self) -> None:
-        fd = self.__dict__.pop("_fd", None)  # opened by start(); closed once
+        fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
 
@@ -416,8 +415,8 @@ class TraceSource(Stage):
                 self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
             replayed = steps
             if self.preload:
-                replayed = [(recorded, list(batches)) for recorded, batches in steps]
-            for recorded, batches in replayed:
+                steps = [(recorded, list(batches)) for recorded, batches in steps]
+            for recorded, batches in steps:
                 self._wait_for(recorded)
                 yield from batches
 
@@ -518,10 +517,6 @@ class TraceSourceInto(TraceSource):
         setattr(self, "output_caps", self._consumer.output_caps)   # per instance: what the fused consumer emits
         self.fusion = Fusion.join(self, self._consumer)
         self._replayed = self.fusion.link_after(self)
-
-    def output_format(self, input_format: str | None) -> str | None:
-        """What the consumer emits for the pages it is fed."""
-        return self._consumer.output_format(PAGES)
 
     @classmethod
     def around(cls, source: TraceSource, consumer: Stage) -> "TraceSourceInto":

@@ -297,7 +297,7 @@ class Gatekeeper:
         self._warnings: list[str] = []
         self._lock = threading.Lock()
         context = guarded.context
-        self._zap: zmq.Socket | None = None
+        self._zap = None
         if allowed is not None:
             self._zap = context.socket(zmq.REP)
             self._zap.linger = 0
