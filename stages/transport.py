@@ -69,6 +69,7 @@ class _ZmqStage(CurveProperties, Stage):
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
+    bind: bool                      # a property of each subclass, with its own default
     endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path", required=True)
 
     def start(self, context: StageContext) -> None:
@@ -114,6 +115,7 @@ class _ZmqStage(CurveProperties, Stage):
     def stop(self) -> None:
         sock = getattr(self, "_socket", None)
         if sock is not None:
+            del self._socket
             self._close(sock)
 
 
@@ -339,6 +341,7 @@ class FileSink(Stage):
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
+            del self._fd
 
 
 class FileSource(Stage):
@@ -413,7 +416,6 @@ class TraceSource(Stage):
         with _mapped(self.path, self.factory_name) as trace:
             steps: Iterable[tuple[float | None, Iterable[Batch]]] = (
                 self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
-            replayed = steps
             if self.preload:
                 steps = [(recorded, list(batches)) for recorded, batches in steps]
             for recorded, batches in steps:
