@@ -179,12 +179,22 @@ def run_launch(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps({"type": "summary", **summary}, default=json_default), flush=True)
     else:
         print_summary(console, result)
+        if args.mode != "inline":
+            print_processes(console, result)
     if args.stats_json:
         try:
             args.stats_json.write_text(json.dumps(result.to_json(), indent=2, default=json_default))
         except OSError as exc:
             raise PagepipeError(f"--stats-json {str(args.stats_json)!r}: cannot write: {exc.strerror}") from None
     return 0
+
+
+def print_processes(console: Console, result) -> None:
+    """How many worker processes the run started (a fused node's members share one) and their CPU seconds."""
+    workers = {(stats.get("fused_as", stage), worker): float(stats.get("cpu_seconds", 0.0))
+               for (stage, worker), stats in result.statistics.items()}
+    console.print(f"{len(workers)} worker processes (caller-side stages: threads of this one), "
+                  f"{sum(workers.values()):.2f} CPU seconds in them", highlight=False)
 
 
 # ---- stage -----------------------------------------------------------------

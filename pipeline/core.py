@@ -7,9 +7,8 @@ same batches in both modes.
 """
 from __future__ import annotations
 
-import enum
 import time
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 from .batch import Batch, Flag
 from .bus import WorkerStatistics, plain_counters
@@ -21,14 +20,11 @@ from .stage import Stage, StageContext
 
 IDLE_EVERY = 0.02
 """Seconds a waiting source goes without yielding (see ``Stage.idle_every``): bounds how late a timer runs inline."""
+class _Done:
+    """What ``_next`` returns once a stage's iterator is exhausted."""
 
 
-class _Done(enum.Enum):
-    """End of a stage's output: an enum member, so ``is _DONE`` narrows the type (a bare object() does not)."""
-    DONE = enum.auto()
-
-
-_DONE: Literal[_Done.DONE] = _Done.DONE
+_DONE = _Done()
 
 
 class WorkerCore:
@@ -102,7 +98,7 @@ class WorkerCore:
         ended = False
         while True:
             batch = self._next(outputs)
-            if batch is _DONE:
+            if isinstance(batch, _Done):
                 break
             if batch is None:   # the source is waiting: a chance for timers and stop requests
                 yield
@@ -134,10 +130,10 @@ class WorkerCore:
         return max(0.0, self._next_tick - time.monotonic())
 
     def _drive(self, outputs: Iterator[Batch]) -> None:
-        while (batch := self._next(outputs)) is not _DONE:
+        while not isinstance(batch := self._next(outputs), _Done):
             self._emit(batch)
 
-    def _next(self, outputs: Iterator[Batch | None]) -> Batch | None | Literal[_Done.DONE]:
+    def _next(self, outputs: Iterator[Batch | None]) -> Batch | None | _Done:
         began = time.perf_counter()
         try:
             return next(outputs)
@@ -146,7 +142,7 @@ class WorkerCore:
         finally:
             self.stats.busy_seconds += time.perf_counter() - began
 
-    def _emit(self, batch: object) -> None:  # whatever the stage yielded: checked here
+    def _emit(self, batch: Batch | None) -> None:
         if not isinstance(batch, Batch):
             raise ConfigError(f"{self.context.stage_name}: emitted {type(batch).__name__}, not a pipeline Batch")
         if self.page_counter is not None:

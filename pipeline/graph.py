@@ -45,6 +45,14 @@ class Plan:
     def names(self) -> list[str]:
         return [node.name for node in self.nodes]
 
+    def output_shards(self, index: int) -> int:
+        """Workers node ``index``'s single downstream stage splits pages among by page number, else 1."""
+        node = self.nodes[index]
+        if len(node.downstream) != 1:
+            return 1
+        child = self.nodes[node.downstream[0]]
+        return child.workers if child.stage.shard_key == "page" else 1
+
     def wire_links(self) -> list[tuple[str, str]]:
         """Where the framed stream's bytes are counted: (node, "bytes_out") of nodes emitting it,
         (node, "bytes_in") of nodes taking it, in plan order (pipeline.epoch_stats)."""

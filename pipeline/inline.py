@@ -61,7 +61,8 @@ class InlineExecution:
         for index in reversed(range(len(nodes))):
             node = nodes[index]
             for worker, stage in enumerate(worker_instances(node)):
-                context = StageContext(node.name, worker, node.workers, post=self._poster(node.name, worker))
+                context = StageContext(node.name, worker, node.workers, post=self._poster(node.name, worker),
+                                       output_shards=self.plan.output_shards(index))
                 inputs = nodes[node.upstream].workers if node.upstream is not None else 1
                 emit = self._emitter(node, worker)
                 self.cores[index].append(

@@ -146,7 +146,8 @@ class ProcessExecution:
                     credit_endpoint=credit(index, worker) if node.downstream else None,
                     bus_endpoint=f"ipc://{directory}/bus", max_inflight=self.max_inflight,
                     supervisor_pid=0 if caller_side else os.getpid(),
-                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1, pipeline_name=self.name)
+                    linger_ms=CALLER_THREAD_LINGER_MS if caller_side else -1, pipeline_name=self.name,
+                    arena=None if caller_side else (directory, index), output_shards=self.plan.output_shards(index))
                 result.append((spec, node.stage if caller_side else None))
         return result
 

@@ -40,8 +40,12 @@ FORWARD_TAG = b"PPSHM\x00\x00\x02"
 _HEAD = struct.Struct("<QQI")       # slot offset, slot length, frame count
 _FRAME = struct.Struct("<IQQ")      # frame index, offset in slot (in the ring file when forwarded), length
 _FORWARD_HEAD = struct.Struct("<QIH")  # token, frame count, ring file name length
+_TOTAL = struct.Struct("<II")       # frames of the message, frames carried inline
+_INLINE = struct.Struct("<II")      # frame index, length (the frame's bytes follow)
+_INLINE_ALIGNMENT = 8
+_MAX_FRAMES = 1 << 16
 ALIGNMENT = 64
-_RING_NAME = re.compile(r"r\d+\.\d+\.\d+\.\d+")
+_RING_NAME = re.compile(r"r\d+\.\d+\.\d+\.\d+|a\d+\.\d+\.\d+")
 
 
 def ring_name(node: int, worker: int, link: int, downstream_worker: int) -> str:
@@ -49,34 +53,53 @@ def ring_name(node: int, worker: int, link: int, downstream_worker: int) -> str:
     return f"r{node}.{worker}.{link}.{downstream_worker}"
 
 
+def arena_name(node: int, worker: int, chunk: int) -> str:
+    """File name of chunk ``chunk`` of the arena of ``worker`` of plan node ``node``."""
+    return f"a{node}.{worker}.{chunk}"
+
+
+def _shared_file(path: str, capacity: int, reserve: bool = False) -> mmap.mmap:
+    """A new file of ``capacity`` bytes mapped read-write and shared; ``reserve`` allocates its space now
+    (OSError when /dev/shm is full, rather than SIGBUS on first write)."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if reserve:
+            os.posix_fallocate(descriptor, 0, capacity)
+        else:
+            os.ftruncate(descriptor, capacity)
+        return mmap.mmap(descriptor, capacity)
+    finally:
+        os.close(descriptor)
+
+
 class SendRing:
     """The sender's side of a ring: allocates slots in order, frees them in any order."""
 
-    def __init__(self, path: str, capacity: int):
+    def __init__(self, path: str, capacity: int, reserve: bool = False):
         self.capacity = capacity
-        self.memory = np.memmap(path, dtype=np.uint8, mode="w+", shape=(capacity,))
+        self.mapping = _shared_file(path, capacity, reserve)
+        self.memory = np.frombuffer(self.mapping, dtype=np.uint8)
         self._head = 0   # logical positions, growing forever
         self._tail = 0
         self._slots: deque[list] = deque()   # [logical start, logical end, released]
         self._by_offset: dict[int, list] = {}
 
     def pack(self, frames: list) -> list | None:
-        """Frames with the large ones moved into a ring slot, or None when the ring has no room now."""
+        """The message as one reference frame, its large frames copied into a ring slot; None when the ring
+        has no room now."""
         large = [(i, memoryview(f).cast("B")) for i, f in enumerate(frames)
                  if not isinstance(f, bytes) and memoryview(f).nbytes >= LARGE_FRAME]
         sizes = [(view.nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT for _, view in large]
         offset = self._allocate(sum(sizes))
         if offset is None:
             return None
-        head = [_HEAD.pack(offset, sum(sizes), len(large))]
+        head = [TAG, _HEAD.pack(offset, sum(sizes), len(large))]
         position = 0
-        packed = list(frames)
         for (index, view), size in zip(large, sizes):
             self.memory[offset + position: offset + position + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
             head.append(_FRAME.pack(index, position, view.nbytes))
-            packed[index] = b""
             position += size
-        return [TAG + b"".join(head)] + packed
+        return [_with_inline_frames(head, frames, {index for index, _ in large})]
 
     def fits(self, frames: list) -> bool:
         """Whether this message is worth sending through the ring and could ever fit."""
@@ -115,11 +138,80 @@ class SendRing:
         return self._head - self._tail
 
 
+class Arena:
+    """Shared memory a stage writes its output into, so that its batches leave by reference (see above).
+
+    Chunks of ``chunk_bytes`` (or one request's size) up to ``limit_bytes`` in
+    all, each a ring; ``allocate`` returns None when none has room. Releases
+    may come from any thread (the last view of an array can die in pyzmq's
+    garbage-collector thread), so they are queued and applied by ``allocate``.
+    """
+
+    def __init__(self, directory: str, node: int, worker: int, maps: "RingMaps",
+                 chunk_bytes: int, limit_bytes: int):
+        self.directory, self.node, self.worker = directory, node, worker
+        self.maps = maps
+        self.chunk_bytes, self.limit_bytes = chunk_bytes, limit_bytes
+        self.rings: list[SendRing] = []
+        self._freed: deque[tuple[int, int]] = deque()   # (chunk, offset), appended by finalizers
+        self.failed = False
+
+    @property
+    def size(self) -> int:
+        return sum(ring.capacity for ring in self.rings)
+
+    def allocate(self, shape: tuple[int, ...], dtype) -> np.ndarray | None:
+        """A writable array in shared memory, or None when the arena has no room for it now."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes == 0:
+            return None
+        size = (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+        self.collect()
+        for chunk, ring in enumerate(self.rings):
+            if size <= ring.capacity:
+                offset = ring._allocate(size)
+                if offset is not None:
+                    return self._array(chunk, offset, nbytes, shape, dtype)
+        capacity = max(self.chunk_bytes, size)
+        if self.failed or self.size + capacity > self.limit_bytes:
+            return None
+        name = arena_name(self.node, self.worker, len(self.rings))
+        try:
+            ring = SendRing(os.path.join(self.directory, name), capacity, reserve=True)
+        except OSError:
+            self.failed = True   # no room in /dev/shm: private memory from now on
+            return None
+        self.rings.append(ring)
+        self.maps.add(name, ring.mapping)
+        return self._array(len(self.rings) - 1, ring._allocate(size), nbytes, shape, dtype)
+
+    def _array(self, chunk: int, offset: int, nbytes: int, shape, dtype) -> np.ndarray:
+        slot = np.frombuffer(self.rings[chunk].mapping, dtype=np.uint8, count=nbytes, offset=offset)
+        weakref.finalize(slot, self._freed.append, (chunk, offset))
+        return slot.view(dtype).reshape(shape)   # views of ``slot``: it is freed when the last one goes
+
+    def collect(self) -> None:
+        """Free the slots whose arrays are gone."""
+        while self._freed:
+            chunk, offset = self._freed.popleft()
+            self.rings[chunk].release(offset)
+
+    @property
+    def used(self) -> int:
+        self.collect()
+        return sum(ring.used for ring in self.rings)
+
+
 class RingMaps:
     """The ring files one worker has mapped read-only, by name; finds which one a buffer lies in."""
 
     def __init__(self) -> None:
         self._maps: dict[str, tuple[mmap.mmap, int, int]] = {}   # name -> mapping, address, size
+
+    def add(self, name: str, memory: mmap.mmap) -> None:
+        """A mapping this worker made itself (its arena), so ``locate`` finds arrays in it."""
+        self._maps[name] = (memory, np.frombuffer(memory, dtype=np.uint8).ctypes.data, len(memory))
 
     def open(self, directory: str, name: str, trusted: bool = False) -> mmap.mmap:
         """The mapping of ring ``name`` in ``directory`` (opened once).
@@ -175,60 +267,96 @@ class ReceiveRing:
         self.maps = maps or RingMaps()
 
     def unpack(self, frames: list) -> list:
-        """Untrusted frames from the socket -> the original frames, large ones as read-only views of the ring.
+        """An untrusted reference message from the socket -> the original frames, large ones as read-only
+        views of the ring, small ones as views of the reference frame.
 
         Each message's views hang off one array whose base is the mapping
         itself (so numpy does not collapse views past it); once the last of
         them is gone, ``on_release(offset)`` runs for a slot of this ring and
         ``on_forward_release(token)`` for a forward reference.
         """
-        reference = bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
-        if reference[:len(TAG)] == FORWARD_TAG:
-            return self._unpack_forwarded(reference[len(TAG):], frames)
+        if len(frames) != 1:
+            raise CorruptData(f"shared-memory reference: {len(frames)} frames, a reference is one")
+        reference = frames[0].buffer if hasattr(frames[0], "buffer") else memoryview(frames[0])
+        if bytes(reference[:len(TAG)]) == FORWARD_TAG:
+            return self._unpack_forwarded(reference, len(TAG))
         memory = self.maps.open(self.directory, self.name, trusted=True)
-        body = reference[len(TAG):]
-        if len(body) < _HEAD.size:
+        position = len(TAG)
+        if len(reference) < position + _HEAD.size:
             raise CorruptData("shared-memory reference: truncated header")
-        offset, length, count = _HEAD.unpack_from(body)
-        if len(body) != _HEAD.size + count * _FRAME.size or offset + length > len(memory):
-            raise CorruptData(f"shared-memory reference: slot {offset}+{length} or {count} frames out of bounds")
+        offset, length, count = _HEAD.unpack_from(reference, position)
+        position += _HEAD.size
+        if offset + length > len(memory):
+            raise CorruptData(f"shared-memory reference: slot {offset}+{length} out of bounds")
         slot = np.frombuffer(memory, dtype=np.uint8, count=length, offset=offset)
         weakref.finalize(slot, self.on_release, offset)
-        return _place(slot, body, _HEAD.size, count, frames)
+        return _place(slot, reference, position, count)
 
-    def _unpack_forwarded(self, body: bytes, frames: list) -> list:
-        if len(body) < _FORWARD_HEAD.size or self.on_forward_release is None:
+    def _unpack_forwarded(self, reference: memoryview, position: int) -> list:
+        if len(reference) < position + _FORWARD_HEAD.size or self.on_forward_release is None:
             raise CorruptData("shared-memory reference: truncated or unexpected forward reference")
-        token, count, name_length = _FORWARD_HEAD.unpack_from(body)
-        start = _FORWARD_HEAD.size + name_length
-        if len(body) != start + count * _FRAME.size:
-            raise CorruptData(f"shared-memory reference: forward of {count} frames has {len(body)} bytes")
-        name = body[_FORWARD_HEAD.size:start].decode("ascii", "replace")
+        token, count, name_length = _FORWARD_HEAD.unpack_from(reference, position)
+        position += _FORWARD_HEAD.size
+        if len(reference) < position + name_length:
+            raise CorruptData(f"shared-memory reference: forward names a ring of {name_length} bytes beyond its end")
+        name = bytes(reference[position:position + name_length]).decode("ascii", "replace")
         anchor = np.frombuffer(self.maps.open(self.directory, name), dtype=np.uint8)
         weakref.finalize(anchor, self.on_forward_release, token)
-        return _place(anchor, body, start, count, frames)
+        return _place(anchor, reference, position + name_length, count)
 
 
-def _place(memory: np.ndarray, body: bytes, position: int, count: int, frames: list) -> list:
-    """frames[1:] with the ``count`` frames described at ``body[position:]`` replaced by views of ``memory``."""
-    unpacked = list(frames[1:])
+def _with_inline_frames(head: list, frames: list, moved: set[int]) -> bytes:
+    """One reference frame: ``head`` (tag, slot, descriptors), then every frame not ``moved`` to shared
+    memory, each at an 8-byte aligned offset (arrays in batch headers keep their alignment)."""
+    parts = head + [_TOTAL.pack(len(frames), len(frames) - len(moved))]
+    position = sum(map(len, parts))
+    for index, frame in enumerate(frames):
+        if index in moved:
+            continue
+        padding = -position % _INLINE_ALIGNMENT
+        length = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+        parts += [bytes(padding), _INLINE.pack(index, length), frame]
+        position += padding + _INLINE.size + length
+    return b"".join(parts)
+
+
+def _place(memory: np.ndarray, reference: memoryview, position: int, count: int) -> list:
+    """The frames a reference frame describes from ``position`` on: ``count`` in ``memory``, the rest inline."""
+    end = position + count * _FRAME.size + _TOTAL.size
+    if len(reference) < end:
+        raise CorruptData(f"shared-memory reference: {count} frame descriptors beyond its {len(reference)} bytes")
+    total, inline = _TOTAL.unpack_from(reference, end - _TOTAL.size)
+    if total > _MAX_FRAMES or count + inline != total:
+        raise CorruptData(f"shared-memory reference: {total} frames, {count} shared and {inline} inline")
+    unpacked: list = [None] * total
     for index in range(count):
-        frame_index, start, size = _FRAME.unpack_from(body, position + index * _FRAME.size)
-        if frame_index >= len(unpacked) or start + size > memory.shape[0]:
+        frame_index, start, size = _FRAME.unpack_from(reference, position + index * _FRAME.size)
+        if frame_index >= total or unpacked[frame_index] is not None or start + size > memory.shape[0]:
             raise CorruptData(f"shared-memory reference: frame {frame_index} at {start}+{size} out of bounds")
         unpacked[frame_index] = memory[start: start + size]
+    position = end
+    for _ in range(inline):
+        position += -position % _INLINE_ALIGNMENT
+        if len(reference) < position + _INLINE.size:
+            raise CorruptData("shared-memory reference: truncated inline frame")
+        frame_index, size = _INLINE.unpack_from(reference, position)
+        position += _INLINE.size
+        if frame_index >= total or unpacked[frame_index] is not None or position + size > len(reference):
+            raise CorruptData(f"shared-memory reference: inline frame {frame_index} of {size} bytes out of bounds")
+        unpacked[frame_index] = reference[position:position + size]
+        position += size
+    if position != len(reference):
+        raise CorruptData(f"shared-memory reference: {len(reference) - position} bytes left over")
     return unpacked
 
 
 def forward_reference(frames: list, located: list[tuple[int, str, int, int]], token: int) -> list:
-    """Frames with the ``located`` ones (all in one ring) replaced by a forward reference frame."""
+    """The message as one forward reference frame: the ``located`` frames (all in one ring) by offset."""
     name = located[0][1].encode("ascii")
     head = [FORWARD_TAG, _FORWARD_HEAD.pack(token, len(located), len(name)), name]
-    packed = list(frames)
     for index, _, offset, length in located:
         head.append(_FRAME.pack(index, offset, length))
-        packed[index] = b""
-    return [b"".join(head)] + packed
+    return [_with_inline_frames(head, frames, {index for index, _, _, _ in located})]
 
 
 def is_reference(frame) -> bool:

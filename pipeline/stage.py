@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
+import numpy as np
+
 from .batch import ANY, FORMATS, Batch, Flag
 from .epoch_stats import EpochRecorder
 from .errors import ConfigError
@@ -37,7 +39,7 @@ class Property:
 
     def __init__(self, type: str, default: Any, doc: str, *, minimum: float | None = None,
                  maximum: float | None = None, choices: Iterable[str] | None = None, internal: bool = False,
-                 required: bool = False):
+                 required: bool = False, several: bool = False):
         if type not in PROPERTY_TYPES:
             raise ValueError(f"unknown property type {type!r}; use one of {', '.join(PROPERTY_TYPES)}")
         if (type == "choice") != (choices is not None):
@@ -52,6 +54,8 @@ class Property:
         self.choices = tuple(choices) if choices is not None else None
         self.required = required
         self.internal = internal
+        self.several = several
+        """An ``endpoint`` property that also takes several endpoints, comma-separated (each one checked)."""
         self.bad_default: ConfigError | None = None
         self.name = ""
 
@@ -105,6 +109,8 @@ class Property:
         if self.type == "duration":
             return parse_duration(value)
         if self.type == "endpoint":
+            if self.several and "," in str(value):
+                return ",".join(parse_endpoint(part.strip()) for part in str(value).split(","))
             return parse_endpoint(value) if value != "" else ""
         if self.type == "choice":
             choices = self.choices or ()
@@ -133,6 +139,11 @@ class Property:
         return ""
 
 
+def private_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``StageContext.allocate`` where no shared memory is offered (inline mode, caller-side stages)."""
+    return np.empty(shape, dtype)
+
+
 @dataclass
 class StageContext:
     """What the executor tells a stage when it starts in its worker."""
@@ -142,6 +153,14 @@ class StageContext:
     worker_count: int = 1
     post: Callable[..., None] = field(default=lambda kind, **fields: None)
     """``post("warning", message=...)`` sends a message to the bus."""
+    allocate: Callable[[tuple[int, ...], Any], np.ndarray] = field(default=private_array)
+    """``allocate(shape, dtype)``: an uninitialised array for output the stage writes once. In process mode
+    it lies in the worker's shared memory (pipeline.shm), so a batch made of it leaves the worker by
+    reference instead of being copied; it is reused once no view of it is left."""
+    output_shards: int = 1
+    """How many workers the next stage splits this stage's pages among by page number (``page % shards``), when
+    it does. A source that groups its pages so (each batch within one shard, as an epoch's order does not
+    matter) lets the runtime pass every batch on whole, by reference, instead of copying the pieces apart."""
     recorder: EpochRecorder = field(default_factory=EpochRecorder)
 
     def warn(self, message: str, **fields: Any) -> None:

@@ -43,6 +43,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
+import numpy as np
 import setproctitle
 import zmq
 
@@ -52,7 +53,7 @@ from .errors import CorruptData, error_category
 from .core import WorkerCore
 from .registry import import_target
 from .routing import Router
-from .shm import SHM_THRESHOLD, ReceiveRing, RingMaps, SendRing, forward_reference, is_reference
+from .shm import SHM_THRESHOLD, Arena, ReceiveRing, RingMaps, SendRing, forward_reference, is_reference
 from .stage import Stage, StageContext
 
 POLL_MS = 100
@@ -74,11 +75,17 @@ thread (an inproc message and a GIL hand-off per frame), which costs more than c
 KiB; on credited links, bigger messages travel through the ring anyway."""
 CREDIT = struct.Struct("<IIQ")  # output link index, downstream worker index, bytes
 RELEASE = struct.Struct("<IIQQ")  # output link index, downstream worker index, slot offset or token, kind
+# A credit message is a CREDIT, a CREDIT followed by RELEASEs, or RELEASEs only (told apart by length mod 24).
+RELEASE_BATCH = 8
+"""Ring releases wait to leave together (with the credit) until this many are queued, or inputs fall quiet:
+each message wakes the upstream worker."""
 SLOT, FORWARDED = 0, 1  # kinds of release: a slot of the sender's own ring, or a batch it forwarded
 STANDALONE_BATCH_ESTIMATE = 1 << 20
 BUNDLE_BYTES = 1 << 20
 """A back-to-back source's queued small batches leave once they reach this size, if no epoch end came first."""
 PR_SET_PDEATHSIG = 1
+ARENA_CHUNKS = 16
+"""A worker's arena (``StageContext.allocate``) grows to this many times max-inflight; then private memory."""
 SUPERVISOR_GONE_SIGNAL = signal.SIGUSR1
 SUPERVISOR_GONE_GRACE = 1.0
 """Seconds a worker whose supervisor died gets to stop its stage before it kills itself."""
@@ -134,6 +141,10 @@ class WorkerSpec:
     supervisor_pid: int = 0
     linger_ms: int = -1
     pipeline_name: str = ""
+    output_shards: int = 1
+    """Workers the single downstream stage shards pages among (StageContext.output_shards)."""
+    arena: tuple[str, int] | None = None
+    """(run directory, plan node index) where this worker's arena files go; None: no shared output memory."""
 
 
 def attach(socket: zmq.Socket, endpoint: str, bind_by_default: bool) -> None:
@@ -174,13 +185,14 @@ class Worker:
         self._credit: zmq.Socket | None = None
         self._receive_rings: list[ReceiveRing | None] = []
         self._send_rings: list[list[SendRing] | None] = []
-        self._released: list[tuple[int, int, int]] = []  # (input index, offset or token, kind), from finalizers
+        self._released: list[list[bytes]] = [[] for _ in spec.inputs]  # RELEASE messages per input, from finalizers
         self._ring_maps = RingMaps()
         self._forwarded: dict[int, list] = {}  # token -> frames held until the downstream worker releases them
         self._forward_tokens = 0
         self._pending: dict[tuple[int, int], list] = {}  # (output link, worker) -> small batches' frames to send
         self._pending_bytes = 0
         self._hold_data = False
+        self._arena: Arena | None = None
 
     # ---- bus -----------------------------------------------------------
     def post(self, kind: str, **fields: Any) -> None:
@@ -231,7 +243,12 @@ class Worker:
         spec = self.spec
         if self.stage is None:
             self.stage = import_target(spec.stage_target)(**spec.properties)
-        context = StageContext(spec.stage_name, spec.worker_index, spec.worker_count, post=self.post)
+        context = StageContext(spec.stage_name, spec.worker_index, spec.worker_count, post=self.post,
+                               output_shards=spec.output_shards)
+        if spec.arena is not None and spec.outputs and self.stop_event is None:  # a process of its own
+            self._arena = Arena(*spec.arena, spec.worker_index, self._ring_maps, spec.max_inflight,
+                                ARENA_CHUNKS * spec.max_inflight)
+            context.allocate = self._allocate
         self.core = WorkerCore(self.stage, context, len(spec.inputs), spec.output_format,
                                self._emit, spec.stamp_pages, spec.elements)
         self._hold_data = not spec.inputs and self.stage.back_to_back
@@ -340,7 +357,7 @@ class Worker:
                 elif not wanted and index in registered:
                     poller.unregister(socket)
                     registered.discard(index)
-            timeout = IDLE_ACK_MS if any(self._unacked) else POLL_MS
+            timeout = IDLE_ACK_MS if any(self._unacked) or any(self._released) else POLL_MS
             timer = core.tick_wait()
             if timer is not None:
                 timeout = min(timeout, max(1, int(timer * 1000)))
@@ -357,7 +374,7 @@ class Worker:
                     self._drain(index, socket)
             core.tick()
             self._flush()
-            self._return_slots()
+            self._return_slots(force=False)
             self._tick()
         self._flush()
         for index in range(len(self._inputs)):
@@ -385,35 +402,38 @@ class Worker:
             for batch in Batch.bundle_from_frames(frames):
                 core.feed(index, batch)
             self._flush()  # what this message made, one message per downstream worker
-            if self._released:  # ring slots go back as soon as they are free, so the sender's ring never fills
-                self._return_slots()
+            self._return_slots(force=False)
             if core.finished or core.fan_in.blocked(index):
                 break
 
     def _releaser(self, index: int, kind: int) -> Callable[[int], None]:
         """Ring finalizer: only queues the release (it may run inside any call); ``_return_slots`` sends it."""
-        return lambda offset: self._released.append((index, offset, kind))
+        _, _, link = self._inputs[index]
+        queue = self._released[index]
+        worker = self.spec.worker_index
+        return lambda offset: queue.append(RELEASE.pack(link, worker, offset, kind))
 
-    def _return_slots(self) -> None:
-        while self._released:
-            index, offset, kind = self._released.pop()
-            _, credit, link = self._inputs[index]
-            assert credit is not None  # rings (and their releases) exist only on credited links
-            try:
-                credit.send(RELEASE.pack(link, self.spec.worker_index, offset, kind), zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # the upstream worker has finished; its ring is gone
+    def _return_slots(self, force: bool = True) -> None:
+        """Send the queued ring releases of each input (with its credit), all or those with a batch's worth."""
+        for index, queue in enumerate(self._released):
+            if queue and (force or len(queue) >= RELEASE_BATCH):
+                self._ack(index)
 
     def _ack(self, index: int) -> None:
+        """Return the credit of input ``index`` and its queued ring releases, as one message."""
         amount = self._unacked[index]
         _, credit, link = self._inputs[index]
-        if credit is None or amount == 0:
+        queue = self._released[index]
+        if credit is None or (amount == 0 and not queue):
             return
         self._unacked[index] = 0
+        parts = [CREDIT.pack(link, self.spec.worker_index, amount)] if amount else []
+        while queue:
+            parts.append(queue.pop())
         try:
-            credit.send(CREDIT.pack(link, self.spec.worker_index, amount), zmq.NOBLOCK)
+            credit.send(b"".join(parts), _NOBLOCK)
         except zmq.Again:
-            pass  # the upstream worker has finished; nobody waits for this credit
+            pass  # the upstream worker has finished; nobody waits for this credit or its ring
 
     # ---- sending -------------------------------------------------------
     def _emit(self, batch: Batch) -> None:
@@ -475,6 +495,16 @@ class Worker:
             self._tick()
         return packed or frames
 
+    def _allocate(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """``StageContext.allocate``: arena memory, waiting while downstream releases what it holds;
+        private memory when the arena stays full."""
+        array = self._arena.allocate(shape, dtype)
+        while array is None and self._forwarded and self._credit.poll(RING_WAIT_MS, _POLLIN):
+            self._collect_credit()
+            array = self._arena.allocate(shape, dtype)
+            self._tick()
+        return array if array is not None else np.empty(shape, dtype)
+
     def _reserve(self, link: int, worker: int, cost: int) -> None:
         key = (link, worker)
         while self._inflight[key] > 0 and self._inflight[key] + cost > self.spec.max_inflight:
@@ -495,23 +525,25 @@ class Worker:
         """Take every credit message waiting: bytes downstream workers have taken off their sockets."""
         while self._credit is not None and cast(int, self._credit.get(_EVENTS)) & _POLLIN:
             message = self._credit.recv()
-            if len(message) == RELEASE.size:
-                self._release(*RELEASE.unpack(message))
-                continue
-            if len(message) != CREDIT.size:
-                raise CorruptData(f"credit message of {len(message)} bytes, expected {CREDIT.size} or {RELEASE.size}")
-            link, worker, amount = CREDIT.unpack(message)
-            if (link, worker) in self._inflight:
-                self._inflight[(link, worker)] = max(0, self._inflight[(link, worker)] - amount)
+            if len(message) % RELEASE.size == CREDIT.size:
+                link, worker, amount = CREDIT.unpack_from(message)
+                if (link, worker) in self._inflight:
+                    self._inflight[(link, worker)] = max(0, self._inflight[(link, worker)] - amount)
+                start = CREDIT.size
+            elif len(message) % RELEASE.size == 0 and message:
+                start = 0
+            else:
+                raise CorruptData(f"credit message of {len(message)} bytes, not a credit ({CREDIT.size}) and/or "
+                                  f"releases ({RELEASE.size} each)")
+            for release in RELEASE.iter_unpack(message[start:]):
+                self._release(*release)
 
     def _release(self, link: int, worker: int, offset: int, kind: int) -> None:
         """A downstream worker let go of a ring slot (SLOT) or of a batch this worker forwarded (FORWARDED)."""
         if kind == FORWARDED:
             if self._forwarded.pop(offset, None) is None:
                 raise CorruptData(f"ring release of unknown forwarded batch {offset}")
-            if self._released:  # the held arrays may have been the last views of an upstream slot
-                self._return_slots()
-            return
+            return  # the held arrays may have been the last views of an upstream slot: _return_slots sends it
         rings = self._send_rings[link] if link < len(self._send_rings) else None
         if kind != SLOT or rings is None or worker >= len(rings):
             raise CorruptData(f"ring release of kind {kind} for unknown link {link} worker {worker}")

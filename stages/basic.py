@@ -8,6 +8,9 @@ import numpy as np
 from pipeline.batch import ANY, PAGES, Batch, Flag, PageKind
 from pipeline.stage import Property, Stage
 
+from .common.pages import combine_digests, digest_pages
+
+_MASK64 = (1 << 64) - 1  # combine_digests sums mod 2**64: an epoch's digest is the sum over its batches
 PATTERNS = ("counter", "zeros", "random")
 
 
@@ -77,23 +80,32 @@ class TestSource(Stage):
     page_size = Property("size", 4096, "Bytes per page", minimum=16, maximum=1 << 24)
     pattern = Property("choice", "counter", "Page contents", choices=PATTERNS)
     seed = Property("int", 0, "Seed of the random pattern", minimum=0)
+    resync = Property("bool", False, "Like a tracker: the first epoch is RESYNC (every page whole) and each "
+                                     "epoch end carries its pages' digest, so that a replica-sink accepts them")
 
     def produce(self) -> Iterator[Batch]:
         sequence = 0
         regions = [{"name": "test", "start": 0, "first_page": 0, "npages": self.pages}]
         yield Batch.control(Flag.LAYOUT, 0, page_size=self.page_size, sequence=sequence, regions=regions)
-        zeros = np.zeros((min(self.batch_pages, self.pages), self.page_size), dtype=np.uint8)
+        zeros = self.context.allocate((min(self.batch_pages, self.pages), self.page_size), np.uint8)
+        zeros.fill(0)  # written once (in shared memory in process mode): every batch refers to it
         zeros.flags.writeable = False
         for epoch in range(self.epochs):
+            flags = Flag.RESYNC if self.resync and epoch == 0 else Flag.NONE
+            digest = 0
             for first in range(0, self.pages, self.batch_pages):
                 sequence += 1
                 page_numbers = np.arange(first, min(first + self.batch_pages, self.pages), dtype=np.uint64)
                 count = page_numbers.shape[0]
-                yield Batch(format=PAGES, epoch=epoch, sequence=sequence, page_size=self.page_size,
+                data = self._contents(page_numbers, epoch, zeros[:count])
+                if self.resync:
+                    digest = (digest + combine_digests(page_numbers, digest_pages(data))) & _MASK64
+                yield Batch(format=PAGES, epoch=epoch, sequence=sequence, page_size=self.page_size, flags=flags,
                             page_numbers=page_numbers, kinds=np.full(count, PageKind.NORMAL, dtype=np.uint8),
-                            data=self._contents(page_numbers, epoch, zeros[:count]))
+                            data=data)
             sequence += 1
-            yield Batch.control(Flag.EPOCH_END, epoch, page_size=self.page_size, sequence=sequence, pages=self.pages)
+            meta = {"pages": self.pages, **({"digest": digest} if self.resync else {})}
+            yield Batch.control(Flag.EPOCH_END | flags, epoch, page_size=self.page_size, sequence=sequence, **meta)
         sequence += 1
         yield Batch.control(Flag.END_OF_STREAM, max(self.epochs - 1, 0), page_size=self.page_size, sequence=sequence)
 
@@ -102,8 +114,11 @@ class TestSource(Stage):
             return zeros
         if self.pattern == "random":
             generator = np.random.default_rng([self.seed, epoch, int(page_numbers[0])])
-            return generator.integers(0, 256, size=zeros.shape, dtype=np.uint8)
-        data = np.zeros(zeros.shape, dtype=np.uint8)
+            data = self.context.allocate(zeros.shape, np.uint8)
+            data[...] = generator.integers(0, 256, size=zeros.shape, dtype=np.uint8)
+            return data
+        data = self.context.allocate(zeros.shape, np.uint8)
+        data[:, 16:] = 0
         data[:, :8] = page_numbers.astype("<u8").view(np.uint8).reshape(-1, 8)
         data[:, 8:16] = np.frombuffer(int(epoch).to_bytes(8, "little"), dtype=np.uint8)
         return data

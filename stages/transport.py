@@ -2,6 +2,9 @@
 
 - ``zmq-sink`` / ``zmq-src``: PUSH/PULL, the stream in messages of at most 1 MiB
   (large payloads sent without copying); an empty message marks the end of stream.
+  ``channels=N`` spreads the stream over N connections (each with its own
+  ZeroMQ context, I/O threads and keys) and reassembles it in order at the
+  receiver (stages.common.channels).
   On tcp both ends run CurveZMQ with keys, or say ``insecure=true``; the end
   that binds admits only allowed keys and at most ``max-connections``
   (stages.common.security, docs/SECURITY.md). The receiver's acknowledgements
@@ -36,6 +39,8 @@ from pipeline.stage import Property, Stage, StageContext
 from .classify import Classify
 from .xor_delta import XorDelta
 from .codecs import ChainCodec, Encoded, EntropyCodec, PageCodec, get_codec
+from .common import wire
+from .common.channels import END, MAX_CHANNELS, Reassembler, Spreader, channel_endpoints, parse_envelope
 from .framer import Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
 from .common.security import CurveProperties, Gatekeeper, LinkSecurity
@@ -61,62 +66,84 @@ def _payload_of(batch: Batch) -> np.ndarray | None:
 # ---- ZeroMQ ---------------------------------------------------------------------
 
 class _ZmqStage(CurveProperties, Stage):
-    """Shared socket set-up of zmq-sink and zmq-src: one socket, bound or connected, its keys and counters.
+    """Shared socket set-up of zmq-sink and zmq-src: one socket per channel, bound or connected, its keys and
+    counters.
 
     On tcp both ends need keys (stages.common.security) unless insecure=true; the end that binds
-    admits only the peers on its allow-list and at most max-connections at once.
+    admits only the peers on its allow-list and at most max-connections at once. Each channel has a
+    ZeroMQ context of its own (its I/O threads do its encryption; its gatekeeper answers its peers).
     """
 
     socket_type: int = zmq.PUSH
     bytes_counter = "bytes_out"     # counts the bytes this stage moves
     bind: bool                      # a property of each subclass, with its own default
-    endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path", required=True)
+    endpoint = Property("endpoint", "", "ZeroMQ endpoint, tcp://host:port or ipc://path (with channels=N: the "
+                        "first of N consecutive ports or paths path, path.1, ..., or N endpoints, comma-separated)",
+                        required=True, several=True)
+    channels = Property("int", 1, "Connections the stream is spread over, each with its own ZeroMQ context "
+                                  "(stages.common.channels); sender and receiver must agree",
+                        minimum=1, maximum=MAX_CHANNELS)
 
     def start(self, context: StageContext) -> None:
         super().start(context)
         if not self.endpoint:
             raise TransportError(f"{self.factory_name}: no endpoint= given")
-        security = self.link_security(self.endpoint, self.bind)
-        self._gatekeeper: Gatekeeper | None = None
-        self._socket = self._open(security)
+        endpoints = channel_endpoints(self.endpoint, self.channels)
+        securities = [self.link_security(endpoint, self.bind) for endpoint in endpoints]
+        self._links: list[tuple[zmq.Context, zmq.Socket, Gatekeeper | None]] = []
+        try:
+            for endpoint, security in zip(endpoints, securities):
+                self._links.append(self._open(endpoint, security))
+        except BaseException:
+            self.stop()
+            raise
+        self._sockets = [sock for _, sock, _ in self._links]
+        self._socket = self._sockets[0]
         self.counters.update({"messages": 0, self.bytes_counter: 0})
 
-    def _open(self, security: LinkSecurity) -> zmq.Socket:
-        self._zmq = security.context()
-        sock = self._zmq.socket(self.socket_type)
+    def _open(self, endpoint: str, security: LinkSecurity) -> tuple[zmq.Context, zmq.Socket, Gatekeeper | None]:
+        context = security.context()
+        sock = context.socket(self.socket_type)
         self._configure(sock)
+        gatekeeper = None
         try:
-            self._gatekeeper = security.apply(sock)
-            (sock.bind if self.bind else sock.connect)(self.endpoint)
+            gatekeeper = security.apply(sock)
+            (sock.bind if self.bind else sock.connect)(endpoint)
         except (zmq.ZMQError, TransportError) as exc:
-            self._close(sock)
+            self._close_link(context, sock, gatekeeper)
             verb = "bind" if self.bind else "connect"
-            raise TransportError(f"{self.factory_name}: cannot {verb} {self.endpoint}: {exc}") from None
-        return sock
+            raise TransportError(f"{self.factory_name}: cannot {verb} {endpoint}: {exc}") from None
+        return context, sock, gatekeeper
 
     def _configure(self, sock: zmq.Socket) -> None:
         """Socket options set before bind/connect."""
 
     def _post_refusals(self) -> None:
-        """Post the gatekeeper's refusals (peers without an allowed key, connections beyond the limit)."""
-        if self._gatekeeper is not None:
-            for text in self._gatekeeper.take_warnings():
-                self.context.warn(text)
-            self.counters.update(self._gatekeeper.counters)
+        """Post the gatekeepers' refusals (peers without an allowed key, connections beyond the limit)."""
+        totals: dict[str, int] = {}
+        for _, _, gatekeeper in getattr(self, "_links", ()):
+            if gatekeeper is not None:
+                for text in gatekeeper.take_warnings():
+                    self.context.warn(text)
+                for key, value in gatekeeper.counters.items():
+                    totals[key] = totals.get(key, 0) + value
+        self.counters.update(totals)
 
-    def _close(self, sock: zmq.Socket, linger: int | None = None) -> None:
-        if self._gatekeeper is not None:
-            self._post_refusals()
-            self._gatekeeper.close()
-            self._gatekeeper = None
-        sock.close(linger)
-        self._zmq.term()
+    def _close_link(self, context: zmq.Context, sock: zmq.Socket, gatekeeper: Gatekeeper | None) -> None:
+        if gatekeeper is not None:
+            for text in gatekeeper.take_warnings():
+                self.context.warn(text)
+            gatekeeper.close()
+        sock.close()
+        context.term()
 
     def stop(self) -> None:
-        sock = getattr(self, "_socket", None)
-        if sock is not None:
-            del self._socket
-            self._close(sock)
+        links = getattr(self, "_links", None)
+        if links:
+            self._post_refusals()
+            self._links, self._sockets, self._socket = [], [], None
+            for link in links:
+                self._close_link(*link)
 
 
 class ZmqSink(_ZmqStage):
@@ -139,27 +166,42 @@ class ZmqSink(_ZmqStage):
         sock.setsockopt(zmq.LINGER, int(self.timeout * 1000))     # flush what is queued at stop, for a while
         sock.setsockopt(zmq.IMMEDIATE, 1)       # queue only to completed connections: an absent peer blocks
 
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self._spreader = Spreader(self.channels) if self.channels > 1 else None
+
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:   # the stream is bytes: pieces of at most MESSAGE_BYTES fit any receiver's limit
             view = payload.data.cast("B")
             for start in range(0, len(view), MESSAGE_BYTES):
-                self._send(view[start:start + MESSAGE_BYTES])
+                if self._spreader is None:
+                    self._send(self._socket, view[start:start + MESSAGE_BYTES])
+                else:
+                    channel, envelope = self._spreader.next(batch.epoch)
+                    self._send(self._sockets[channel], view[start:start + MESSAGE_BYTES], envelope)
         self._post_refusals()
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
         yield from self.process(batch)
         if batch.flags & Flag.END_OF_STREAM:
-            self._send(_END_MESSAGE)
+            if self._spreader is None:
+                self._send(self._socket, _END_MESSAGE)
+            else:
+                for sock, envelope in zip(self._sockets, self._spreader.ends()):
+                    self._send(sock, _END_MESSAGE, envelope)
 
-    def _send(self, data) -> None:
+    def _send(self, sock: zmq.Socket, data, envelope: bytes | None = None) -> None:
+        """Send ``data`` (led by its channel envelope when there are several channels)."""
         size = len(data)
         if not self.counters["messages"]:   # the first message says whether a receiver is there
             if not self._socket.poll(WAITING_NOTICE_MS, zmq.POLLOUT):
                 self.context.event("waiting", f"waiting for a receiver at {self.endpoint} (up to {self.timeout:g} s)")
         try:
-            self._socket.send(data, copy=size < _ZERO_COPY_BYTES)
+            if envelope is not None:
+                sock.send(envelope, zmq.SNDMORE)   # once the first part is queued, the rest is too
+            sock.send(data, copy=size < _ZERO_COPY_BYTES)
         except zmq.Again:
             raise TransportError(f"{self.factory_name}: no receiver took data at {self.endpoint} "
                                  f"within {self.timeout:g} s (unreachable or not running)") from None
@@ -197,6 +239,9 @@ class ZmqSource(_ZmqStage):
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message + CURVE_FRAME_OVERHEAD)
 
     def produce(self) -> Iterator[Batch | None]:
+        if self.channels > 1:
+            yield from self._produce_from_channels()
+            return
         sequence = 0
         last_heard: float | None = None     # monotonic time of the last message; None until one came
         waited_since = time.monotonic()
@@ -270,7 +315,69 @@ class ZmqSource(_ZmqStage):
             self._socket.recv(copy=False)
         self.counters["multipart_refused"] = self.counters.get("multipart_refused", 0) + 1
         self.context.warn(f"{self.factory_name}: dropped a multipart message on {self.endpoint} "
-                          f"(not from zmq-sink)")
+                          f"(not from zmq-sink, or from one with channels= set: set the same channels= here)")
+
+    def _produce_from_channels(self) -> Iterator[Batch | None]:
+        """Messages from every channel, checked and handed on in stream order (stages.common.channels), with
+        the single channel's timeout, failover, idle ticks and refusal reports."""
+        reassembler = Reassembler(self.channels, limit=max(2, self.hwm),
+                                  starts_segment=lambda message: wire.starts_segment(message.buffer))
+        poller, registered = zmq.Poller(), set()
+        self.counters.update(dropped_messages=0)
+        sequence = 0
+        last_heard: float | None = None
+        waited_since = began = time.monotonic()
+        while True:
+            for channel, sock in enumerate(self._sockets):
+                wanted = reassembler.wants(channel)
+                if wanted and channel not in registered:
+                    poller.register(sock, zmq.POLLIN)
+                    registered.add(channel)
+                elif not wanted and channel in registered:
+                    poller.unregister(sock)
+                    registered.discard(channel)
+            now = time.monotonic()
+            waits = [_REFUSALS_POLL_MS / 1000]
+            if self.idle_every:
+                waits.append(began + self.idle_every - now)
+            if self.timeout:
+                waits.append(waited_since + self.timeout - now)
+            if self.failover and last_heard is not None:
+                waits.append(last_heard + self.failover_after - now)
+            ready = dict(poller.poll(max(0, math.ceil(min(waits) * 1000))))
+            if not ready:
+                self._post_refusals()
+                now = time.monotonic()
+                if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
+                    yield self._sender_lost(last_heard, now)
+                    last_heard = None
+                elif self.timeout and now - waited_since >= self.timeout:
+                    raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
+                                         f"({self.channels} channels) for {self.timeout:g} s")
+                elif self.idle_every and now - began >= self.idle_every:
+                    began = now
+                    yield None
+                continue
+            last_heard = waited_since = time.monotonic()
+            for channel, sock in enumerate(self._sockets):
+                if sock in ready:
+                    frames = sock.recv_multipart(copy=False)
+                    self.counters["messages"] += 1
+                    if len(frames) != 2:
+                        raise CorruptData(f"{self.factory_name}: channel {channel}: message of {len(frames)} "
+                                          f"parts, expected an envelope and a payload (is the sender using "
+                                          f"channels={self.channels}?)")
+                    envelope = parse_envelope(frames[0].buffer, channel, self.channels)
+                    reassembler.push(envelope, frames[1])
+            self.counters["dropped_messages"] = reassembler.dropped
+            for message in reassembler.ready():
+                if message is END:
+                    self._post_refusals()       # the final statistics count every channel's peers
+                    yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
+                    return
+                self.counters["bytes_in"] += len(message)
+                yield Batch(format=STREAM, sequence=sequence, payload=np.frombuffer(message.buffer, dtype=np.uint8))
+                sequence += 1
 
 
 # ---- files ----------------------------------------------------------------------
@@ -471,12 +578,16 @@ class TraceSource(Stage):
         touched = np.unique(np.concatenate(self._touched)) if self._touched else np.empty(0, np.uint64)
         self._touched = []
         resync = marker.flags & Flag.RESYNC
-        for start in range(0, len(touched), self.batch_pages):
-            numbers = touched[start:start + self.batch_pages]
+        shards = self.context.output_shards     # each batch within one downstream shard: passed on whole
+        groups = [touched] if shards == 1 else [touched[touched % np.uint64(shards) == shard] for shard in range(shards)]
+        batches = [(group, start) for group in groups for start in range(0, len(group), self.batch_pages)]
+        for group, start in batches:
+            numbers = group[start:start + self.batch_pages]
+            data = self.context.allocate((len(numbers), self._image.shape[1]), np.uint8)  # shared memory if offered
+            np.take(self._image, numbers.astype(np.intp), axis=0, out=data)
             yield self._numbered(Batch(format=PAGES, epoch=marker.epoch, flags=resync, page_size=marker.page_size,
                                        stream=marker.stream, page_numbers=numbers,
-                                       kinds=np.full(len(numbers), PageKind.NORMAL, dtype=np.uint8),
-                                       data=self._image[numbers]))
+                                       kinds=np.full(len(numbers), PageKind.NORMAL, dtype=np.uint8), data=data))
         yield self._numbered(marker.with_(format=PAGES, meta={**marker.meta, "pages": len(touched)}))
 
     def _wait_for(self, recorded: float | None) -> None:

@@ -430,7 +430,7 @@ class ReplicaStore:
         except (OSError, ValueError) as exc:        # ValueError: numpy cannot map a file (too short, too big)
             self.close()
             raise ReplicaError(f"replica {self.path}: cannot open ({getattr(exc, 'strerror', None) or exc}"
-                               f"{': ' + str(exc.filename) if isinstance(exc, OSError) and exc.filename else ''})") from None
+                               f"{': ' + str(getattr(exc, 'filename')) if getattr(exc, 'filename', None) else ''})") from None
         except ReplicaError:
             self.close()
             raise
@@ -639,7 +639,7 @@ class ReplicaStore:
         header = json.dumps({"manifest": manifest, "count": int(page_numbers.shape[0]),
                              "encodings": [{"codec": e.codec, "pages": int(e.kinds.shape[0]),
                                             "bytes": int(e.payload.shape[0])} for e in encodings]}).encode()
-        body = [_JOURNAL_HEAD.pack(JOURNAL_MAGIC, len(header)), header,
+        body: list[bytes | np.ndarray] = [_JOURNAL_HEAD.pack(JOURNAL_MAGIC, len(header)), header,
                 np.ascontiguousarray(page_numbers, dtype="<u8"), np.ascontiguousarray(digests, dtype="<u8")]
         for encoding in encodings:
             body += [np.ascontiguousarray(encoding.kinds, dtype=np.uint8),
@@ -647,7 +647,7 @@ class ReplicaStore:
                      np.ascontiguousarray(encoding.payload, dtype=np.uint8)]
         hasher = xxhash.xxh3_64()
         for part in body:
-            hasher.update(part)  # type: ignore[arg-type]  # numpy declares arrays' buffer protocol from Python 3.12 on
+            hasher.update(part if isinstance(part, bytes) else part.data)
         body.append(_JOURNAL_TAIL.pack(hasher.intdigest(), JOURNAL_END))
         try:
             self._journal.write(body)
@@ -686,8 +686,8 @@ class ReplicaStore:
         if old is None or old == new or old.page_size != new.page_size:
             return
         old_pages = old.page_numbers()
-        image, digest_file = self._mapped()
         dropped = old_pages[new.outside(old_pages)]
+        image, digest_file = self._mapped()
         dropped = dropped[dropped < image.shape[0]]
         if not dropped.size:
             return
@@ -788,13 +788,12 @@ def _read_journal(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, l
     data = np.fromfile(path, dtype=np.uint8)
     if data.size < _JOURNAL_HEAD.size + _JOURNAL_TAIL.size:
         raise ReplicaError(f"{path}: journal truncated at {data.size} bytes")
-    buffer = data.data  # memoryview(data), typed (numpy declares arrays' buffer protocol from Python 3.12 on)
-    magic, header_length = _JOURNAL_HEAD.unpack_from(buffer, 0)
-    checksum, end = _JOURNAL_TAIL.unpack_from(buffer, data.size - _JOURNAL_TAIL.size)
+    magic, header_length = _JOURNAL_HEAD.unpack_from(data.data, 0)
+    checksum, end = _JOURNAL_TAIL.unpack_from(data.data, data.size - _JOURNAL_TAIL.size)
     body_end = data.size - _JOURNAL_TAIL.size
     if magic != JOURNAL_MAGIC or end != JOURNAL_END or header_length > MAX_JOURNAL_HEADER:
         raise ReplicaError(f"{path}: journal incomplete (bad magic or end marker)")
-    if xxhash.xxh3_64_intdigest(buffer[:body_end]) != checksum:
+    if xxhash.xxh3_64_intdigest(data[:body_end].data) != checksum:
         raise ReplicaError(f"{path}: journal checksum mismatch")
     offset = _JOURNAL_HEAD.size
     try:
@@ -972,10 +971,12 @@ def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyRe
             return VerifyReport(str(path), store.epoch, 0, [], [
                 f"replica {path}: the commit of epoch {journal[0].get('epoch')} was interrupted; opening the "
                 f"replica for writing (a restarted replica-sink) completes it"])
-        if store.is_empty or store.layout is None:
+        if store.is_empty:
             return VerifyReport(str(path), 0, 0, [], [f"replica {path}: nothing committed yet"])
-        page_numbers = store.layout.page_numbers()
+        if store.layout is None:
+            return VerifyReport(str(path), 0, 0, [], [f"replica {path}: no layout committed"])
         image, digest_file = store._mapped()
+        page_numbers = store.layout.page_numbers()
         bad: list[int] = []
         for start in range(0, page_numbers.size, 4096):
             chunk = page_numbers[start:start + 4096].astype(np.intp)

@@ -184,7 +184,7 @@ class WorkloadSource(Stage):
         self._live_region.request_resync()
 
     def produce(self) -> Iterator[Batch | None]:
-        """Run the workload in a thread that checkpoints it; emit the region tracker's stream (None: waiting)."""
+        """Run the workload in a thread that checkpoints it; emit the region tracker's stream."""
         self._driver = threading.Thread(target=self._drive, name=f"{self.factory_name} driver", daemon=True)
         self._driver.start()
         self._live_region.idle_every = self.idle_every

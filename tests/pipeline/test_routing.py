@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.batch import DELTAS, ENCODED, PAGES, Batch, Flag
 from pipeline.errors import CorruptData
+from pipeline.pipeline import Pipeline
 from pipeline.routing import EpochPageCounter, FanIn, Router, merge_markers, split_by_page
 
 
@@ -98,3 +99,8 @@ def test_page_counter_stamps_each_epoch_end_with_the_pages_emitted_in_that_epoch
     assert stamped.meta == {"pages": 4, "digest": "d"}
     assert original.meta["pages"] == 99  # the incoming marker is not modified
     assert counter.stamp(epoch_end(1)).meta["pages"] == 0
+
+
+def test_the_plan_tells_a_node_how_its_next_stage_shards_pages():
+    plan = Pipeline.parse("test-src ! xor-delta workers=3 ! rle ! zstd workers=2 ! frame ! null-sink").plan()
+    assert [plan.output_shards(index) for index in range(len(plan.nodes))] == [3, 1, 1, 1, 1]  # xor-delta+rle fused

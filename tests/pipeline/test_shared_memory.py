@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.errors import CorruptData
 from pipeline.pipeline import Pipeline
-from pipeline.shm import LARGE_FRAME, TAG, ReceiveRing, RingMaps, SendRing, forward_reference, is_reference
+from pipeline.shm import (LARGE_FRAME, TAG, Arena, ReceiveRing, RingMaps, SendRing, arena_name, forward_reference,
+                          is_reference)
 from stages_for_tests import read_record
 
 LARGE = 2 * LARGE_FRAME
@@ -22,8 +23,9 @@ def test_packed_frames_come_back_identical_and_read_only(tmp_path):
     receiver = ReceiveRing(str(tmp_path / "ring"), released.append)
     original = message(7)
     packed = sender.pack(original)
-    assert is_reference(packed[0]) and packed[2] == b"" and len(packed) == 4
+    assert len(packed) == 1 and is_reference(packed[0]) and len(packed[0]) < 200  # one small reference frame
     frames = receiver.unpack(packed)
+    assert len(frames) == 3
     assert bytes(frames[0]) == original[0] and bytes(frames[1]) == bytes(original[1])
     assert bytes(frames[2]) == bytes(original[2])  # small frames travel in the message itself
     view = np.frombuffer(frames[1], dtype=np.uint8)
@@ -59,7 +61,18 @@ def test_malformed_references_are_corrupt_data(tmp_path, reference):
     SendRing(str(tmp_path / "ring"), 4096)
     receiver = ReceiveRing(str(tmp_path / "ring"), lambda offset: None)
     with pytest.raises(CorruptData, match="shared-memory reference"):
-        receiver.unpack([reference, b"{}"])
+        receiver.unpack([reference])
+
+
+def test_inline_frames_of_a_reference_are_bounds_checked(tmp_path):
+    sender = SendRing(str(tmp_path / "ring"), 8 * LARGE)
+    receiver = ReceiveRing(str(tmp_path / "ring"), lambda offset: None)
+    (packed,) = sender.pack(message(3))
+    for broken in (packed[:-5], packed + b"\x00" * 8, packed[:len(packed) - 40] + b"\xff" * 40):
+        with pytest.raises(CorruptData, match="shared-memory reference"):
+            receiver.unpack([broken])
+    with pytest.raises(CorruptData, match="a reference is one"):
+        receiver.unpack([packed, b"extra"])
 
 
 BIG_BATCHES = "test-src epochs=3 pages=600 batch-pages=128 pattern=random"
@@ -107,7 +120,7 @@ def test_views_of_a_ring_are_forwarded_without_copy_and_the_slot_waits_for_the_l
     located = maps.locate(outgoing)
     assert located == [(1, "r0.0.0.0", 0, LARGE)]
     forwarded = forward_reference(outgoing, located, token=7)
-    assert is_reference(forwarded[0]) and len(forwarded[0]) < 100  # a reference, not the data
+    assert len(forwarded) == 1 and is_reference(forwarded[0]) and len(forwarded[0]) < 200  # a reference, not the data
     held = {7: outgoing}                                # the forwarding worker holds its views ...
     del frames, outgoing
     tokens = []
@@ -138,8 +151,8 @@ def test_malformed_forward_references_are_corrupt_data(tmp_path, name, offset, m
     reference = forward_reference([b"{}", b""], [(1, name, offset, LARGE)], token=1)
     with pytest.raises(CorruptData, match=message_part):
         receiver.unpack(reference)
-    with pytest.raises(CorruptData, match="forward"):
-        receiver.unpack([reference[0][:-3], b"{}", b""])
+    with pytest.raises(CorruptData, match="shared-memory reference"):
+        receiver.unpack([reference[0][:-3]])
 
 
 def test_a_hoarder_behind_pass_through_stages_holds_forwarded_slots_without_deadlock(tmp_path):
@@ -148,3 +161,41 @@ def test_a_hoarder_behind_pass_through_stages_holds_forwarded_slots_without_dead
     Pipeline.parse(f"{chain} path={inline}").run(mode="inline")
     Pipeline.parse(f"{chain} path={process}").run(mode="process", max_inflight="2MiB", timeout=60)
     assert read_record(inline)["pages"] == read_record(process)["pages"]
+
+
+def test_arena_arrays_are_forwarded_by_reference_and_freed_when_the_last_view_goes(tmp_path):
+    maps = RingMaps()
+    arena = Arena(str(tmp_path), 0, 0, maps, chunk_bytes=4 * LARGE, limit_bytes=8 * LARGE)
+    pages = arena.allocate((LARGE // 4096, 4096), np.uint8)
+    pages[...] = 9                                      # the source writes its pages once, into shared memory
+    outgoing = [b"header", memoryview(pages).cast("B")]
+    located = maps.locate(outgoing)
+    assert located == [(1, arena_name(0, 0, 0), 0, LARGE)]
+    tokens = []
+    receiver = ReceiveRing(str(tmp_path / "r0.0.0.0"), lambda offset: None, RingMaps(), tokens.append)
+    received = receiver.unpack(forward_reference(outgoing, located, token=3))
+    assert bytes(received[0]) == b"header" and bytes(received[1]) == bytes([9]) * LARGE
+    del received
+    assert tokens == [3] and arena.used == LARGE        # the sender still holds its views
+    del pages, outgoing
+    assert arena.used == 0
+
+
+def test_arena_grows_by_chunks_up_to_its_limit_then_says_no(tmp_path):
+    arena = Arena(str(tmp_path), 1, 2, RingMaps(), chunk_bytes=2 * LARGE, limit_bytes=4 * LARGE)
+    held = [arena.allocate((LARGE,), np.uint8) for _ in range(4)]
+    assert all(array is not None for array in held) and len(arena.rings) == 2
+    assert arena.allocate((LARGE,), np.uint8) is None  # the limit: the caller uses private memory
+    del held[0]                                        # a ring frees in order: the oldest slot first
+    assert arena.allocate((LARGE,), np.uint8) is not None
+    assert arena.allocate((0,), np.uint8) is None
+
+
+def test_sources_writing_into_shared_memory_give_the_inline_result_through_process_hops(tmp_path):
+    results = []
+    for mode in ("inline", "process"):
+        path = tmp_path / f"{mode}.json"
+        Pipeline.parse(f"test-src epochs=4 pages=700 batch-pages=100 pattern=counter ! identity ! identity workers=2 "
+                       f"! hoarder path={path}").run(mode=mode, max_inflight="1MiB", timeout=60)
+        results.append(read_record(path))
+    assert results[0]["pages"] == results[1]["pages"] and len(results[0]["pages"]) == 2800

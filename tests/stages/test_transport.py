@@ -14,7 +14,7 @@ import zmq
 
 from stages.bench.realmemory import find_corpus
 from pipeline.batch import PAGES, STREAM, Batch, Flag, PageKind
-from pipeline.errors import ConfigError, CorruptData, TransportError
+from pipeline.errors import ConfigError, CorruptData, StageFailed, TransportError
 from pipeline.pipeline import Pipeline
 from pipeline.stage import StageContext
 from stages.framer import Frame, deframe_stream
@@ -190,10 +190,11 @@ def receive_until(source: ZmqSource, deframe, epoch: int) -> list[Batch]:
     return got
 
 
-def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_path):
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_path, channels):
     from stages.framer import Deframe
     endpoint = f"ipc://{tmp_path}/restart.ipc"
-    frame, sink = started(Frame()), started(ZmqSink(endpoint=endpoint, timeout="10s"))
+    frame, sink = started(Frame()), started(ZmqSink(endpoint=endpoint, timeout="10s", channels=channels))
     layout = Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])
 
     def send_epoch(epoch: int, flags: Flag = Flag.NONE) -> None:
@@ -202,14 +203,15 @@ def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_pat
                       data=np.full((4, PAGE), epoch, np.uint8))
         feed(sink, feed(frame, [pages, Batch.control(Flag.EPOCH_END | flags, epoch, pages=4)]))
 
-    first, first_deframe = started(ZmqSource(endpoint=endpoint, timeout="10s")), started(Deframe())
+    first, first_deframe = started(ZmqSource(endpoint=endpoint, timeout="10s", channels=channels)), started(Deframe())
     try:
         feed(sink, feed(frame, [layout]))
         send_epoch(1)
         assert [b.epoch for b in receive_until(first, first_deframe, 1) if b.flags & Flag.EPOCH_END] == [1]
     finally:
         first.stop()
-    second, second_deframe = started(ZmqSource(endpoint=endpoint, timeout="10s")), started(Deframe(resume=True))
+    second = started(ZmqSource(endpoint=endpoint, timeout="10s", channels=channels))
+    second_deframe = started(Deframe(resume=True))
     try:
         send_epoch(2)       # lost with the old connection, or skipped by the new receiver: no header, no layout
         send_epoch(3, Flag.RESYNC)                      # a new segment: header, layout, whole pages
@@ -395,6 +397,19 @@ def test_trace_src_preloaded_emits_the_same_stream_as_decoding_on_the_fly():
     assert [b.page_numbers.tolist() for b in paced] == [b.page_numbers.tolist() for b in on_the_fly]
 
 
+def test_trace_src_groups_pages_by_the_next_stages_shard_and_emits_the_same_epochs():
+    source = TraceSource(path=str(FIXTURE), batch_pages=5)
+    source.start(StageContext("trace-src", output_shards=3))
+    sharded = list(source.produce())
+    assert all(len({int(n) % 3 for n in b.page_numbers}) == 1 for b in sharded if not b.is_control)
+    plain, grouped = epochs_of(replay(FIXTURE, batch_pages=5)), epochs_of(sharded)
+    assert sorted(plain) == sorted(grouped)
+    for epoch, (numbers, data, meta) in plain.items():
+        order, again = np.argsort(numbers), np.argsort(grouped[epoch][0])
+        assert np.array_equal(numbers[order], grouped[epoch][0][again])
+        assert np.array_equal(data[order], grouped[epoch][1][again]) and grouped[epoch][2] == meta
+
+
 def test_trace_src_preload_decodes_the_whole_trace_before_its_first_batch(tmp_path):
     damaged = bytearray(FIXTURE.read_bytes())
     damaged[-40] ^= 0xFF                                    # in the last records
@@ -578,3 +593,44 @@ def test_zmq_src_rides_out_gaps_shorter_than_failover_after(failover_source):
     source, push = failover_source
     seen = [item for item in watch(source, 1.2, push, every=0.1) if item is not None]
     assert len(seen) >= 5 and {name for name, _ in seen} == {"data"}
+
+
+# ---- several channels ------------------------------------------------------------------
+
+def test_a_stream_spread_over_three_channels_with_keys_arrives_byte_for_byte(tmp_path, curve_keys):
+    out, keys = tmp_path / "received", curve_keys
+    endpoints = ",".join(free_tcp_endpoint() for _ in range(3))
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoints} channels=3 timeout=20s secret-key={keys.server_secret} "
+                              f"authorized-keys={keys.allowed} ! deframe ! frame ! file-sink path={out}")
+    sender = Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=8192 ! zmq-sink endpoint={endpoints} channels=3 "
+                            f"secret-key={keys.client_secret} server-key={keys.server_public}")
+    with receiver.start(mode="process") as handle:
+        sender.run(mode="process", timeout=60)
+        result = handle.wait(timeout=60)
+    assert out.read_bytes() == FIXTURE_V2.read_bytes()
+    counters = result.statistics[("zmq-src0", 0)]["counters"]
+    assert counters["messages"] > 3 and counters["peers_admitted"] == 3   # one authenticated connection per channel
+
+
+def test_a_replica_fed_over_channels_holds_every_checkpoint_exactly(tmp_path):
+    from stages.bench.channels import replica_state
+    endpoint = f"ipc://{tmp_path}/stream"
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} channels=4 timeout=20s ! deframe resume=true ! decode "
+                              f"! replica-sink path={tmp_path / 'replica'} fsync=false")
+    sender = Pipeline.parse("test-src epochs=6 pages=300 batch-pages=32 pattern=random resync=true ! classify "
+                            f"! xor-delta ! rle ! zstd ! frame ! zmq-sink endpoint={endpoint} channels=4")
+    with receiver.start(mode="process") as handle:
+        sender.run(mode="process", timeout=60)
+        result = handle.wait(timeout=60)
+    assert result.statistics[("replica-sink0", 0)]["counters"]["epochs_committed"] == 6
+    assert replica_state(tmp_path / "replica", 300) == (5, True)
+
+
+def test_a_single_channel_sender_into_a_channel_receiver_is_corrupt_data(tmp_path):
+    endpoint = f"ipc://{tmp_path}/stream"
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} channels=2 timeout=20s ! null-sink")
+    sender = Pipeline.parse(f"file-src path={FIXTURE} ! zmq-sink endpoint={endpoint}")
+    with receiver.start(mode="process") as handle:
+        sender.run(mode="process", timeout=60)
+        with pytest.raises(StageFailed, match=r"channel 0: message of 1 parts, expected an envelope .*channels=2\?"):
+            handle.wait(timeout=60)

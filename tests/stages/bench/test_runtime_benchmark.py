@@ -3,8 +3,8 @@ import json
 
 from stages.bench import runtime
 
-FIGURES = ("pyzmq_gbps", "chain3_gbps", "chain1_gbps", "chain3_of_pyzmq", "overhead_cpu_us",
-           "overhead_wall_us", "zstd_w1_mbps", "zstd_w2_mbps", "scaling")
+FIGURES = ("pyzmq_gbps", "chain0_gbps", "chain3_gbps", "chain1_gbps", "chain3_of_pyzmq", "overhead_cpu_us",
+           "overhead_wall_us", "zstd_w1_mbps", "zstd_w2_mbps", "scaling", "scaling_cpu_ratio", "pass_through_cpu_us")
 
 
 def test_runtime_benchmark_reports_every_figure_and_target(tmp_path, capsys):
@@ -15,5 +15,10 @@ def test_runtime_benchmark_reports_every_figure_and_target(tmp_path, capsys):
     assert set(FIGURES) <= set(figures)
     assert all(figures[name] > 0 for name in FIGURES)
     printed = capsys.readouterr().out
-    for target in ("identity x3 chain", "runtime CPU per batch per stage", "zstd-3 workers=2 vs 1"):
-        assert target in printed
+    for _, label, *_ in runtime.TARGETS:
+        assert label in printed
+    assert figures["chain3_processes"] == 5 and figures["zstd_w2_processes"] == 4
+    for key in ("hop_cpu_per_gb", "chain3_cpu_per_gb", "zstd_w1_cpu_per_gb", "zstd_w2_cpu_per_gb"):
+        assert "supervisor" in figures[key] and all(value >= 0 for value in figures[key].values())
+    assert set(figures["chain3_cpu_per_gb"]) == {"test-src0", "identity0", "identity1", "identity2", "rate-sink0",
+                                                 "supervisor"}

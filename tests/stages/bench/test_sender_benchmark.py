@@ -39,12 +39,15 @@ def test_sender_benchmark_reports_both_modes_and_the_targets_for_the_default_con
     assert code in (0, 1)                                          # 1 = a speed target missed: not judged here
     expected_bytes = (BASE_PAGES + 2 * EPOCHS * CHANGED) * PAGE    # the whole memory, then the epochs twice
     runtime = {(r["chain"], r["config"], r["mode"]): r for r in figures["runtime"]}
-    assert set(runtime) == {(chain, "default", mode) for chain in (SENDER_CHAIN, "baseline: one hop", "baseline: source")
+    assert set(runtime) == {(chain, "default", mode) for chain in (SENDER_CHAIN, "baseline: two hops", "baseline: one hop")
                             for mode in ("inline", "process")}
     for result in runtime.values():
         assert result["dirty_bytes"] == expected_bytes
         assert result["window_seconds"] > 0 and result["wall_seconds"] >= result["window_seconds"]
         assert result["gbps"] == expected_bytes / result["window_seconds"] / 1e9
+        if result["mode"] == "process":
+            assert result["cpu_per_gb"] and all(value >= 0 for value in result["cpu_per_gb"].values())
+    assert figures["one_hop"]["met"] == (runtime[("baseline: one hop", "default", "process")]["gbps"] >= 6.0)
     assert figures["best_config"] == "default" and set(figures["targets"]) == {"default"}
     targets = figures["targets"]["default"]
     assert set(targets) == {"config", "throughput", "process_share_of_inline"}

@@ -1,0 +1,36 @@
+"""The scaling benchmark runs end to end on a tiny synthetic trace and reports every figure (never judged on speed)."""
+import json
+
+import numpy as np
+
+from stages.bench import scaling
+
+
+def test_scaling_benchmark_reports_speedup_efficiency_and_cpu_per_stage(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    assert scaling.main(["--workers", "2", "--pages", "1024", "--rounds", "1", "--quick", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    results = figures["results"]
+    assert [r["workers"] for r in results] == [1, 2]          # workers=1 is always run: the baseline
+    assert results[0]["speedup"] == 1.0 and results[1]["efficiency"] == results[1]["speedup"] / 2
+    assert results[0]["dirty_bytes"] == results[1]["dirty_bytes"] > 0
+    assert results[1]["processes"] > results[0]["processes"]
+    for result in results:
+        assert "supervisors" in result["cpu_per_gb"] and any(name.startswith("zstd") for name in result["cpu_per_gb"])
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_synthetic_trace_epochs_change_exactly_the_pages_they_name():
+    trace = scaling.synthetic_trace(pages=64, epochs=3, dirty=8)
+    current = trace.base.copy()
+    assert 0.2 < np.count_nonzero(current.view(np.uint64)) / current.view(np.uint64).size < 0.4  # heap-like
+    for numbers, data in trace.epochs:
+        rows = numbers.astype(np.intp)
+        assert len(rows) == 8 and (data != current[rows]).any(axis=1).all()
+        current[rows] = data
+
+
+def test_worker_counts_double_up_to_the_cores():
+    assert scaling.worker_counts(16) == [1, 2, 4, 8, 16]
+    assert scaling.worker_counts(6) == [1, 2, 4, 6]
+    assert scaling.worker_counts(1) == [1]
