@@ -351,7 +351,7 @@ class Deframe(Stage):
             raise wire.corrupt("a new stream segment starts inside an epoch (torn epoch)", **where)
         if self._ended:
             raise wire.corrupt("a new stream segment after the end-of-stream record", **where)
-        self._check_chain(header.chain, None, self._reader.segment_offset)
+        self._check_chain(header.chain, None, where["offset"])
         if header.version == 1 or header.stream_id != self._identity:
             self._new_stream(header, where)
         elif header.segment <= self._segment:
