@@ -1,4 +1,4 @@
-"""Batch kernels over whole pages (compiled; see pages.pyx). Call them through ``stages.pages``."""
+"""Batch kernels over whole pages (compiled; see pages.pyx). Call them through ``stages.common.pages``."""
 import numpy as np
 
 def find_zero_pages(pages: np.ndarray, out: np.ndarray) -> None:

@@ -182,8 +182,8 @@ class PipelineHandle:
 
     def _run_here(self, timeout: float | None) -> RunResult:
         self._execution.launch()
-        if timeout is not None:
-            timer = threading.Timer(timeout, self._stop.set)
+        timer = threading.Timer(timeout, self._stop.set) if timeout is not None else None
+        if timer is not None:
             timer.daemon = True
             timer.start()
         try:
@@ -191,7 +191,7 @@ class PipelineHandle:
         finally:
             self._execution.shutdown()
             self._messages.put(None)
-        if timeout is not None:
+        if timer is not None:
             timer.cancel()
             if self._stop.is_set():
                 raise TimeoutError(f"pipeline still running after {timeout} s; stopped")

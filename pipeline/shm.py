@@ -184,7 +184,9 @@ class Arena:
             return None
         self.rings.append(ring)
         self.maps.add(name, ring.mapping)
-        return self._array(len(self.rings) - 1, ring._allocate(size), nbytes, shape, dtype)
+        offset = ring._allocate(size)
+        assert offset is not None  # a new ring of at least ``size`` bytes has room for it
+        return self._array(len(self.rings) - 1, offset, nbytes, shape, dtype)
 
     def _array(self, chunk: int, offset: int, nbytes: int, shape, dtype) -> np.ndarray:
         slot = np.frombuffer(self.rings[chunk].mapping, dtype=np.uint8, count=nbytes, offset=offset)

@@ -141,7 +141,8 @@ class _ZmqStage(CurveProperties, Stage):
         links = getattr(self, "_links", None)
         if links:
             self._post_refusals()
-            self._links, self._sockets, self._socket = [], [], None
+            self._links, self._sockets = [], []
+            self.__dict__.pop("_socket", None)   # closed below with its link
             for link in links:
                 self._close_link(*link)
 

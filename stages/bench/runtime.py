@@ -297,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         rounds = [(raw_pyzmq_rate(total), chain_run(0, total), chain_run(1, total), chain_run(3, total))
                   for _ in range(args.repeat)]
         figures["pyzmq_gbps"] = statistics.median(raw for raw, *_ in rounds) / GB
-        for hops, column in ((0, 1), (1, 2), (3, 3)):
-            figures[f"chain{hops}_gbps"] = statistics.median(r[column].rate for r in rounds) / GB
+        chains = [r[1:] for r in rounds]
+        for hops, column in ((0, 0), (1, 1), (3, 2)):
+            figures[f"chain{hops}_gbps"] = statistics.median(c[column].rate for c in chains) / GB
         figures["chain3_of_pyzmq"] = statistics.median(r[3].rate / r[0] for r in rounds)
         # what one more pass-through stage adds per batch: the wall time per batch of 3 against 1, halved
         figures["pass_through_us"] = statistics.median((MiB / r[3].rate - MiB / r[2].rate) / 2 for r in rounds) * 1e6

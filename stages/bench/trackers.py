@@ -398,9 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     """Measure and print the pause figures; 0 if every target is met, 1 if not, 2 on bad arguments."""
     try:
         args = _parser().parse_args(argv)
-        sizes = sorted({int(part) for part in args.sizes.split(",") if part})
     except SystemExit as exc:
         return int(exc.code or 0)
+    try:
+        sizes = sorted({int(part) for part in args.sizes.split(",") if part})
     except ValueError:
         print(f"error: --sizes {args.sizes!r}: MiB separated by commas", file=sys.stderr)
         return 2
