@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 from importlib.metadata import entry_points
-from typing import Sequence
+from typing import Callable, NoReturn, Sequence
 
 from rich.console import Console
 
@@ -319,7 +319,7 @@ def _unavailable(reason: str) -> Subcommand:
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line naming the argument at fault (exit 2), pointing at --help."""
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_CONFIG, f"{self.prog}: {message} ({self.prog} --help shows the usage)\n")
 
 

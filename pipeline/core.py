@@ -20,7 +20,11 @@ from .stage import Stage, StageContext
 
 IDLE_EVERY = 0.02
 """Seconds a waiting source goes without yielding (see ``Stage.idle_every``): bounds how late a timer runs inline."""
-_DONE = object()
+class _Done:
+    """What ``_next`` returns once a stage's iterator is exhausted."""
+
+
+_DONE = _Done()
 
 
 class WorkerCore:
@@ -94,7 +98,7 @@ class WorkerCore:
         ended = False
         while True:
             batch = self._next(outputs)
-            if batch is _DONE:
+            if isinstance(batch, _Done):
                 break
             if batch is None:   # the source is waiting: a chance for timers and stop requests
                 yield
@@ -126,10 +130,10 @@ class WorkerCore:
         return max(0.0, self._next_tick - time.monotonic())
 
     def _drive(self, outputs: Iterator[Batch]) -> None:
-        while (batch := self._next(outputs)) is not _DONE:
+        while not isinstance(batch := self._next(outputs), _Done):
             self._emit(batch)
 
-    def _next(self, outputs: Iterator[Batch]) -> Batch | None | object:
+    def _next(self, outputs: Iterator[Batch | None]) -> Batch | None | _Done:
         began = time.perf_counter()
         try:
             return next(outputs)
@@ -138,7 +142,7 @@ class WorkerCore:
         finally:
             self.stats.busy_seconds += time.perf_counter() - began
 
-    def _emit(self, batch: Batch) -> None:
+    def _emit(self, batch: Batch | None) -> None:
         if not isinstance(batch, Batch):
             raise ConfigError(f"{self.context.stage_name}: emitted {type(batch).__name__}, not a pipeline Batch")
         if self.page_counter is not None:

@@ -102,9 +102,10 @@ def parse_description(text: str) -> Description:
                 raise ParseError(f"expected a stage name, found {token.text!r}", text, token.position)
             after = items[-1] if items and pending_link is None else None
             if isinstance(after, ElementWords) and after.properties and token.text not in registry.factories():
-                key, value = after.properties[-1]
-                raise ParseError(f"{token.text!r} follows {key.text}={value.text} without '!' and is no stage: "
-                                 f"a value with a space needs quotes ({key.text}=\"{value.text} {token.text}\"), "
+                last_key, last_value = after.properties[-1]
+                raise ParseError(f"{token.text!r} follows {last_key.text}={last_value.text} without '!' and is no "
+                                 f"stage: a value with a space needs quotes "
+                                 f"({last_key.text}=\"{last_value.text} {token.text}\"), "
                                  f"a new element follows '!'", text, token.position)
             item = ElementWords(token)
         items.append(item)

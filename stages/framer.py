@@ -536,7 +536,7 @@ class Deframe(Stage):
         self._epoch_entries += int(page_numbers.size)
         self._epoch_checksums.append(record.checksum)
 
-    def _check_chain(self, chain: str, record: Record | None, header_offset: int = 0) -> None:
+    def _check_chain(self, chain: str, record: Record | None, header_offset: int | None = 0) -> None:
         """Refuse a codec chain this receiver cannot decode."""
         if not chain or chain in self._known_chains:
             return

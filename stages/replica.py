@@ -538,7 +538,8 @@ class ReplicaSink(CurveProperties, Stage):
         self.counters["pages_applied"] += page_numbers.shape[0]
         self.counters["bytes_applied"] += pending.page_bytes
         self.counters["last_epoch"] = epoch
-        record = {"applied_bytes": pending.page_bytes, "resync": int(bool(marker.flags & Flag.RESYNC))}
+        record: dict[str, float] = {"applied_bytes": pending.page_bytes,
+                                    "resync": int(bool(marker.flags & Flag.RESYNC))}
         when = marker.meta.get("time")
         if isinstance(when, (int, float)) and not isinstance(when, bool):
             record["commit_latency_seconds"] = max(0.0, time.time() - when)

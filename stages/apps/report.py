@@ -97,8 +97,8 @@ def _grouped_bars(axes, runs: list[tuple[str, dict[str, float]]], title: str, un
     for index, (label, values) in enumerate(runs):
         axes.barh([position + index * width for position in range(len(names))],
                   [values.get(name, 0.0) for name in names], height=width, label=label)
-    values = sorted(value for _, found in runs for value in found.values() if value > 0)
-    if values and values[-1] > 50 * values[len(values) // 2]:   # one big bar would flatten the others
+    sizes = sorted(value for _, found in runs for value in found.values() if value > 0)
+    if sizes and sizes[-1] > 50 * sizes[len(sizes) // 2]:   # one big bar would flatten the others
         axes.set_xscale("log")
         unit += " (log scale)"
     axes.set_yticks([position + width * (len(runs) - 1) / 2 for position in range(len(names))])

@@ -61,7 +61,8 @@ def _burn() -> None:
         pass
 
 
-def watch(seconds: float, rate: float, size: int, kill_after: float | None) -> tuple[list, float | None]:
+def watch(seconds: float, rate: float, size: int,
+          kill_after: float | None) -> tuple[list, tuple[float, float] | None]:
     """Run a primary and a receiver for ``seconds`` (or kill the primary after ``kill_after`` and wait for the
     failover): the failover messages seen (with the wall time each arrived), and the kill's detection time
     after the primary's last message."""

@@ -138,7 +138,7 @@ class ZstdPages(Stage):
         self._compressor = zstandard.ZstdCompressor(level=self.level)
 
     def process(self, batch: Batch) -> Iterable[Batch]:
-        pages = memoryview(page_data(batch, self.factory_name)).cast("B")
+        pages = page_data(batch, self.factory_name).data.cast("B")
         payload = np.frombuffer(self._compressor.compress(pages), dtype=np.uint8)
         offsets = np.full(batch.npages + 1, payload.shape[0], dtype=np.uint64)
         offsets[0] = 0  # the whole frame is filed under the first page
@@ -216,7 +216,7 @@ def _push_frames(endpoint: str, count: int, size: int) -> None:
         push.linger = -1
         push.connect(endpoint)
         for _ in range(count):
-            push.send(frame, copy=False)
+            push.send(frame.data, copy=False)
 
 
 def raw_pyzmq_rate(total_bytes: int, size: int = MiB) -> float:

@@ -12,7 +12,9 @@ MiB and 1 GiB), with ``--dirty`` (1%) of the pages written between checkpoints:
   compared); the largest size in uffd mode runs ``--long-checkpoints`` (1000)
   steady-state checkpoints (the first, full one and those right after it
   that catch up with what the child wrote while the full one was handed on,
-  more than twice the pages written per interval, are reported apart);
+  more than twice the pages written per interval, are reported apart, the
+  first with its arming stop and the pages its pause read: it is copied while
+  the child runs);
 - process-src uffd on the smallest child writing as many pages per
   checkpoint as the largest one: the pause should follow the dirty pages, not
   the size (the ratio of the two medians).
@@ -183,6 +185,7 @@ def process_pauses(child_bytes: int, checkpoints: int, interval: float, mode: st
         warm: list[float] = []
         baseline = MemoryCopy(dirty * PAGE_SIZE)
         tracked = 0
+        first: dict = {}
         try:
             for batch in source.produce():
                 if batch.flags & Flag.LAYOUT:
@@ -191,6 +194,8 @@ def process_pauses(child_bytes: int, checkpoints: int, interval: float, mode: st
                     continue
                 elif batch.epoch == 1 or (len(warm) <= warmup and not pauses and batch.meta["pages"] > 2 * dirty):
                     warm.append(batch.meta["pause_ms"])
+                    if batch.epoch == 1:
+                        first = dict(source.counters)
                 elif len(pauses) < checkpoints:
                     pauses.append(batch.meta["pause_ms"] / 1e3)
                     baseline.measure()
@@ -200,8 +205,11 @@ def process_pauses(child_bytes: int, checkpoints: int, interval: float, mode: st
             source.stop()
         if warmup:
             catching_up = f"longest {max(warm[1:]):.1f} ms" if len(warm) > 1 else "none"
-            print(f"  (process-src {mode}, {child_bytes / MiB:.0f} MiB: first, full checkpoint {warm[0]:.0f} ms; "
-                  f"{len(warm) - 1} catching-up checkpoints after it, not counted: {catching_up})")
+            live = (f" (copied live: arming stop {first['arming_pause_ms']:.0f} ms, then the pause read "
+                    f"{first['pause_read_pages']} of the {first['checkpoint_pages']} pages it sent)"
+                    if "arming_pause_ms" in first else "")
+            print(f"  (process-src {mode}, {child_bytes / MiB:.0f} MiB: first, full checkpoint {warm[0]:.1f} ms"
+                  f"{live}; {len(warm) - 1} catching-up checkpoints after it, not counted: {catching_up})")
         return pauses, baseline.seconds, tracked
     finally:
         child.kill()

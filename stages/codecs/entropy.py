@@ -23,7 +23,7 @@ def _as_bytes_view(data: np.ndarray, name: str) -> memoryview:
     array = np.ascontiguousarray(data)
     if array.dtype != np.uint8 or array.ndim != 1:
         raise TypeError(f"{name}: expected a 1-D uint8 array, got {array.dtype} {array.shape}")
-    return memoryview(array)
+    return array.data
 
 
 def _check_raw_size(raw_size: int, name: str) -> int:

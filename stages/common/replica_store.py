@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import xxhash
@@ -349,15 +349,18 @@ class _ManifestFile:
 
     def _exchanged(self, data: bytes, sync: bool) -> bool:
         """Write ``data`` into the spare file and swap it in; False (nothing replaced) if that cannot be done."""
+        spare = self._spare
+        if spare is None:
+            return False
         try:
-            if os.fstat(self._spare).st_ino != os.stat(self.temporary).st_ino:
+            if os.fstat(spare).st_ino != os.stat(self.temporary).st_ino:
                 return False   # replaced or deleted behind our back: not our file any more
         except FileNotFoundError:
             return False
-        os.pwrite(self._spare, data, 0)
-        os.ftruncate(self._spare, len(data))
+        os.pwrite(spare, data, 0)
+        os.ftruncate(spare, len(data))
         if sync:
-            os.fsync(self._spare)
+            os.fsync(spare)
         if _RENAMEAT2(_AT_FDCWD, bytes(self.temporary), _AT_FDCWD, bytes(self.path), _RENAME_EXCHANGE) != 0:
             error = ctypes.get_errno()
             if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -427,7 +430,7 @@ class ReplicaStore:
         except (OSError, ValueError) as exc:        # ValueError: numpy cannot map a file (too short, too big)
             self.close()
             raise ReplicaError(f"replica {self.path}: cannot open ({getattr(exc, 'strerror', None) or exc}"
-                               f"{': ' + str(exc.filename) if getattr(exc, 'filename', None) else ''})") from None
+                               f"{': ' + str(getattr(exc, 'filename')) if getattr(exc, 'filename', None) else ''})") from None
         except ReplicaError:
             self.close()
             raise
@@ -502,7 +505,7 @@ class ReplicaStore:
 
     def _commit(self, epoch: int, layout: Layout, page_numbers: np.ndarray, encodings: Sequence[Encoded],
                 digests: np.ndarray, epoch_digest: int, extra: dict[str, Any]) -> None:
-        if self.is_empty or layout.page_size != self.layout.page_size:
+        if self.is_empty or self.layout is None or layout.page_size != self.layout.page_size:
             self._discard_image()   # leftovers of an interrupted first commit, or another page size
         self._ensure_files(layout)
         manifest = {
@@ -525,10 +528,10 @@ class ReplicaStore:
         rows = page_numbers.astype(np.intp)
         if layout == self.layout and "image_digest" in self.manifest:
             previous = int(str(self.manifest["image_digest"]), 16)
-            removed = combine_digests(page_numbers, self._digests.view(np.ndarray)[rows])
+            removed = combine_digests(page_numbers, self._mapped()[1].view(np.ndarray)[rows])
             return (previous - removed + epoch_digest) & _MASK64
         layout_pages = layout.page_numbers()
-        new_digests = np.array(self._digests[layout_pages.astype(np.intp)])
+        new_digests = np.array(self._mapped()[1][layout_pages.astype(np.intp)])
         new_digests[np.searchsorted(layout_pages, page_numbers)] = digests
         return combine_digests(layout_pages, new_digests)
 
@@ -536,9 +539,10 @@ class ReplicaStore:
         """Finish a commit left unsettled (``settle_later``): flush image, digests and manifest, empty the journal."""
         if not self.unsettled:
             return
+        image, digest_file = self._mapped()
         try:
-            self._image.flush()
-            self._digests.flush()
+            image.flush()
+            digest_file.flush()
             self._manifest_file.sync()
             self._journal.clear()
         except OSError as exc:
@@ -550,7 +554,7 @@ class ReplicaStore:
         manifest and the directory reach the disk."""
         self.settle()
         try:
-            if self._image is not None:
+            if self._image is not None and self._digests is not None:
                 self._image.flush()
                 self._digests.flush()
             for name in (IMAGE, DIGESTS, MANIFEST):
@@ -617,9 +621,15 @@ class ReplicaStore:
         except (OSError, ValueError) as exc:
             raise ReplicaError(f"replica {self.path}: cannot map the image ({getattr(exc, 'strerror', None) or exc})") from None
 
+    def _mapped(self) -> tuple[np.memmap, np.memmap]:
+        """The image and digest files, mapped (``_ensure_files`` or opening an existing replica maps them)."""
+        if self._image is None or self._digests is None:
+            raise ReplicaError(f"replica {self.path}: its files are not mapped")
+        return self._image, self._digests
+
     def _map(self, page_size: int) -> None:
         image_size = os.path.getsize(self.path / IMAGE)
-        mode = "r+" if self.writable else "r"
+        mode: Literal["r+", "r"] = "r+" if self.writable else "r"
         self._image = np.memmap(self.path / IMAGE, dtype=np.uint8, mode=mode,
                                 shape=(image_size // page_size, page_size))
         self._digests = np.memmap(self.path / DIGESTS, dtype="<u8", mode=mode)
@@ -629,7 +639,7 @@ class ReplicaStore:
         header = json.dumps({"manifest": manifest, "count": int(page_numbers.shape[0]),
                              "encodings": [{"codec": e.codec, "pages": int(e.kinds.shape[0]),
                                             "bytes": int(e.payload.shape[0])} for e in encodings]}).encode()
-        body = [_JOURNAL_HEAD.pack(JOURNAL_MAGIC, len(header)), header,
+        body: list[bytes | np.ndarray] = [_JOURNAL_HEAD.pack(JOURNAL_MAGIC, len(header)), header,
                 np.ascontiguousarray(page_numbers, dtype="<u8"), np.ascontiguousarray(digests, dtype="<u8")]
         for encoding in encodings:
             body += [np.ascontiguousarray(encoding.kinds, dtype=np.uint8),
@@ -637,7 +647,7 @@ class ReplicaStore:
                      np.ascontiguousarray(encoding.payload, dtype=np.uint8)]
         hasher = xxhash.xxh3_64()
         for part in body:
-            hasher.update(part)
+            hasher.update(part if isinstance(part, bytes) else part.data)
         body.append(_JOURNAL_TAIL.pack(hasher.intdigest(), JOURNAL_END))
         try:
             self._journal.write(body)
@@ -650,15 +660,16 @@ class ReplicaStore:
         """Apply encodings onto the image, write digests and manifest; drop the journal."""
         rows = page_numbers.astype(np.intp)
         later = self.fsync and self.settle_later and journaled   # the durable journal is the commit point
+        image, digest_file = self._mapped()
         try:
-            _apply_encodings(self._image.view(np.ndarray), page_numbers, encodings, prechecked=prechecked)
+            _apply_encodings(image.view(np.ndarray), page_numbers, encodings, prechecked=prechecked)
         except ReplicaError as exc:
             raise ReplicaError(f"replica {self.path}: epoch {manifest['epoch']}: {exc}") from None
         try:
-            self._digests[rows] = digests
+            digest_file[rows] = digests
             if self.fsync and not later:
-                self._image.flush()
-                self._digests.flush()
+                image.flush()
+                digest_file.flush()
             self._manifest_file.replace(json.dumps(manifest), sync=self.fsync and not later)
             if journaled and not later:
                 self._journal.clear()
@@ -676,16 +687,17 @@ class ReplicaStore:
             return
         old_pages = old.page_numbers()
         dropped = old_pages[new.outside(old_pages)]
-        dropped = dropped[dropped < self._image.shape[0]]
+        image, digest_file = self._mapped()
+        dropped = dropped[dropped < image.shape[0]]
         if not dropped.size:
             return
         rows = dropped.astype(np.intp)
         if not self._punch_holes(_page_runs(dropped), new.page_size):
-            self._image.view(np.ndarray)[rows] = 0
-        self._digests[rows] = zero_page_digest(new.page_size)
+            image.view(np.ndarray)[rows] = 0
+        digest_file[rows] = zero_page_digest(new.page_size)
         if self.fsync:
-            self._image.flush()
-            self._digests.flush()
+            image.flush()
+            digest_file.flush()
 
     def _punch_holes(self, runs: list[tuple[int, int]], page_size: int) -> bool:
         """Deallocate these page runs of the image (they read as zeros after); False where unsupported."""
@@ -726,7 +738,7 @@ class ReplicaStore:
         layout = replica_layout(manifest["page_size"], manifest["regions"], max_pages=self.max_pages)
         try:
             self._load_manifest()
-            if self.layout.page_size != layout.page_size:
+            if self.layout is None or self.layout.page_size != layout.page_size:
                 self._discard_image()
         except ReplicaError:
             self._discard_image()
@@ -776,12 +788,12 @@ def _read_journal(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, l
     data = np.fromfile(path, dtype=np.uint8)
     if data.size < _JOURNAL_HEAD.size + _JOURNAL_TAIL.size:
         raise ReplicaError(f"{path}: journal truncated at {data.size} bytes")
-    magic, header_length = _JOURNAL_HEAD.unpack_from(data, 0)
-    checksum, end = _JOURNAL_TAIL.unpack_from(data, data.size - _JOURNAL_TAIL.size)
+    magic, header_length = _JOURNAL_HEAD.unpack_from(data.data, 0)
+    checksum, end = _JOURNAL_TAIL.unpack_from(data.data, data.size - _JOURNAL_TAIL.size)
     body_end = data.size - _JOURNAL_TAIL.size
     if magic != JOURNAL_MAGIC or end != JOURNAL_END or header_length > MAX_JOURNAL_HEADER:
         raise ReplicaError(f"{path}: journal incomplete (bad magic or end marker)")
-    if xxhash.xxh3_64_intdigest(data[:body_end]) != checksum:
+    if xxhash.xxh3_64_intdigest(data[:body_end].data) != checksum:
         raise ReplicaError(f"{path}: journal checksum mismatch")
     offset = _JOURNAL_HEAD.size
     try:
@@ -961,12 +973,15 @@ def verify_replica(path: str | os.PathLike, *, max_listed: int = 20) -> VerifyRe
                 f"replica for writing (a restarted replica-sink) completes it"])
         if store.is_empty:
             return VerifyReport(str(path), 0, 0, [], [f"replica {path}: nothing committed yet"])
+        if store.layout is None:
+            return VerifyReport(str(path), 0, 0, [], [f"replica {path}: no layout committed"])
+        image, digest_file = store._mapped()
         page_numbers = store.layout.page_numbers()
         bad: list[int] = []
         for start in range(0, page_numbers.size, 4096):
             chunk = page_numbers[start:start + 4096].astype(np.intp)
-            actual = digest_pages(np.asarray(store._image[chunk]))
-            mismatched = chunk[actual != np.asarray(store._digests[chunk])]
+            actual = digest_pages(np.asarray(image[chunk]))
+            mismatched = chunk[actual != np.asarray(digest_file[chunk])]
             bad.extend(int(p) for p in mismatched[:max_listed - len(bad)])
             if mismatched.size:
                 problems.append(f"{mismatched.size} pages from page {int(mismatched[0])} differ from their digest")

@@ -55,11 +55,18 @@ class Guardian:
     def alive(self) -> bool:
         return self._process.poll() is None
 
-    def _ask(self, line: str) -> None:
-        try:
-            if not self._ready:
+    def wait_ready(self) -> None:
+        """Wait until the guardian has started (a Python start-up), so that no pause waits for it."""
+        if not self._ready:
+            try:
                 self._expect("ready")
-                self._ready = True
+            except (OSError, ValueError):
+                raise TrackerError("the injection guardian has ended; not injecting without it") from None
+            self._ready = True
+
+    def _ask(self, line: str) -> None:
+        self.wait_ready()
+        try:
             assert self._process.stdin is not None
             self._process.stdin.write(line + "\n")
             self._process.stdin.flush()

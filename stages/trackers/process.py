@@ -10,9 +10,11 @@ are found is its own part (``self.tracking``), chosen by ``mode=``: ``uffd``
 asks the kernel which pages were written (a userfaultfd injected into each
 process, uffd_tracking.py): the first checkpoint sends every page, every
 later one reads only the written pages, so the pause follows the dirty pages,
-not the size; mappings the kernel cannot track for us (shared, file-backed,
-ranges the process watches with its own userfaultfd) are digested and named
-in a warning. ``digest`` reads every page that may hold data and compares
+not the size; a checkpoint that sends everything (the first, a resync) is
+copied while the processes run, after a short stop that arms the tracking,
+and its pause reads only what was written during that copy. Mappings the
+kernel cannot track for us (shared, file-backed, ranges the process watches
+with its own userfaultfd) are digested and named in a warning. ``digest`` reads every page that may hold data and compares
 digests (digest_tracking.py), where ``copy=`` chooses what the pause does.
 ``auto`` (default) is uffd where the kernel and permissions allow, else
 digest with a warning saying why.
@@ -264,6 +266,8 @@ class ProcessSource(CurveProperties, Stage):
             self._resync_requested = False
             started = time.monotonic()
             try:
+                if resync or epoch == 0:
+                    self._copy_live(epoch + 1)
                 snapshot = self._checkpoint(epoch + 1, bool(final), everything=resync or epoch == 0)
             except ProcessGone:
                 yield stream.end_of_stream(epoch)
@@ -272,6 +276,7 @@ class ProcessSource(CurveProperties, Stage):
             self.counters.update(self._tracking.counters)
             epoch += 1
             numbers, data = self._tracking.resumed()
+            self.counters["checkpoint_pages"] = len(numbers)
             if snapshot.layout_changed:
                 stream.layout_extra["pids"] = snapshot.members
                 yield stream.layout(epoch, [t.region for t in snapshot.tracked], snapshot.vanished)
@@ -329,6 +334,33 @@ class ProcessSource(CurveProperties, Stage):
         snapshot.pause = time.perf_counter() - began
         snapshot.when = when
         return snapshot
+
+    def _copy_live(self, epoch: int) -> None:
+        """mode=uffd, before a checkpoint that sends everything: a short stop arms the processes' private memory
+        (injecting where needed), which is then copied while they run, so the checkpoint's pause re-reads only
+        the pages written meanwhile (uffd_tracking.py). ProcessGone if every process exited."""
+        tracking = self._tracking
+        if not isinstance(tracking, UffdTracking):
+            return
+        tracking.ready()
+        began = time.perf_counter()
+        try:
+            mappings = {}
+            for pid in self._freeze():
+                try:
+                    mappings[pid] = writable_mappings(pid)
+                except ProcessGone:
+                    continue
+            tracking.arm(mappings)
+        except TrackerError as exc:
+            raise TrackerError(f"{self._where}: arming epoch {epoch} for its live copy failed: {exc} "
+                               f"({self._set.describe()} resumed)") from None
+        finally:
+            self._freezer.thaw()
+        pause = time.perf_counter() - began
+        self._stopped_seconds += pause
+        self.counters["arming_pause_ms"] = pause * 1e3
+        tracking.copy_live()
 
     def _freeze(self) -> list[int]:
         """Stop every process of the set; a process someone else started tracing switches to SIGSTOP."""

@@ -58,7 +58,7 @@ class ProcessLayout:
             self._private[pid] = regions
             vanished += gone
             tracked += [Tracked(Region(f"{pid}:{r.name}", r.start, r.first_page, r.npages), pid,
-                                r.name.startswith("[")) for r in regions]
+                                _is_anonymous(r.name)) for r in regions]
         views = _shared_views(mappings)
         for key in sorted(set(self._shared) - set(views)):
             vanished += [(r.first_page, r.npages) for r in self._shared.pop(key)]
@@ -89,6 +89,15 @@ class ProcessLayout:
 
 def _is_shared(mapping: Mapping) -> bool:
     return mapping.shared and mapping.inode != 0
+
+
+def _is_anonymous(name: str) -> bool:
+    return name.startswith("[")  # [heap], [stack], [anon]: no file behind it
+
+
+def private_anonymous(mappings: list[Mapping]) -> list[Mapping]:
+    """The mappings whose regions the layout marks ``anonymous`` (heap, stacks, private anonymous memory)."""
+    return [m for m in mappings if not _is_shared(m) and _is_anonymous(m.name)]
 
 
 def _shared_views(mappings: dict[int, list[Mapping]]) -> dict[SharedKey, list[tuple[int, Mapping]]]:

@@ -298,8 +298,9 @@ class RegionSource(Stage):
             try:
                 pages, staged = self._stage(epoch, everything=resync or epoch == 1, resync=resync)
             except TrackerError as exc:
-                self._fail(TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc}"), epoch)
-                raise self._failure from None
+                failure = TrackerError(f"{self._where}: checkpoint of epoch {epoch} failed: {exc}")
+                self._fail(failure, epoch)
+                raise failure from None
             pause = time.perf_counter() - began
             with self._acknowledged:
                 self._epoch = epoch
@@ -394,11 +395,12 @@ class RegionSource(Stage):
             self._publish(staged)
             staged.clear()
 
+        slabs = self._live_slabs
         for buffer, rows in zip(self._buffers, dirty):
-            for low in range(0, len(rows), self._slabs.rows):
-                chunk = rows[low:low + self._slabs.rows]
+            for low in range(0, len(rows), slabs.rows):
+                chunk = rows[low:low + slabs.rows]
                 with self._condition:
-                    slab_index, slab = self._slabs.take(publish_staged)
+                    slab_index, slab = slabs.take(publish_staged)
                 data = slab[:len(chunk)]
                 copies.append((buffer, chunk, data))
                 staged.append(_Staged(epoch, (chunk + buffer.first_page).astype(np.uint64), data, slab_index, resync))
@@ -417,8 +419,10 @@ class RegionSource(Stage):
                 buffer.copy_rows(rows, out)
 
         shares = [copies[index::self.copy_threads] for index in range(self.copy_threads)]
-        helped = [self._copy_helpers.submit(copy_share, share) for share in shares[1:] if share]
-        copy_share(shares[0])
+        helpers = self._copy_helpers  # made when copy-threads > 1, so only then are there other shares
+        helped = [helpers.submit(copy_share, share) for share in shares[1:] if share] if helpers is not None else []
+        for share in shares[:1] if helpers is not None else shares:
+            copy_share(share)
         for copy in helped:
             copy.result()
 
@@ -460,26 +464,39 @@ class RegionSource(Stage):
                 if self._condition.wait_for(lambda: bool(self._queue), self.idle_every or None):
                     item = self._queue.popleft()
                     if isinstance(item, _Staged):
-                        self._slabs.handed_downstream(item.slab)
+                        self._live_slabs.handed_downstream(item.slab)
             if item is None:
                 yield None      # waiting for a checkpoint: the executor's timers run meanwhile
                 continue
             if isinstance(item, TrackerError):
                 raise item
             if isinstance(item, _Closed):
-                yield self._stream.end_of_stream(self._epoch)
+                yield self._live_stream.end_of_stream(self._epoch)
                 return
             yield self._emit(item)
             del item
             with self._condition:
                 self._condition.notify_all()  # a slab may have been released downstream
 
-    def _emit(self, item: object) -> Batch:
+    def _emit(self, item: _Staged | _Layout | _EpochEnd) -> Batch:
+        stream = self._live_stream
         if isinstance(item, _Staged):
-            return self._stream.batch(item.epoch, item.page_numbers, item.data, item.resync)
+            return stream.batch(item.epoch, item.page_numbers, item.data, item.resync)
         if isinstance(item, _Layout):
-            return self._stream.layout(item.epoch, item.regions)
-        return self._stream.end(item.epoch, item.pause, item.when, item.resync)
+            return stream.layout(item.epoch, item.regions)
+        return stream.end(item.epoch, item.pause, item.when, item.resync)
+
+    @property
+    def _live_slabs(self) -> StagingSlabs:
+        if self._slabs is None:
+            raise TrackerError(f"{self._where}: not started")
+        return self._slabs
+
+    @property
+    def _live_stream(self) -> EpochStream:
+        if self._stream is None:
+            raise TrackerError(f"{self._where}: not started")
+        return self._stream
 
     def stop(self) -> None:
         """End the stream, disarm write tracking and let go of the application's buffers."""

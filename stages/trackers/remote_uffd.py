@@ -513,6 +513,18 @@ class KernelDirtyPages:
             plan.addresses = addresses
         return plan
 
+    def arm_new(self, ranges: list[tuple[int, int]]) -> None:
+        """Arm the (start, end) ranges that touch no armed range yet (ahead of a live copy); a range the kernel
+        refuses is left for the next ``plan`` to name, and one overlapping an armed range for it to arm."""
+        armed = self.uffd.armed
+        for start, end in ranges:
+            if any(low < end and start < high for low, high in armed.items()):
+                continue
+            try:
+                self.uffd.register(start, end - start)
+            except UffdError:
+                continue
+
     def _arm(self, region: Region) -> np.ndarray:
         """Register a region; returns its resident rows from before (the rest reads as zeros)."""
         length = region.npages * self.page_size

@@ -9,6 +9,18 @@ last one, and only those are read. The pause follows the dirty pages, not
 the size of the process. Pages are read during the pause (``copy=`` plays no
 part for these regions) and handed over as they are.
 
+A checkpoint that sends everything (the first, a resync) is copied while the
+processes run: ``arm`` (in a short stop: inject, arm what is not armed yet),
+then ``copy_live`` reads every resident page of the armed ranges with the
+processes running, then the pages written during that pass (listed and
+re-protected by the written scan; a few passes, as live migration's pre-copy
+does), and the checkpoint's pause re-reads only the pages written (or
+dropped) since the last scan, and any page a live read was refused (its
+mapping changed meanwhile). No write is missed: a page's write-protection is
+armed, or re-armed by a scan (which flushes the TLBs before it returns),
+before a pass reads it, so a later write is listed by a later scan. Ranges
+that appear after the arming stop are read whole in the pause.
+
 Digested instead (DigestTracking, as in mode=digest, ``copy=`` applies), with
 the reason warned once per mapping:
 - shared mappings: a write through another process's mapping is invisible to
@@ -33,6 +45,7 @@ stopped process must stay byte-identical to its final checkpoint. Same interface
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -43,13 +56,31 @@ from . import ptrace
 from .digest_tracking import DigestTracking, Reader
 from .injection_guard import Guardian, sigstop_pending
 
-from .procmem import ProcessGone, thread_states
-from .proclayout import Tracked
-from .remote_uffd import KernelDirtyPages
+from stages.common.layout import Mapping, Region
+
+from .procmem import ProcessGone, read_pages, thread_states
+from .proclayout import Tracked, private_anonymous
+from .remote_uffd import KernelDirtyPages, dropped_pages_show_as_written
 
 UNTRACKED_SHARED = "shared memory: a write through another process's mapping is invisible to this one's page tables"
 UNTRACKED_FILE = ("file-backed: a change of the file shows through the pages the process never wrote, unseen by "
                   "write-protection")
+LIVE_PASSES = 4
+"""Passes of a live copy at most: the first copies every resident page, each later one the pages written during
+the one before, while more than LIVE_ENOUGH were."""
+LIVE_ENOUGH = 1024
+"""Pages written during a live pass few enough to leave to the pause."""
+
+
+@dataclass
+class LiveCopy:
+    """An armed range [start, end) of a process copied while it ran: rows of pages, and the addresses whose read
+    the kernel refused (their mapping changed meanwhile), to read again in the pause."""
+
+    start: int
+    end: int
+    pages: np.ndarray
+    refused: np.ndarray
 
 
 class UffdTracking:
@@ -74,6 +105,7 @@ class UffdTracking:
         self._new_untracked: dict[str, list[str]] = {}
         self._numbers: list[np.ndarray] = []
         self._data: list[np.ndarray] = []
+        self._live: dict[int, list[LiveCopy]] = {}
 
     # -- the interface process-src drives --------------------------------------------------------
 
@@ -85,7 +117,78 @@ class UffdTracking:
         kernel = self._kernel.pop(pid, None)
         if kernel is not None:
             kernel.abandon()
+        self._live.pop(pid, None)
         self.digest.forget_process(pid)
+
+    def arm(self, mappings: dict[int, list[Mapping]]) -> None:
+        """With the processes stopped, ahead of a checkpoint that sends everything: inject where not done yet and
+        arm every private anonymous mapping not armed yet, for ``copy_live`` to copy once they run again."""
+        for pid, maps in mappings.items():
+            try:
+                kernel = self._attached(pid)
+            except ProcessGone:
+                continue  # exited as it was being stopped
+            if kernel is not None:
+                kernel.arm_new([(m.start, m.end) for m in private_anonymous(maps)])
+
+    def ready(self) -> None:
+        """Before the stop that arms: what would lengthen that pause is done now, with the processes running
+        (the injection guardian's start-up, the kernel probe of the written scan)."""
+        try:
+            self._guardian.wait_ready()
+        except TrackerError:
+            pass  # a dead guardian is replaced, or the injection says why, in _attached
+        dropped_pages_show_as_written()
+
+    def copy_live(self) -> None:
+        """With the processes running: copy the resident pages of every armed range, then, pass after pass, the
+        pages written during the last one (the written scan lists and re-protects them), until few are left
+        for the pause. Pages written after the last scan are listed by the pause's scan."""
+        self._live = {}
+        copied = last = 0
+        for pid, kernel in self._kernel.items():
+            if kernel is None:
+                continue
+            copies = []
+            try:
+                for start, end in sorted(kernel.uffd.armed.items()):
+                    rows = kernel.uffd.resident_rows(start, end - start)
+                    pages = np.zeros(((end - start) // self.page_size, self.page_size), dtype=np.uint8)
+                    refused = read_pages(pid, _row_runs(start, rows, self.page_size), self.page_size, pages)
+                    copies.append(LiveCopy(start, end, pages, np.array(refused, dtype=np.uint64)))
+                    last += len(rows)
+            except TrackerError:
+                continue  # exited, or its memory unreadable meanwhile: the pause reads it whole, or says why
+            self._live[pid] = copies
+        passes = 1
+        while last > LIVE_ENOUGH and passes < LIVE_PASSES:
+            copied += last
+            last = sum(self._copy_written_live(pid) for pid in list(self._live))
+            passes += 1
+        self.counters.update(live_copied_pages=copied + last, live_passes=passes)
+
+    def _copy_written_live(self, pid: int) -> int:
+        """One more live pass over a process: read again the pages written (or dropped) since the last scan;
+        how many. Its live copy is dropped (the pause reads it whole) if the scan or a read fails, since a
+        failed scan may have re-protected pages it did not list."""
+        kernel, copies = self._kernel.get(pid), self._live[pid]
+        try:
+            if kernel is None:
+                raise TrackerError("not tracked")
+            scan = kernel.uffd.scan()
+            lost = {start for start, _ in scan.lost}  # replaced meanwhile: the pause sends it whole
+            copies[:] = [live for live in copies if live.start not in lost]
+            again = np.union1d(scan.written, scan.dropped)
+            for live in copies:
+                inside = again[(again >= live.start) & (again < live.end)]
+                runs = [(address, count, (address - live.start) // self.page_size)
+                        for address, count, _ in _address_runs(inside, self.page_size)]
+                refused = read_pages(pid, runs, self.page_size, live.pages)
+                live.refused = np.union1d(live.refused, np.array(refused, dtype=np.uint64))
+            return len(again)
+        except (TrackerError, ptrace.ThreadGone):
+            del self._live[pid]
+            return 0
 
     def paused(self, tracked: list[Tracked], next_page: int, everything: bool) -> None:
         """With the processes stopped: read the written pages of armed regions, digest the rest."""
@@ -99,7 +202,7 @@ class UffdTracking:
                 digested.append(item)
             else:
                 by_pid.setdefault(item.pid, []).append(item)
-        written = armed_pages = 0
+        written = armed_pages = pause_read = 0
         for pid, items in by_pid.items():
             kernel = self._attached(pid)
             if kernel is None:
@@ -116,20 +219,30 @@ class UffdTracking:
             whole = list(plan.whole)
             if everything:  # every armed region goes whole (resync); the scan above re-armed the written pages
                 sent = {region.first_page for region, _ in whole}
-                whole += [(item.region, kernel.uffd.resident_rows(item.region.start,
-                                                                  item.region.npages * self.page_size))
-                          for item in items if item.region.first_page not in sent
-                          and item.region.first_page not in plan.digest]
+                for item in items:
+                    region = item.region
+                    if region.first_page in sent or region.first_page in plan.digest:
+                        continue
+                    live = self._live_copy(pid, region)
+                    if live is None:
+                        whole.append((region, kernel.uffd.resident_rows(region.start,
+                                                                        region.npages * self.page_size)))
+                    else:
+                        pause_read += self._patch(pid, region, *live, plan.addresses)
             else:
                 self._read_addresses(pid, plan.pages, plan.addresses)
                 written += len(plan.pages)
+                pause_read += len(plan.pages)
             for region, resident in whole:
                 self._read_whole(pid, region, resident)
+                pause_read += len(resident)
             armed_pages += sum(item.region.npages for item in items if item.region.first_page not in plan.digest)
+        self._live = {}
         self._warn_new()
         self.digest.paused(sorted(digested, key=lambda t: t.region.first_page), next_page, everything)
         self.counters.update(written_pages=written, armed_pages=armed_pages,
-                             tracked_pages=self.counters.get("tracked_pages", 0) + armed_pages)
+                             tracked_pages=self.counters.get("tracked_pages", 0) + armed_pages,
+                             pause_read_pages=pause_read + self.counters.get("read_pages", 0))
 
     def resumed(self) -> tuple[np.ndarray, np.ndarray]:
         numbers, data = self.digest.resumed()
@@ -228,14 +341,34 @@ class UffdTracking:
         self._numbers.append(pages)
         self._data.append(out)
 
-    def _read_whole(self, pid: int, region, resident: np.ndarray) -> None:
+    def _live_copy(self, pid: int, region: Region) -> tuple[np.ndarray, np.ndarray] | None:
+        """The rows of ``region`` in the live copy of its armed range, and the refused addresses in it; None if
+        there is no live copy of it."""
+        end = region.start + region.npages * self.page_size
+        for live in self._live.get(pid, ()):
+            if live.start <= region.start and end <= live.end:
+                first = (region.start - live.start) // self.page_size
+                refused = live.refused[(live.refused >= region.start) & (live.refused < end)]
+                return live.pages[first:first + region.npages], refused
+        return None
+
+    def _patch(self, pid: int, region: Region, pages: np.ndarray, refused: np.ndarray, written: np.ndarray) -> int:
+        """A live-copied region completed in the pause: the pages written since it was armed (``written``: sorted
+        addresses, of any region) and those the live read was refused are read again. Returns how many."""
+        end = region.start + region.npages * self.page_size
+        again = np.union1d(written[(written >= region.start) & (written < end)], refused)
+        if len(again):
+            runs = [(address, count, (address - region.start) // self.page_size)
+                    for address, count, _ in _address_runs(again, self.page_size)]
+            self._read(pid, runs, pages)
+        self._numbers.append(np.arange(region.first_page, region.first_page + region.npages, dtype=np.uint64))
+        self._data.append(pages)
+        return len(again)
+
+    def _read_whole(self, pid: int, region: Region, resident: np.ndarray) -> None:
         """Every page of a region: the resident rows read, the others zeros."""
         out = np.zeros((region.npages, self.page_size), dtype=np.uint8)
-        if len(resident):
-            starts = region.start + resident.astype(np.uint64) * np.uint64(self.page_size)
-            runs = _address_runs(starts, self.page_size)
-            rows = resident[np.concatenate([[0], np.flatnonzero(np.diff(resident) != 1) + 1])]
-            self._read(pid, [(address, count, int(row)) for (address, count, _), row in zip(runs, rows)], out)
+        self._read(pid, _row_runs(region.start, resident, self.page_size), out)
         self._numbers.append(np.arange(region.first_page, region.first_page + region.npages, dtype=np.uint64))
         self._data.append(out)
 
@@ -251,6 +384,15 @@ def _let_stop_settle(pid: int, timeout: float = 2.0) -> bool:
         if not (sigstop_pending(pid) or "T" in states) or time.monotonic() > deadline:
             return False
         time.sleep(0.001)
+
+
+def _row_runs(start: int, rows: np.ndarray, page_size: int) -> list[tuple[int, int, int]]:
+    """Sorted page rows of a range starting at ``start`` -> (address, npages, row) runs of consecutive rows."""
+    if not len(rows):
+        return []
+    firsts = np.concatenate([[0], np.flatnonzero(np.diff(rows) != 1) + 1])
+    counts = np.diff(np.concatenate([firsts, [len(rows)]]))
+    return [(start + int(row) * page_size, int(count), int(row)) for row, count in zip(rows[firsts], counts)]
 
 
 def _address_runs(addresses: np.ndarray, page_size: int) -> list[tuple[int, int, int]]:

@@ -183,11 +183,11 @@ class WorkloadSource(Stage):
         """The next checkpoint carries the layout and every page, flagged RESYNC."""
         self._live_region.request_resync()
 
-    def produce(self) -> Iterator[Batch]:
+    def produce(self) -> Iterator[Batch | None]:
         """Run the workload in a thread that checkpoints it; emit the region tracker's stream."""
         self._driver = threading.Thread(target=self._drive, name=f"{self.factory_name} driver", daemon=True)
         self._driver.start()
-        self.region.idle_every = self.idle_every
+        self._live_region.idle_every = self.idle_every
         try:
             yield from self._live_region.produce()
         finally:

@@ -21,6 +21,8 @@ def test_benchmark_reports_every_tracker_with_its_baseline(capsys):
     assert any(line.startswith("pause at the same dirty pages, 8 MiB vs 4 MiB child") for line in lines)
     assert all("x memcpy" in line and "p99" in line for line in figures)
     assert ("MISSED" in "".join(lines)) == (status == 1)
+    first = [line for line in lines if "process-src uffd, 8 MiB: first, full checkpoint" in line]
+    assert first and "copied live: arming stop" in first[0] and "pages it sent" in first[0], lines
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None,

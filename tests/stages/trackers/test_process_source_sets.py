@@ -117,9 +117,9 @@ def read_memory(pid: int, address: int, nbytes: int) -> np.ndarray:
 SHARED_NAME = re.compile(r"^shared (\w+:\w+):(\d+)@0x([0-9a-f]+) ")
 
 
-def assert_replica_equals_every_process(replica: Path, members: list[int]) -> None:
+def assert_replica_equals_every_process(replica: Path, members: list[int]) -> dict[int, int]:
     """Every private region equals its process's memory; every shared region equals the memory of every
-    member that maps that part of the object."""
+    member that maps that part of the object. Returns the shared pages compared in each process."""
     manifest = read_manifest(replica)
     memory = load_replica(replica)
     private_pids = set()
@@ -148,7 +148,7 @@ def assert_replica_equals_every_process(replica: Path, members: list[int]) -> No
     for pid in members:  # every page of every shared mapping of every process was compared
         mapped = sum(high - low for low, high, _, _, inode, shared in mappings_of(pid) if shared and inode)
         assert shared_compared.get(pid, 0) == mapped // PAGE_SIZE, f"pid {pid}"
-    assert sum(count >= SHARED_PAGES + 32 for count in shared_compared.values()) >= 4, shared_compared
+    return shared_compared
 
 
 def test_a_process_tree_sharing_memory_replicates_to_every_processs_memory(family, tmp_path):
@@ -160,7 +160,8 @@ def test_a_process_tree_sharing_memory_replicates_to_every_processs_memory(famil
     members = TargetSet([family.process.pid], tree=True).members()
     assert len(members) >= 4 and all(set(thread_states(pid)) <= set("T") for pid in members), "stopped at the end"
     assert read_manifest(replica)["epoch"] == 10
-    assert_replica_equals_every_process(replica, members)
+    shared_compared = assert_replica_equals_every_process(replica, members)
+    assert sum(count >= SHARED_PAGES + 32 for count in shared_compared.values()) >= 4, shared_compared
     stats = result.statistics[("src", 0)]["counters"]
     assert stats["processes"] >= 4 and 0 < stats["stopped_fraction"] < 1
 
@@ -232,7 +233,11 @@ def test_a_cgroups_processes_are_checkpointed(family, tmp_path):
         finally:
             source.stop()
         in_group = {int(p) for p in (group / "cgroup.procs").read_text().split()}
-        assert set(batches[0].meta["pids"]) <= in_group and set(batches[0].meta["pids"]) & set(members)
+        checkpointed = set(batches[0].meta["pids"])
+        # a short-lived child of the family checkpointed at epoch 1 may have exited since (it left no other way)
+        assert all(pid in in_group or not os.path.exists(f"/proc/{pid}") for pid in checkpointed), (
+            checkpointed, in_group)
+        assert checkpointed & set(members)
     finally:
         for pid in map(int, (group / "cgroup.procs").read_text().split()):
             try:
