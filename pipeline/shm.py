@@ -184,7 +184,8 @@ class Arena:
             return None
         self.rings.append(ring)
         self.maps.add(name, ring.mapping)
-        return self._array(len(self.rings) - 1, ring._allocate(size), nbytes, shape, dtype)
+        offset = ring._allocate(size)
+        return None if offset is None else self._array(len(self.rings) - 1, offset, nbytes, shape, dtype)
 
     def _array(self, chunk: int, offset: int, nbytes: int, shape, dtype) -> np.ndarray:
         slot = np.frombuffer(self.rings[chunk].mapping, dtype=np.uint8, count=nbytes, offset=offset)

@@ -498,10 +498,12 @@ class Worker:
     def _allocate(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         """``StageContext.allocate``: arena memory, waiting while downstream releases what it holds;
         private memory when the arena stays full."""
-        array = self._arena.allocate(shape, dtype)
-        while array is None and self._forwarded and self._credit.poll(RING_WAIT_MS, _POLLIN):
+        arena, credit = self._arena, self._credit
+        assert arena is not None and credit is not None  # offered only to process workers with outputs
+        array = arena.allocate(shape, dtype)
+        while array is None and self._forwarded and credit.poll(RING_WAIT_MS, _POLLIN):
             self._collect_credit()
-            array = self._arena.allocate(shape, dtype)
+            array = arena.allocate(shape, dtype)
             self._tick()
         return array if array is not None else np.empty(shape, dtype)
 

@@ -68,7 +68,7 @@ class CuttableRelay:
                 if ready is self._listener:
                     self._accept()
                     continue
-                peer = sockets.get(ready)
+                peer = sockets[ready]
                 try:
                     data = ready.recv(1 << 16)
                     if not data:
@@ -143,7 +143,7 @@ def source_pages(epoch: int, pages: int) -> np.ndarray:
     source.start(StageContext("test-src"))
     image = np.zeros((pages, PAGE_SIZE), dtype=np.uint8)
     for batch in source.produce():
-        if batch.epoch == epoch and not batch.is_control:
+        if batch.epoch == epoch and not batch.is_control and batch.data is not None:
             image[batch.page_numbers] = batch.data
     return image
 

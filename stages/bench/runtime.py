@@ -294,11 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     total = args.megabytes * MiB
     figures: dict = {}
     with console.status("raw pyzmq baseline and chains of identity stages, interleaved"):
-        rounds = [(raw_pyzmq_rate(total), chain_run(0, total), chain_run(1, total), chain_run(3, total))
-                  for _ in range(args.repeat)]
+        rounds: list[tuple[float, Run, Run, Run]] = [
+            (raw_pyzmq_rate(total), chain_run(0, total), chain_run(1, total), chain_run(3, total))
+            for _ in range(args.repeat)]
         figures["pyzmq_gbps"] = statistics.median(raw for raw, *_ in rounds) / GB
-        for hops, column in ((0, 1), (1, 2), (3, 3)):
-            figures[f"chain{hops}_gbps"] = statistics.median(r[column].rate for r in rounds) / GB
+        for hops, runs in ((0, [r[1] for r in rounds]), (1, [r[2] for r in rounds]), (3, [r[3] for r in rounds])):
+            figures[f"chain{hops}_gbps"] = statistics.median(run.rate for run in runs) / GB
         figures["chain3_of_pyzmq"] = statistics.median(r[3].rate / r[0] for r in rounds)
         # what one more pass-through stage adds per batch: the wall time per batch of 3 against 1, halved
         figures["pass_through_us"] = statistics.median((MiB / r[3].rate - MiB / r[2].rate) / 2 for r in rounds) * 1e6

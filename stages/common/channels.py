@@ -190,7 +190,8 @@ class Reassembler:
         queue.append((envelope, payload))
 
     def _restart(self, session: int) -> None:
-        self._retired.add(self.session)
+        if self.session is not None:
+            self._retired.add(self.session)
         self.dropped += sum(len(queue) for queue in self._queues)
         self.session = session
         self._queues = [deque() for _ in range(self.channels)]
@@ -208,30 +209,31 @@ class Reassembler:
                     self._next = 0          # a session seen from its start
                     self._anchored = True
                 elif all(head is not None for head in heads):
-                    self._next = min(head.index for head in heads)   # joined a running session
+                    self._next = min(head.index for head in heads if head is not None)   # joined a running session
                     self._anchored = self.starts_segment is None
                 else:
                     return
             for channel, head in enumerate(heads):
                 if head is not None and head.index == self._next and not head.end:
                     payload = queues[channel].popleft()[1]
-                    if not self._anchored and self.starts_segment(payload):
+                    if not self._anchored and self.starts_segment is not None and self.starts_segment(payload):
                         self._anchored = True   # from here on the stream must be whole
                     yield payload
                     self._next += 1
                     break
             else:
-                if any(head is None for head in heads):
+                present = [head for head in heads if head is not None]
+                if len(present) < len(heads):
                     return                  # the next message may still come on a channel that has none waiting
-                if all(head.end and head.index == self._next for head in heads):
+                if all(head.end and head.index == self._next for head in present):
                     for queue in queues:
                         queue.popleft()
                     self._sequences = [None] * self.channels
                     yield END
                     return
                 if not self._anchored:  # joined mid-stream: what came before the next segment is skipped anyway
-                    self.dropped += min(head.index for head in heads) - self._next
-                    self._next = min(head.index for head in heads)
+                    self.dropped += min(head.index for head in present) - self._next
+                    self._next = min(head.index for head in present)
                     continue
                 raise TransportError(f"message {self._next} of the stream was lost: every channel has moved past it "
-                                     f"(heads at {[head.index for head in heads]})")
+                                     f"(heads at {[head.index for head in present]})")
