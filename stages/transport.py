@@ -26,7 +26,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 import numpy as np
 import zmq
@@ -322,7 +322,7 @@ class ZmqSource(_ZmqStage):
         """Messages from every channel, checked and handed on in stream order (stages.common.channels), with
         the single channel's timeout, failover, idle ticks and refusal reports."""
         reassembler = Reassembler(self.channels, limit=max(2, self.hwm),
-                                  starts_segment=lambda message: wire.starts_segment(message.buffer))
+                                  starts_segment=lambda message: wire.starts_segment(cast(zmq.Frame, message).buffer))
         poller, registered = zmq.Poller(), set()
         self.counters.update(dropped_messages=0)
         sequence = 0
@@ -376,8 +376,9 @@ class ZmqSource(_ZmqStage):
                     self._post_refusals()       # the final statistics count every channel's peers
                     yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                     return
-                self.counters["bytes_in"] += len(message)
-                yield Batch(format=STREAM, sequence=sequence, payload=np.frombuffer(message.buffer, dtype=np.uint8))
+                frame = cast(zmq.Frame, message)
+                self.counters["bytes_in"] += len(frame)
+                yield Batch(format=STREAM, sequence=sequence, payload=np.frombuffer(frame.buffer, dtype=np.uint8))
                 sequence += 1
 
 

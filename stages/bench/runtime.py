@@ -294,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     total = args.megabytes * MiB
     figures: dict = {}
     with console.status("raw pyzmq baseline and chains of identity stages, interleaved"):
-        rounds = [(raw_pyzmq_rate(total), chain_run(0, total), chain_run(1, total), chain_run(3, total))
-                  for _ in range(args.repeat)]
+        rounds: list[tuple[float, Run, Run, Run]] = [
+            (raw_pyzmq_rate(total), chain_run(0, total), chain_run(1, total), chain_run(3, total))
+            for _ in range(args.repeat)]
         figures["pyzmq_gbps"] = statistics.median(raw for raw, *_ in rounds) / GB
         chains = [r[1:] for r in rounds]
         for hops, column in ((0, 0), (1, 1), (3, 2)):
