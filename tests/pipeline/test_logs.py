@@ -32,12 +32,13 @@ def test_launch_without_a_terminal_writes_status_lines_with_epoch_statistics():
 
 def test_json_lines_are_status_events_then_a_summary():
     result = _pagepipe("launch", "--log-format", "json", "--stats-interval", "300ms",   # records come once a second
-                       "workload-src kind=kv size=1MiB seconds=4s rate=40 ! classify ! xor-delta ! rle ! frame ! null-sink")
+                       "workload-src kind=kv size=1MiB seconds=6s rate=40 ! classify ! xor-delta ! rle ! frame ! null-sink")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert {line["type"] for line in lines[:-1]} <= {"status", "event"} and lines[-1]["type"] == "summary"
+    # a status line may come before the tracker's records of its epochs arrive: look for one that has them
     assert any(line["type"] == "status" and line["new_epochs"] > 0
-               and line["epochs"]["pause_seconds"]["count"] > 0 for line in lines)
+               and line["epochs"].get("pause_seconds", {}).get("count", 0) > 0 for line in lines)
     assert lines[-1]["epochs"]["distributions"]["pipeline"]["pause_seconds"]["p99"] > 0
 
 
