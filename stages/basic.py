@@ -80,8 +80,8 @@ class TestSource(Stage):
     page_size = Property("size", 4096, "Bytes per page", minimum=16, maximum=1 << 24)
     pattern = Property("choice", "counter", "Page contents", choices=PATTERNS)
     seed = Property("int", 0, "Seed of the random pattern", minimum=0)
-    resync = Property("bool", False, "Like a tracker: the first epoch is RESYNC (every page whole) and each "
-                                     "epoch end carries its pages' digest, so that a replica-sink accepts them")
+    resync = Property("bool", False, "Like a tracker: epochs count from 1, the first is RESYNC (every page whole) "
+                                     "and each epoch end carries its pages' digest, so that a replica-sink accepts them")
 
     def produce(self) -> Iterator[Batch]:
         sequence = 0
@@ -90,8 +90,9 @@ class TestSource(Stage):
         zeros = self.context.allocate((min(self.batch_pages, self.pages), self.page_size), np.uint8)
         zeros.fill(0)  # written once (in shared memory in process mode): every batch refers to it
         zeros.flags.writeable = False
-        for epoch in range(self.epochs):
-            flags = Flag.RESYNC if self.resync and epoch == 0 else Flag.NONE
+        first_epoch = 1 if self.resync else 0   # like a tracker: a replica numbers checkpoints from 1
+        for epoch in range(first_epoch, first_epoch + self.epochs):
+            flags = Flag.RESYNC if self.resync and epoch == first_epoch else Flag.NONE
             digest = 0
             for first in range(0, self.pages, self.batch_pages):
                 sequence += 1
@@ -107,7 +108,7 @@ class TestSource(Stage):
             meta = {"pages": self.pages, **({"digest": digest} if self.resync else {})}
             yield Batch.control(Flag.EPOCH_END | flags, epoch, page_size=self.page_size, sequence=sequence, **meta)
         sequence += 1
-        yield Batch.control(Flag.END_OF_STREAM, max(self.epochs - 1, 0), page_size=self.page_size, sequence=sequence)
+        yield Batch.control(Flag.END_OF_STREAM, max(first_epoch + self.epochs - 1, 0), page_size=self.page_size, sequence=sequence)
 
     def _contents(self, page_numbers: np.ndarray, epoch: int, zeros: np.ndarray) -> np.ndarray:
         if self.pattern == "zeros":

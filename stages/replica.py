@@ -506,6 +506,8 @@ class ReplicaSink(CurveProperties, Stage):
             raise EpochRejected("a page number appears twice")
         if self.layout is None:
             raise EpochRejected("no layout record before the commit record")
+        if epoch < 1:   # epoch 0 is the empty replica's number: committing it would leave the store "empty"
+            raise EpochRejected(f"epoch {epoch}: checkpoints are numbered from 1")
         baseline = pending.self_contained and page_numbers.shape[0] == self.layout.page_count
         self._check_identity(marker, baseline)
         if marker.flags & Flag.RESYNC and not baseline:

@@ -505,6 +505,8 @@ class ReplicaStore:
 
     def _commit(self, epoch: int, layout: Layout, page_numbers: np.ndarray, encodings: Sequence[Encoded],
                 digests: np.ndarray, epoch_digest: int, extra: dict[str, Any]) -> None:
+        if epoch < 1:   # 0 marks the empty replica: the next commit would discard this one's image
+            raise ReplicaError(f"replica {self.path}: cannot commit epoch {epoch}: checkpoints are numbered from 1")
         if self.is_empty or self.layout is None or layout.page_size != self.layout.page_size:
             self._discard_image()   # leftovers of an interrupted first commit, or another page size
         self._ensure_files(layout)

@@ -682,3 +682,19 @@ def test_a_new_stream_is_followed_once_the_sink_asked_for_it_or_the_old_one_ende
     assert read_manifest(tmp_path)["stream_id"] == A
     np.testing.assert_array_equal(replica_memory(tmp_path), third.memory)
     sink.stop()
+
+
+def test_a_synthetic_tracker_stream_of_repeated_deltas_commits_every_epoch_exactly(tmp_path):
+    """test-src resync=true numbers its checkpoints from 1 like a tracker; every delta epoch applies onto
+    the previous one (an epoch-0 baseline once left the store "empty" and the next commit wiped it)."""
+    from pipeline.pipeline import Pipeline
+    from stages.common.replica_store import verify_replica
+
+    result = Pipeline.parse(f"test-src pattern=counter resync=true pages=8 epochs=4 ! classify ! xor-delta ! rle "
+                            f"! replica-sink name=sink path={tmp_path}").run(mode="inline", timeout=60)
+    counters = result.statistics[("sink", 0)]["counters"]
+    assert counters["epochs_committed"] == 4 and counters["epochs_discarded"] == 0
+    assert verify_replica(tmp_path).ok
+    pages = load_replica(tmp_path)["test"].reshape(8, -1)
+    assert np.array_equal(pages[:, :8].view("<u8").ravel(), np.arange(8))       # page numbers
+    assert np.all(pages[:, 8:16].view("<u8").ravel() == 4) and not pages[:, 16:].any()   # the last epoch, 4

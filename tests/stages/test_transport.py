@@ -623,7 +623,7 @@ def test_a_replica_fed_over_channels_holds_every_checkpoint_exactly(tmp_path):
         sender.run(mode="process", timeout=60)
         result = handle.wait(timeout=60)
     assert result.statistics[("replica-sink0", 0)]["counters"]["epochs_committed"] == 6
-    assert replica_state(tmp_path / "replica", 300) == (5, True)
+    assert replica_state(tmp_path / "replica", 300) == (6, True)   # test-src resync=true counts epochs 1..6
 
 
 def test_a_single_channel_sender_into_a_channel_receiver_is_corrupt_data(tmp_path):

@@ -552,3 +552,12 @@ def test_a_commit_left_to_settle_is_durable_by_its_journal_and_settles_later(tmp
     commit(store, 5, [4], 5)
     store.close()                               # settles too
     assert os.path.getsize(tmp_path / JOURNAL) == 0 and read_manifest(tmp_path)["epoch"] == 5
+
+
+def test_epoch_zero_is_refused_because_it_is_the_empty_replicas_number(tmp_path):
+    """Committing epoch 0 would leave the store looking empty, and the next commit would discard its image."""
+    store = ReplicaStore(tmp_path, fsync=False)
+    with pytest.raises(ReplicaError, match="cannot commit epoch 0: checkpoints are numbered from 1"):
+        commit(store, 0, ALL_PAGES, 7)
+    assert store.is_empty
+    store.close()
