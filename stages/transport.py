@@ -284,21 +284,25 @@ class ZmqSource(_ZmqStage):
         return Batch.control(Flag.SENDER_LOST, 0, format=STREAM, silence=silence,
                              last_heard=time.time() - silence)
 
+    def _poll_ms(self, began: float, waited_since: float, last_heard: float | None) -> int:
+        """How long to wait for a message: until the next refusal report, idle tick, timeout or failover."""
+        now = time.monotonic()
+        waits = [_REFUSALS_POLL_MS / 1000]
+        if self.idle_every:
+            waits.append(began + self.idle_every - now)
+        if self.timeout:
+            waits.append(waited_since + self.timeout - now)
+        if self.failover and last_heard is not None:
+            waits.append(last_heard + self.failover_after - now)
+        return max(0, math.ceil(min(waits) * 1000))
+
     def _next_message(self, waited_since: float, last_heard: float | None) -> zmq.Frame | None:
         """The next frame, or None once ``idle_every`` passed without one (the executor's timers run) or the
         sender was silent for failover-after; posts refusals while waiting; TransportError after ``timeout``
         without a frame."""
         began = time.monotonic()
         while True:
-            now = time.monotonic()
-            waits = [_REFUSALS_POLL_MS / 1000]
-            if self.idle_every:
-                waits.append(began + self.idle_every - now)
-            if self.timeout:
-                waits.append(waited_since + self.timeout - now)
-            if self.failover and last_heard is not None:
-                waits.append(last_heard + self.failover_after - now)
-            if self._socket.poll(max(0, math.ceil(min(waits) * 1000)), zmq.POLLIN):
+            if self._socket.poll(self._poll_ms(began, waited_since, last_heard), zmq.POLLIN):
                 return self._socket.recv(copy=False)
             self._post_refusals()
             now = time.monotonic()
@@ -337,15 +341,7 @@ class ZmqSource(_ZmqStage):
                 elif not wanted and channel in registered:
                     poller.unregister(sock)
                     registered.discard(channel)
-            now = time.monotonic()
-            waits = [_REFUSALS_POLL_MS / 1000]
-            if self.idle_every:
-                waits.append(began + self.idle_every - now)
-            if self.timeout:
-                waits.append(waited_since + self.timeout - now)
-            if self.failover and last_heard is not None:
-                waits.append(last_heard + self.failover_after - now)
-            ready = dict(poller.poll(max(0, math.ceil(min(waits) * 1000))))
+            ready = dict(poller.poll(self._poll_ms(began, waited_since, last_heard)))
             if not ready:
                 self._post_refusals()
                 now = time.monotonic()
