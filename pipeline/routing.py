@@ -88,7 +88,13 @@ def merge_markers(markers: list[Batch]) -> Batch:
     if len(keys) != 1:
         described = ", ".join(f"{Flag(f).name or f} epoch {e}" for f, e in sorted(keys))
         raise CorruptData(f"fan-in: workers delivered different control markers ({described})")
-    if len(markers) == 1 or not all("pages" in m.meta for m in markers):
+    if len(markers) == 1:
+        return first
+    streams = {str(m.meta["stream_id"]) for m in markers if "stream_id" in m.meta}
+    if len(streams) > 1:    # lanes of one stream (several receiving workers) all carry its identity
+        raise CorruptData(f"fan-in: workers delivered {Flag(first.flags).name or first.flags} markers of epoch "
+                          f"{first.epoch} from different streams ({', '.join(sorted(streams))})")
+    if not all("pages" in m.meta for m in markers):
         return first
     total = 0
     for marker in markers:

@@ -30,6 +30,7 @@ from pipeline.stage import Property, Stage, StageContext
 
 from .codecs import is_entropy_coded
 from .common import wire
+from .common.channels import MAX_CHANNELS
 from .common.checks import array_of, check_encoded_batch
 from .common.wire import Commit, Record, RecordFlag, RecordType
 
@@ -56,7 +57,11 @@ class Frame(Stage):
     description = "Frame page batches as the versioned, checksummed wire stream with epoch commits"
     input_caps = (PAGES, ENCODED)
     output_caps = STREAM
-    max_workers = 1
+    max_workers = MAX_CHANNELS
+    in_lanes = False
+    """Set by the fused frame+zmq-sink: with workers=N each worker frames one lane (docs/FORMAT.md, "Lanes")."""
+    lane_identity = ""
+    """Set by the fused frame+zmq-sink of N workers: the identity all lanes share when no batch names one."""
 
     max_record = Property("size", "16MiB", "Largest record body written; bigger page batches are split",
                           minimum=_MIN_RECORD_LIMIT, maximum=_MAX_RECORD_LIMIT)
@@ -68,8 +73,25 @@ class Frame(Stage):
     version = Property("int", wire.VERSION, "Wire format version written (1 for receivers older than version 2)",
                        minimum=1, maximum=wire.VERSION)
 
+    def fuse(self, downstream: Stage) -> Stage | None:
+        """With workers=N before a built-in zmq-sink channels=N, run both as one stage
+        (``stages.transport.FrameZmqSink``): each worker frames and sends one lane.
+
+        One worker is not fused: the wire stream between them is what the per-epoch statistics (wire bytes,
+        ratio) and the logs name by element."""
+        from .transport import FrameZmqSink, ZmqSink
+        if type(self) is not Frame or type(downstream) is not ZmqSink or self.workers == 1:
+            return None
+        if downstream.workers not in (1, self.workers) or downstream.channels != self.workers:
+            return None
+        return FrameZmqSink.around(self, downstream)
+
     def start(self, context: StageContext) -> None:
         super().start(context)
+        if context.worker_count > 1 and not self.in_lanes:
+            raise ConfigError(f"{self.factory_name}: workers={context.worker_count} frames one lane per worker: "
+                              f"link zmq-sink channels={context.worker_count} right after it (they run as one "
+                              f"stage, each worker sending its lane on its own channel)")
         self.tick_interval = self.heartbeat / 2
         self._last_output = time.monotonic()
         self._ended = False
@@ -178,8 +200,8 @@ class Frame(Stage):
     def _commit(self, marker: Batch) -> Commit:
         if self._open_epoch is not None and marker.epoch != self._open_epoch:
             raise ConfigError(f"{self.factory_name}: end of epoch {marker.epoch} while epoch {self._open_epoch} is open")
-        announced = marker.meta.get("pages")
-        if announced is not None and int(announced) != self._epoch_entries:
+        announced = marker.meta.get("pages")      # a lane frames its share: the epoch's count is the lanes' sum
+        if announced is not None and int(announced) != self._epoch_entries and self.context.worker_count == 1:
             self.context.warn(f"{self.factory_name}: epoch {marker.epoch} end says {announced} pages, "
                               f"{self._epoch_entries} were framed")
         meta = marker.meta
@@ -236,7 +258,8 @@ class Frame(Stage):
         if self._identity is None:
             chosen = batch.meta.get("stream_id")
             try:
-                self._identity = wire.parse_stream_id(chosen) if isinstance(chosen, str) else wire.new_stream_id()
+                self._identity = wire.parse_stream_id(chosen) if isinstance(chosen, str) else \
+                    wire.parse_stream_id(self.lane_identity) if self.lane_identity else wire.new_stream_id()
             except ValueError as exc:
                 raise ConfigError(f"{self.factory_name}: meta['stream_id']: {exc}") from None
         return self._identity

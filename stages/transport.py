@@ -40,8 +40,9 @@ from .classify import Classify
 from .xor_delta import XorDelta
 from .codecs import ChainCodec, Encoded, EntropyCodec, PageCodec, get_codec
 from .common import wire
-from .common.channels import END, MAX_CHANNELS, Reassembler, Spreader, channel_endpoints, parse_envelope
-from .framer import Frame, deframe_stream
+from .common.channels import (END, MAX_CHANNELS, LaneReceiver, LaneSender, Reassembler, Spreader, channel_endpoints,
+                              parse_envelope)
+from .framer import Deframe, Frame, deframe_stream
 from .common.pages import combine_digests, digest_pages, find_zero_pages
 from .common.security import CurveProperties, Gatekeeper, LinkSecurity
 
@@ -57,6 +58,8 @@ ZeroMQ checks against ZMQ_MAXMSGSIZE; rounded up."""
 _PEER_COMMAND_BYTES = 64 << 10
 """Largest frame a zmq-sink accepts from its receiver, which sends only handshake commands."""
 _REFUSALS_POLL_MS = 1000
+_REFUSALS_POST_EVERY = 0.25
+"""zmq-sink collects its gatekeepers' refusals at most this often (seconds), not at every batch."""
 
 
 def _payload_of(batch: Batch) -> np.ndarray | None:
@@ -84,11 +87,18 @@ class _ZmqStage(CurveProperties, Stage):
                                   "(stages.common.channels); sender and receiver must agree",
                         minimum=1, maximum=MAX_CHANNELS)
 
+    in_lanes = False
+    """Set by the fused stage (frame+zmq-sink, zmq-src+deframe) whose workers each carry one lane; a plain
+    stage with several workers would split one stream's bytes among them."""
+
     def start(self, context: StageContext) -> None:
         super().start(context)
         if not self.endpoint:
             raise TransportError(f"{self.factory_name}: no endpoint= given")
         endpoints = channel_endpoints(self.endpoint, self.channels)
+        self._lane: int | None = None
+        if context.worker_count > 1:
+            endpoints = [endpoints[self._lane_of(context)]]
         securities = [self.link_security(endpoint, self.bind) for endpoint in endpoints]
         self._links: list[tuple[zmq.Context, zmq.Socket, Gatekeeper | None]] = []
         try:
@@ -100,6 +110,21 @@ class _ZmqStage(CurveProperties, Stage):
         self._sockets = [sock for _, sock, _ in self._links]
         self._socket = self._sockets[0]
         self.counters.update({"messages": 0, self.bytes_counter: 0})
+
+    def _lane_of(self, context: StageContext) -> int:
+        """This worker's lane (and channel): workers=N carry one lane each (stages.common.channels)."""
+        count = context.worker_count
+        if not self.in_lanes:
+            raise ConfigError(f"{self.factory_name}: workers={count} carries one lane per worker: "
+                              f"{self.lane_pairing} right beside it, with channels={count}")
+        if self.channels != count:
+            raise ConfigError(f"{self.factory_name}: workers={count} needs channels={count} (one channel per "
+                              f"worker), not channels={self.channels}")
+        self._lane = context.worker_index
+        return self._lane
+
+    lane_pairing = ""
+    """What a stage of several workers must be linked with (in words, for the error)."""
 
     def _open(self, endpoint: str, security: LinkSecurity) -> tuple[zmq.Context, zmq.Socket, Gatekeeper | None]:
         context = security.context()
@@ -152,8 +177,9 @@ class ZmqSink(_ZmqStage):
     description = "Send the wire stream over ZeroMQ (PUSH), one message per batch"
     input_caps = (STREAM,)
     output_caps = None
-    max_workers = 1
+    max_workers = MAX_CHANNELS
     socket_type = zmq.PUSH
+    lane_pairing = "frame workers=N"
 
     bind = Property("bool", False, "Bind the endpoint (default: connect to a receiver that binds)")
     timeout = Property("duration", "10s", "Longest wait for a receiver to take a message; then TransportError",
@@ -169,25 +195,35 @@ class ZmqSink(_ZmqStage):
 
     def start(self, context: StageContext) -> None:
         super().start(context)
-        self._spreader = Spreader(self.channels) if self.channels > 1 else None
+        self._spreader = Spreader(self.channels) if self.channels > 1 and self._lane is None else None
+        self._lanes = LaneSender(self._lane, self.channels) if self._lane is not None else None
+        self._refusals_due = 0.0
 
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
         if payload is not None:   # the stream is bytes: pieces of at most MESSAGE_BYTES fit any receiver's limit
             view = payload.data.cast("B")
             for start in range(0, len(view), MESSAGE_BYTES):
-                if self._spreader is None:
+                if self._lanes is not None:
+                    self._send(self._socket, view[start:start + MESSAGE_BYTES], self._lanes.next(batch.epoch))
+                elif self._spreader is None:
                     self._send(self._socket, view[start:start + MESSAGE_BYTES])
                 else:
                     channel, envelope = self._spreader.next(batch.epoch)
                     self._send(self._sockets[channel], view[start:start + MESSAGE_BYTES], envelope)
-        self._post_refusals()
+        now = time.monotonic()
+        if now >= self._refusals_due:    # the gatekeepers' news, at most a few times a second
+            self._refusals_due = now + _REFUSALS_POST_EVERY
+            self._post_refusals()
         return iter(())
 
     def control(self, batch: Batch) -> Iterator[Batch]:
         yield from self.process(batch)
         if batch.flags & Flag.END_OF_STREAM:
-            if self._spreader is None:
+            self._post_refusals()
+            if self._lanes is not None:
+                self._send(self._socket, _END_MESSAGE, self._lanes.next(batch.epoch, end=True))
+            elif self._spreader is None:
                 self._send(self._socket, _END_MESSAGE)
             else:
                 for sock, envelope in zip(self._sockets, self._spreader.ends()):
@@ -218,9 +254,10 @@ class ZmqSource(_ZmqStage):
     factory_name = "zmq-src"
     description = "Receive the wire stream over ZeroMQ (PULL), one batch per message"
     output_caps = STREAM
-    max_workers = 1
+    max_workers = MAX_CHANNELS
     socket_type = zmq.PULL
     bytes_counter = "bytes_in"
+    lane_pairing = "deframe"
 
     bind = Property("bool", True, "Bind the endpoint (default; false: connect to a sender that binds)")
     timeout = Property("duration", 0, "Longest wait for the next message before TransportError; 0 waits forever",
@@ -239,10 +276,18 @@ class ZmqSource(_ZmqStage):
         sock.setsockopt(zmq.RCVHWM, self.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message + CURVE_FRAME_OVERHEAD)
 
+    def start(self, context: StageContext) -> None:
+        if self.failover and context.worker_count > 1:
+            raise ConfigError(f"{self.factory_name}: failover=true is not supported with workers="
+                              f"{context.worker_count} (lanes); use workers=1")
+        super().start(context)
+        self._lane_receiver = LaneReceiver(self._lane, self.channels) if self._lane is not None else None
+
     def produce(self) -> Iterator[Batch | None]:
-        if self.channels > 1:
+        if self.channels > 1 and self._lane_receiver is None:
             yield from self._produce_from_channels()
             return
+        lanes = self._lane_receiver
         sequence = 0
         last_heard: float | None = None     # monotonic time of the last message; None until one came
         waited_since = time.monotonic()
@@ -262,7 +307,11 @@ class ZmqSource(_ZmqStage):
                 continue
             last_heard = waited_since = time.monotonic()
             self.counters["messages"] += 1
-            if message.more:
+            if lanes is not None:
+                message = self._lane_message(lanes, message)
+                if message is None:
+                    continue
+            elif message.more:
                 self._refuse_multipart()
                 continue
             if sequence == 0:
@@ -274,6 +323,14 @@ class ZmqSource(_ZmqStage):
             payload = np.frombuffer(message.buffer, dtype=np.uint8)
             yield Batch(format=STREAM, sequence=sequence, payload=payload)
             sequence += 1
+
+    def fuse(self, downstream: Stage) -> Stage | None:
+        """With workers=N, run a built-in deframe in this stage's process (``ZmqSourceDeframe``): each worker
+        receives and checks one lane. One worker is not fused (see ``Frame.fuse``)."""
+        if type(self) is not ZmqSource or type(downstream) is not Deframe or self.workers == 1 \
+                or downstream.workers != 1:
+            return None
+        return ZmqSourceDeframe.around(self, downstream)
 
     def _sender_lost(self, last_heard: float, now: float) -> Batch:
         """The SENDER_LOST marker: nothing arrived for failover-after (heartbeats included)."""
@@ -313,6 +370,23 @@ class ZmqSource(_ZmqStage):
                                      f"for {self.timeout:g} s")
             if self.idle_every and now - began >= self.idle_every:
                 return None
+
+    def _lane_message(self, lanes: LaneReceiver, envelope: zmq.Frame) -> zmq.Frame | None:
+        """The payload of a lane message led by ``envelope`` (checked), or None when it is to be dropped."""
+        if not envelope.more:
+            raise CorruptData(f"{self.factory_name}: channel {lanes.lane}: a message of one part, expected an "
+                              f"envelope and a payload (is the sender framing with frame workers={lanes.lanes} "
+                              f"! zmq-sink channels={lanes.lanes}?)")
+        payload = self._socket.recv(copy=False)
+        if payload.more:
+            raise CorruptData(f"{self.factory_name}: channel {lanes.lane}: a message of more than two parts")
+        accepted = lanes.accept(envelope.buffer)
+        self.counters["dropped_messages"] = lanes.dropped
+        if accepted is not None and accepted.end != (len(payload) == 0):
+            raise CorruptData(f"{self.factory_name}: channel {lanes.lane}: message #{accepted.index} has "
+                              f"{len(payload)} bytes but its envelope {'ends' if accepted.end else 'does not end'} "
+                              f"the lane")
+        return payload if accepted is not None else None
 
     def _refuse_multipart(self) -> None:
         """zmq-sink never sends multipart messages: drop one whole, so it cannot pass for stream bytes."""
@@ -376,6 +450,122 @@ class ZmqSource(_ZmqStage):
                 self.counters["bytes_in"] += len(frame)
                 yield Batch(format=STREAM, sequence=sequence, payload=np.frombuffer(frame.buffer, dtype=np.uint8))
                 sequence += 1
+
+
+# ---- framing and transport in one process -------------------------------------------
+
+class FrameZmqSink(Stage):
+    """``frame ! zmq-sink`` as one stage (``Frame.fuse``): the stream's bytes never cross a process boundary.
+
+    Built for ``frame workers=N ! zmq-sink channels=N``: each worker frames the share of every epoch the
+    runtime hands it as a lane of its own (docs/FORMAT.md, "Lanes": the same stream identity, every layout,
+    commit and end of stream, its own records and sequence numbers) and sends it on channel ``worker`` of N.
+    """
+
+    factory_name = "frame+zmq-sink"
+    description = "frame and zmq-sink in one process; with workers=N each worker frames and sends one lane"
+    input_caps = Frame.input_caps
+    output_caps = None
+    max_workers = MAX_CHANNELS
+
+    members = Property("object", None, "Set by fusing: (frame properties, zmq-sink properties)", internal=True)
+    identity = Property("str", "", "Set by fusing workers=N: the stream identity every lane shares unless the "
+                        "stream names one (meta['stream_id'])", internal=True)
+
+    def __init__(self, **properties: Any):
+        super().__init__(**properties)
+        if self.members is None:
+            raise ConfigError(f"{self.factory_name}: built by fusing frame with zmq-sink; no members= given")
+        frame_properties, sink_properties = self.members
+        self._frame, self._sink = Frame(**frame_properties), ZmqSink(**sink_properties)
+        self.fusion = Fusion.join(self._frame, self._sink)
+        self._framed = self.fusion.link_after(self._frame)
+
+    @classmethod
+    def around(cls, frame: Frame, sink: "ZmqSink") -> "FrameZmqSink":
+        identity = "" if frame.workers == 1 or frame.stream_id else wire.new_stream_id().hex()
+        return cls(members=(frame.property_values(), sink.property_values()), identity=identity)
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self._frame.lane_identity = self.identity
+        self._frame.in_lanes = self._sink.in_lanes = True
+        self._frame.start(context)
+        self._sink.start(context)
+        self.tick_interval = self._frame.tick_interval
+
+    def process(self, batch: Batch) -> Iterator[Batch]:
+        return self._send(self._frame.handle(batch))
+
+    def control(self, batch: Batch) -> Iterator[Batch]:
+        return self._send(self._frame.handle(batch))
+
+    def tick(self) -> Iterator[Batch]:
+        return self._send(self._frame.tick())
+
+    def _send(self, framed: Iterable[Batch]) -> Iterator[Batch]:
+        for batch in framed:
+            self._framed.count(batch)
+            for _ in self._sink.handle(batch):
+                pass
+        return iter(())
+
+    def stop(self) -> None:
+        try:
+            self._sink.stop()
+        finally:
+            self._frame.stop()
+
+
+class ZmqSourceDeframe(Stage):
+    """``zmq-src ! deframe`` as one stage (``ZmqSource.fuse``): received bytes are checked where they arrive.
+
+    Built for ``zmq-src channels=N workers=N ! deframe``: each worker receives and deframes one lane; the
+    runtime's fan-in after it is the epoch barrier across the connections (an epoch passes on once every
+    lane's commit was checked, their page counts summed).
+    """
+
+    factory_name = "zmq-src+deframe"
+    description = "zmq-src and deframe in one process; with workers=N each worker receives and checks one lane"
+    output_caps = Deframe.output_caps
+    max_workers = MAX_CHANNELS
+
+    members = Property("object", None, "Set by fusing: (zmq-src properties, deframe properties)", internal=True)
+
+    def __init__(self, **properties: Any):
+        super().__init__(**properties)
+        if self.members is None:
+            raise ConfigError(f"{self.factory_name}: built by fusing zmq-src with deframe; no members= given")
+        source_properties, deframe_properties = self.members
+        self._source, self._deframe = ZmqSource(**source_properties), Deframe(**deframe_properties)
+        self.fusion = Fusion.join(self._source, self._deframe)
+        self._received = self.fusion.link_after(self._source)
+
+    @classmethod
+    def around(cls, source: "ZmqSource", deframe: Deframe) -> "ZmqSourceDeframe":
+        return cls(members=(source.property_values(), deframe.property_values()))
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self._source.in_lanes = True
+        self._source.start(context)
+        self._deframe.start(context)
+
+    def produce(self) -> Iterator[Batch | None]:
+        self._source.idle_every = self.idle_every
+        deframe, received = self._deframe, self._received
+        for batch in self._source.produce():
+            if batch is None:
+                yield None
+                continue
+            received.count(batch)
+            yield from deframe.handle(batch)
+
+    def stop(self) -> None:
+        try:
+            self._source.stop()
+        finally:
+            self._deframe.stop()
 
 
 # ---- files ----------------------------------------------------------------------

@@ -17,6 +17,14 @@ resyncs as it would after losing its one connection.
 
 Envelopes are untrusted: every field is checked, and a receiver holds at most
 ``limit`` messages per channel while it waits for another one.
+
+Lanes (``frame workers=N ! zmq-sink channels=N``, received by ``zmq-src
+channels=N workers=N ! deframe``): each frame worker frames its share of
+every epoch as a stream of its own, a *lane*, that one channel carries from
+one sending process to one receiving process; the envelope says so (flag
+``ENVELOPE_LANE``), and ``LaneSender`` / ``LaneReceiver`` number its messages.
+The epoch barrier is then the runtime's fan-in after the receiving workers:
+an epoch passes only once every lane's deframe has checked its commit.
 """
 from __future__ import annotations
 
@@ -38,6 +46,10 @@ CHANNEL_RECORD = next(number for number, name in wire.RESERVED_RECORD_TYPES.item
 ZeroMQ message and is stripped by zmq-src: never part of the record stream deframe reads, which refuses it."""
 ENVELOPE_END = 1
 """Envelope flag: this channel carries nothing more of the session (every channel gets one at the end)."""
+ENVELOPE_LANE = 2
+"""Envelope flag: the channel carries a lane, a stream of its own (docs/FORMAT.md, "Lanes"), not messages of a
+stream spread over the channels."""
+_KNOWN_ENVELOPE_FLAGS = ENVELOPE_END | ENVELOPE_LANE
 MAX_CHANNELS = 64
 _HEAD = struct.Struct("<HHIQQ")            # type, flags, body length, epoch, message index
 _BODY = struct.Struct("<QQHH4x")           # session, sequence on this channel, channel, channel count
@@ -54,12 +66,13 @@ class Envelope:
     channel: int
     channels: int
     end: bool = False
+    lane: bool = False      # the channel carries lane ``channel`` (its own stream), not spread messages
 
 
 def encode_envelope(envelope: Envelope) -> bytes:
     """The 56 bytes of an envelope (record header with an xxh3-64 checksum over its first 24 bytes and body)."""
-    head = _HEAD.pack(CHANNEL_RECORD, ENVELOPE_END if envelope.end else 0, _BODY.size, envelope.epoch,
-                      envelope.index)
+    flags = (ENVELOPE_END if envelope.end else 0) | (ENVELOPE_LANE if envelope.lane else 0)
+    head = _HEAD.pack(CHANNEL_RECORD, flags, _BODY.size, envelope.epoch, envelope.index)
     body = _BODY.pack(envelope.session, envelope.channel_sequence, envelope.channel, envelope.channels)
     return head + _U64.pack(xxhash.xxh3_64_intdigest(head + body)) + body
 
@@ -74,16 +87,18 @@ def parse_envelope(data, channel: int, channels: int) -> Envelope:
     if record_type != CHANNEL_RECORD or length != _BODY.size:
         raise CorruptData(f"{where}: record type {record_type:#06x} with a {length}-byte body, expected "
                           f"{CHANNEL_RECORD:#06x} with {_BODY.size} (is the sender using channels={channels}?)")
-    if xxhash.xxh3_64_intdigest(bytes(view[:_HEAD.size]) + bytes(view[wire.RECORD_HEADER_SIZE:])) \
-            != _U64.unpack_from(view, _HEAD.size)[0]:
+    hasher = xxhash.xxh3_64(view[:_HEAD.size])
+    hasher.update(view[wire.RECORD_HEADER_SIZE:])
+    if hasher.intdigest() != _U64.unpack_from(view, _HEAD.size)[0]:
         raise CorruptData(f"{where}: checksum mismatch")
-    if flags & ~ENVELOPE_END:
+    if flags & ~_KNOWN_ENVELOPE_FLAGS:
         raise CorruptData(f"{where}: unknown flags {flags:#x}")
     session, sequence, sent_channel, sent_channels = _BODY.unpack_from(view, wire.RECORD_HEADER_SIZE)
     if sent_channel != channel or sent_channels != channels:
         raise CorruptData(f"{where}: says channel {sent_channel} of {sent_channels}; this receiver has it as "
                           f"channel {channel} of {channels}")
-    return Envelope(index, epoch, session, sequence, channel, channels, bool(flags & ENVELOPE_END))
+    return Envelope(index, epoch, session, sequence, channel, channels, bool(flags & ENVELOPE_END),
+                    bool(flags & ENVELOPE_LANE))
 
 
 def channel_endpoints(endpoint: str, channels: int) -> list[str]:
@@ -170,6 +185,10 @@ class Reassembler:
         return len(self._queues[channel]) < self.limit
 
     def push(self, envelope: Envelope, payload) -> None:
+        if envelope.lane:
+            raise CorruptData(f"channel {envelope.channel}: carries lane {envelope.channel} of a stream framed by "
+                              f"{envelope.channels} frame workers; receive it with zmq-src channels="
+                              f"{envelope.channels} workers={envelope.channels} (each worker deframes one lane)")
         if envelope.session in self._retired:
             self.dropped += 1
             return
@@ -237,3 +256,60 @@ class Reassembler:
                     continue
                 raise TransportError(f"message {self._next} of the stream was lost: every channel has moved past it "
                                      f"(heads at {[head.index for head in present]})")
+
+
+class LaneSender:
+    """The sending side of one lane: the envelope of each message channel ``lane`` carries (docs/FORMAT.md,
+    "Lanes"); message index and channel sequence are the same count, from 0 at the sender's start."""
+
+    def __init__(self, lane: int, lanes: int):
+        self.lane, self.lanes = lane, lanes
+        self.session = int.from_bytes(os.urandom(8), "little")
+        self._sequence = 0
+
+    def next(self, epoch: int, end: bool = False) -> bytes:
+        """The envelope of the lane's next message (``end``: the empty message that ends the lane)."""
+        sequence = self._sequence
+        self._sequence += 1
+        return encode_envelope(Envelope(sequence, epoch, self.session, sequence, self.lane, self.lanes, end,
+                                        lane=True))
+
+
+class LaneReceiver:
+    """The receiving side of one lane: checks each message's envelope and that no message is missing.
+
+    A new session (a restarted sender) starts over: deframe then sees its stream header, as on one
+    connection. A gap in a session's sequence (a connection cut with messages in flight) is a
+    TransportError, before deframe could take the epoch the lost message belonged to. Messages of a
+    session already replaced are dropped (``dropped``).
+    """
+
+    def __init__(self, lane: int, lanes: int):
+        self.lane, self.lanes = lane, lanes
+        self.session: int | None = None
+        self._next = 0
+        self._retired: set[int] = set()
+        self.dropped = 0
+
+    def accept(self, envelope_bytes) -> Envelope | None:
+        """The checked envelope of a message, or None when the message is to be dropped (an old session's)."""
+        envelope = parse_envelope(envelope_bytes, self.lane, self.lanes)
+        if not envelope.lane:
+            raise CorruptData(f"channel {self.lane}: a message of a stream spread over {self.lanes} channels by one "
+                              f"frame worker; receive it with zmq-src channels={self.lanes} workers=1")
+        if envelope.index != envelope.channel_sequence:
+            raise CorruptData(f"channel {self.lane}: lane message index {envelope.index} differs from its channel "
+                              f"sequence {envelope.channel_sequence}")
+        if envelope.session in self._retired:
+            self.dropped += 1
+            return None
+        if envelope.session != self.session:
+            if self.session is not None:
+                self._retired.add(self.session)
+            self.session = envelope.session    # a sender's start, or a receiver joining a running lane
+        elif envelope.channel_sequence != self._next:
+            raise TransportError(f"channel {self.lane}: message #{envelope.channel_sequence} arrived where "
+                                 f"#{self._next} was next; {envelope.channel_sequence - self._next} message(s) of "
+                                 f"lane {self.lane} were lost on this connection (cut while data was in flight)")
+        self._next = envelope.channel_sequence + 1
+        return envelope
