@@ -99,6 +99,8 @@ class _ZmqStage(CurveProperties, Stage):
         self._lane: int | None = None
         if context.worker_count > 1:
             endpoints = [endpoints[self._lane_of(context)]]
+        # the endpoint(s) this worker serves, as its messages name them
+        self._where = f"{endpoints[0]} (lane {self._lane})" if self._lane is not None else self.endpoint
         securities = [self.link_security(endpoint, self.bind) for endpoint in endpoints]
         self._links: list[tuple[zmq.Context, zmq.Socket, Gatekeeper | None]] = []
         try:
@@ -234,18 +236,18 @@ class ZmqSink(_ZmqStage):
         size = len(data)
         if not self.counters["messages"]:   # the first message says whether a receiver is there
             if not self._socket.poll(WAITING_NOTICE_MS, zmq.POLLOUT):
-                self.context.event("waiting", f"waiting for a receiver at {self.endpoint} (up to {self.timeout:g} s)")
+                self.context.event("waiting", f"waiting for a receiver at {self._where} (up to {self.timeout:g} s)")
         try:
             if envelope is not None:
                 sock.send(envelope, zmq.SNDMORE)   # once the first part is queued, the rest is too
             sock.send(data, copy=size < _ZERO_COPY_BYTES)
         except zmq.Again:
-            raise TransportError(f"{self.factory_name}: no receiver took data at {self.endpoint} "
+            raise TransportError(f"{self.factory_name}: no receiver took data at {self._where} "
                                  f"within {self.timeout:g} s (unreachable or not running)") from None
         except zmq.ZMQError as exc:
-            raise TransportError(f"{self.factory_name}: sending to {self.endpoint} failed: {exc}") from None
+            raise TransportError(f"{self.factory_name}: sending to {self._where} failed: {exc}") from None
         if not self.counters["messages"]:
-            self.context.event("connected", f"sending to a receiver at {self.endpoint}")
+            self.context.event("connected", f"sending to a receiver at {self._where}")
         self.counters["messages"] += 1
         self.counters["bytes_out"] += size
 
@@ -297,7 +299,7 @@ class ZmqSource(_ZmqStage):
             if message is None:     # idle_every passed, or the sender fell silent
                 now = time.monotonic()
                 if sequence == 0 and not said_waiting and now - waited_since >= WAITING_NOTICE_MS / 1000:
-                    self.context.event("waiting", f"waiting for a sender on {self.endpoint} (nothing received yet)")
+                    self.context.event("waiting", f"waiting for a sender on {self._where} (nothing received yet)")
                     said_waiting = True
                 if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
                     yield self._sender_lost(last_heard, now)
@@ -315,8 +317,9 @@ class ZmqSource(_ZmqStage):
                 self._refuse_multipart()
                 continue
             if sequence == 0:
-                self.context.event("connected", f"receiving from a sender on {self.endpoint}")
+                self.context.event("connected", f"receiving from a sender on {self._where}")
             if len(message) == 0:
+                self._post_refusals()           # the final statistics count the peers
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                 return
             self.counters["bytes_in"] += len(message)
@@ -336,7 +339,7 @@ class ZmqSource(_ZmqStage):
         """The SENDER_LOST marker: nothing arrived for failover-after (heartbeats included)."""
         self.counters["senders_lost"] = self.counters.get("senders_lost", 0) + 1
         silence = now - last_heard
-        self.context.warn(f"{self.factory_name}: nothing from the sender on {self.endpoint} for {silence:.2f} s "
+        self.context.warn(f"{self.factory_name}: nothing from the sender on {self._where} for {silence:.2f} s "
                           f"(failover-after={self.failover_after:g} s): it is lost")
         return Batch.control(Flag.SENDER_LOST, 0, format=STREAM, silence=silence,
                              last_heard=time.time() - silence)
@@ -366,7 +369,7 @@ class ZmqSource(_ZmqStage):
             if self.failover and last_heard is not None and now - last_heard >= self.failover_after:
                 return None
             if self.timeout and now - waited_since >= self.timeout:
-                raise TransportError(f"{self.factory_name}: nothing received on {self.endpoint} "
+                raise TransportError(f"{self.factory_name}: nothing received on {self._where} "
                                      f"for {self.timeout:g} s")
             if self.idle_every and now - began >= self.idle_every:
                 return None
@@ -393,7 +396,7 @@ class ZmqSource(_ZmqStage):
         while self._socket.getsockopt(zmq.RCVMORE):
             self._socket.recv(copy=False)
         self.counters["multipart_refused"] = self.counters.get("multipart_refused", 0) + 1
-        self.context.warn(f"{self.factory_name}: dropped a multipart message on {self.endpoint} "
+        self.context.warn(f"{self.factory_name}: dropped a multipart message on {self._where} "
                           f"(not from zmq-sink, or from one with channels= set: set the same channels= here)")
 
     def _produce_from_channels(self) -> Iterator[Batch | None]:
@@ -712,7 +715,9 @@ class TraceSource(Stage):
             steps: Iterable[tuple[float | None, Iterable[Batch]]] = (
                 self._replay(batch) for batch in deframe_stream([trace], self.max_record, context))
             if self.preload:
+                began = time.process_time()
                 steps = [(recorded, list(batches)) for recorded, batches in steps]
+                self.counters["preload_cpu_seconds"] = time.process_time() - began
             for recorded, batches in steps:
                 self._wait_for(recorded)
                 yield from batches

@@ -1,9 +1,11 @@
 """Channel-failure benchmark: cut one channel's connection at random moments; no partial epoch may commit.
 
-``pagepipe bench channels [--kills 50] [--channels 3]``. Each round runs a
-receiver (``zmq-src channels=C ! deframe ! decode ! replica-sink``) and a
-sender (``test-src pattern=counter resync=true ! classify ! xor-delta ! rle ! frame !
-zmq-sink channels=C``) in process mode over tcp on this machine (loopback,
+``pagepipe bench channels [--kills 50] [--channels 3] [--mode lanes|spread]``. Each round runs a
+receiver (``zmq-src channels=C workers=C ! deframe ! decode ! replica-sink``) and a
+sender (``test-src pattern=random resync=true ! classify ! xor-delta ! rle ! frame workers=C !
+zmq-sink channels=C``: each of C frame workers frames its share of every epoch as a lane on its own
+channel; ``--mode spread``: one frame worker, its stream spread over the C channels and
+received by one ``zmq-src channels=C``) in process mode over tcp on this machine (loopback,
 ``insecure=true``: the relay stands for the network), with one
 channel routed through a TCP relay (``CuttableRelay``) that drops its
 connections, data in flight included, at a random moment once the stream
@@ -161,20 +163,25 @@ def replica_state(path: Path, pages: int) -> tuple[int, bool]:
     return epoch, bool(np.array_equal(memory.reshape(-1, PAGE_SIZE)[:pages], source_pages(epoch, pages)))
 
 
+MODES = ("lanes", "spread")
+
+
 def run_round(directory: Path, channels: int, epochs: int, pages: int, cut_after: float | None,
-              rng: random.Random) -> Round:
+              rng: random.Random, mode: str = "lanes") -> Round:
     """One sender/receiver pair with channel 1 (of ``channels``) through a relay cut ``cut_after`` s in."""
     ports = free_ports(channels)
     relay = CuttableRelay(("127.0.0.1", ports[1 % channels]))
     sender_endpoints = [f"tcp://127.0.0.1:{port}" for port in ports]
     sender_endpoints[1 % channels] = f"tcp://127.0.0.1:{relay.port}"
     replica = directory / f"replica-{rng.randrange(1 << 30)}"
+    workers = f"workers={channels}" if mode == "lanes" else ""
     receiver = Pipeline.parse(
         f"zmq-src endpoint={','.join(f'tcp://127.0.0.1:{port}' for port in ports)} channels={channels} timeout=3s "
-        f"insecure=true "
+        f"insecure=true {workers} "
         f"! deframe ! decode ! replica-sink path={replica} fsync=false")
     sender = Pipeline.parse(
-        f"test-src epochs={epochs} pages={pages} batch-pages={BATCH_PAGES} pattern=random resync=true ! classify ! xor-delta ! rle ! frame "
+        f"test-src epochs={epochs} pages={pages} batch-pages={BATCH_PAGES} pattern=random resync=true ! classify "
+        f"! xor-delta ! rle ! frame {workers} "
         f"! zmq-sink endpoint={','.join(sender_endpoints)} channels={channels} timeout=3s insecure=true")
     completed, failure = False, ""
     try:
@@ -204,12 +211,12 @@ def run_round(directory: Path, channels: int, epochs: int, pages: int, cut_after
 
 
 def run_rounds(kills: int, channels: int, epochs: int, pages: int, seed: int = 0,
-               window: float = 1.0) -> list[Round]:
+               window: float = 1.0, mode: str = "lanes") -> list[Round]:
     """``kills`` rounds, each cutting channel 1 at a random moment in the ``window`` seconds after the stream
     began to flow through it."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="pagepipe-channels-") as directory:
-        return [run_round(Path(directory), channels, epochs, pages, rng.uniform(0.0, window), rng)
+        return [run_round(Path(directory), channels, epochs, pages, rng.uniform(0.0, window), rng, mode)
                 for _ in range(kills)]
 
 
@@ -221,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=512, help="pages per checkpoint")
     parser.add_argument("--window", type=float, default=1.0, help="cuts fall at a random moment in this many "
                                                                     "seconds after data began to flow")
+    parser.add_argument("--mode", choices=MODES, default="lanes", help="lanes: frame workers=C, each sending "
+                        "one lane on its own channel (default); spread: one stream spread over the C channels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -228,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench channels: --kills >= 1, --channels >= 2, --epochs >= 1, --pages >= 2", file=sys.stderr)
         return 2
     started = time.monotonic()
-    rounds = run_rounds(args.kills, args.channels, args.epochs, args.pages, args.seed, args.window)
-    figures = {"rounds": len(rounds), "completed": sum(r.completed for r in rounds),
+    rounds = run_rounds(args.kills, args.channels, args.epochs, args.pages, args.seed, args.window, args.mode)
+    figures = {"mode": args.mode, "rounds": len(rounds), "completed": sum(r.completed for r in rounds),
                "failed": sum(not r.completed for r in rounds), "partial_epochs_committed": sum(r.partial for r in rounds),
                "committed_epochs": [r.committed_epoch for r in rounds], "seconds": time.monotonic() - started}
-    print(f"{figures['rounds']} rounds cutting 1 of {args.channels} channels at a random moment: "
+    print(f"{figures['rounds']} rounds ({args.mode}) cutting 1 of {args.channels} channels at a random moment: "
           f"{figures['completed']} streams completed (nothing was in flight), {figures['failed']} failed "
           f"(a lost message detected), {figures['partial_epochs_committed']} partial epochs committed "
           f"(target 0: {'met' if figures['partial_epochs_committed'] == 0 else 'MISSED'}); "

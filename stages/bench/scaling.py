@@ -4,11 +4,13 @@
 each worker count W it runs, in process mode on this machine,
 
     trace-src preload=true ! classify workers=W ! xor-delta workers=W ! rle workers=W
-        ! zstd workers=W ! frame ! zmq-sink channels=W
-    zmq-src channels=W ! deframe ! null-sink          (the receiver, its own pipeline, over tcp loopback)
+        ! zstd workers=W ! frame workers=W ! zmq-sink channels=W
+    zmq-src channels=W workers=W ! deframe ! null-sink   (the receiver, its own pipeline, over tcp loopback)
 
 (classify, xor-delta and rle fuse into one stage of W workers, xor-delta sharded
-by page) over the recorded memcached trace when it is there, else a synthetic
+by page; for W > 1 frame and zmq-sink fuse into W workers that each frame and
+send one lane on its own channel, and zmq-src and deframe into W workers that
+each receive and check one lane: stages.common.channels) over the recorded memcached trace when it is there, else a synthetic
 heap-like trace made here (so nothing outside the repository is needed), its
 recorded epochs repeated ``--rounds`` times after the whole-memory epoch. It
 prints, per W: throughput of dirty-page input (page bytes trace-src emitted,
@@ -18,6 +20,15 @@ CPU seconds per GB of dirty pages (every worker process of both pipelines, from
 ``time.process_time`` in each; ``supervisors`` is the two calling processes).
 Target (issue 11): on 16 cores, W=16 >= 8 x W=1. ``--quick`` sizes the run
 to finish within a few minutes on 16 cores.
+
+Beside the measured rows it prints a PREDICTION (labelled so, never a
+measurement) for 4, 8 and 16 cores made from the measured CPU seconds per GB
+of the run with the most workers: with W = cores, a stage of W workers
+runs at W / (its CPU s/GB) GB/s, a stage of one process (the source, the
+receiver's sink, the supervisors) at 1 / (its CPU s/GB), and the whole at
+most at cores / (the total CPU s/GB); the prediction is the smallest of
+these. trace-src's preload (decoding the trace before the timed window) is
+left out of its figure for the prediction.
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ from stages.transport import ZmqSource
 GB = 1e9
 PAGE_SIZE = 4096
 TARGET_SPEEDUP_16 = 8.0
+PREDICTED_CORES = (4, 8, 16)
 BATCH_PAGES = 1024
 """Pages per trace-src batch (4 MiB): fewer, larger records and messages per GB for frame, zmq and deframe."""
 
@@ -82,8 +94,8 @@ def worker_counts(cores: int) -> list[int]:
 
 def sender_description(trace_file: Path, workers: int, endpoint: str) -> str:
     return (f"trace-src path={trace_file} preload=true batch-pages={BATCH_PAGES} ! classify workers={workers} "
-            f"! xor-delta workers={workers} cache=256MiB ! rle workers={workers} ! zstd workers={workers} ! frame "
-            f"! zmq-sink endpoint={endpoint} channels={workers} timeout=60s insecure=true")
+            f"! xor-delta workers={workers} cache=256MiB ! rle workers={workers} ! zstd workers={workers} "
+            f"! frame workers={workers} ! zmq-sink endpoint={endpoint} channels={workers} timeout=60s insecure=true")
 
 
 def run_once(trace_file: Path, workers: int, directory: Path) -> dict:
@@ -92,8 +104,8 @@ def run_once(trace_file: Path, workers: int, directory: Path) -> dict:
     # is crossed. (ipc here lost a stream's last messages now and then when the sender exited: AF_UNIX resets.)
     endpoint = ",".join(f"tcp://127.0.0.1:{port}" for port in free_ports(workers))
     sink = TimedNullSink()
-    receiver = Pipeline.chain(ZmqSource(endpoint=endpoint, channels=workers, timeout="60s", insecure=True),
-                              Deframe(), sink)
+    receiver = Pipeline.chain(ZmqSource(endpoint=endpoint, channels=workers, workers=workers, timeout="60s",
+                                        insecure=True), Deframe(), sink)
     sender = Pipeline.parse(sender_description(trace_file, workers, endpoint))
     before = os.times()
     with receiver.start(mode="process") as receiving:
@@ -107,10 +119,28 @@ def run_once(trace_file: Path, workers: int, directory: Path) -> dict:
     window = max(counters["last_batch"] - counters["first_batch"], 1e-9)
     cpu = {**cpu_seconds_by_node(sent.statistics), **cpu_seconds_by_node(received.statistics)}
     cpu["supervisors"] = (after.user + after.system) - (before.user + before.system)
+    nodes = {**per_node(sender_totals), **per_node(receiver_totals)}
     return {"workers": workers, "gbps": dirty / window / GB, "window_seconds": window, "dirty_bytes": dirty,
-            "processes": int(sum(v["workers"] for v in per_node(sender_totals).values())
-                             + sum(v["workers"] for v in per_node(receiver_totals).values())),
+            "processes": int(sum(v["workers"] for v in nodes.values())),
+            "workers_by_stage": {name: int(values["workers"]) for name, values in nodes.items()},
+            "preload_cpu_per_gb": float(source.get("counters", {}).get("preload_cpu_seconds", 0.0)) / (dirty / GB),
             "cpu_per_gb": {name: seconds / (dirty / GB) for name, seconds in cpu.items()}}
+
+
+def predict(result: dict, cores: int) -> dict:
+    """A PREDICTION (not a measurement) of the throughput with W = ``cores`` on ``cores`` cores, from the
+    measured CPU seconds per GB of ``result``: each stage's workers in parallel (a stage of one process stays
+    one), the whole limited by cores / total CPU per GB. Returns GB/s and what limits it."""
+    per_gb = dict(result["cpu_per_gb"])
+    for name in per_gb:
+        if name.startswith("trace-src"):     # its preload decodes the trace before the timed window
+            per_gb[name] = max(per_gb[name] - result.get("preload_cpu_per_gb", 0.0), 0.0)
+    scaled = {name for name, workers in result.get("workers_by_stage", {}).items()
+              if workers == result["workers"] > 1}
+    limits = {name: (cores if name in scaled else 1) / max(value, 1e-12) for name, value in per_gb.items()}
+    limits["all cores"] = cores / max(sum(per_gb.values()), 1e-12)
+    bound = min(limits, key=lambda name: limits[name])
+    return {"cores": cores, "gbps": limits[bound], "limited_by": bound}
 
 
 def run_retrying(trace_file: Path, workers: int, directory: Path, attempts: int = 3) -> dict:
@@ -191,8 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         shares = ", ".join(f"{name} {value:.2f}" for name, value in result["cpu_per_gb"].items())
         print(f"  workers={result['workers']}: {shares}")
+    basis = max(results, key=lambda result: result["workers"])
+    predictions = [predict(basis, count) for count in PREDICTED_CORES if count > cores]
+    if predictions:
+        print(f"PREDICTION, not measured: workers = cores on a bigger machine, from the CPU seconds per GB measured "
+              f"above at workers={basis['workers']} (each stage's workers in parallel, the whole at most cores / "
+              f"total CPU per GB):")
+        for predicted in predictions:
+            print(f"  predicted {predicted['cores']:>2} cores: {predicted['gbps']:7.2f} GB/s "
+                  f"({predicted['gbps'] / base:.1f} x the measured workers=1; limited by {predicted['limited_by']})")
     figures = {"cores": cores, "trace": origin, "rounds": rounds, "results": results,
-               "seconds": time.monotonic() - started}
+               "predicted_not_measured": predictions, "seconds": time.monotonic() - started}
     at16 = [r for r in results if r["workers"] == 16]
     if at16:
         met = at16[0]["speedup"] >= TARGET_SPEEDUP_16

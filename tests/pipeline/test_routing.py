@@ -90,6 +90,15 @@ def test_merging_different_markers_is_an_error():
         merge_markers([epoch_end(1, 0), epoch_end(2, 0)])
 
 
+def test_markers_of_different_streams_are_not_merged():
+    """Lanes of one stream (receiving workers) all name its identity: another stream's marker is an error."""
+    merged = merge_markers([epoch_end(3, 2, stream_id="aa" * 16), epoch_end(3, 1, stream_id="aa" * 16)])
+    assert merged.meta == {"pages": 3, "stream_id": "aa" * 16}
+    with pytest.raises(CorruptData, match=f"EPOCH_END markers of epoch 3 from different streams \\({'aa' * 16}, "
+                                          f"{'bb' * 16}\\)"):
+        merge_markers([epoch_end(3, 2, stream_id="aa" * 16), epoch_end(3, 1, stream_id="bb" * 16)])
+
+
 def test_page_counter_stamps_each_epoch_end_with_the_pages_emitted_in_that_epoch():
     counter = EpochPageCounter()
     counter.stamp(pages_batch([1, 2, 3], epoch=0))

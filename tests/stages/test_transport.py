@@ -634,3 +634,153 @@ def test_a_single_channel_sender_into_a_channel_receiver_is_corrupt_data(tmp_pat
         sender.run(mode="process", timeout=60)
         with pytest.raises(StageFailed, match=r"channel 0: message of 1 parts, expected an envelope .*channels=2\?"):
             handle.wait(timeout=60)
+
+
+# ---- lanes: frame workers=N ! zmq-sink channels=N, zmq-src channels=N workers=N ! deframe ---------------------
+
+def lane_senders(endpoint: str, lanes: int, **sink) -> list:
+    """The N workers of the fused frame+zmq-sink, started in this process as the runtime starts them."""
+    fused = Frame(workers=lanes).fuse(ZmqSink(endpoint=endpoint, channels=lanes, timeout="10s", **sink))
+    assert type(fused).__name__ == "FrameZmqSink"
+    workers = [type(fused)(**fused.property_values()) for _ in range(lanes)]
+    for index, worker in enumerate(workers):
+        worker.start(StageContext("frame0+zmq-sink0", index, lanes))
+    return workers
+
+
+def lane_receivers(endpoint: str, lanes: int, **deframe) -> list:
+    from stages.framer import Deframe
+    fused = ZmqSource(endpoint=endpoint, channels=lanes, workers=lanes, timeout="10s", insecure=True).fuse(
+        Deframe(**deframe))
+    assert type(fused).__name__ == "ZmqSourceDeframe"
+    workers = [type(fused)(**fused.property_values()) for _ in range(lanes)]
+    for index, worker in enumerate(workers):
+        worker.start(StageContext("zmq-src0+deframe0", index, lanes))
+    return workers
+
+
+def lane_epoch(senders: list, epoch: int, flags: Flag = Flag.NONE, pages: int = 6) -> None:
+    """Epoch ``epoch``: its page batches dealt among the lanes (lane 0 gets two), its end to every lane."""
+    numbers = np.arange(pages, dtype=np.uint64) + epoch
+    batches = [Batch(format=PAGES, epoch=epoch, flags=flags, page_numbers=numbers[i:i + 2],
+                     kinds=np.zeros(len(numbers[i:i + 2]), np.uint8), data=np.full((2, PAGE), epoch + i, np.uint8))
+               for i in range(0, pages, 2)]
+    for index, batch in enumerate(batches):
+        feed(senders[index % len(senders) if index else 0], [batch])
+    for sender in senders:
+        feed(sender, [Batch.control(Flag.EPOCH_END | flags, epoch, pages=pages)])
+
+
+def merged_until(receivers: list, epoch: int) -> list[Batch]:
+    """What the runtime's fan-in after the lanes passes on, up to the merged end of ``epoch``."""
+    from pipeline.routing import FanIn
+    fan_in, got = FanIn(len(receivers)), []
+    streams = [receiver.produce() for receiver in receivers]
+    for index, stream in enumerate(streams):
+        for batch in stream:
+            got.extend(fan_in.push(index, batch))
+            if batch is not None and batch.flags & Flag.EPOCH_END and batch.epoch == epoch:
+                break
+    return got
+
+
+def test_lanes_commit_an_epoch_only_once_every_lane_delivered_its_part(tmp_path):
+    endpoint = ",".join(free_tcp_endpoint() for _ in range(3))
+    layout = Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])
+    receivers, senders = lane_receivers(endpoint, 3), lane_senders(endpoint, 3, insecure=True)
+    try:
+        for sender in senders:
+            feed(sender, [layout])
+        lane_epoch(senders, 1)
+        lane_epoch(senders, 2, pages=2)     # lanes 1 and 2 have nothing of epoch 2: they commit it empty
+        got = merged_until(receivers, 2)
+    finally:
+        for stage in senders + receivers:
+            stage.stop()
+    ends = [b for b in got if b.flags & Flag.EPOCH_END]
+    assert [(b.epoch, b.meta["pages"]) for b in ends] == [(1, 6), (2, 2)]       # every lane's count, summed
+    assert [b.epoch for b in got if not b.is_control] == [1, 1, 1, 2]
+    assert got.index(ends[0]) == 4                 # no page of epoch 2 passed before epoch 1's barrier
+    identities = {b.meta["stream_id"] for b in got if b.is_control}
+    assert len(identities) == 1                    # one stream: every lane carries its identity
+    lanes = [receiver._deframe.counters["records"] for receiver in receivers]
+    assert all(count >= 3 for count in lanes)      # layout, commits (and pages) on every lane
+
+
+def test_a_restarted_lane_receiver_resumes_at_the_senders_next_resync_segment(tmp_path):
+    endpoint = ",".join(free_tcp_endpoint() for _ in range(2))
+    layout = Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])
+    first, senders = lane_receivers(endpoint, 2), lane_senders(endpoint, 2, insecure=True)
+    try:
+        for sender in senders:
+            feed(sender, [layout])
+        lane_epoch(senders, 1)
+        assert [b.epoch for b in merged_until(first, 1) if b.flags & Flag.EPOCH_END] == [1]
+        for receiver in first:
+            receiver.stop()
+        second = lane_receivers(endpoint, 2, resume=True)
+        try:
+            lane_epoch(senders, 2)                   # lost with the old connections, or skipped by the new receivers
+            lane_epoch(senders, 3, Flag.RESYNC)      # a new segment on every lane: header, layout, pages
+            got = merged_until(second, 3)
+        finally:
+            for receiver in second:
+                receiver.stop()
+    finally:
+        for sender in senders:
+            sender.stop()
+    assert [(b.epoch, b.flags) for b in got if b.is_control] == [(1, Flag.LAYOUT), (3, Flag.EPOCH_END | Flag.RESYNC)]
+    assert sorted(int(n) for b in got if not b.is_control for n in b.page_numbers) == list(range(3, 9))
+
+
+def test_a_replica_fed_over_three_lanes_with_keys_holds_every_checkpoint_exactly(tmp_path, curve_keys):
+    from stages.bench.channels import replica_state
+    keys, endpoint = curve_keys, ",".join(free_tcp_endpoint() for _ in range(3))
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} channels=3 workers=3 timeout=20s "
+                              f"secret-key={keys.server_secret} authorized-keys={keys.allowed} ! deframe resume=true "
+                              f"! decode ! replica-sink path={tmp_path / 'replica'} fsync=false")
+    sender = Pipeline.parse("test-src epochs=6 pages=300 batch-pages=32 pattern=random resync=true ! classify "
+                            "! xor-delta ! rle ! zstd workers=2 ! frame workers=3 "
+                            f"! zmq-sink endpoint={endpoint} channels=3 secret-key={keys.client_secret} "
+                            f"server-key={keys.server_public}")
+    with receiver.start(mode="process") as handle:
+        sent = sender.run(mode="process", timeout=60)
+        result = handle.wait(timeout=60)
+    assert result.statistics[("replica-sink0", 0)]["counters"]["epochs_committed"] == 6
+    assert replica_state(tmp_path / "replica", 300) == (6, True)
+    lanes = [result.statistics[("zmq-src0", lane)]["counters"] for lane in range(3)]
+    assert all(lane["peers_admitted"] == 1 and lane["bytes_in"] > 0 for lane in lanes), lanes   # each its own connection
+    assert sum(sent.statistics[("frame0", lane)]["counters"]["records"] for lane in range(3)) > 3 * 8
+
+
+def test_a_lane_sender_into_a_spread_receiver_and_the_reverse_are_refused(tmp_path):
+    endpoint = ",".join(free_tcp_endpoint() for _ in range(2))
+    for receiving, sending, expected in [
+            ("channels=2", "frame workers=2", r"carries lane \d of a stream framed by 2 frame workers"),
+            ("channels=2 workers=2", "frame", r"spread over 2 channels by one frame worker")]:
+        receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} {receiving} timeout=20s insecure=true ! deframe "
+                                  f"! null-sink")
+        sender = Pipeline.parse(f"test-src epochs=2 pages=8 ! {sending} ! zmq-sink endpoint={endpoint} channels=2 "
+                                f"timeout=5s insecure=true")
+        with receiver.start(mode="process") as handle:
+            try:
+                sender.run(mode="process", timeout=60)
+            except StageFailed:
+                pass                # the refused receiver may leave the sender without a taker
+            with pytest.raises(StageFailed, match=expected):
+                handle.wait(timeout=60)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("test-src ! frame workers=2 ! file-sink path={tmp}/x",
+     "frame: workers=2 frames one lane per worker: link zmq-sink channels=2 right after it"),
+    ("test-src ! frame workers=2 ! zmq-sink endpoint=tcp://127.0.0.1:9 channels=3 insecure=true",
+     "frame: workers=2 frames one lane per worker"),
+    ("zmq-src endpoint=tcp://127.0.0.1:9 channels=2 workers=2 failover=true insecure=true ! deframe ! null-sink",
+     "failover=true is not supported with workers=2"),
+    ("zmq-src endpoint=tcp://127.0.0.1:9 channels=2 workers=2 insecure=true ! null-sink",
+     "zmq-src: workers=2 carries one lane per worker: deframe right beside it"),
+])
+def test_lanes_set_up_wrongly_are_config_errors(tmp_path, text, message):
+    with pytest.raises((ConfigError, StageFailed), match=message):
+        Pipeline.parse(text.format(tmp=tmp_path)).run(mode="inline", timeout=30)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import xxhash
 
 from pipeline.errors import ConfigError, CorruptData, TransportError
-from stages.common.channels import (CHANNEL_RECORD, END, ENVELOPE_SIZE, Envelope, Reassembler, Spreader,
-                                    channel_endpoints, encode_envelope, parse_envelope)
+from stages.common.channels import (CHANNEL_RECORD, END, ENVELOPE_SIZE, Envelope, LaneReceiver, LaneSender, Reassembler,
+                                    Spreader, channel_endpoints, encode_envelope, parse_envelope)
 
 
 def spread(messages: list[bytes], channels: int) -> list[list[tuple[Envelope, bytes]]]:
@@ -158,3 +159,58 @@ def test_a_receiver_joining_midway_skips_gaps_until_a_segment_starts_then_is_str
     assert reassembler.dropped == 1
     with pytest.raises(TransportError, match="channel 0"):
         reassembler.push(*per_channel[0][4])            # after the segment start a gap fails the stream
+
+
+# ---- lanes: one stream per channel ---------------------------------------------------------
+
+def test_lane_envelopes_number_each_lanes_messages_and_say_they_carry_a_lane():
+    sender = LaneSender(1, 3)
+    raws = [sender.next(epoch) for epoch in (4, 4, 5)] + [sender.next(5, end=True)]
+    parsed = [parse_envelope(raw, 1, 3) for raw in raws]
+    assert [(e.index, e.channel_sequence, e.lane, e.end) for e in parsed] == \
+        [(0, 0, True, False), (1, 1, True, False), (2, 2, True, False), (3, 3, True, True)]
+    receiver = LaneReceiver(1, 3)
+    assert [receiver.accept(raw).index for raw in raws] == [0, 1, 2, 3]
+
+
+def test_a_lost_lane_message_is_a_transport_error():
+    sender, receiver = LaneSender(0, 2), LaneReceiver(0, 2)
+    receiver.accept(sender.next(1))
+    sender.next(1)                                  # lost on the connection
+    with pytest.raises(TransportError, match=r"channel 0: message #2 arrived where #1 was next; 1 message\(s\) of "
+                                             r"lane 0 were lost"):
+        receiver.accept(sender.next(1))
+
+
+def test_a_restarted_lane_sender_starts_over_and_its_predecessor_is_dropped():
+    old, new, receiver = LaneSender(0, 2), LaneSender(0, 2), LaneReceiver(0, 2)
+    receiver.accept(old.next(1))
+    late = old.next(1)
+    assert receiver.accept(new.next(1)).session == new.session      # a new session: deframe sees its header
+    assert receiver.accept(late) is None and receiver.dropped == 1   # the replaced session's stragglers
+    assert receiver.accept(new.next(2)).index == 1
+
+
+def test_lanes_and_a_spread_stream_refuse_each_other_naming_the_setting():
+    spread_envelope = Spreader(2).next(1)[1]
+    with pytest.raises(CorruptData, match="spread over 2 channels by one frame worker; receive it with "
+                                          "zmq-src channels=2 workers=1"):
+        LaneReceiver(0, 2).accept(spread_envelope)
+    lane = parse_envelope(LaneSender(0, 2).next(1), 0, 2)
+    with pytest.raises(CorruptData, match="carries lane 0 of a stream framed by 2 frame workers; receive it with "
+                                          "zmq-src channels=2 workers=2"):
+        Reassembler(2, limit=4).push(lane, b"payload")
+
+
+def test_a_lane_envelope_whose_index_is_not_its_sequence_is_corrupt():
+    raw = encode_envelope(Envelope(index=5, epoch=1, session=9, channel_sequence=0, channel=0, channels=2, lane=True))
+    with pytest.raises(CorruptData, match="lane message index 5 differs from its channel sequence 0"):
+        LaneReceiver(0, 2).accept(raw)
+
+
+def test_unknown_envelope_flags_are_still_refused():
+    raw = bytearray(encode_envelope(Envelope(0, 1, 9, 0, 0, 2, lane=True)))
+    raw[2] |= 4                                             # a flag this version does not know, checksum redone
+    raw[24:32] = xxhash.xxh3_64_intdigest(bytes(raw[:24]) + bytes(raw[32:])).to_bytes(8, "little")
+    with pytest.raises(CorruptData, match="unknown flags 0x6"):
+        parse_envelope(bytes(raw), 0, 2)
