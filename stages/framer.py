@@ -34,6 +34,8 @@ from .common.channels import MAX_CHANNELS
 from .common.checks import array_of, check_encoded_batch
 from .common.wire import Commit, Record, RecordFlag, RecordType
 
+COALESCE_BYTES = 1 << 20
+"""frame holds an epoch's records until its commit, or until this many bytes wait: one message per small epoch."""
 _MIN_RECORD_LIMIT = 64 << 10
 _MAX_RECORD_LIMIT = 1 << 30
 
@@ -97,6 +99,8 @@ class Frame(Stage):
         self._ended = False
         self._header: wire.StreamHeader | None = None
         self._held: list = []               # record parts written before the header could be
+        self._pending: list[bytes] = []     # the open epoch's records not yet sent (see _output)
+        self._pending_bytes = 0
         self._layout: tuple[Batch, list] | None = None      # the last LAYOUT and its record body
         self._layout_digest = 0
         self._segment = 0
@@ -119,7 +123,7 @@ class Frame(Stage):
         self._append(parts, RecordType.HEARTBEAT, marker,
                      wire.heartbeat_body(wire.Heartbeat(time.time(), round(self.heartbeat * 1000))))
         self.counters["heartbeats"] += 1
-        yield self._stream_batch(marker, parts)
+        yield from self._output(marker, parts, flush=True)
 
     # ---- page batches ---------------------------------------------------------
     def process(self, batch: Batch) -> Iterator[Batch]:
@@ -137,7 +141,7 @@ class Frame(Stage):
             checksum = self._append(parts, RecordType.ENCODED if chain else RecordType.PAGES, batch, body)
             self._epoch_checksums.append(checksum)
         self._epoch_entries += batch.npages
-        yield self._stream_batch(batch, parts)
+        yield from self._output(batch, parts, flush=False)
 
     def _page_bodies(self, batch: Batch, chain: str) -> Iterator[list]:
         """Record bodies for the batch, split so that none exceeds the record limit."""
@@ -193,8 +197,8 @@ class Frame(Stage):
                 raise ConfigError(f"{self.factory_name}: end of stream while epoch {self._open_epoch} is open")
             self._append(parts, RecordType.END_OF_STREAM, batch, [])
             self._ended = True
-        if parts:
-            yield self._stream_batch(batch, parts)
+        if parts or self._pending:
+            yield from self._output(batch, parts, flush=True)
         yield batch.with_(format=STREAM)
 
     def _commit(self, marker: Batch) -> Commit:
@@ -288,11 +292,32 @@ class Frame(Stage):
         parts.extend(record_parts)
         return checksum
 
-    def _stream_batch(self, batch: Batch, parts: list) -> Batch:
+    def _output(self, batch: Batch, parts: list, flush: bool) -> Iterator[Batch]:
+        """The stream bytes of ``parts`` as STREAM batches: an epoch's page records wait (up to COALESCE_BYTES)
+        and leave with its commit, so an epoch of small batches is one message for the transport and deframe.
+        ``flush`` sends everything waiting (control records, heartbeats)."""
         if self._held:
             parts[:0] = self._held
             self._held = []
-        payload = np.frombuffer(b"".join(parts), dtype=np.uint8)
+        chunk = b"".join(parts) if parts else b""
+        if self._pending and (flush or len(chunk) >= COALESCE_BYTES or
+                              self._pending_bytes + len(chunk) > COALESCE_BYTES):
+            if len(chunk) < COALESCE_BYTES:     # small: it joins the waiting bytes
+                self._pending.append(chunk)
+                self._pending_bytes += len(chunk)
+                chunk = b""
+            yield self._stream_batch(batch, b"".join(self._pending))
+            self._pending, self._pending_bytes = [], 0
+        if not chunk:
+            return
+        if flush or len(chunk) >= COALESCE_BYTES:
+            yield self._stream_batch(batch, chunk)
+        else:
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+
+    def _stream_batch(self, batch: Batch, data: bytes) -> Batch:
+        payload = np.frombuffer(data, dtype=np.uint8)
         self.counters["bytes_out"] += payload.nbytes
         self._last_output = time.monotonic()
         stream = self._header.stream if self._header is not None else batch.stream
@@ -548,7 +573,13 @@ class Deframe(Stage):
         if self._starts is None or self._ends is None:
             raise record.error("page record before any layout record")
         starts, ends = self._starts, self._ends
-        for first in range(0, page_numbers.size, MAX_BATCH_ENTRIES):     # in slices: bounded temporaries
+        checked = page_numbers.size
+        if checked:             # lowest and highest in one region: every number between is inside it
+            low, high = int(page_numbers.min()), int(page_numbers.max())
+            region = int(np.searchsorted(starts, low, side="right")) - 1
+            if region >= 0 and high < int(ends[region]):
+                checked = 0
+        for first in range(0, checked, MAX_BATCH_ENTRIES):     # else entry by entry, in slices: bounded temporaries
             numbers = page_numbers[first:first + MAX_BATCH_ENTRIES]
             region = np.searchsorted(starts, numbers, side="right").astype(np.int64) - 1
             inside = (region >= 0) & (numbers < ends[np.maximum(region, 0)])

@@ -93,6 +93,8 @@ class RecordFlag(IntFlag):
 _KNOWN_FLAGS = int(RecordFlag.RESYNC)
 _MAX_KIND = max(PageKind)
 _WHOLE_PAGE_KINDS = (PageKind.FULL, PageKind.RAW)
+_IS_WHOLE_PAGE = np.zeros(256, dtype=bool)       # kind -> whether its entry is one whole page
+_IS_WHOLE_PAGE[list(_WHOLE_PAGE_KINDS)] = True
 
 
 def corrupt(message: str, *, offset: int | None = None, sequence: int | None = None,
@@ -607,14 +609,16 @@ def parse_encoded(record: Record, page_size: int) -> EncodedPages:
     lengths = cursor.array("<u4", count, "entry lengths")
     payload = cursor.array("u1", payload_len, "payload")
     cursor.end()
-    _check_kinds(record, kinds)
-    whole = np.isin(kinds, _WHOLE_PAGE_KINDS)
-    if np.any(lengths[whole] != page_size):
-        index = int(np.flatnonzero(whole & (lengths != page_size))[0])
-        raise record.error(f"page entry {index}: kind {PageKind(int(kinds[index])).name} is "
-                           f"{int(lengths[index])} bytes, not one page of {page_size}")
-    if np.any(lengths > 2 * page_size):
-        raise record.error(f"page entry {int(np.argmax(lengths > 2 * page_size))}: longer than two pages")
+    if count:
+        _check_kinds(record, kinds)
+        # whole-page entries are exactly one page, and no entry is longer than two pages: one pass each
+        whole = _IS_WHOLE_PAGE[kinds]
+        if whole.any() and (lengths[whole] != page_size).any():
+            index = int(np.flatnonzero(whole & (lengths != page_size))[0])
+            raise record.error(f"page entry {index}: kind {PageKind(int(kinds[index])).name} is "
+                               f"{int(lengths[index])} bytes, not one page of {page_size}")
+        if int(lengths.max()) > 2 * page_size:
+            raise record.error(f"page entry {int(np.argmax(lengths > 2 * page_size))}: longer than two pages")
     offsets = np.zeros(count + 1, dtype=np.uint64)
     np.cumsum(lengths, out=offsets[1:])
     if int(offsets[-1]) != raw_size:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -446,16 +447,17 @@ def test_a_resync_epoch_opens_a_new_segment_that_deframes_seamlessly():
 
 
 def test_a_receiver_that_resumes_mid_stream_starts_at_the_next_segment():
-    sent = [layout(), pages_batch(1, [0]), epoch_end(1, 1), pages_batch(2, [2, 3], flags=Flag.RESYNC),
-            epoch_end(2, 2, Flag.RESYNC), end(2)]
+    sent = [layout(), pages_batch(1, [0]), epoch_end(1, 1), pages_batch(2, [1]), epoch_end(2, 1),
+            pages_batch(3, [2, 3], flags=Flag.RESYNC), epoch_end(3, 2, Flag.RESYNC), end(3)]
     _, out = frame_all(sent)
     stream = [b for b in out if b.payload is not None]
+    assert len(stream) == 4         # one message per epoch (its records wait for its commit), then the end
     stage = Deframe(resume=True)
     warnings: list[str] = []
     stage.start(StageContext("deframe", post=lambda kind, **fields: warnings.append(fields["message"])))
     got = [b for batch in stream[1:] for b in stage.handle(batch)]      # missed the first message
-    assert [(b.epoch, b.flags) for b in got] == [(1, Flag.LAYOUT), (2, Flag.RESYNC), (2, Flag.EPOCH_END | Flag.RESYNC),
-                                                 (2, Flag.END_OF_STREAM)]
+    assert [(b.epoch, b.flags) for b in got] == [(1, Flag.LAYOUT), (3, Flag.RESYNC), (3, Flag.EPOCH_END | Flag.RESYNC),
+                                                 (3, Flag.END_OF_STREAM)]
     assert got[0].meta["regions"] == REGIONS and got[1].page_numbers.tolist() == [2, 3]
     assert stage.counters["skipped_bytes"] > 0
     assert warnings == ["deframe: joined a running stream; skipping it until the next segment "
@@ -518,7 +520,13 @@ def test_a_heartbeat_inside_an_epoch_does_not_count_as_one_of_its_records(monkey
 
 
 def test_deframe_passes_a_lost_sender_on_and_waits_for_a_new_segment():
-    first, _ = frame_all([layout(), pages_batch(1, [0, 1]), epoch_end(1, 2), pages_batch(2, [3])])
+    frame = Frame(heartbeat="1ms")
+    frame.start(StageContext("frame"))
+    sent = [out for batch in [layout(), pages_batch(1, [0, 1]), epoch_end(1, 2), pages_batch(2, [3])]
+            for out in frame.handle(batch)]
+    time.sleep(0.01)
+    sent += list(frame.tick())  # the heartbeat takes the open epoch's records along: then the sender dies
+    first = b"".join(b.payload.tobytes() for b in sent if b.payload is not None)
     deframe = Deframe()
     deframe.start(StageContext("deframe"))
     out = list(deframe.handle(Batch(format=STREAM, payload=np.frombuffer(first, dtype=np.uint8))))

@@ -215,6 +215,7 @@ def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_pat
     try:
         send_epoch(2)       # lost with the old connection, or skipped by the new receiver: no header, no layout
         send_epoch(3, Flag.RESYNC)                      # a new segment: header, layout, whole pages
+        send_epoch(4)     # more to come: a receiver joining spread channels starts once every channel has a message
         got = receive_until(second, second_deframe, 3)
     finally:
         second.stop()
