@@ -576,8 +576,8 @@ class Deframe(Stage):
         checked = page_numbers.size
         if checked:             # lowest and highest in one region: every number between is inside it
             low, high = int(page_numbers.min()), int(page_numbers.max())
-            region = int(np.searchsorted(starts, low, side="right")) - 1
-            if region >= 0 and high < int(ends[region]):
+            first_region = int(np.searchsorted(starts, low, side="right")) - 1
+            if first_region >= 0 and high < int(ends[first_region]):
                 checked = 0
         for first in range(0, checked, MAX_BATCH_ENTRIES):     # else entry by entry, in slices: bounded temporaries
             numbers = page_numbers[first:first + MAX_BATCH_ENTRIES]
