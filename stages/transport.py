@@ -532,6 +532,8 @@ class ZmqSourceDeframe(Stage):
     description = "zmq-src and deframe in one process; with workers=N each worker receives and checks one lane"
     output_caps = Deframe.output_caps
     max_workers = MAX_CHANNELS
+    back_to_back = True     # frame sends a small epoch as one message: its batches and end come out together,
+    #                         so the runtime may send them on as one message (pipeline.stage.Stage.back_to_back)
 
     members = Property("object", None, "Set by fusing: (zmq-src properties, deframe properties)", internal=True)
 
