@@ -17,7 +17,25 @@ def test_scaling_benchmark_reports_speedup_efficiency_and_cpu_per_stage(tmp_path
     assert results[1]["processes"] > results[0]["processes"]
     for result in results:
         assert "supervisors" in result["cpu_per_gb"] and any(name.startswith("zstd") for name in result["cpu_per_gb"])
-    assert "speedup" in capsys.readouterr().out
+    assert results[1]["workers_by_stage"]["frame0+zmq-sink0"] == 2       # lanes: two framing and sending workers
+    assert results[1]["workers_by_stage"]["zmq-src0+deframe0"] == 2
+    out = capsys.readouterr().out
+    assert "speedup" in out
+    predicted = figures["predicted_not_measured"]
+    assert [p["cores"] for p in predicted] == [c for c in (4, 8, 16) if c > figures["cores"]]
+    if predicted:
+        assert "PREDICTION, not measured" in out and all(p["gbps"] > 0 and p["limited_by"] for p in predicted)
+
+
+def test_the_prediction_scales_each_stage_by_its_workers_within_the_cores():
+    measured = {"workers": 2, "preload_cpu_per_gb": 0.5,
+                "workers_by_stage": {"trace-src0": 1, "zstd0": 2, "frame0+zmq-sink0": 2, "null-sink0": 1},
+                "cpu_per_gb": {"trace-src0": 0.6, "zstd0": 1.0, "frame0+zmq-sink0": 0.5, "null-sink0": 0.05,
+                               "supervisors": 0.05}}
+    predicted = scaling.predict(measured, 4)
+    assert predicted["limited_by"] == "all cores" and abs(predicted["gbps"] - 4 / (0.1 + 1.0 + 0.5 + 0.05 + 0.05)) < 1e-9
+    wide = scaling.predict(measured, 64)   # trace-src's 0.1 s/GB after its preload: one process, 10 GB/s at most
+    assert wide["limited_by"] == "trace-src0" and abs(wide["gbps"] - 10.0) < 1e-6
 
 
 def test_synthetic_trace_epochs_change_exactly_the_pages_they_name():
