@@ -785,3 +785,24 @@ def test_a_lane_sender_into_a_spread_receiver_and_the_reverse_are_refused(tmp_pa
 def test_lanes_set_up_wrongly_are_config_errors(tmp_path, text, message):
     with pytest.raises((ConfigError, StageFailed), match=message):
         Pipeline.parse(text.format(tmp=tmp_path)).run(mode="inline", timeout=30)
+
+
+def test_lanes_are_acknowledged_under_the_stream_identity_they_share(tmp_path):
+    from stages.common.acks import AckListener
+    identity = "5a" * 16
+    listener = AckListener(f"ipc://{tmp_path}/acks", stream_id=identity)
+    endpoint = ",".join(free_tcp_endpoint() for _ in range(2))
+    receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} channels=2 workers=2 timeout=20s insecure=true "
+                              f"! deframe resume=true ! decode ! replica-sink path={tmp_path / 'replica'} fsync=false "
+                              f"ack-endpoint={listener.endpoint}")
+    sender = Pipeline.parse(f"test-src epochs=4 pages=64 batch-pages=8 pattern=random resync=true ! classify ! xor-delta "
+                            f"! rle ! frame workers=2 stream-id={identity} ! zmq-sink endpoint={endpoint} channels=2 "
+                            f"insecure=true")
+    try:
+        with receiver.start(mode="process") as handle:
+            sender.run(mode="process", timeout=60)
+            handle.wait(timeout=60)
+        assert listener.wait_for(4, timeout=20)          # every epoch acknowledged, naming the lanes' identity
+        assert listener.counters.get("foreign", 0) == 0
+    finally:
+        listener.close()
