@@ -65,7 +65,10 @@ class CuttableRelay:
         while not self._closed:
             with self._lock:
                 sockets = {a: b for pair in self._pairs for a, b in (pair, pair[::-1])}
-            readable, _, _ = select.select([self._listener, *sockets], [], [], 0.02)
+            try:
+                readable, _, _ = select.select([self._listener, *sockets], [], [], 0.02)
+            except (OSError, ValueError):   # a connection was cut (closed) meanwhile: look again
+                continue
             for ready in readable:
                 if ready is self._listener:
                     self._accept()
