@@ -205,7 +205,8 @@ def print_processes(console: Console, result, processes: int, elements: int, col
     one; caller-side stages are threads of this process) and their CPU seconds."""
     workers = {(stats.get("fused_as", stage), worker): float(stats.get("cpu_seconds", 0.0))
                for (stage, worker), stats in result.statistics.items()}
-    console.print(f"{processes} worker processes for {elements} elements (colocate={colocate}), "
+    console.print(f"{processes} worker process{'' if processes == 1 else 'es'} for {elements} elements "
+                  f"(colocate={colocate}), "
                   f"{sum(workers.values()):.2f} CPU seconds in them", highlight=False)
 
 

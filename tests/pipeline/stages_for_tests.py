@@ -298,3 +298,47 @@ class Ticker(Identity):
     def tick(self) -> Iterable[Batch]:
         self.counters["ticks"] += 1
         yield Batch(format=PAGES, epoch=self.epoch, meta={"tick": self.counters["ticks"]})
+
+
+@register
+class Holder(Identity):
+    """Pass-through with a timer: holds every batch (markers too, in order) until its next tick or the end of the
+    stream, so its output never depends on when the timer runs; ``counters["by_timer"]`` counts the batches a tick
+    let go (a timing figure, not a result)."""
+
+    factory_name = "holder"
+    interval = Property("duration", "5ms", "tick interval")
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self.tick_interval = self.interval
+        self.held: list[Batch] = []
+        self.counters["by_timer"] = 0
+
+    def handle(self, batch: Batch) -> Iterator[Batch]:
+        self.held.append(batch)
+        if batch.is_control and batch.flags & Flag.END_OF_STREAM:
+            yield from self._release()
+
+    def tick(self) -> Iterable[Batch]:
+        self.counters["by_timer"] += len(self.held)
+        return self._release()
+
+    def _release(self) -> list[Batch]:
+        released, self.held = self.held, []
+        return released
+
+
+@register
+class StopMarker(Identity):
+    """Pass-through whose stop() writes ``path`` (proof it ran) and then, with ``fail=true``, raises."""
+
+    factory_name = "stop-marker"
+    path = Property("str", "", "file written by stop()")
+    fail = Property("bool", False, "raise in stop() after writing the file")
+
+    def stop(self) -> None:
+        with open(self.path, "w") as file:
+            file.write("stopped")
+        if self.fail:
+            raise RuntimeError(f"planned failure in stop of {self.name}")
