@@ -132,8 +132,8 @@ def trace(tmp_path_factory) -> Path:
 
 def test_trace_src_into_a_replica_gives_the_same_replica_and_accounts_in_one_process(trace, tmp_path):
     def make(tag: str) -> Pipeline:
-        return Pipeline.parse(f"trace-src path={trace} ! classify ! xor-delta ! rle ! zstd ! frame {FRAME} ! deframe ! "
-                              f"decode ! replica-sink path={tmp_path / tag} fsync=false")
+        return Pipeline.parse(f"trace-src path={trace} ! classify ! xor-delta ! rle ! zstd ! frame {FRAME} ! "
+                              f"deframe ! decode ! replica-sink path={tmp_path / tag} fsync=false")
 
     apart, together, names = run_both(make)
     files = sorted(path.relative_to(tmp_path / "apart") for path in (tmp_path / "apart").rglob("*") if path.is_file())
@@ -174,6 +174,16 @@ def test_a_failing_member_is_named_and_every_process_stops():
     assert (caught.value.stage, caught.value.worker) == ("fail-at0", 0)
     assert "RuntimeError: planned failure at batch 3" in caught.value.reason
     assert "planned failure" in caught.value.traceback
+
+
+def test_a_member_failing_to_start_is_named_and_the_members_before_it_stop(tmp_path):
+    p = Pipeline.parse(f"{SOURCE} ! stop-marker path={tmp_path / 'a'} ! frame ! "
+                       f"file-sink path={tmp_path / 'missing' / 'x'}")
+    with pytest.raises(StageFailed) as caught:
+        p.run(mode="process", colocate="chains", timeout=60)
+    assert (caught.value.stage, caught.value.category) == ("file-sink0", "error")
+    assert "TransportError: file-sink: cannot create" in caught.value.reason
+    assert (tmp_path / "a").read_text() == "stopped"
 
 
 def test_a_member_failing_in_stop_is_named_and_the_other_members_still_stop(tmp_path):
