@@ -39,7 +39,9 @@ time figures (busy, CPU) are the shared process's. ``allocate`` and
 ``output_shards`` come from the worker (an inner member's next stage has one
 worker: ``output_shards`` 1). Bus messages of members travel with a
 ``MEMBER_FIELD`` the supervisor turns back into the member's name
-(``as_member``), so ``StageFailed`` names the member, not the process.
+(``as_member``), so ``StageFailed`` names the member, not the process. A
+member's failure is reported once every member has stopped: the supervisor
+ends every process as soon as it hears of one.
 """
 from __future__ import annotations
 
@@ -132,7 +134,7 @@ class Colocated(Stage):
         self._parts: list[_Part] = []
         self._input = Traffic()
         self._output = Traffic()
-        self._blamed: BaseException | None = None
+        self._failure: dict[str, str] | None = None
         self._next_records = 0.0
 
     # ---- lifecycle -------------------------------------------------------
@@ -153,8 +155,7 @@ class Colocated(Stage):
                 stage.context = member
                 stage.start(member)
             except BaseException as exc:
-                self._blame(index, exc)
-                raise
+                raise self._failed(index, exc)
         self.fusion = self._fusion()
         self._update_interval()
 
@@ -174,22 +175,24 @@ class Colocated(Stage):
         return Fusion(members, links)
 
     def stop(self) -> None:
-        """Stop every member that was started (each even when another fails); the first failure is raised."""
-        failure: tuple[int, Exception, str] | None = None
+        """Stop every member that was started (each even when another fails), then report the first failure:
+        a member's earlier one (see ``_failed``), else the first raised by a ``stop()``, which is raised."""
+        stop_failure: tuple[int, Exception] | None = None
         for index, part in enumerate(self._parts):
             try:
                 part.stage.stop()
             except Exception as exc:
-                if failure is None:
-                    failure = (index, exc, traceback.format_exc())
+                if stop_failure is None:
+                    stop_failure = (index, exc)
+                    self._failure = self._failure or self._describe(index, exc, " in stop()")
         try:
             self._post_records()
         except Exception:
             pass  # the bus is closing; the records of a failed run are moot
-        if failure is not None:
-            index, error, trace = failure
-            self._blame(index, error, " in stop()", trace)
-            raise error
+        if self._failure is not None:
+            self.context.post("error", **self._failure)
+        if stop_failure is not None:
+            raise stop_failure[1]
 
     # ---- batches ---------------------------------------------------------
     def handle(self, batch: Batch) -> Iterator[Batch]:
@@ -222,8 +225,7 @@ class Colocated(Stage):
                                                       format=part.spec.output_format or "any"))
             part.finished = True
         except BaseException as exc:
-            self._blame(0, exc)
-            raise
+            raise self._failed(0, exc)
 
     def tick(self) -> Iterator[Batch]:
         """Each member's timer when it is due (on its own interval), and the members' epoch records."""
@@ -238,8 +240,7 @@ class Colocated(Stage):
                     _check_batch(part, batch)
                     yield from self._out(index, batch)
             except BaseException as exc:
-                self._blame(index, exc)
-                raise
+                raise self._failed(index, exc)
         self._update_interval()
         if now >= self._next_records:
             self._next_records = now + RECORDS_INTERVAL
@@ -258,8 +259,7 @@ class Colocated(Stage):
                 if batch.flags & Flag.END_OF_STREAM:
                     part.finished = True
         except BaseException as exc:
-            self._blame(index, exc)
-            raise
+            raise self._failed(index, exc)
 
     def _out(self, index: int, batch: Batch) -> Iterator[Batch]:
         """What member ``index`` emitted: counted, stamped as the runtime would, fed to the next member."""
@@ -273,15 +273,20 @@ class Colocated(Stage):
             yield from self._into(index + 1, batch)
 
     # ---- reporting -------------------------------------------------------
-    def _blame(self, index: int, exc: BaseException, when: str = "", trace: str = "") -> None:
-        """Report a member's failure on the bus under its name (once: the members above it re-raise it)."""
-        if exc is self._blamed or not isinstance(exc, Exception) or isinstance(exc, Stopped):
-            return
-        self._blamed = exc
-        name = self.parts[index].name
-        self.context.post("error", reason=f"{type(exc).__name__}{when}: {exc}",
-                          traceback=trace or traceback.format_exc(), category=error_category(exc),
-                          **{MEMBER_FIELD: name})
+    def _failed(self, index: int, exc: BaseException) -> BaseException:
+        """What to raise when member ``index`` raised ``exc``: the worker's ``Stopped``, after noting the
+        failure under the member's name; ``stop()`` reports it once every member has stopped (the supervisor
+        terminates every process when it hears of a failure, so hearing first would cut members' stops short).
+        A stop request, an exit, or a failure already noted (raised through the members above) passes as is."""
+        if not isinstance(exc, Exception) or isinstance(exc, Stopped):
+            return exc
+        self._failure = self._describe(index, exc)
+        return Stopped()
+
+    def _describe(self, index: int, exc: Exception, when: str = "") -> dict[str, str]:
+        """An ``error`` bus message's fields for ``exc`` raised by member ``index`` (called where it is caught)."""
+        return {"reason": f"{type(exc).__name__}{when}: {exc}", "traceback": traceback.format_exc(),
+                "category": error_category(exc), MEMBER_FIELD: self.parts[index].name}
 
     def _post_records(self) -> None:
         for part in self._parts:

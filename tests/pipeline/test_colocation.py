@@ -167,13 +167,15 @@ def test_a_member_posts_warnings_under_its_own_name(tmp_path):
 
 # ---- failures --------------------------------------------------------------------------------------------------
 
-def test_a_failing_member_is_named_and_every_process_stops():
-    p = Pipeline.parse(f"{SOURCE} ! identity ! fail-at at=3 ! identity ! null-sink")
+def test_a_failing_member_is_named_and_every_member_and_process_stops(tmp_path):
+    p = Pipeline.parse(f"{SOURCE} ! stop-marker path={tmp_path / 'a'} ! fail-at at=3 ! "
+                       f"stop-marker path={tmp_path / 'b'} ! null-sink")
     with pytest.raises(StageFailed) as caught:
         p.run(mode="process", colocate="chains", timeout=60)
-    assert (caught.value.stage, caught.value.worker) == ("fail-at0", 0)
+    assert (caught.value.stage, caught.value.worker, caught.value.category) == ("fail-at0", 0, "bug")
     assert "RuntimeError: planned failure at batch 3" in caught.value.reason
     assert "planned failure" in caught.value.traceback
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text() == "stopped"
 
 
 def test_a_member_failing_to_start_is_named_and_the_members_before_it_stop(tmp_path):
