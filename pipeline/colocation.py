@@ -41,7 +41,8 @@ worker: ``output_shards`` 1). Bus messages of members travel with a
 ``MEMBER_FIELD`` the supervisor turns back into the member's name
 (``as_member``), so ``StageFailed`` names the member, not the process. A
 member's failure is reported once every member has stopped: the supervisor
-ends every process as soon as it hears of one.
+ends every process as soon as it hears of one. A process that dies (a
+signal) is reported under its node's name, which lists its members.
 """
 from __future__ import annotations
 
