@@ -6,6 +6,7 @@ and per-epoch records; a failure names the member; every process stops, even whe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -158,6 +159,17 @@ def test_a_user_stage_a_fused_user_pair_and_a_timer_keep_their_results_in_one_pr
     for result in (apart, together):     # the timer let go of epoch 0 while the source paused
         assert result.totals("holder0")["counters"]["by_timer"] >= 2
         assert [values["noted"] for values in result.epochs.stages["epoch-noter0"].values()] == [1, 1]
+
+
+def test_auto_starts_no_more_processes_than_cpus_and_keeps_results(tmp_path):
+    text = f"{SOURCE} pattern=random ! identity ! doubler ! identity ! epoch-noter ! recorder path={tmp_path}/"
+    apart = Pipeline.parse(text + "apart").run(mode="process", timeout=60)
+    pipeline = Pipeline.parse(text + "auto")
+    with pipeline.start(mode="process", colocate="auto") as handle:
+        together = handle.wait(timeout=60)
+    assert handle.worker_processes == min(5, len(os.sched_getaffinity(0)))   # doubler ! identity fuse: 5 nodes
+    assert read_record(tmp_path / "apart") == read_record(tmp_path / "auto")
+    assert_same_accounts(apart, together, [stage.name for stage in pipeline.elements])
 
 
 def test_a_member_posts_warnings_under_its_own_name(tmp_path):
