@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from pipeline.colocation import POLICIES
 from pipeline.errors import PagepipeError
 from pipeline.pipeline import Pipeline
 from pipeline.stage import StageContext
@@ -170,7 +171,7 @@ MODES = ("lanes", "spread")
 
 
 def run_round(directory: Path, channels: int, epochs: int, pages: int, cut_after: float | None,
-              rng: random.Random, mode: str = "lanes") -> Round:
+              rng: random.Random, mode: str = "lanes", colocate: str = "none") -> Round:
     """One sender/receiver pair with channel 1 (of ``channels``) through a relay cut ``cut_after`` s in."""
     ports = free_ports(channels)
     relay = CuttableRelay(("127.0.0.1", ports[1 % channels]))
@@ -188,8 +189,8 @@ def run_round(directory: Path, channels: int, epochs: int, pages: int, cut_after
         f"! zmq-sink endpoint={','.join(sender_endpoints)} channels={channels} timeout=3s insecure=true")
     completed, failure = False, ""
     try:
-        with receiver.start(mode="process") as received:
-            with sender.start(mode="process") as sending:
+        with receiver.start(mode="process", colocate=colocate) as received:
+            with sender.start(mode="process", colocate=colocate) as sending:
                 if cut_after is not None:
                     deadline = time.monotonic() + 30
                     while relay.relayed < 1 << 16 and time.monotonic() < deadline:
@@ -214,12 +215,12 @@ def run_round(directory: Path, channels: int, epochs: int, pages: int, cut_after
 
 
 def run_rounds(kills: int, channels: int, epochs: int, pages: int, seed: int = 0,
-               window: float = 1.0, mode: str = "lanes") -> list[Round]:
+               window: float = 1.0, mode: str = "lanes", colocate: str = "none") -> list[Round]:
     """``kills`` rounds, each cutting channel 1 at a random moment in the ``window`` seconds after the stream
     began to flow through it."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="pagepipe-channels-") as directory:
-        return [run_round(Path(directory), channels, epochs, pages, rng.uniform(0.0, window), rng, mode)
+        return [run_round(Path(directory), channels, epochs, pages, rng.uniform(0.0, window), rng, mode, colocate)
                 for _ in range(kills)]
 
 
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "seconds after data began to flow")
     parser.add_argument("--mode", choices=MODES, default="lanes", help="lanes: frame workers=C, each sending "
                         "one lane on its own channel (default); spread: one stream spread over the C channels")
+    parser.add_argument("--colocate", choices=POLICIES, default="none", help="how single-worker neighbours share "
+                        "processes (pipeline.colocation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -240,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench channels: --kills >= 1, --channels >= 2, --epochs >= 1, --pages >= 2", file=sys.stderr)
         return 2
     started = time.monotonic()
-    rounds = run_rounds(args.kills, args.channels, args.epochs, args.pages, args.seed, args.window, args.mode)
+    rounds = run_rounds(args.kills, args.channels, args.epochs, args.pages, args.seed, args.window, args.mode,
+                        args.colocate)
     figures = {"mode": args.mode, "rounds": len(rounds), "completed": sum(r.completed for r in rounds),
                "failed": sum(not r.completed for r in rounds), "partial_epochs_committed": sum(r.partial for r in rounds),
                "committed_epochs": [r.committed_epoch for r in rounds], "seconds": time.monotonic() - started}

@@ -52,3 +52,10 @@ def test_worker_counts_double_up_to_the_cores():
     assert scaling.worker_counts(16) == [1, 2, 4, 8, 16]
     assert scaling.worker_counts(6) == [1, 2, 4, 6]
     assert scaling.worker_counts(1) == [1]
+
+
+def test_the_pessimistic_prediction_lets_cpu_per_gb_grow_with_the_workers_as_measured():
+    one = {"workers": 1, "preload_cpu_per_gb": 1.0, "cpu_per_gb": {"a": 2.0, "b": 0.5}}       # 1.5 s/GB
+    two = {"workers": 2, "preload_cpu_per_gb": 1.0, "cpu_per_gb": {"a": 2.5, "b": 1.0}}       # 2.5 s/GB
+    predicted = scaling.predict_growing(one, two, 8)
+    assert predicted["cpu_per_gb"] == 1.5 + 1.0 * 7 and predicted["gbps"] == 8 / 8.5
