@@ -837,7 +837,8 @@ def test_lanes_set_up_wrongly_are_config_errors(tmp_path, text, message):
         Pipeline.parse(text.format(tmp=tmp_path)).run(mode="inline", timeout=30)
 
 
-def test_lanes_are_acknowledged_under_the_stream_identity_they_share(tmp_path):
+@pytest.mark.parametrize("mode", ["process", "inline"])
+def test_lanes_are_acknowledged_under_the_stream_identity_they_share(tmp_path, mode):
     from stages.common.acks import AckListener
     identity = "5a" * 16
     listener = AckListener(f"ipc://{tmp_path}/acks", stream_id=identity)
@@ -849,8 +850,8 @@ def test_lanes_are_acknowledged_under_the_stream_identity_they_share(tmp_path):
                             f"! rle ! frame workers=2 stream-id={identity} ! zmq-sink endpoint={endpoint} channels=2 "
                             f"insecure=true")
     try:
-        with receiver.start(mode="process") as handle:
-            sender.run(mode="process", timeout=60)
+        with receiver.start(mode=mode) as handle:
+            sender.run(mode=mode, timeout=60)
             handle.wait(timeout=60)
         assert listener.wait_for(4, timeout=20)          # every epoch acknowledged, naming the lanes' identity
         assert listener.counters.get("foreign", 0) == 0
