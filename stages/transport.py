@@ -727,7 +727,7 @@ class TraceSource(Stage):
     factory_name = "trace-src"
     description = "Replay a recorded trace as the tracker stream: touched pages whole, per epoch"
     output_caps = PAGES
-    max_workers = 1
+    max_workers = MAX_CHANNELS   # workers=N: worker k replays the pages p with p % N == k (every epoch's end)
     back_to_back = True  # a recorded pace waits before an epoch's batches, never between them
 
     path = Property("str", "", "Trace file written by file-sink (any codec chain)", required=True)
@@ -740,9 +740,11 @@ class TraceSource(Stage):
                        "(holds every epoch's pages; for benchmarks that time the chain, not the decoding)")
 
     def fuse(self, downstream: Stage) -> Stage | None:
-        """Run a single-worker built-in classify or xor-delta in this process (``TraceSourceInto``); never a
-        subclass or another stage, whose results fusion could change."""
-        if type(self) is not TraceSource or type(downstream) not in (Classify, XorDelta) or downstream.workers != 1:
+        """Run a built-in classify or xor-delta of as many workers in this process (``TraceSourceInto``); never a
+        subclass or another stage, whose results fusion could change. With workers=N each worker replays the
+        pages of one xor-delta shard (page % N), so its fused consumer sees exactly the pages it would own."""
+        if type(self) is not TraceSource or type(downstream) not in (Classify, XorDelta) \
+                or downstream.workers != self.workers:
             return None
         return TraceSourceInto.around(self, downstream)
 
@@ -812,6 +814,9 @@ class TraceSource(Stage):
     def _emit_epoch(self, marker: Batch) -> Iterator[Batch]:
         touched = np.unique(np.concatenate(self._touched)) if self._touched else np.empty(0, np.uint64)
         self._touched = []
+        count = self.context.worker_count
+        if count > 1:       # this worker's share: the pages of xor-delta shard worker_index (page % count)
+            touched = touched[touched % np.uint64(count) == np.uint64(self.context.worker_index)]
         resync = marker.flags & Flag.RESYNC
         shards = self.context.output_shards     # each batch within one downstream shard: passed on whole
         groups = [touched] if shards == 1 else [touched[touched % np.uint64(shards) == shard] for shard in range(shards)]
@@ -872,7 +877,7 @@ class TraceSourceInto(TraceSource):
 
     def fuse(self, downstream: Stage) -> Stage | None:
         """Keep fusing while the consumer fuses with its own downstream (classify ! xor-delta ! rle)."""
-        fused = self._consumer.fuse(downstream) if downstream.workers == 1 else None
+        fused = self._consumer.fuse(downstream) if downstream.workers == self.workers else None
         return None if fused is None else TraceSourceInto.around(self, fused)
 
     def start(self, context: StageContext) -> None:

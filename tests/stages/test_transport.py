@@ -592,6 +592,35 @@ def test_trace_src_fused_with_the_sender_chain_writes_the_same_stream_as_unfused
     assert counters["hits"] + counters["misses"] == result.totals("classify0")["counters"]["normal"] > 0
 
 
+def test_trace_src_of_n_workers_replays_one_shard_each_into_lanes_and_the_replica_is_the_same(tmp_path):
+    import json
+    write_npz(tmp_path / "rec.npz", epochs=4)
+    write_trace_from_npz(tmp_path / "rec.npz", tmp_path / "raw.trace")
+    trace = f"trace-src path={tmp_path / 'raw.trace'} batch-pages=5"
+    sharded = (f"{trace} workers=2 ! classify workers=2 ! xor-delta workers=2 ! rle workers=2 ! zstd workers=2 "
+               f"! frame workers=2")
+    assert [(n.name, n.workers) for n in Pipeline.parse(f"{sharded} ! zmq-sink endpoint=tcp://127.0.0.1:9 channels=2 "
+                                                        f"insecure=true").plan().nodes] == \
+        [("trace-src0+classify0+xor-delta0+rle0", 2), ("zstd0", 2), ("frame0+zmq-sink0", 2)]  # no page leaves its worker
+    manifests = []
+    for sender, lanes in [(f"{trace} ! classify ! xor-delta ! rle ! zstd ! frame", 1), (sharded, 2)]:
+        endpoint = ",".join(free_tcp_endpoint() for _ in range(lanes))
+        replica = tmp_path / f"replica{lanes}"
+        receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} channels={lanes} workers={lanes} timeout=20s "
+                                  f"insecure=true ! deframe ! decode ! replica-sink path={replica} fsync=false")
+        with receiver.start(mode="process") as handle:
+            sent = Pipeline.parse(f"{sender} ! zmq-sink endpoint={endpoint} channels={lanes} insecure=true") \
+                .run(mode="process", timeout=60)
+            result = handle.wait(timeout=60)
+        assert result.statistics[("replica-sink0", 0)]["counters"]["epochs_committed"] == 5
+        manifests.append(json.loads((replica / "manifest.json").read_text()))
+        if lanes == 2:      # each worker replayed its own shard of every epoch
+            pages = [sent.statistics[("trace-src0", worker)]["pages_out"] for worker in range(2)]
+            assert all(count > 0 for count in pages)
+    assert manifests[0]["image_digest"] == manifests[1]["image_digest"]
+    assert manifests[0]["epoch"] == manifests[1]["epoch"] == 5
+
+
 def test_trace_src_into_needs_a_consumer():
     with pytest.raises(ConfigError, match="no consumer= given"):
         TraceSourceInto(path=str(FIXTURE))
