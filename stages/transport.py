@@ -4,7 +4,9 @@
   (large payloads sent without copying); an empty message marks the end of stream.
   ``channels=N`` spreads the stream over N connections (each with its own
   ZeroMQ context, I/O threads and keys) and reassembles it in order at the
-  receiver (stages.common.channels).
+  receiver (stages.common.channels). As lanes, ``frame workers=N ! zmq-sink
+  channels=N`` and ``zmq-src channels=N workers=N ! deframe`` run fused
+  (``FrameZmqSink``, ``ZmqSourceDeframe``): each worker one lane, one channel.
   On tcp both ends run CurveZMQ with keys, or say ``insecure=true``; the end
   that binds admits only allowed keys and at most ``max-connections``
   (stages.common.security, docs/SECURITY.md). The receiver's acknowledgements
@@ -14,9 +16,10 @@
 - ``trace-src``: replays a trace as the tracker stream it was made from:
   decodes each epoch onto a page image and emits the touched pages whole
   (``preload=true``: the whole trace decoded before the first batch). It
-  fuses with the built-in single-worker page consumers after it
+  fuses with the built-in page consumers after it of as many workers
   (``classify ! xor-delta ! rle``, exact classes only), so the pages stay in
-  its process.
+  its process; with ``workers=N`` worker k replays the pages of xor-delta
+  shard k (page % N).
 - ``write_trace_from_npz``: turns the recorded corpus (.npz) into a trace.
 """
 from __future__ import annotations
