@@ -186,7 +186,7 @@ def predict_growing(base: dict, basis: dict, cores: int) -> dict:
     """A second, pessimistic PREDICTION: the total CPU per GB grows with the worker count as it grew from
     workers=1 (``base``) to ``basis`` (per-worker and per-epoch fixed costs: every lane frames every epoch's
     commit, batches shrink as they are split), linearly; the whole then runs on ``cores`` cores."""
-    growth = (total_cpu_per_gb(basis) - total_cpu_per_gb(base)) / max(basis["workers"] - 1, 1)
+    growth = max(total_cpu_per_gb(basis) - total_cpu_per_gb(base), 0.0) / max(basis["workers"] - 1, 1)
     total = total_cpu_per_gb(base) + growth * (cores - 1)
     return {"cores": cores, "gbps": cores / max(total, 1e-12), "cpu_per_gb": total}
 

@@ -59,3 +59,4 @@ def test_the_pessimistic_prediction_lets_cpu_per_gb_grow_with_the_workers_as_mea
     two = {"workers": 2, "preload_cpu_per_gb": 1.0, "cpu_per_gb": {"a": 2.5, "b": 1.0}}       # 2.5 s/GB
     predicted = scaling.predict_growing(one, two, 8)
     assert predicted["cpu_per_gb"] == 1.5 + 1.0 * 7 and predicted["gbps"] == 8 / 8.5
+    assert scaling.predict_growing(two, one, 8)["cpu_per_gb"] == 2.5     # a fall is not extrapolated
