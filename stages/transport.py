@@ -500,6 +500,12 @@ class ZmqSource(_ZmqStage):
 
 # ---- framing and transport in one process -------------------------------------------
 
+def record_lane_bytes(context: StageContext, epoch: int, lane_bytes: int) -> None:
+    """Record the wire bytes one lane carried for ``epoch`` (the lanes' records add up to the epoch's
+    ``wire_bytes``; a lane is a fused node, so no wire link between elements is there to count them)."""
+    context.record_epoch(epoch, wire_bytes=lane_bytes)
+
+
 class FrameZmqSink(Stage):
     """``frame ! zmq-sink`` as one stage (``Frame.fuse``): the stream's bytes never cross a process boundary.
 
@@ -539,6 +545,7 @@ class FrameZmqSink(Stage):
         self._frame.start(context)
         self._sink.start(context)
         self.tick_interval = self._frame.tick_interval
+        self._lane_bytes = 0
 
     def process(self, batch: Batch) -> Iterator[Batch]:
         return self._send(self._frame.handle(batch))
@@ -552,8 +559,12 @@ class FrameZmqSink(Stage):
     def _send(self, framed: Iterable[Batch]) -> Iterator[Batch]:
         for batch in framed:
             self._framed.count(batch)
+            self._lane_bytes += batch.nbytes
             for _ in self._sink.handle(batch):
                 pass
+            if batch.is_control and batch.flags & Flag.EPOCH_END:
+                record_lane_bytes(self.context, batch.epoch, self._lane_bytes)
+                self._lane_bytes = 0
         return iter(())
 
     def stop(self) -> None:
@@ -602,12 +613,18 @@ class ZmqSourceDeframe(Stage):
     def produce(self) -> Iterator[Batch | None]:
         self._source.idle_every = self.idle_every
         deframe, received = self._deframe, self._received
+        lane_bytes = 0
         for batch in self._source.produce():
             if batch is None:
                 yield None
                 continue
             received.count(batch)
-            yield from deframe.handle(batch)
+            lane_bytes += batch.nbytes
+            for checked in deframe.handle(batch):
+                if checked.is_control and checked.flags & Flag.EPOCH_END:
+                    record_lane_bytes(self.context, checked.epoch, lane_bytes)
+                    lane_bytes = 0
+                yield checked
 
     def stop(self) -> None:
         try:

@@ -831,6 +831,11 @@ def test_a_replica_fed_over_three_lanes_with_keys_holds_every_checkpoint_exactly
     lanes = [result.statistics[("zmq-src0", lane)]["counters"] for lane in range(3)]
     assert all(lane["peers_admitted"] == 1 and lane["bytes_in"] > 0 for lane in lanes), lanes   # each its own connection
     assert sum(sent.statistics[("frame0", lane)]["counters"]["records"] for lane in range(3)) > 3 * 8
+    sent_epochs, received_epochs = sent.epochs.pipeline(), result.epochs.pipeline()
+    assert sorted(received_epochs) == list(range(1, 7))     # every epoch's lanes add up to its wire bytes,
+    for epoch, values in received_epochs.items():            # the same at both ends, and give the ratio
+        assert values["wire_bytes"] == sent_epochs[epoch]["wire_bytes"] > 0
+        assert values["ratio"] == values["applied_bytes"] / values["wire_bytes"]
 
 
 def test_a_lane_sender_into_a_spread_receiver_and_the_reverse_are_refused(tmp_path):
