@@ -32,6 +32,10 @@ _PADDING = tuple(bytes(size) for size in range(_ALIGN))
 _LENGTHS = [struct.Struct(f"<{count}I") for count in range(17)]
 CHUNK = 64 << 10
 """Bytes read per call; a message longer than this is read straight into its own buffer."""
+SMALL_MESSAGE = 4096
+"""Messages up to this size are joined into one buffer when queued; larger ones are written from their frames."""
+MAX_PARTS = 256
+"""Buffers per sendmsg call (Linux takes at most 1024)."""
 MAX_MESSAGE = (1 << 32) - 1
 MAX_FRAMES = 1 << 16
 CONNECT_RETRY = 0.002
@@ -105,52 +109,51 @@ class Connection:
         self._big: bytearray | None = None   # a long message being read, and how much of it has come
         self._filled = 0
         self._unsent: list[memoryview] = []
+        self._queued = 0
 
     # ---- sending -------------------------------------------------------
     @property
     def backlog(self) -> bool:
-        """Whether part of a message waits for the socket to take it."""
+        """Whether messages (or the rest of one) wait to be written."""
         return bool(self._unsent)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def queue(self, frames: list) -> None:
+        """Add one message to what ``flush`` writes: the messages a worker makes while it takes what has
+        arrived leave in one call, and wake the reader once. A hop whose reader has gone drops it."""
+        if self.unwritable:
+            return
+        parts = encode(frames)
+        total = sum(map(len, parts))
+        if total <= SMALL_MESSAGE:
+            self._unsent.append(memoryview(b"".join(parts)))
+        else:
+            self._unsent += [memoryview(part).cast("B") for part in parts]
+        self._queued += total
 
     def send(self, frames: list) -> bool:
         """Queue one message and write what the socket takes; True when all of it went (False: ``flush``
-        later). A hop whose reader has gone drops it."""
-        if self.unwritable:
-            return True
-        parts = encode(frames)
-        if self._unsent:
-            self._unsent += [memoryview(part).cast("B") for part in parts]
-            return self.flush()
-        total = sum(map(len, parts))
-        try:
-            if total <= CHUNK:
-                data = b"".join(parts)
-                sent = self.socket.send(data)
-                if sent < total:
-                    self._unsent.append(memoryview(data)[sent:])
-                return sent == total
-            sent = self.socket.sendmsg(parts)
-        except BlockingIOError:
-            sent = 0
-        except (BrokenPipeError, ConnectionResetError):
-            self.unwritable = True
-            return True
-        if sent < total:
-            self._unsent = [memoryview(part).cast("B") for part in parts]
-            self._advance(sent)
-        return not self._unsent
+        later)."""
+        self.queue(frames)
+        return self.flush()
 
     def flush(self) -> bool:
         """Write what is queued; True when nothing is left."""
-        while self._unsent and not self.unwritable:
+        unsent = self._unsent
+        while unsent and not self.unwritable:
             try:
-                sent = self.socket.sendmsg(self._unsent[:64])
+                sent = self.socket.sendmsg(unsent[:MAX_PARTS]) if len(unsent) > 1 else self.socket.send(unsent[0])
             except BlockingIOError:
                 return False
             except (BrokenPipeError, ConnectionResetError):
                 self.unwritable = True
-                self._unsent = []
+                unsent.clear()
+                self._queued = 0
                 return True
+            self._queued -= sent
             self._advance(sent)
         return True
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .batch import frame_buffer
 from .errors import CorruptData
 
 LARGE_FRAME = 64 << 10
@@ -39,6 +40,7 @@ SHM_THRESHOLD = LARGE_FRAME
 few microseconds, less than the socket's copy in and out of the kernel (and the receiver's buffer for it)."""
 TAG = b"PPSHM\x00\x00\x01"
 FORWARD_TAG = b"PPSHM\x00\x00\x02"
+_TAGS = (TAG, FORWARD_TAG)
 _HEAD = struct.Struct("<QQI")       # slot offset, slot length, frame count
 _FRAME = struct.Struct("<IQQ")      # frame index, offset in slot (in the ring file when forwarded), length
 _FORWARD_HEAD = struct.Struct("<QIH")  # token, frame count, ring file name length
@@ -288,8 +290,8 @@ class ReceiveRing:
         """
         if len(frames) != 1:
             raise CorruptData(f"shared-memory reference: {len(frames)} frames, a reference is one")
-        reference = frames[0].buffer if hasattr(frames[0], "buffer") else memoryview(frames[0])
-        if bytes(reference[:len(TAG)]) == FORWARD_TAG:
+        reference = frame_buffer(frames[0])
+        if reference[:len(TAG)] == FORWARD_TAG:
             return self._unpack_forwarded(reference, len(TAG))
         memory = self.maps.open(self.directory, self.name, trusted=True)
         position = len(TAG)
@@ -388,5 +390,5 @@ def forward_reference(frames: list, located: list[tuple[int, str, int, int]], to
 
 def is_reference(frame) -> bool:
     """Whether a message's first frame is a ring reference (of a slot, or forwarded)."""
-    data = frame.buffer if hasattr(frame, "buffer") else frame
-    return len(data) >= len(TAG) and bytes(data[:len(TAG)]) in (TAG, FORWARD_TAG)
+    data = frame_buffer(frame)
+    return data[:len(TAG)] in _TAGS

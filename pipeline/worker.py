@@ -83,6 +83,8 @@ RELEASE_BATCH = 8
 each message wakes the upstream worker."""
 SLOT, FORWARDED = 0, 1  # kinds of release: a slot of the sender's own ring, or a batch it forwarded
 STANDALONE_BATCH_ESTIMATE = 1 << 20
+HOP_FLUSH_BYTES = 1 << 20
+"""Messages queued on an output hop are written at the end of each round of input, or once this many bytes wait."""
 BUNDLE_BYTES = 1 << 20
 """A back-to-back source's queued small batches leave once they reach this size, if no epoch end came first."""
 PR_SET_PDEATHSIG = 1
@@ -211,6 +213,7 @@ class Worker:
         self._outputs: list[tuple[Router, list, bool]] = []   # router, a zmq socket or a hop per worker, credited
         self._hops: dict[int, tuple[int, int, Connection]] = {}   # output hop descriptor -> link, worker, hop
         self._credit_poll = select.poll()   # the output hops, for credit and releases
+        self._unflushed: set[Connection] = set()   # output hops with messages queued (``_push_out`` writes them)
         self._send_rings: list[list[SendRing] | None] = []
         self._ring_maps = RingMaps()
         self._forwarded: dict[int, list] = {}  # token -> frames held until the downstream worker releases them
@@ -373,8 +376,10 @@ class Worker:
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Stopped()
             self.core.tick()
+            self._push_out()
             self._tick()
         self._flush()
+        self._push_out()
 
     def _serve(self) -> None:
         # select.poll costs a microsecond where zmq.Poller costs several: it serves when every input is a hop
@@ -410,9 +415,11 @@ class Worker:
                     self._drain(index, link)
             core.tick()
             self._flush()
+            self._push_out()   # what everything taken in this round made, one write per downstream worker
             self._return_slots(force=False)
             self._tick()
         self._flush()
+        self._push_out()
         self._return_slots()
 
     def _owed(self) -> bool:
@@ -547,6 +554,8 @@ class Worker:
         packed = ring.pack(frames)
         # wait while downstream makes progress; a ring that stays full (a receiver holding old slots)
         # falls back to the socket: never a deadlock
+        if packed is None:
+            self._push_out()   # what downstream has yet to receive is what it would release
         while packed is None and self._credit_poll.poll(RING_WAIT_MS):
             self._collect_credit()
             packed = ring.pack(frames)
@@ -559,6 +568,8 @@ class Worker:
         arena = self._arena
         assert arena is not None  # _build: only a worker with outputs has an arena
         array = arena.allocate(shape, dtype)
+        if array is None:
+            self._push_out()
         while array is None and self._forwarded and self._credit_poll.poll(RING_WAIT_MS):
             self._collect_credit()
             array = arena.allocate(shape, dtype)
@@ -573,6 +584,7 @@ class Worker:
 
     def _await_credit(self) -> None:
         """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
+        self._push_out()
         if self._credit_poll.poll(POLL_MS):
             self._collect_credit()
         else:
@@ -613,11 +625,13 @@ class Worker:
         rings[worker].release(offset)
 
     def _send(self, end: Any, frames: list) -> None:
-        """Send one multipart message on a hop or a ZeroMQ socket, waiting (and checking for stop) while it
-        is full."""
+        """Send one multipart message: queued on a hop (``_push_out``), or on a ZeroMQ socket, waiting (and
+        checking for stop) while it is full."""
         if isinstance(end, Connection):
-            if not end.send(frames):
-                self._drain_hop(end)
+            end.queue(frames)
+            self._unflushed.add(end)
+            if end.queued_bytes >= HOP_FLUSH_BYTES:
+                self._push_out()
             return
         last = len(frames) - 1
         while True:
@@ -631,13 +645,19 @@ class Worker:
             frame = frames[index]
             end.send(frame, _MORE_NOBLOCK if index < last else _NOBLOCK, copy=len(frame) < ZERO_COPY_MIN)
 
-    def _drain_hop(self, hop: Connection) -> None:
-        """Wait until a hop has taken all of a message (its reader never waits on this worker)."""
-        waiter = select.poll()
-        waiter.register(hop.fileno, select.POLLOUT)
-        while not hop.flush():
-            if not waiter.poll(POLL_MS):
-                self._check_alive()
+    def _push_out(self) -> None:
+        """Write the messages queued on output hops, waiting (and checking for stop) while a socket is full: its
+        reader never waits on this worker."""
+        unflushed = self._unflushed
+        while unflushed:
+            hop = unflushed.pop()
+            if hop.flush():
+                continue
+            waiter = select.poll()
+            waiter.register(hop.fileno, select.POLLOUT)
+            while not hop.flush():
+                if not waiter.poll(POLL_MS):
+                    self._check_alive()
 
 
 def _die_with_parent() -> None:
