@@ -44,6 +44,7 @@ _TAGS = (TAG, FORWARD_TAG)
 _HEAD = struct.Struct("<QQI")       # slot offset, slot length, frame count
 _FRAME = struct.Struct("<IQQ")      # frame index, offset in slot (in the ring file when forwarded), length
 _FORWARD_HEAD = struct.Struct("<QIH")  # token, frame count, ring file name length
+_TOKEN = struct.Struct("<Q")           # the token at the start of _FORWARD_HEAD
 _TOTAL = struct.Struct("<II")       # frames of the message, frames carried inline
 _INLINE = struct.Struct("<II")      # frame index, length (the frame's bytes follow)
 _INLINE_ALIGNMENT = 8
@@ -386,6 +387,18 @@ def forward_reference(frames: list, located: list[tuple[int, str, int, int]], to
     for index, _, offset, length in located:
         head.append(_FRAME.pack(index, offset, length))
     return [_with_inline_frames(head, frames, {index for index, _, _, _ in located})]
+
+
+def is_forward(reference: memoryview) -> bool:
+    """Whether a (checked, unpacked) reference frame is a forward reference."""
+    return reference[:len(FORWARD_TAG)] == FORWARD_TAG
+
+
+def reforward(reference: memoryview, token: int) -> bytes:
+    """A forward reference received, sent on under this worker's ``token``: same ring, offsets and inline
+    frames (a pass-through stage's unchanged batch needs no new reference)."""
+    start = len(FORWARD_TAG)
+    return b"".join((reference[:start], _TOKEN.pack(token), reference[start + _TOKEN.size:]))
 
 
 def is_reference(frame) -> bool:
