@@ -314,8 +314,16 @@ class Batch:
             arrays[name] = array if ndim == 1 else array.reshape(rows, columns)
         if position != size:
             raise CorruptData(f"batch header: {size - position} bytes left over after its arrays")
-        batch = cls(format=FORMATS[format_code], epoch=epoch, sequence=sequence, flags=_flag(flags), stream=stream,
-                    page_size=page_size, meta=meta, **arrays)
+        batch = object.__new__(cls)   # what the dataclass __init__ does, without its cost per batch
+        batch.__dict__.update(
+            format=FORMATS[format_code], epoch=epoch, sequence=sequence, flags=_flag(flags), stream=stream,
+            page_size=page_size, page_numbers=arrays.get("page_numbers"), kinds=arrays.get("kinds"),
+            data=arrays.get("data"), reference=arrays.get("reference"), payload=arrays.get("payload"),
+            offsets=arrays.get("offsets"), meta=meta)
+        if batch.page_numbers is None:
+            batch.page_numbers = _empty_pages()
+        if batch.kinds is None:
+            batch.kinds = _empty_kinds()
         batch.validate()
         return batch, next_frame
 
