@@ -237,6 +237,10 @@ class Worker:
         self._hops: dict[int, tuple[int, int, Connection]] = {}   # output hop descriptor -> link, worker, hop
         self._credit_poll = select.poll()   # the output hops, for credit and releases
         self._unflushed: set[Connection] = set()   # output hops with messages queued (``_push_out`` writes them)
+        self._watching_out: set[int] = set()   # output hop descriptors polled for writability too
+        self._poller: Any = None   # the serve loop's (zmq.Poller or select.poll), and its POLLOUT flag
+        self._poller_out = 0
+        self._ended: list[Connection] = []   # output hops whose reader has gone (closed at the end)
         self._send_rings: list[list[SendRing] | None] = []
         self._ring_maps = RingMaps()
         self._forwarded: dict[int, list] = {}  # token -> frames held until the downstream worker releases them
@@ -363,6 +367,8 @@ class Worker:
                     end.close()
         for _, _, hop in self._hops.values():
             hop.close()
+        for hop in self._ended:
+            hop.close()
         for socket in self._sockets:
             if orphaned or (code != 0 and socket is not self._bus):   # nobody reads what an orphan sends
                 socket.linger = 0
@@ -403,16 +409,17 @@ class Worker:
             self._push_out()
             self._tick()
         self._flush()
-        self._push_out()
+        self._push_all()
 
     def _serve(self) -> None:
         # select.poll costs a microsecond where zmq.Poller costs several: it serves when every input is a hop
         zmq_inputs = any(link.socket is not None for link in self._inputs)
         poller: Any = zmq.Poller() if zmq_inputs else select.poll()
+        self._poller, self._poller_out = poller, int(zmq.POLLOUT) if zmq_inputs else select.POLLOUT
         registered: dict[int, Any] = {}   # input index -> the key it is registered under
         core = self.core
         for descriptor in self._hops:  # releases of forwarded batches must flow upstream while this worker idles
-            poller.register(descriptor, _POLLIN)
+            poller.register(descriptor, _POLLIN | (self._poller_out if descriptor in self._watching_out else 0))
         while not core.finished:
             for index, link in enumerate(self._inputs):
                 wanted = None if link.closed or core.fan_in.blocked(index) else link.key
@@ -443,7 +450,7 @@ class Worker:
             self._return_slots(force=False)
             self._tick()
         self._flush()
-        self._push_out()
+        self._push_all()
         self._return_slots()
 
     def _owed(self) -> bool:
@@ -603,6 +610,7 @@ class Worker:
             self._push_out()   # what downstream has yet to receive is what it would release
         while packed is None and self._credit_poll.poll(RING_WAIT_MS):
             self._collect_credit()
+            self._push_out()
             packed = ring.pack(frames)
             self._tick()
         return packed or frames
@@ -617,6 +625,7 @@ class Worker:
             self._push_out()
         while array is None and self._forwarded and self._credit_poll.poll(RING_WAIT_MS):
             self._collect_credit()
+            self._push_out()
             array = arena.allocate(shape, dtype)
             self._tick()
         return array if array is not None else np.empty(shape, dtype)
@@ -628,10 +637,12 @@ class Worker:
         self._inflight[key] += cost
 
     def _await_credit(self) -> None:
-        """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
+        """Wait (up to a poll interval, checking for stop) for credit or released ring slots, writing what the
+        output hops have queued as they take it."""
         self._push_out()
         if self._credit_poll.poll(POLL_MS):
             self._collect_credit()
+            self._push_out()
         else:
             self._check_alive()
         self._tick()
@@ -644,7 +655,12 @@ class Worker:
                 messages = hop.receive()
             except Closed:   # the downstream worker has ended: nothing it holds is owed any more
                 self._credit_poll.unregister(descriptor)
+                if self._poller is not None:
+                    self._poller.unregister(descriptor)
                 del self._hops[descriptor]
+                self._watching_out.discard(descriptor)
+                self._unflushed.discard(hop)
+                self._ended.append(hop)
                 self._inflight[(link, worker)] = 0
                 continue
             for frames in messages:
@@ -691,18 +707,34 @@ class Worker:
             end.send(frame, _MORE_NOBLOCK if index < last else _NOBLOCK, copy=len(frame) < ZERO_COPY_MIN)
 
     def _push_out(self) -> None:
-        """Write the messages queued on output hops, waiting (and checking for stop) while a socket is full: its
-        reader never waits on this worker."""
-        unflushed = self._unflushed
-        while unflushed:
-            hop = unflushed.pop()
-            if hop.flush():
-                continue
-            waiter = select.poll()
-            waiter.register(hop.fileno, select.POLLOUT)
-            while not hop.flush():
-                if not waiter.poll(POLL_MS):
-                    self._check_alive()
+        """Write what the output hops have queued, as far as their sockets take it now. Never waits (a worker
+        waiting on one full socket could hold up the batch another worker needs to unblock it); what is left is
+        written as the socket becomes writable (polled for), and credit bounds it as it bounds what is in flight."""
+        if self._unflushed:
+            self._unflushed = {hop for hop in self._unflushed if not hop.flush()}
+        if self._watching_out or self._unflushed:
+            self._watch_writable()
+
+    def _watch_writable(self) -> None:
+        wanted = {hop.fileno for hop in self._unflushed}
+        if wanted == self._watching_out:
+            return
+        for descriptor in wanted ^ self._watching_out:
+            out = descriptor in wanted
+            self._credit_poll.modify(descriptor, select.POLLIN | (select.POLLOUT if out else 0))
+            if self._poller is not None:
+                self._poller.modify(descriptor, _POLLIN | (self._poller_out if out else 0))
+        self._watching_out = wanted
+
+    def _push_all(self) -> None:
+        """Write everything the output hops have queued (the stream has ended), waiting while a socket is full;
+        its reader never waits on this worker."""
+        self._push_out()
+        while self._unflushed:
+            if not self._credit_poll.poll(POLL_MS):
+                self._check_alive()
+            self._collect_credit()
+            self._push_out()
 
 
 def _die_with_parent() -> None:
