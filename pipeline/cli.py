@@ -22,6 +22,7 @@ from typing import Callable, NoReturn, Sequence
 from rich.console import Console
 
 from .bus import Message, json_default
+from .colocation import POLICIES
 from .errors import ConfigError, PagepipeError, ParseError, StageFailed
 from .launch import ElementWords, build_stage, parse_description
 from .logs import DEFAULT_INTERVAL, LOG_FORMATS, RunLog
@@ -128,6 +129,12 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="process")
     parser.add_argument("--stats-json", type=Path, help="write the statistics (with per-epoch series) as JSON here")
     parser.add_argument("--no-fuse", action="store_true", help="do not fuse neighbouring stages")
+    parser.add_argument("--colocate", choices=POLICIES, default="none",
+                        help="process mode: which neighbouring single-worker stages share a worker process. "
+                             "none: one process per stage worker (default); chains: every run of neighbouring "
+                             "single-worker stages shares one; auto: join neighbours (the pair running the fewest "
+                             "elements first, then the one furthest downstream) only while there are more worker "
+                             "processes than CPUs this process may use. Results are the same either way")
     parser.add_argument("--max-inflight", default=str(DEFAULT_MAX_INFLIGHT), help="bytes in flight per link (32MiB)")
     parser.add_argument("--timeout", metavar="SECONDS", help="stop and fail after this long (seconds, or 2min)")
     parser.add_argument("--name", default="", help="the pipeline's name in its workers' process titles "
@@ -166,21 +173,25 @@ def run_launch(args: argparse.Namespace, console: Console) -> int:
         with Progress(console, show_warnings=log is None) as progress, log or contextlib.nullcontext():
             try:
                 result = pipeline.run(mode=args.mode, on_message=_listeners(progress, log, metrics), timeout=timeout,
-                                      fuse=not args.no_fuse, max_inflight=limit, name=args.name)
+                                      fuse=not args.no_fuse, max_inflight=limit, name=args.name,
+                                      colocate=args.colocate)
             except TimeoutError:
                 raise PagepipeError(f"--timeout {args.timeout}: the pipeline had not finished; every worker "
                                     "was stopped (give a longer --timeout, or none)") from None
     finally:
         if metrics is not None:
             metrics.close()
+    processes = pipeline.plan(fuse=not args.no_fuse, colocate=args.colocate).worker_processes()
     if log is not None and log.fmt == "json":
         summary = result.to_json()
         summary.pop("timeline")
+        if args.mode != "inline":
+            summary.update(worker_processes=processes, colocate=args.colocate)
         print(json.dumps({"type": "summary", **summary}, default=json_default), flush=True)
     else:
         print_summary(console, result)
         if args.mode != "inline":
-            print_processes(console, result)
+            print_processes(console, result, processes, len(plan.element_names()), args.colocate)
     if args.stats_json:
         try:
             args.stats_json.write_text(json.dumps(result.to_json(), indent=2, default=json_default))
@@ -189,11 +200,13 @@ def run_launch(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def print_processes(console: Console, result) -> None:
-    """How many worker processes the run started (a fused node's members share one) and their CPU seconds."""
+def print_processes(console: Console, result, processes: int, elements: int, colocate: str) -> None:
+    """How many worker processes the run started for how many elements (fused and co-located elements share
+    one; caller-side stages are threads of this process) and their CPU seconds."""
     workers = {(stats.get("fused_as", stage), worker): float(stats.get("cpu_seconds", 0.0))
                for (stage, worker), stats in result.statistics.items()}
-    console.print(f"{len(workers)} worker processes (caller-side stages: threads of this one), "
+    console.print(f"{processes} worker process{'' if processes == 1 else 'es'} for {elements} elements "
+                  f"(colocate={colocate}), "
                   f"{sum(workers.values()):.2f} CPU seconds in them", highlight=False)
 
 

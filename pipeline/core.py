@@ -89,7 +89,7 @@ class WorkerCore:
         """Run a source; yields after each emitted batch so the executor can check for stop requests.
 
         A source that ends without an end-of-stream marker gets one, so
-        downstream workers always learn that the stream is over.
+        downstream workers always learn that the stream is over (if it has any).
         """
         self.stage.idle_every = IDLE_EVERY
         produced = self.stage.produce()
@@ -110,8 +110,8 @@ class WorkerCore:
             if batch.is_control and batch.flags & Flag.EPOCH_END:
                 self._close_epoch(batch.epoch)
             yield
-        if not ended:
-            self._emit(Batch.control(Flag.END_OF_STREAM, self._last_epoch, format=self.output_format or "any"))
+        if not ended and self.output_format is not None:   # (a source and sink in one, co-located, has no output)
+            self._emit(Batch.control(Flag.END_OF_STREAM, self._last_epoch, format=self.output_format))
         self.finished = True
 
     def tick(self) -> None:

@@ -28,6 +28,8 @@ class Node:
     downstream: list[int] = field(default_factory=list)
     elements: list[str] = field(default_factory=list)
     """The original elements this node runs: its own name, or every element fused into it, in order."""
+    parts: list[str] = field(default_factory=list)
+    """The plan nodes co-located in this node's process, by name, in order (pipeline.colocation); empty if none."""
 
     def __post_init__(self) -> None:
         self.elements = self.elements or [self.name]
@@ -63,6 +65,10 @@ class Plan:
             if node.input_format == STREAM:
                 links.append((node.name, "bytes_in"))
         return links
+
+    def worker_processes(self) -> int:
+        """How many processes the process executor starts for this plan (caller-side stages run as threads)."""
+        return sum(node.workers for node in self.nodes if not node.stage.runs_in_caller)
 
     def element_names(self) -> list[str]:
         """Every original element, in order (the members of fused nodes one by one)."""

@@ -26,7 +26,12 @@ Run (non-blocking), e.g. to call a caller-side stage's ``checkpoint()`` meanwhil
 
 ``mode="inline"`` runs every worker in this process (``run`` runs it in the
 calling thread, ``start`` in a background thread). ``fuse=False`` keeps
-fusable neighbours (xor-delta ! rle) apart; ``max_inflight`` bounds the bytes
+fusable neighbours (xor-delta ! rle) apart; ``colocate`` says how many
+processes process mode starts: ``"none"`` (one per stage worker),
+``"chains"`` (each run of neighbouring single-worker stages shares one) or
+``"auto"`` (join neighbours only while there are more processes than CPUs);
+see pipeline.colocation. ``handle.worker_processes`` (and
+``p.plan(colocate=...).worker_processes()``) tells how many it starts; ``max_inflight`` bounds the bytes
 in flight on each link between two workers. ``on_message`` is called from the
 thread that supervises the run. Validation (formats, properties, graph) happens
 before anything starts and raises ConfigError / CapsError / ParseError.
@@ -38,6 +43,7 @@ import threading
 from typing import Callable, Iterator
 
 from .bus import Collector, Message, RunResult
+from .colocation import POLICIES, colocate as colocate_plan
 from .errors import ConfigError
 from .graph import Plan, build_plan
 from .inline import InlineExecution
@@ -118,38 +124,42 @@ class Pipeline:
     def elements(self) -> list[Stage]:
         return list(self._elements)
 
-    def plan(self, fuse: bool = True) -> Plan:
-        """Check the graph and formats; the nodes the executors run."""
-        return build_plan(self._elements, self._links, fuse=fuse, where=self._where)
+    def plan(self, fuse: bool = True, colocate: str = "none") -> Plan:
+        """Check the graph and formats; the nodes the executors run (process mode: co-located as
+        ``colocate`` says)."""
+        return colocate_plan(build_plan(self._elements, self._links, fuse=fuse, where=self._where), colocate)
 
     # ---- running ---------------------------------------------------------
     def start(self, mode: str = "process", on_message: Callable[[Message], None] | None = None,
               fuse: bool = True, max_inflight: int | str = DEFAULT_MAX_INFLIGHT,
-              start_method: str = "forkserver", name: str = "") -> "PipelineHandle":
+              start_method: str = "forkserver", name: str = "", colocate: str = "none") -> "PipelineHandle":
         """Start in the background; returns a handle (messages, wait, stop)."""
-        handle = self._prepare(mode, on_message, fuse, max_inflight, start_method, name)
+        handle = self._prepare(mode, on_message, fuse, max_inflight, start_method, name, colocate)
         handle._start_thread()
         return handle
 
     def run(self, mode: str = "process", on_message: Callable[[Message], None] | None = None,
             timeout: float | None = None, fuse: bool = True, max_inflight: int | str = DEFAULT_MAX_INFLIGHT,
-            start_method: str = "forkserver", name: str = "") -> RunResult:
+            start_method: str = "forkserver", name: str = "", colocate: str = "none") -> RunResult:
         """Run to the end in the calling thread; StageFailed if a stage fails, TimeoutError after ``timeout``.
 
         ``name`` appears in the worker processes' titles (``pagepipe: xor-delta0 worker 1/2 of NAME``).
         """
-        handle = self._prepare(mode, on_message, fuse, max_inflight, start_method, name)
+        handle = self._prepare(mode, on_message, fuse, max_inflight, start_method, name, colocate)
         return handle._run_here(timeout)
 
     def _prepare(self, mode: str, on_message, fuse: bool, max_inflight: int | str,
-                 start_method: str, name: str = "") -> "PipelineHandle":
+                 start_method: str, name: str = "", colocate: str = "none") -> "PipelineHandle":
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r}: use one of {', '.join(MODES)}")
-        plan = self.plan(fuse=fuse)
+        if colocate not in POLICIES:
+            raise ConfigError(f"colocate={colocate!r}: use one of {', '.join(POLICIES)}")
+        plan = self.plan(fuse=fuse)   # names and links as the elements report them, co-located or not
         limit = parse_size(max_inflight)
         if limit <= 0:
             raise ConfigError(f"max-inflight {max_inflight!r} must be positive")
-        execution = InlineExecution(plan) if mode == "inline" else ProcessExecution(plan, limit, start_method, name)
+        execution = (InlineExecution(plan) if mode == "inline"   # one process already
+                     else ProcessExecution(colocate_plan(plan, colocate), limit, start_method, name))
         return PipelineHandle(execution, Collector([on_message], stage_order=plan.element_names(),
                                                    wire_links=plan.wire_links(), epoch_order=plan.names()))
 
@@ -196,6 +206,12 @@ class PipelineHandle:
             if self._stop.is_set():
                 raise TimeoutError(f"pipeline still running after {timeout} s; stopped")
         return self._collector.result()
+
+    @property
+    def worker_processes(self) -> int:
+        """How many worker processes this run starts (0 inline: everything runs in this process)."""
+        execution = self._execution
+        return execution.worker_processes if isinstance(execution, ProcessExecution) else 0
 
     @property
     def running(self) -> bool:

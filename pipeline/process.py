@@ -26,6 +26,7 @@ from typing import Callable
 import zmq
 
 from .bus import Message
+from .colocation import as_member
 from .errors import ConfigError, CorruptData, StageFailed
 from .graph import Plan
 from .registry import class_path
@@ -106,6 +107,13 @@ class ProcessExecution:
         self._context: zmq.Context | None = None
         self._bus: zmq.Socket | None = None
         self._finished = False
+        self._members = {node.name: frozenset(node.parts) for node in plan.nodes if node.parts}
+        """Co-located nodes' members: their messages are relabelled with the member's name (as_member)."""
+
+    @property
+    def worker_processes(self) -> int:
+        """How many worker processes this execution starts (pipeline.graph.Plan.worker_processes)."""
+        return self.plan.worker_processes()
 
     # ---- start ---------------------------------------------------------
     def specs(self, directory: str) -> list[tuple[WorkerSpec, Stage | None]]:
@@ -225,6 +233,8 @@ class ProcessExecution:
             except ValueError as exc:
                 raise CorruptData(f"bus: malformed message ({exc})") from None
             message = Message.from_dict(raw)
+            if self._members:
+                message = as_member(message, self._members)
             post(message)
             key = (message.stage, message.worker)
             if message.kind == "error":

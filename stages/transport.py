@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator, cast
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pipeline.batch import ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, TransportError
@@ -168,8 +169,10 @@ class ZmqSink(_ZmqStage):
         sock.setsockopt(zmq.IMMEDIATE, 1)       # queue only to completed connections: an absent peer blocks
 
     def start(self, context: StageContext) -> None:
+        self._monitors: list[zmq.Socket] = []
         super().start(context)
         self._spreader = Spreader(self.channels) if self.channels > 1 else None
+        self._monitors = [sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) for sock in self._sockets]
 
     def process(self, batch: Batch) -> Iterator[Batch]:
         payload = _payload_of(batch)
@@ -187,11 +190,47 @@ class ZmqSink(_ZmqStage):
     def control(self, batch: Batch) -> Iterator[Batch]:
         yield from self.process(batch)
         if batch.flags & Flag.END_OF_STREAM:
+            self._forget_disconnects()
             if self._spreader is None:
                 self._send(self._socket, _END_MESSAGE)
             else:
                 for sock, envelope in zip(self._sockets, self._spreader.ends()):
                     self._send(sock, _END_MESSAGE, envelope)
+            self._await_receivers_closing()
+
+    def _forget_disconnects(self) -> None:
+        """Drop the disconnects seen so far (connections replaced during the stream)."""
+        for monitor in self._monitors:
+            while monitor.poll(0):
+                monitor.recv_multipart()
+
+    def _await_receivers_closing(self) -> None:
+        """Wait (up to ``timeout``) until each channel's receiver has closed its connection after the end.
+
+        ZeroMQ's linger only covers messages still queued in the socket: the bytes its I/O thread has taken
+        but not yet written are dropped when the socket closes (seen over ipc:// when the receiver's queue
+        is full; libzmq issue 4660), so the last messages of a stream could vanish after a clean exit.
+        zmq-src closes its connections as soon as it has the end message, so its disconnect confirms that
+        everything before it arrived.
+        """
+        deadline = time.monotonic() + self.timeout
+        for endpoint, monitor in zip(channel_endpoints(self.endpoint, self.channels), self._monitors):
+            while True:
+                left_ms = math.ceil((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0 or not monitor.poll(left_ms):
+                    self.context.warn(f"{self.factory_name}: the receiver at {endpoint} did not close its "
+                                      f"connection within {self.timeout:g} s of the stream's end; it may have "
+                                      f"missed the last messages (a receiver should close once it has the end)")
+                    break
+                if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                    break
+
+    def stop(self) -> None:
+        for sock, monitor in zip(getattr(self, "_sockets", ()), getattr(self, "_monitors", ())):
+            sock.disable_monitor()
+            monitor.close(linger=0)
+        self._monitors = []
+        super().stop()
 
     def _send(self, sock: zmq.Socket, data, envelope: bytes | None = None) -> None:
         """Send ``data`` (led by its channel envelope when there are several channels)."""
@@ -268,6 +307,7 @@ class ZmqSource(_ZmqStage):
             if sequence == 0:
                 self.context.event("connected", f"receiving from a sender on {self.endpoint}")
             if len(message) == 0:
+                self.stop()     # closing at once tells the sender everything arrived (ZmqSink._await_receivers_closing)
                 yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                 return
             self.counters["bytes_in"] += len(message)
@@ -369,7 +409,7 @@ class ZmqSource(_ZmqStage):
             self.counters["dropped_messages"] = reassembler.dropped
             for message in reassembler.ready():
                 if message is END:
-                    self._post_refusals()       # the final statistics count every channel's peers
+                    self.stop()     # counts every channel's peers; closing tells the sender everything arrived
                     yield Batch.control(Flag.END_OF_STREAM, 0, format=STREAM, sequence=sequence)
                     return
                 frame = cast(zmq.Frame, message)

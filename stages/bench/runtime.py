@@ -8,7 +8,8 @@ medians over ``--repeat`` runs, each in process mode:
 2. throughput of ``test-src ! sink`` (one hop, target >= 6 GB/s), ``test-src ! identity ! sink``
    and ``test-src ! identity x3 ! sink`` (target >= 2 GB/s) moving 1 MiB batches the source
    wrote once into shared memory (``StageContext.allocate``): only references cross processes;
-   the wall time a pass-through stage adds per batch (chain of 3 against 1, halved; target <= 20 us);
+   the wall time a pass-through stage adds per batch (chain of 3 against 1, halved; target <= 20 us), each
+   in a process of its own (a hop) and co-located (``colocate=chains``: 3 against none, divided by 3);
 3. runtime overhead per batch per stage: CPU time of each identity worker per
    batch with one-page batches, where the stage itself does nothing (target <= 100 us);
 4. scaling: a CPU-bound stage (zstd level 3 over real memory pages) with
@@ -262,6 +263,28 @@ def chain_rate(identities: int, total_bytes: int) -> float:
     return chain_run(identities, total_bytes).rate
 
 
+def colocated_chain(identities: int, total_bytes: int) -> tuple[float, int]:
+    """``test-src ! identity x N ! rate-sink`` with ``colocate=chains`` (one worker process): the rate at the
+    sink and the worker processes started."""
+    batches = max(4, total_bytes // MiB)
+    stages: list[Stage] = [TestSource(epochs=1, pages=batches * PAGES_PER_MiB, batch_pages=PAGES_PER_MiB,
+                                      pattern="zeros"), *(Identity() for _ in range(identities)), RateSink()]
+    with Pipeline.chain(*stages).start(mode="process", colocate="chains") as handle:
+        result = handle.wait(timeout=600)
+    counters = result.statistics[(stages[-1].name, 0)]["counters"]
+    return counters["bytes_after_first"] / max(counters["last"] - counters["first"], 1e-9), handle.worker_processes
+
+
+def colocated_pass_through(total_bytes: int, repeat: int) -> dict:
+    """Wall time each pass-through stage adds per 1 MiB batch when co-located: identity x3 against none (both
+    ``colocate=chains``), divided by 3; medians of ``repeat`` interleaved pairs."""
+    pairs = [(colocated_chain(0, total_bytes), colocated_chain(3, total_bytes)) for _ in range(repeat)]
+    return {"colocated_pass_through_us": statistics.median((MiB / three - MiB / none) / 3
+                                                           for (none, _), (three, _) in pairs) * 1e6,
+            "colocated_chain3_gbps": statistics.median(three for _, (three, _) in pairs) / GB,
+            "colocated_chain3_processes": pairs[0][1][1]}
+
+
 def overhead_per_batch(batches: int) -> tuple[float, float]:
     """CPU seconds per batch of an identity worker, and wall seconds per batch at the sink (one-page batches)."""
     stages: list[Stage] = [TestSource(epochs=1, pages=batches, batch_pages=1, pattern="zeros"),
@@ -319,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["chain3_processes"] = rounds[0][3].processes
         identities = [value for name, value in figures["chain3_cpu_per_gb"].items() if name.startswith("identity")]
         figures["pass_through_cpu_us"] = statistics.median(identities) * MiB / GB * 1e6  # CPU per 1 MiB batch
+    with console.status("co-located chains of identity stages"):
+        figures.update(colocated_pass_through(total, args.repeat))
     with console.status("overhead per batch"):
         overheads = [overhead_per_batch(args.batches) for _ in range(args.repeat)]
         figures["overhead_cpu_us"] = statistics.median(cpu for cpu, _ in overheads) * 1e6
@@ -347,6 +372,8 @@ TARGETS = [  # figure, label, target, unit, higher is better
     ("chain3_gbps", "test-src ! identity x3 ! sink, 1 MiB batches", TARGET_CHAIN_GBPS, "GB/s", True),
     ("pass_through_us", "wall time one more pass-through stage adds per 1 MiB batch", TARGET_PASS_THROUGH_US,
      "us", False),
+    ("colocated_pass_through_us", "each added pass-through stage, co-located (colocate=chains), per 1 MiB batch",
+     TARGET_PASS_THROUGH_US, "us", False),
     ("overhead_cpu_us", "runtime CPU per batch per stage (1-page batches)", TARGET_OVERHEAD_US, "us", False),
     ("scaling", "zstd-3 over real pages, workers=2 / workers=1 throughput", TARGET_SCALING, "x", True),
     ("scaling_cpu_ratio", "zstd-3 whole-pipeline CPU seconds, workers=2 / workers=1", TARGET_CPU_RATIO, "x", False),
@@ -361,6 +388,8 @@ def print_figures(console: Console, figures: dict, repeat: int) -> None:
         table.add_column(column)
     table.add_row("raw pyzmq, 1 MiB frames over ipc", f"{figures['pyzmq_gbps']:.2f} GB/s", "baseline", "")
     table.add_row("test-src ! identity ! sink, 1 MiB batches", f"{figures['chain1_gbps']:.2f} GB/s", "", "")
+    table.add_row("test-src ! identity x3 ! sink, co-located, 1 MiB batches",
+                  f"{figures['colocated_chain3_gbps']:.2f} GB/s", "", "")
     table.add_row("CPU of a pass-through worker per 1 MiB batch", f"{figures['pass_through_cpu_us']:.1f} us", "", "")
     table.add_row("wall time per batch at the sink (1-page batches)", f"{figures['overhead_wall_us']:.1f} us", "", "")
     table.add_row("zstd-3 over real pages, workers=1", f"{figures['zstd_w1_mbps']:.0f} MB/s", "", "")
@@ -371,7 +400,8 @@ def print_figures(console: Console, figures: dict, repeat: int) -> None:
         table.add_row(label, f"{value:.2f} {unit}", f"{'>=' if higher else '<='} {target} {unit}",
                       "[green]met[/green]" if met else "[red]missed[/red]")
     console.print(table)
-    console.print(f"processes: {figures['chain3_processes']} workers for test-src ! identity x3 ! sink, "
+    console.print(f"processes: {figures['chain3_processes']} workers for test-src ! identity x3 ! sink "
+                  f"({figures['colocated_chain3_processes']} with colocate=chains), "
                   f"{figures['zstd_w2_processes']} for corpus-src ! zstd workers=2 ! sink; plus the supervising "
                   f"process", markup=False)
     for key, title in (("hop_cpu_per_gb", "one identity hop"), ("chain3_cpu_per_gb", "identity x3"),

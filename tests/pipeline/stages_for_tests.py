@@ -324,3 +324,71 @@ class Shifter(Identity):
 
     def process(self, batch: Batch) -> Iterable[Batch]:
         yield batch.with_(page_numbers=batch.page_numbers + np.uint64(batch.meta.get("shift", 0)), meta={})
+
+
+@register
+class Holder(Identity):
+    """Pass-through with a timer: holds data batches until its next tick, or until a marker comes (then they go
+    first), so its output and its per-epoch accounts never depend on when the timer runs;
+    ``counters["by_timer"]`` counts the batches a tick let go (a timing figure, not a result)."""
+
+    factory_name = "holder"
+    interval = Property("duration", "5ms", "tick interval")
+
+    def start(self, context: StageContext) -> None:
+        super().start(context)
+        self.tick_interval = self.interval
+        self.held: list[Batch] = []
+        self.counters["by_timer"] = 0
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        self.held.append(batch)
+        return ()
+
+    def flush(self, marker: Batch) -> Iterable[Batch]:
+        return self._release()
+
+    def tick(self) -> Iterable[Batch]:
+        self.counters["by_timer"] += len(self.held)
+        return self._release()
+
+    def _release(self) -> list[Batch]:
+        released, self.held = self.held, []
+        return released
+
+
+@register
+class GappySource(Stage):
+    """``epochs`` epochs of one 2-page batch each, waiting ``gap`` between a batch and its epoch's end (None every
+    ``idle_every``, as a tracker waits)."""
+
+    factory_name = "gappy-src"
+    output_caps = PAGES
+    epochs = Property("int", 2, "epochs")
+    gap = Property("duration", "200ms", "wait between an epoch's batch and its end")
+
+    def produce(self) -> Iterator[Batch | None]:
+        for epoch in range(self.epochs):
+            yield Batch(format=PAGES, epoch=epoch, page_numbers=np.arange(2, dtype=np.uint64) + epoch,
+                        kinds=np.zeros(2, np.uint8), data=np.full((2, 4096), epoch, np.uint8))
+            resume_at = time.monotonic() + self.gap
+            while time.monotonic() < resume_at:
+                time.sleep(min(self.idle_every or 0.5, max(0.0, resume_at - time.monotonic())))
+                yield None
+            yield Batch.control(Flag.EPOCH_END, epoch, pages=2)
+        yield Batch.control(Flag.END_OF_STREAM, self.epochs - 1)
+
+
+@register
+class StopMarker(Identity):
+    """Pass-through whose stop() writes ``path`` (proof it ran) and then, with ``fail=true``, raises."""
+
+    factory_name = "stop-marker"
+    path = Property("str", "", "file written by stop()")
+    fail = Property("bool", False, "raise in stop() after writing the file")
+
+    def stop(self) -> None:
+        with open(self.path, "w") as file:
+            file.write("stopped")
+        if self.fail:
+            raise RuntimeError(f"planned failure in stop of {self.name}")
