@@ -47,13 +47,14 @@ import numpy as np
 import setproctitle
 import zmq
 
-from .batch import Batch
+from .batch import Batch, frame_buffer
 from .bus import STATS_INTERVAL, Message, json_default
 from .errors import CorruptData, error_category
 from .core import WorkerCore
 from .registry import import_target
 from .routing import Router
-from .shm import SHM_THRESHOLD, Arena, ReceiveRing, RingMaps, SendRing, forward_reference, is_reference
+from .shm import (SHM_THRESHOLD, Arena, ReceiveRing, RingMaps, SendRing, forward_reference, is_forward, is_reference,
+                  reforward)
 from .stage import Stage, StageContext
 
 POLL_MS = 100
@@ -159,6 +160,28 @@ def _frames_cost(frames: list) -> int:
     return sum(map(len, frames))
 
 
+class _Origin:
+    """A batch as it arrived in a forward reference, to pass it on by the same reference if the stage emits it
+    unchanged: same object, no field reassigned (arrays from a ring or a message are read-only), meta of plain
+    values equal to what arrived."""
+
+    __slots__ = ("batch", "reference", "frames", "_fields", "_meta")
+
+    def __init__(self, batch: Batch, reference: memoryview, frames: list):
+        self.batch, self.reference, self.frames = batch, reference, frames
+        self._fields = tuple(batch.__dict__.values())
+        meta = batch.meta
+        self._meta = dict(meta) if all(type(value) in _PLAIN for value in meta.values()) else None
+
+    def unchanged(self) -> bool:
+        fields = self.batch.__dict__
+        return (self._meta is not None and len(fields) == len(self._fields) and self.batch.meta == self._meta
+                and all(now is then for now, then in zip(fields.values(), self._fields)))
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
 class Worker:
     """Run one stage worker until its stream ends, it fails, or it is told to stop."""
 
@@ -193,6 +216,7 @@ class Worker:
         self._pending_bytes = 0
         self._hold_data = False
         self._arena: Arena | None = None
+        self._origin: _Origin | None = None   # the batch being fed, when it came as a forward reference
 
     # ---- bus -----------------------------------------------------------
     def post(self, kind: str, **fields: Any) -> None:
@@ -394,13 +418,21 @@ class Worker:
             frames = [first]
             while frames[-1].more:  # the rest of a multipart message has arrived with its first part
                 frames.append(socket.recv(0, copy=False))
+            reference = None
             if ring is not None and is_reference(first):
+                reference = frame_buffer(first)
                 frames = ring.unpack(frames)
             self._unacked[index] += _frames_cost(frames)  # ring messages count their unpacked size, as sent
             if self._unacked[index] >= threshold:
                 self._ack(index)
-            for batch in Batch.bundle_from_frames(frames):
-                core.feed(index, batch)
+            batches = Batch.bundle_from_frames(frames)
+            if reference is not None and len(batches) == 1 and is_forward(reference):
+                self._origin = _Origin(batches[0], reference, frames)
+            try:
+                for batch in batches:
+                    core.feed(index, batch)
+            finally:
+                self._origin = None
             self._flush()  # what this message made, one message per downstream worker
             self._return_slots(force=False)
             if core.finished or core.fan_in.blocked(index):
@@ -443,7 +475,11 @@ class Worker:
         (or until BUNDLE_BYTES are queued)."""
         for index, (router, sockets, credited) in enumerate(self._outputs):
             rings = self._send_rings[index]
-            for worker, part in router.route(batch):
+            for worker, part in ((0, batch),) if router.workers == 1 else router.route(batch):
+                origin = self._origin
+                if origin is not None and rings is not None and part is origin.batch and origin.unchanged():
+                    self._pass_on(index, worker, sockets[worker], origin)
+                    continue
                 frames = part.to_frames()
                 if len(frames) == 1:
                     self._pending.setdefault((index, worker), []).append(frames[0])
@@ -458,6 +494,15 @@ class Worker:
         if not self.spec.inputs and (batch.is_control or not self._hold_data
                                      or self._pending_bytes >= BUNDLE_BYTES):
             self._flush()
+
+    def _pass_on(self, link: int, worker: int, socket: zmq.Socket, origin: "_Origin") -> None:
+        """Send on an unchanged batch that came as a forward reference: the same reference under a token of
+        this worker's, its arrays held until the downstream worker releases it (no new wire form to make)."""
+        self._flush((link, worker))  # keep the order of the batches on this link
+        self._reserve(link, worker, _frames_cost(origin.frames))
+        self._forward_tokens += 1
+        self._forwarded[self._forward_tokens] = origin.frames
+        self._send(socket, [reforward(origin.reference, self._forward_tokens)])
 
     def _flush(self, only: tuple[int, int] | None = None) -> None:
         """Send the queued small batches (of one link and worker, or all), as one message per worker."""
