@@ -251,6 +251,14 @@ class Batch:
         return batches
 
     @classmethod
+    def next_from_frames(cls, frames: Sequence, start: int) -> tuple["Batch", int]:
+        """The batch whose header is ``frames[start]`` in a message of several, and the index of the frame after
+        its last one. Checked as ``from_frames``."""
+        if not 0 <= start < len(frames):
+            raise CorruptData(f"batch message: no frame {start} among {len(frames)}")
+        return cls._from_frames_at(frames, start)
+
+    @classmethod
     def _from_frames_at(cls, frames: Sequence, start: int) -> tuple["Batch", int]:
         """The batch whose header is ``frames[start]``, and the index of the frame after its last one."""
         header = frame_buffer(frames[start])

@@ -214,6 +214,7 @@ class Worker:
         self._forward_tokens = 0
         self._pending: dict[tuple[int, int], list] = {}  # (output link, worker) -> small batches' frames to send
         self._pending_bytes = 0
+        self._pending_cost: dict[tuple[int, int], int] = {}   # credit the queued frames still need, per key
         self._hold_data = False
         self._arena: Arena | None = None
         self._origin: _Origin | None = None   # the batch being fed, when it came as a forward reference
@@ -418,25 +419,44 @@ class Worker:
             frames = [first]
             while frames[-1].more:  # the rest of a multipart message has arrived with its first part
                 frames.append(socket.recv(0, copy=False))
-            reference = None
-            if ring is not None and is_reference(first):
-                reference = frame_buffer(first)
-                frames = ring.unpack(frames)
-            self._unacked[index] += _frames_cost(frames)  # ring messages count their unpacked size, as sent
+            if ring is None:
+                self._unacked[index] += _frames_cost(frames)
+                for batch in Batch.bundle_from_frames(frames):
+                    core.feed(index, batch)
+            else:
+                self._take_bundle(index, ring, frames)
             if self._unacked[index] >= threshold:
                 self._ack(index)
-            batches = Batch.bundle_from_frames(frames)
-            if reference is not None and len(batches) == 1 and is_forward(reference):
-                self._origin = _Origin(batches[0], reference, frames)
-            try:
-                for batch in batches:
-                    core.feed(index, batch)
-            finally:
-                self._origin = None
-            self._flush()  # what this message made, one message per downstream worker
             self._return_slots(force=False)
             if core.finished or core.fan_in.blocked(index):
                 break
+        self._flush()  # what these messages made, one message per downstream worker
+
+    def _take_bundle(self, index: int, ring: ReceiveRing, frames: list) -> None:
+        """Feed the batches of a message from a ring link: batches (one frame each, or a header and its array
+        frames) and ring references (one frame each), back to back; references count their unpacked size, as
+        their sender counted it."""
+        core, position = self.core, 0
+        while position < len(frames):
+            frame = frames[position]
+            if is_reference(frame):
+                reference = frame_buffer(frame)
+                unpacked = ring.unpack([frame])
+                position += 1
+                self._unacked[index] += _frames_cost(unpacked)
+                batches = Batch.bundle_from_frames(unpacked)
+                if len(batches) == 1 and is_forward(reference):
+                    self._origin = _Origin(batches[0], reference, unpacked)
+                try:
+                    for batch in batches:
+                        core.feed(index, batch)
+                finally:
+                    self._origin = None
+            else:
+                batch, end = Batch.next_from_frames(frames, position)
+                self._unacked[index] += _frames_cost(frames[position:end])
+                position = end
+                core.feed(index, batch)
 
     def _releaser(self, index: int, kind: int) -> Callable[[int], None]:
         """Ring finalizer: only queues the release (it may run inside any call); ``_return_slots`` sends it."""
@@ -482,14 +502,16 @@ class Worker:
                     continue
                 frames = part.to_frames()
                 if len(frames) == 1:
-                    self._pending.setdefault((index, worker), []).append(frames[0])
-                    self._pending_bytes += len(frames[0])
+                    self._queue((index, worker), frames[0], len(frames[0]) if credited else 0)
                     continue
-                self._flush((index, worker))  # keep the order of the batches on this link
                 if credited:  # the unpacked size: credit, not ring space, bounds what is in flight
                     self._reserve(index, worker, _frames_cost(frames))
                 if rings is not None and part.nbytes >= SHM_THRESHOLD:
                     frames = self._through_ring(rings[worker], frames)
+                    if len(frames) == 1:   # a ring reference: it leaves with the others made at this moment
+                        self._queue((index, worker), frames[0], 0)
+                        continue
+                self._flush((index, worker))  # keep the order of the batches on this link
                 self._send(sockets[worker], frames)
         if not self.spec.inputs and (batch.is_control or not self._hold_data
                                      or self._pending_bytes >= BUNDLE_BYTES):
@@ -498,24 +520,35 @@ class Worker:
     def _pass_on(self, link: int, worker: int, socket: zmq.Socket, origin: "_Origin") -> None:
         """Send on an unchanged batch that came as a forward reference: the same reference under a token of
         this worker's, its arrays held until the downstream worker releases it (no new wire form to make)."""
-        self._flush((link, worker))  # keep the order of the batches on this link
-        self._reserve(link, worker, _frames_cost(origin.frames))
         self._forward_tokens += 1
         self._forwarded[self._forward_tokens] = origin.frames
-        self._send(socket, [reforward(origin.reference, self._forward_tokens)])
+        self._queue((link, worker), reforward(origin.reference, self._forward_tokens), _frames_cost(origin.frames))
+
+    def _queue(self, key: tuple[int, int], frame: Any, cost: int) -> None:
+        """Queue a one-frame batch or ring reference for link and worker ``key``: such frames leave together,
+        one message per worker (``_flush``), each ZeroMQ message costing tens of microseconds of CPU on either
+        side. ``cost``: the credit it still needs (a ring reference's unpacked size; 0 once reserved)."""
+        self._pending.setdefault(key, []).append(frame)
+        self._pending_bytes += len(frame)
+        cost += self._pending_cost.get(key, 0)
+        self._pending_cost[key] = cost
+        if cost >= self.spec.max_inflight >> 2:   # what a receiver acknowledges at once: it waits no longer
+            self._flush(key)
 
     def _flush(self, only: tuple[int, int] | None = None) -> None:
-        """Send the queued small batches (of one link and worker, or all), as one message per worker."""
+        """Send the queued one-frame batches and references (of one link and worker, or all), as one message
+        per worker."""
         if not self._pending:
             return
         keys = list(self._pending) if only is None else [only] if only in self._pending else []
         for key in keys:
             frames = self._pending.pop(key)
+            cost = self._pending_cost.pop(key, 0)
             self._pending_bytes -= _frames_cost(frames)
             index, worker = key
             _, sockets, credited = self._outputs[index]
-            if credited:
-                self._reserve(index, worker, _frames_cost(frames))
+            if credited and cost:
+                self._reserve(index, worker, cost)
             self._send(sockets[worker], frames)
 
     def _through_ring(self, ring: SendRing, frames: list) -> list:
@@ -530,6 +563,8 @@ class Worker:
             return frames
         self._collect_credit()
         packed = ring.pack(frames)
+        if packed is None:
+            self._flush()   # references still queued here hold slots their receivers cannot release yet
         # wait while downstream makes progress; a ring that stays full (a receiver holding old slots)
         # falls back to the socket: never a deadlock
         credit = self._credit
@@ -546,6 +581,8 @@ class Worker:
         arena, credit = self._arena, self._credit
         assert arena is not None and credit is not None  # _build: only a worker with outputs has an arena
         array = arena.allocate(shape, dtype)
+        if array is None:
+            self._flush()   # references still queued here hold arena space their receivers cannot release yet
         while array is None and self._forwarded and credit.poll(RING_WAIT_MS, _POLLIN):
             self._collect_credit()
             array = arena.allocate(shape, dtype)
