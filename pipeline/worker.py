@@ -216,6 +216,7 @@ class Worker:
         self._pending_bytes = 0
         self._pending_cost: dict[tuple[int, int], int] = {}   # credit the queued frames still need, per key
         self._hold_data = False
+        self._bundle_rounds = False
         self._arena: Arena | None = None
         self._origin: _Origin | None = None   # the batch being fed, when it came as a forward reference
 
@@ -302,6 +303,9 @@ class Worker:
                                     if target.ring_paths and target.credited else None)
             for worker in range(len(sockets)):
                 self._inflight[(index, worker)] = 0
+        # what one round of input makes leaves together on the process executor's links; a link to another
+        # host (``pagepipe stage``) keeps one message per input message
+        self._bundle_rounds = all(credited for _, _, credited in self._outputs)
         if spec.credit_endpoint:
             self._credit = self._socket(zmq.PULL, hwm=0)
             attach(self._credit, spec.credit_endpoint, bind_by_default=True)
@@ -427,6 +431,8 @@ class Worker:
                 self._take_bundle(index, ring, frames)
             if self._unacked[index] >= threshold:
                 self._ack(index)
+            if not self._bundle_rounds:
+                self._flush()  # what this message made, one message per downstream worker
             self._return_slots(force=False)
             if core.finished or core.fan_in.blocked(index):
                 break
