@@ -413,7 +413,7 @@ def print_figures(console: Console, figures: dict, repeat: int) -> None:
         met = value >= target if higher else value <= target
         gap = abs(value - target) / target
         console.print(f"{'met' if met else 'MISSED'}: {label} {value:.2f} {unit} (target {'>=' if higher else '<='} "
-                      f"{target} {unit}; {gap:.0%} {'margin' if met else 'short'})", markup=False)
+                      f"{target} {unit}; {gap:.0%} {'margin' if met else 'short'})", markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
