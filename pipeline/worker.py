@@ -13,14 +13,16 @@ counting a ring message at its full size. Links without a credit endpoint
 Large messages on process-mode links travel through a shared-memory ring of
 ``max_inflight`` bytes (pipeline.shm), or, when a pass-through stage emits
 views of a ring it received from, as a forward reference to that ring (no
-copy; the arrays are held until the next worker releases them). Releases come
+copy; the arrays are held until the next worker releases them); a batch the
+stage emits unchanged leaves by the very reference it came in. Releases come
 back on the credit socket, which a worker reads while idle too, so a slot
 travels back up a chain of pass-through stages as soon as the last one drops it.
 
-Per-batch costs are kept low on purpose: a binary batch header, small batches
-made at the same moment (the outputs of one input message; a back-to-back
-source's page batches and their epoch end) sent as one multipart message
-(``Batch.bundle_from_frames``), as a ZeroMQ message costs tens of microseconds
+Per-batch costs are kept low on purpose: a binary batch header, one-frame
+batches and ring references made at the same moment (what one round of input
+made on the process executor's links, one input message's outputs on others; a
+back-to-back source's page batches and their epoch end) sent as one multipart
+message per downstream worker, as a ZeroMQ message costs tens of microseconds
 of CPU on either side, receiving while the socket reports input (no zmq.Again
 raised per wake-up), plain-int zmq flags, statistics as plain counters
 published once a second.
