@@ -217,6 +217,7 @@ class Worker:
         self._pending: dict[tuple[int, int], list] = {}  # (output link, worker) -> small batches' frames to send
         self._pending_bytes = 0
         self._pending_cost: dict[tuple[int, int], int] = {}   # credit the queued frames still need, per key
+        self._pending_weight: dict[tuple[int, int], int] = {}   # credit of everything queued, per key
         self._hold_data = False
         self._bundle_rounds = False
         self._arena: Arena | None = None
@@ -512,12 +513,13 @@ class Worker:
                 if len(frames) == 1:
                     self._queue((index, worker), frames[0], len(frames[0]) if credited else 0)
                     continue
+                cost = _frames_cost(frames)
                 if credited:  # the unpacked size: credit, not ring space, bounds what is in flight
-                    self._reserve(index, worker, _frames_cost(frames))
+                    self._reserve(index, worker, cost)
                 if rings is not None and part.nbytes >= SHM_THRESHOLD:
                     frames = self._through_ring(rings[worker], frames)
                     if len(frames) == 1:   # a ring reference: it leaves with the others made at this moment
-                        self._queue((index, worker), frames[0], 0)
+                        self._queue((index, worker), frames[0], cost, reserved=True)
                         continue
                 self._flush((index, worker))  # keep the order of the batches on this link
                 self._send(sockets[worker], frames)
@@ -532,15 +534,16 @@ class Worker:
         self._forwarded[self._forward_tokens] = origin.frames
         self._queue((link, worker), reforward(origin.reference, self._forward_tokens), _frames_cost(origin.frames))
 
-    def _queue(self, key: tuple[int, int], frame: Any, cost: int) -> None:
+    def _queue(self, key: tuple[int, int], frame: Any, cost: int, reserved: bool = False) -> None:
         """Queue a one-frame batch or ring reference for link and worker ``key``: such frames leave together,
         one message per worker (``_flush``), each ZeroMQ message costing tens of microseconds of CPU on either
-        side. ``cost``: the credit it still needs (a ring reference's unpacked size; 0 once reserved)."""
+        side. ``cost``: its credit (a ring reference's unpacked size), ``reserved`` already or at ``_flush``."""
         self._pending.setdefault(key, []).append(frame)
         self._pending_bytes += len(frame)
-        cost += self._pending_cost.get(key, 0)
-        self._pending_cost[key] = cost
-        if cost >= self.spec.max_inflight >> 2:   # what a receiver acknowledges at once: it waits no longer
+        if not reserved:
+            self._pending_cost[key] = self._pending_cost.get(key, 0) + cost
+        weight = self._pending_weight[key] = self._pending_weight.get(key, 0) + cost
+        if weight >= self.spec.max_inflight >> 2:   # what a receiver acknowledges at once: it waits no longer
             self._flush(key)
 
     def _flush(self, only: tuple[int, int] | None = None) -> None:
@@ -550,8 +553,11 @@ class Worker:
             return
         keys = list(self._pending) if only is None else [only] if only in self._pending else []
         for key in keys:
-            frames = self._pending.pop(key)
+            frames = self._pending.pop(key, None)
+            if frames is None:
+                continue   # sent meanwhile, by a flush while this one waited for credit
             cost = self._pending_cost.pop(key, 0)
+            self._pending_weight.pop(key, None)
             self._pending_bytes -= _frames_cost(frames)
             index, worker = key
             _, sockets, credited = self._outputs[index]
@@ -604,7 +610,9 @@ class Worker:
         self._inflight[key] += cost
 
     def _await_credit(self) -> None:
-        """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
+        """Wait (up to a poll interval, checking for stop) for credit or released ring slots; what is queued
+        leaves first (credit comes back only for what was sent)."""
+        self._flush()
         credit = self._credit
         assert credit is not None  # only credited links wait for credit
         if credit.poll(POLL_MS, zmq.POLLIN):
