@@ -518,7 +518,9 @@ class Worker:
                     self._reserve(index, worker, cost)
                 if rings is not None and part.nbytes >= SHM_THRESHOLD:
                     frames = self._through_ring(rings[worker], frames)
-                    if len(frames) == 1:   # a ring reference: it leaves with the others made at this moment
+                    if len(frames) == 1 and self.spec.inputs:
+                        # a ring reference leaves with the others this round of input makes; a source's leaves
+                        # now, so that downstream works on its batches while it makes the next ones
                         self._queue((index, worker), frames[0], cost, reserved=True)
                         continue
                 self._flush((index, worker))  # keep the order of the batches on this link
