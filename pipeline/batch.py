@@ -104,6 +104,16 @@ _encode_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps buil
 _MAX_DIMENSION = 1 << 48
 
 
+_UINT8 = np.dtype(np.uint8)
+
+
+def frame_buffer(frame: Any) -> memoryview:
+    """The bytes of a message part: a memoryview as it is, a zmq Frame's buffer, or a view of bytes or an array."""
+    if type(frame) is memoryview:
+        return frame
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
 def _empty_pages() -> np.ndarray:
     return np.empty(0, dtype=np.uint64)
 
@@ -241,10 +251,17 @@ class Batch:
         return batches
 
     @classmethod
+    def next_from_frames(cls, frames: Sequence, start: int) -> tuple["Batch", int]:
+        """The batch whose header is ``frames[start]`` in a message of several, and the index of the frame after
+        its last one. Checked as ``from_frames``."""
+        if not 0 <= start < len(frames):
+            raise CorruptData(f"batch message: no frame {start} among {len(frames)}")
+        return cls._from_frames_at(frames, start)
+
+    @classmethod
     def _from_frames_at(cls, frames: Sequence, start: int) -> tuple["Batch", int]:
         """The batch whose header is ``frames[start]``, and the index of the frame after its last one."""
-        first = frames[start]
-        header = first.buffer if hasattr(first, "buffer") else memoryview(first)
+        header = frame_buffer(frames[start])
         size = header.nbytes
         if size < _HEADER.size:
             raise CorruptData(f"batch header: {size} bytes, shorter than the {_HEADER.size}-byte header")
@@ -292,16 +309,29 @@ class Batch:
                                       f"{next_frame}")
                 frame = frames[next_frame]
                 next_frame += 1
-                buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-                if buffer.nbytes != nbytes:
-                    raise CorruptData(f"batch array {name!r}: {buffer.nbytes} bytes, header says shape "
+                ring_bytes = type(frame) is np.ndarray and frame.dtype == _UINT8 and frame.ndim == 1
+                buffer = None if ring_bytes else frame_buffer(frame)
+                found = frame.shape[0] if buffer is None else buffer.nbytes
+                if found != nbytes:
+                    raise CorruptData(f"batch array {name!r}: {found} bytes, header says shape "
                                       f"{(rows,) if ndim == 1 else (rows, columns)} ({nbytes} bytes)")
-                array = np.frombuffer(buffer, dtype)
+                if buffer is not None:
+                    array = np.frombuffer(buffer, dtype)
+                else:   # a ring's bytes (pipeline.shm): a view of them, without a buffer round trip
+                    array = frame if dtype == _UINT8 else frame.view(dtype)
             arrays[name] = array if ndim == 1 else array.reshape(rows, columns)
         if position != size:
             raise CorruptData(f"batch header: {size - position} bytes left over after its arrays")
-        batch = cls(format=FORMATS[format_code], epoch=epoch, sequence=sequence, flags=_flag(flags), stream=stream,
-                    page_size=page_size, meta=meta, **arrays)
+        batch = object.__new__(cls)   # what the dataclass __init__ does, without its cost per batch
+        batch.__dict__.update(
+            format=FORMATS[format_code], epoch=epoch, sequence=sequence, flags=_flag(flags), stream=stream,
+            page_size=page_size, page_numbers=arrays.get("page_numbers"), kinds=arrays.get("kinds"),
+            data=arrays.get("data"), reference=arrays.get("reference"), payload=arrays.get("payload"),
+            offsets=arrays.get("offsets"), meta=meta)
+        if batch.page_numbers is None:
+            batch.page_numbers = _empty_pages()
+        if batch.kinds is None:
+            batch.kinds = _empty_kinds()
         batch.validate()
         return batch, next_frame
 

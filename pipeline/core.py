@@ -37,6 +37,7 @@ class WorkerCore:
         self.elements = elements or [context.stage_name]
         """The original elements the stage runs (several when it is a fused stage), for their statistics."""
         self.fan_in = FanIn(max(inputs, 1))
+        self._single_input = inputs <= 1
         self.output_format = output_format
         self.emit = emit
         self.page_counter = EpochPageCounter() if stamp_pages else None
@@ -74,7 +75,8 @@ class WorkerCore:
     def feed(self, input_index: int, batch: Batch) -> bool:
         """Give the stage one batch from upstream worker ``input_index``; True once the stream has ended."""
         self.stats.count_in(batch)
-        for released in self.fan_in.push(input_index, batch):
+        # one input: the fan-in passes each batch as it comes (a marker is its own barrier)
+        for released in (batch,) if self._single_input else self.fan_in.push(input_index, batch):
             self._drive(self.stage.handle(released))
             if released.is_control:
                 if released.flags & Flag.EPOCH_END:
@@ -130,7 +132,15 @@ class WorkerCore:
         return max(0.0, self._next_tick - time.monotonic())
 
     def _drive(self, outputs: Iterator[Batch]) -> None:
-        while not isinstance(batch := self._next(outputs), _Done):
+        stats, clock = self.stats, time.perf_counter   # ``_next`` inlined: this runs once per batch out
+        while True:
+            began = clock()
+            try:
+                batch = next(outputs)
+            except StopIteration:
+                stats.busy_seconds += clock() - began
+                return
+            stats.busy_seconds += clock() - began
             self._emit(batch)
 
     def _next(self, outputs: Iterator[Batch | None]) -> Batch | None | _Done:

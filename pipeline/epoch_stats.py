@@ -78,21 +78,30 @@ class EpochCounter:
                                          "pages_in": pages_in - last[2], "pages_out": pages_out - last[3]}))
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)) and value == value:  # NaN is no measurement
-        return value
-    return None
+_MAXIMUM_KEYS: dict[str, bool] = {}
+"""takes_maximum, remembered per name: the supervisor merges every record of every worker."""
 
 
 def _merge(into: dict[str, float], values: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
-    for key, raw in values.items():
-        value = _number(raw)
-        if value is None or key in skip:
+    """Merge ``values`` (numbers; booleans count as 0 or 1; anything else, and NaN, is no measurement) into
+    ``into`` by sum or maximum (``takes_maximum``)."""
+    for key, value in values.items():
+        kind = type(value)
+        if kind is not int and kind is not float:
+            if kind is bool:
+                value = float(value)
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+        if value != value or key in skip:  # NaN
             continue
         old = into.get(key)
-        into[key] = value if old is None else max(old, value) if takes_maximum(key) else old + value
+        if old is None:
+            into[key] = value
+            continue
+        maximum = _MAXIMUM_KEYS.get(key)
+        if maximum is None:
+            maximum = _MAXIMUM_KEYS[key] = takes_maximum(key)
+        into[key] = (old if old >= value else value) if maximum else old + value
 
 
 def distribution(values: Iterable[float]) -> dict[str, float | int]:
@@ -141,18 +150,21 @@ class EpochSeries:
             self.stages[stage] = epochs = {}
             last = len(self.order)
             self.stages = dict(sorted(self.stages.items(), key=lambda item: self.order.get(item[0], last)))
+        limit = self.limit
         for record in records:
             try:
-                epoch, values = int(record[0]), record[1]
-            except (TypeError, ValueError, IndexError, KeyError):
+                epoch, values = record
+                if type(epoch) is not int:
+                    epoch = int(epoch)
+            except (TypeError, ValueError):
                 continue
-            if not isinstance(values, dict):
+            if type(values) is not dict:
                 continue
             merged = epochs.get(epoch)
             if merged is None:
                 merged = epochs[epoch] = {}
-                if len(epochs) > self.limit:
-                    del epochs[min(epochs)]
+                if len(epochs) > limit:   # the first recorded, the oldest but for stragglers (min() is O(epochs))
+                    del epochs[next(iter(epochs))]
                     self.dropped += 1
             _merge(merged, values)
             self.records += 1

@@ -26,20 +26,25 @@ import re
 import struct
 import weakref
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from .batch import frame_buffer
 from .errors import CorruptData
 
-SHM_THRESHOLD = 256 << 10
-"""Messages with at least this many bytes in large frames go through the ring."""
 LARGE_FRAME = 64 << 10
+"""Frames this large go into the ring; smaller ones travel inside the reference."""
+SHM_THRESHOLD = LARGE_FRAME
+"""Messages with at least this many bytes in large frames go through the ring: copying 64 KiB into it costs a
+few microseconds, less than the socket's copy in and out of the kernel (and the receiver's buffer for it)."""
 TAG = b"PPSHM\x00\x00\x01"
 FORWARD_TAG = b"PPSHM\x00\x00\x02"
+_TAGS = (TAG, FORWARD_TAG)
 _HEAD = struct.Struct("<QQI")       # slot offset, slot length, frame count
 _FRAME = struct.Struct("<IQQ")      # frame index, offset in slot (in the ring file when forwarded), length
 _FORWARD_HEAD = struct.Struct("<QIH")  # token, frame count, ring file name length
+_TOKEN = struct.Struct("<Q")           # the token at the start of _FORWARD_HEAD
 _TOTAL = struct.Struct("<II")       # frames of the message, frames carried inline
 _INLINE = struct.Struct("<II")      # frame index, length (the frame's bytes follow)
 _INLINE_ALIGNMENT = 8
@@ -154,6 +159,7 @@ class Arena:
         self.chunk_bytes, self.limit_bytes = chunk_bytes, limit_bytes
         self.rings: list[SendRing] = []
         self._freed: deque[tuple[int, int]] = deque()   # (chunk, offset), appended by finalizers
+        self._watch = Watch(self._freed.append)
         self.failed = False
 
     @property
@@ -189,7 +195,7 @@ class Arena:
 
     def _array(self, chunk: int, offset: int, nbytes: int, shape, dtype) -> np.ndarray:
         slot = np.frombuffer(self.rings[chunk].mapping, dtype=np.uint8, count=nbytes, offset=offset)
-        weakref.finalize(slot, self._freed.append, (chunk, offset))
+        self._watch.watch(slot, (chunk, offset))
         return slot.view(dtype).reshape(shape)   # views of ``slot``: it is freed when the last one goes
 
     def collect(self) -> None:
@@ -237,24 +243,29 @@ class RingMaps:
         return memory
 
     def locate(self, frames: list) -> list[tuple[int, str, int, int]] | None:
-        """(frame index, ring name, offset, length) of each large frame when all lie in one mapped ring, else None."""
+        """(frame index, ring name, offset, length) of each large frame when all lie in one mapped ring, else None.
+
+        ``frames`` as ``Batch.to_frames`` makes them: bytes, or 1-D byte views (len() is their size).
+        """
         located = []
+        ring = None
         for index, frame in enumerate(frames):
-            if isinstance(frame, bytes):
+            length = len(frame)
+            if length < LARGE_FRAME or isinstance(frame, bytes):
                 continue
-            view = np.frombuffer(frame, dtype=np.uint8)
-            if view.nbytes < LARGE_FRAME:
-                continue
-            address = view.ctypes.data
-            for name, (_, base, size) in self._maps.items():
-                if base <= address and address + view.nbytes <= base + size:
-                    located.append((index, name, address - base, view.nbytes))
-                    break
-            else:
-                return None
-        if not located or any(name != located[0][1] for _, name, _, _ in located):
-            return None
-        return located
+            address = np.frombuffer(frame, dtype=np.uint8).__array_interface__["data"][0]  # ctypes.data: slower
+            if ring is None:
+                for name, (_, base, size) in self._maps.items():
+                    if base <= address < base + size:
+                        ring = name, base, size
+                        break
+                else:
+                    return None
+            name, base, size = ring
+            if not base <= address or address + length > base + size:
+                return None   # outside the ring of the first large frame
+            located.append((index, name, address - base, length))
+        return located or None
 
 
 class ReceiveRing:
@@ -266,6 +277,8 @@ class ReceiveRing:
         self.on_release = on_release
         self.on_forward_release = on_forward_release
         self.maps = maps or RingMaps()
+        self._slots = Watch(on_release)
+        self._forwards = Watch(on_forward_release) if on_forward_release is not None else None
 
     def unpack(self, frames: list) -> list:
         """An untrusted reference message from the socket -> the original frames, large ones as read-only
@@ -278,8 +291,8 @@ class ReceiveRing:
         """
         if len(frames) != 1:
             raise CorruptData(f"shared-memory reference: {len(frames)} frames, a reference is one")
-        reference = frames[0].buffer if hasattr(frames[0], "buffer") else memoryview(frames[0])
-        if bytes(reference[:len(TAG)]) == FORWARD_TAG:
+        reference = frame_buffer(frames[0])
+        if reference[:len(TAG)] == FORWARD_TAG:
             return self._unpack_forwarded(reference, len(TAG))
         memory = self.maps.open(self.directory, self.name, trusted=True)
         position = len(TAG)
@@ -290,11 +303,11 @@ class ReceiveRing:
         if offset + length > len(memory):
             raise CorruptData(f"shared-memory reference: slot {offset}+{length} out of bounds")
         slot = np.frombuffer(memory, dtype=np.uint8, count=length, offset=offset)
-        weakref.finalize(slot, self.on_release, offset)
+        self._slots.watch(slot, offset)
         return _place(slot, reference, position, count)
 
     def _unpack_forwarded(self, reference: memoryview, position: int) -> list:
-        if len(reference) < position + _FORWARD_HEAD.size or self.on_forward_release is None:
+        if len(reference) < position + _FORWARD_HEAD.size or self._forwards is None:
             raise CorruptData("shared-memory reference: truncated or unexpected forward reference")
         token, count, name_length = _FORWARD_HEAD.unpack_from(reference, position)
         position += _FORWARD_HEAD.size
@@ -302,8 +315,24 @@ class ReceiveRing:
             raise CorruptData(f"shared-memory reference: forward names a ring of {name_length} bytes beyond its end")
         name = bytes(reference[position:position + name_length]).decode("ascii", "replace")
         anchor = np.frombuffer(self.maps.open(self.directory, name), dtype=np.uint8)
-        weakref.finalize(anchor, self.on_forward_release, token)
+        self._forwards.watch(anchor, token)
         return _place(anchor, reference, position + name_length, count)
+
+
+class Watch:
+    """Calls ``on_gone(value)`` once the array watched with it has been collected (from whichever thread drops
+    its last view). A weak reference kept in a dict: ``weakref.finalize`` costs several microseconds more."""
+
+    def __init__(self, on_gone: Callable[[Any], None]):
+        self.on_gone = on_gone
+        self._watched: dict[int, tuple[weakref.ref, Any]] = {}   # by id: a weak reference hashes as its array
+
+    def watch(self, array: np.ndarray, value: Any) -> None:
+        reference = weakref.ref(array, self._gone)
+        self._watched[id(reference)] = (reference, value)
+
+    def _gone(self, reference: weakref.ref) -> None:
+        self.on_gone(self._watched.pop(id(reference))[1])
 
 
 def _with_inline_frames(head: list, frames: list, moved: set[int]) -> bytes:
@@ -360,7 +389,19 @@ def forward_reference(frames: list, located: list[tuple[int, str, int, int]], to
     return [_with_inline_frames(head, frames, {index for index, _, _, _ in located})]
 
 
+def is_forward(reference: memoryview) -> bool:
+    """Whether a (checked, unpacked) reference frame is a forward reference."""
+    return reference[:len(FORWARD_TAG)] == FORWARD_TAG
+
+
+def reforward(reference: memoryview, token: int) -> bytes:
+    """A forward reference received, sent on under this worker's ``token``: same ring, offsets and inline
+    frames (a pass-through stage's unchanged batch needs no new reference)."""
+    start = len(FORWARD_TAG)
+    return b"".join((reference[:start], _TOKEN.pack(token), reference[start + _TOKEN.size:]))
+
+
 def is_reference(frame) -> bool:
     """Whether a message's first frame is a ring reference (of a slot, or forwarded)."""
-    data = frame.buffer if hasattr(frame, "buffer") else frame
-    return len(data) >= len(TAG) and bytes(data[:len(TAG)]) in (TAG, FORWARD_TAG)
+    data = frame_buffer(frame)
+    return data[:len(TAG)] in _TAGS

@@ -13,14 +13,16 @@ counting a ring message at its full size. Links without a credit endpoint
 Large messages on process-mode links travel through a shared-memory ring of
 ``max_inflight`` bytes (pipeline.shm), or, when a pass-through stage emits
 views of a ring it received from, as a forward reference to that ring (no
-copy; the arrays are held until the next worker releases them). Releases come
+copy; the arrays are held until the next worker releases them); a batch the
+stage emits unchanged leaves by the very reference it came in. Releases come
 back on the credit socket, which a worker reads while idle too, so a slot
 travels back up a chain of pass-through stages as soon as the last one drops it.
 
-Per-batch costs are kept low on purpose: a binary batch header, small batches
-made at the same moment (the outputs of one input message; a back-to-back
-source's page batches and their epoch end) sent as one multipart message
-(``Batch.bundle_from_frames``), as a ZeroMQ message costs tens of microseconds
+Per-batch costs are kept low on purpose: a binary batch header, one-frame
+batches and ring references made at the same moment (what one round of input
+made on the process executor's links, one input message's outputs on others; a
+back-to-back source's page batches and their epoch end) sent as one multipart
+message per downstream worker, as a ZeroMQ message costs tens of microseconds
 of CPU on either side, receiving while the socket reports input (no zmq.Again
 raised per wake-up), plain-int zmq flags, statistics as plain counters
 published once a second.
@@ -47,13 +49,14 @@ import numpy as np
 import setproctitle
 import zmq
 
-from .batch import Batch
+from .batch import Batch, frame_buffer
 from .bus import STATS_INTERVAL, Message, json_default
 from .errors import CorruptData, error_category
 from .core import WorkerCore
 from .registry import import_target
 from .routing import Router
-from .shm import SHM_THRESHOLD, Arena, ReceiveRing, RingMaps, SendRing, forward_reference, is_reference
+from .shm import (SHM_THRESHOLD, Arena, ReceiveRing, RingMaps, SendRing, forward_reference, is_forward, is_reference,
+                  reforward)
 from .stage import Stage, StageContext
 
 POLL_MS = 100
@@ -69,7 +72,7 @@ _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
-ZERO_COPY_MIN = SHM_THRESHOLD
+ZERO_COPY_MIN = 256 << 10
 """Frames this large are sent without copying. pyzmq releases a zero-copy frame through its garbage-collector
 thread (an inproc message and a GIL hand-off per frame), which costs more than copying a frame of a few hundred
 KiB; on credited links, bigger messages travel through the ring anyway."""
@@ -159,6 +162,28 @@ def _frames_cost(frames: list) -> int:
     return sum(map(len, frames))
 
 
+class _Origin:
+    """A batch as it arrived in a forward reference, to pass it on by the same reference if the stage emits it
+    unchanged: same object, no field reassigned (arrays from a ring or a message are read-only), meta of plain
+    values equal to what arrived."""
+
+    __slots__ = ("batch", "reference", "frames", "_fields", "_meta")
+
+    def __init__(self, batch: Batch, reference: memoryview, frames: list):
+        self.batch, self.reference, self.frames = batch, reference, frames
+        self._fields = tuple(batch.__dict__.values())
+        meta = batch.meta
+        self._meta = dict(meta) if all(type(value) in _PLAIN for value in meta.values()) else None
+
+    def unchanged(self) -> bool:
+        fields = self.batch.__dict__
+        return (self._meta is not None and len(fields) == len(self._fields) and self.batch.meta == self._meta
+                and all(now is then for now, then in zip(fields.values(), self._fields)))
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
 class Worker:
     """Run one stage worker until its stream ends, it fails, or it is told to stop."""
 
@@ -191,8 +216,12 @@ class Worker:
         self._forward_tokens = 0
         self._pending: dict[tuple[int, int], list] = {}  # (output link, worker) -> small batches' frames to send
         self._pending_bytes = 0
+        self._pending_cost: dict[tuple[int, int], int] = {}   # credit the queued frames still need, per key
+        self._pending_weight: dict[tuple[int, int], int] = {}   # credit of everything queued, per key
         self._hold_data = False
+        self._bundle_rounds = False
         self._arena: Arena | None = None
+        self._origin: _Origin | None = None   # the batch being fed, when it came as a forward reference
 
     # ---- bus -----------------------------------------------------------
     def post(self, kind: str, **fields: Any) -> None:
@@ -277,6 +306,9 @@ class Worker:
                                     if target.ring_paths and target.credited else None)
             for worker in range(len(sockets)):
                 self._inflight[(index, worker)] = 0
+        # what one round of input makes leaves together on the process executor's links; a link to another
+        # host (``pagepipe stage``) keeps one message per input message
+        self._bundle_rounds = all(credited for _, _, credited in self._outputs)
         if spec.credit_endpoint:
             self._credit = self._socket(zmq.PULL, hwm=0)
             attach(self._credit, spec.credit_endpoint, bind_by_default=True)
@@ -394,17 +426,46 @@ class Worker:
             frames = [first]
             while frames[-1].more:  # the rest of a multipart message has arrived with its first part
                 frames.append(socket.recv(0, copy=False))
-            if ring is not None and is_reference(first):
-                frames = ring.unpack(frames)
-            self._unacked[index] += _frames_cost(frames)  # ring messages count their unpacked size, as sent
+            if ring is None:
+                self._unacked[index] += _frames_cost(frames)
+                for batch in Batch.bundle_from_frames(frames):
+                    core.feed(index, batch)
+            else:
+                self._take_bundle(index, ring, frames)
             if self._unacked[index] >= threshold:
                 self._ack(index)
-            for batch in Batch.bundle_from_frames(frames):
-                core.feed(index, batch)
-            self._flush()  # what this message made, one message per downstream worker
+            if not self._bundle_rounds:
+                self._flush()  # what this message made, one message per downstream worker
             self._return_slots(force=False)
             if core.finished or core.fan_in.blocked(index):
                 break
+        self._flush()  # what these messages made, one message per downstream worker
+
+    def _take_bundle(self, index: int, ring: ReceiveRing, frames: list) -> None:
+        """Feed the batches of a message from a ring link: batches (one frame each, or a header and its array
+        frames) and ring references (one frame each), back to back; references count their unpacked size, as
+        their sender counted it."""
+        core, position = self.core, 0
+        while position < len(frames):
+            frame = frames[position]
+            if is_reference(frame):
+                reference = frame_buffer(frame)
+                unpacked = ring.unpack([frame])
+                position += 1
+                self._unacked[index] += _frames_cost(unpacked)
+                batches = Batch.bundle_from_frames(unpacked)
+                if len(batches) == 1 and is_forward(reference):
+                    self._origin = _Origin(batches[0], reference, unpacked)
+                try:
+                    for batch in batches:
+                        core.feed(index, batch)
+                finally:
+                    self._origin = None
+            else:
+                batch, end = Batch.next_from_frames(frames, position)
+                self._unacked[index] += _frames_cost(frames[position:end])
+                position = end
+                core.feed(index, batch)
 
     def _releaser(self, index: int, kind: int) -> Callable[[int], None]:
         """Ring finalizer: only queues the release (it may run inside any call); ``_return_slots`` sends it."""
@@ -443,34 +504,67 @@ class Worker:
         (or until BUNDLE_BYTES are queued)."""
         for index, (router, sockets, credited) in enumerate(self._outputs):
             rings = self._send_rings[index]
-            for worker, part in router.route(batch):
+            for worker, part in ((0, batch),) if router.workers == 1 else router.route(batch):
+                origin = self._origin
+                if origin is not None and rings is not None and part is origin.batch and origin.unchanged():
+                    self._pass_on(index, worker, sockets[worker], origin)
+                    continue
                 frames = part.to_frames()
                 if len(frames) == 1:
-                    self._pending.setdefault((index, worker), []).append(frames[0])
-                    self._pending_bytes += len(frames[0])
+                    self._queue((index, worker), frames[0], len(frames[0]) if credited else 0)
                     continue
-                self._flush((index, worker))  # keep the order of the batches on this link
+                cost = _frames_cost(frames)
                 if credited:  # the unpacked size: credit, not ring space, bounds what is in flight
-                    self._reserve(index, worker, _frames_cost(frames))
+                    self._reserve(index, worker, cost)
                 if rings is not None and part.nbytes >= SHM_THRESHOLD:
                     frames = self._through_ring(rings[worker], frames)
+                    if len(frames) == 1 and self.spec.inputs:
+                        # a ring reference leaves with the others this round of input makes; a source's leaves
+                        # now, so that downstream works on its batches while it makes the next ones
+                        self._queue((index, worker), frames[0], cost, reserved=True)
+                        continue
+                self._flush((index, worker))  # keep the order of the batches on this link
                 self._send(sockets[worker], frames)
         if not self.spec.inputs and (batch.is_control or not self._hold_data
                                      or self._pending_bytes >= BUNDLE_BYTES):
             self._flush()
 
+    def _pass_on(self, link: int, worker: int, socket: zmq.Socket, origin: "_Origin") -> None:
+        """Send on an unchanged batch that came as a forward reference: the same reference under a token of
+        this worker's, its arrays held until the downstream worker releases it (no new wire form to make)."""
+        self._forward_tokens += 1
+        self._forwarded[self._forward_tokens] = origin.frames
+        self._queue((link, worker), reforward(origin.reference, self._forward_tokens), _frames_cost(origin.frames))
+
+    def _queue(self, key: tuple[int, int], frame: Any, cost: int, reserved: bool = False) -> None:
+        """Queue a one-frame batch or ring reference for link and worker ``key``: such frames leave together,
+        one message per worker (``_flush``), each ZeroMQ message costing tens of microseconds of CPU on either
+        side. ``cost``: its credit (a ring reference's unpacked size), ``reserved`` already or at ``_flush``."""
+        self._pending.setdefault(key, []).append(frame)
+        self._pending_bytes += len(frame)
+        if not reserved:
+            self._pending_cost[key] = self._pending_cost.get(key, 0) + cost
+        weight = self._pending_weight[key] = self._pending_weight.get(key, 0) + cost
+        if weight >= self.spec.max_inflight >> 2:   # what a receiver acknowledges at once: it waits no longer
+            self._flush(key)
+
     def _flush(self, only: tuple[int, int] | None = None) -> None:
-        """Send the queued small batches (of one link and worker, or all), as one message per worker."""
+        """Send the queued one-frame batches and references (of one link and worker, or all), as one message
+        per worker."""
         if not self._pending:
             return
         keys = list(self._pending) if only is None else [only] if only in self._pending else []
         for key in keys:
-            frames = self._pending.pop(key)
+            frames = self._pending.pop(key, None)
+            if frames is None:
+                continue   # sent meanwhile, by a flush while this one waited for credit
+            cost = self._pending_cost.pop(key, 0)
+            self._pending_weight.pop(key, None)
             self._pending_bytes -= _frames_cost(frames)
             index, worker = key
             _, sockets, credited = self._outputs[index]
-            if credited:
-                self._reserve(index, worker, _frames_cost(frames))
+            if credited and cost:
+                self._reserve(index, worker, cost)
             self._send(sockets[worker], frames)
 
     def _through_ring(self, ring: SendRing, frames: list) -> list:
@@ -485,6 +579,8 @@ class Worker:
             return frames
         self._collect_credit()
         packed = ring.pack(frames)
+        if packed is None:
+            self._flush()   # references still queued here hold slots their receivers cannot release yet
         # wait while downstream makes progress; a ring that stays full (a receiver holding old slots)
         # falls back to the socket: never a deadlock
         credit = self._credit
@@ -501,6 +597,8 @@ class Worker:
         arena, credit = self._arena, self._credit
         assert arena is not None and credit is not None  # _build: only a worker with outputs has an arena
         array = arena.allocate(shape, dtype)
+        if array is None:
+            self._flush()   # references still queued here hold arena space their receivers cannot release yet
         while array is None and self._forwarded and credit.poll(RING_WAIT_MS, _POLLIN):
             self._collect_credit()
             array = arena.allocate(shape, dtype)
@@ -514,7 +612,9 @@ class Worker:
         self._inflight[key] += cost
 
     def _await_credit(self) -> None:
-        """Wait (up to a poll interval, checking for stop) for credit or released ring slots."""
+        """Wait (up to a poll interval, checking for stop) for credit or released ring slots; what is queued
+        leaves first (credit comes back only for what was sent)."""
+        self._flush()
         credit = self._credit
         assert credit is not None  # only credited links wait for credit
         if credit.poll(POLL_MS, zmq.POLLIN):

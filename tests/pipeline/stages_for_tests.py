@@ -301,6 +301,32 @@ class Ticker(Identity):
 
 
 @register
+class Tamper(Identity):
+    """Pass-through that changes each data batch and yields the same object: ``how=meta`` sets meta["shift"]
+    in place, ``how=pages`` reassigns its page numbers (+1)."""
+
+    factory_name = "tamper"
+    how = Property("choice", "meta", "what to change", choices=("meta", "pages"))
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        if self.how == "meta":
+            batch.meta["shift"] = 1
+        else:
+            batch.page_numbers = batch.page_numbers + np.uint64(1)
+        yield batch
+
+
+@register
+class Shifter(Identity):
+    """Adds meta["shift"] (0 without it) to the page numbers of each data batch."""
+
+    factory_name = "shifter"
+
+    def process(self, batch: Batch) -> Iterable[Batch]:
+        yield batch.with_(page_numbers=batch.page_numbers + np.uint64(batch.meta.get("shift", 0)), meta={})
+
+
+@register
 class Holder(Identity):
     """Pass-through with a timer: holds data batches until its next tick, or until a marker comes (then they go
     first), so its output and its per-epoch accounts never depend on when the timer runs;

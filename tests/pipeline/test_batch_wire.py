@@ -161,3 +161,15 @@ def test_flag_arithmetic_gives_flag_members():
     assert both & Flag.RESYNC is Flag.RESYNC and 8 & both is Flag.RESYNC
     assert both & Flag.LAYOUT is Flag.NONE and not both & Flag.LAYOUT
     assert (Flag.NONE | 4) is Flag.LAYOUT and isinstance(Flag(16) | 1, Flag)
+
+
+def test_a_parsed_batch_has_every_field_in_order_as_one_built_by_its_constructor():
+    import dataclasses
+    names = [field.name for field in dataclasses.fields(Batch)]
+    for batch in (Batch.control(Flag.EPOCH_END, 3, pages=2),
+                  Batch(epoch=1, page_numbers=np.arange(2, dtype=np.uint64), kinds=np.zeros(2, np.uint8),
+                        data=np.zeros((2, 4096), np.uint8))):
+        parsed = Batch.from_frames(batch.to_frames())
+        assert list(parsed.__dict__) == names
+        assert [bytes(frame) for frame in parsed.to_frames()] == [bytes(frame) for frame in batch.to_frames()]
+        assert parsed.page_numbers.dtype == np.uint64 and parsed.kinds.dtype == np.uint8

@@ -199,3 +199,14 @@ def test_sources_writing_into_shared_memory_give_the_inline_result_through_proce
                        f"! hoarder path={path}").run(mode=mode, max_inflight="1MiB", timeout=60)
         results.append(read_record(path))
     assert results[0]["pages"] == results[1]["pages"] and len(results[0]["pages"]) == 2800
+
+
+@pytest.mark.parametrize("chain", ["tamper how=meta ! shifter", "tamper how=pages"])
+def test_a_batch_changed_in_place_by_a_pass_through_stage_is_sent_as_changed_not_by_its_old_reference(tmp_path, chain):
+    results = []
+    for mode in ("inline", "process"):
+        path = tmp_path / f"{mode}.json"
+        Pipeline.parse(f"test-src epochs=2 pages=600 batch-pages=100 pattern=counter ! identity ! {chain} "
+                       f"! recorder path={path}").run(mode=mode, timeout=60)
+        results.append(read_record(path))
+    assert results[0]["pages"] == results[1]["pages"] and results[0]["pages"][0][1] == 1   # shifted by one
