@@ -48,6 +48,7 @@ from typing import Any, Callable, cast
 import numpy as np
 import setproctitle
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .batch import Batch, frame_buffer
 from .bus import STATS_INTERVAL, Message, json_default
@@ -96,6 +97,8 @@ EXIT_SUPERVISOR_GONE = 3
 BUS_LINGER_MS = 10000
 """The supervisor reads its bus all the time: bus messages it has not taken within this long have no reader, and
 a worker's exit never waits on them longer (the data links keep waiting: their last messages must arrive)."""
+DOWNSTREAM_CLOSE_WAIT = 10.0
+"""Seconds a finished worker waits for its downstream workers to close their ends (``_await_downstream_closing``)."""
 _supervisor_gone = threading.Event()
 """Set by the supervisor watch (a process worker's supervisor has exited)."""
 
@@ -221,6 +224,7 @@ class Worker:
         self._hold_data = False
         self._bundle_rounds = False
         self._arena: Arena | None = None
+        self._output_monitors: list[tuple[zmq.Socket, zmq.Socket]] = []  # (output socket, its disconnect monitor)
         self._origin: _Origin | None = None   # the batch being fed, when it came as a forward reference
 
     # ---- bus -----------------------------------------------------------
@@ -301,6 +305,7 @@ class Worker:
                 socket = self._socket(zmq.PUSH, hwm=0 if target.credited else standalone_hwm)
                 attach(socket, endpoint, bind_by_default=False)
                 sockets.append(socket)
+                self._output_monitors.append((socket, socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)))
             self._outputs.append((Router(len(sockets), target.shard_key), sockets, target.credited))
             self._send_rings.append([SendRing(path, spec.max_inflight) for path in target.ring_paths]
                                     if target.ring_paths and target.credited else None)
@@ -334,11 +339,34 @@ class Worker:
 
     def _close(self, code: int) -> None:
         orphaned = bool(self.spec.supervisor_pid) and not _alive(self.spec.supervisor_pid)
+        if code == 0 and not orphaned:
+            self._await_downstream_closing()
+        for socket, monitor in self._output_monitors:
+            socket.disable_monitor()
+            monitor.close(linger=0)
         for socket in self._sockets:
             if orphaned or (code != 0 and socket is not self._bus):   # nobody reads what an orphan sends
                 socket.linger = 0
             socket.close()
         self._context.term()
+
+    def _await_downstream_closing(self) -> None:
+        """After a clean end, wait (up to DOWNSTREAM_CLOSE_WAIT) until each downstream worker has closed its
+        end of the link, which it does once it has taken the end of the stream.
+
+        ZeroMQ's linger covers only messages still queued in a socket: bytes its I/O thread has taken but not
+        yet written are dropped when the socket closes (libzmq issue 4660), so without this a worker's last
+        message (the end of the stream) could vanish as its process exits, seen between ``pagepipe stage``
+        processes over ipc://, and the downstream stage would wait for it forever.
+        """
+        deadline = time.monotonic() + DOWNSTREAM_CLOSE_WAIT
+        for _, monitor in self._output_monitors:
+            while True:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0 or not monitor.poll(left_ms):
+                    return
+                if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                    break
 
     def _check_alive(self) -> None:
         if self.stop_event is not None and self.stop_event.is_set():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ def test_stage_subcommand_runs_one_stage_between_tcp_endpoints():
                 push.send_multipart(batch.to_frames())
             assert pull.poll(20000)
             received = [Batch.from_frames(pull.recv_multipart()) for _ in sent]
+            pull.close()        # a finished stage waits for its downstream to close its end (pipeline.worker)
             stage.wait(timeout=20)
         finally:
             stage.kill()
@@ -87,6 +89,33 @@ def test_stage_subcommand_runs_one_stage_between_tcp_endpoints():
     assert stage.returncode == 0
     assert np.array_equal(received[0].data, sent[0].data)
     assert received[1].meta["pages"] == 3 and received[2].flags == Flag.END_OF_STREAM
+
+
+def test_a_stage_process_delivers_its_end_of_stream_however_slowly_downstream_reads(tmp_path):
+    """ZeroMQ drops the bytes its I/O thread has not written when a socket closes (libzmq issue 4660): a
+    finished stage must not exit before its downstream took the end of the stream."""
+    endpoint = f"ipc://{tmp_path}/out"
+    with zmq.Context() as context, context.socket(zmq.PULL) as pull:
+        pull.rcvhwm = 1
+        pull.bind(endpoint)
+        stage = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "stage", "test-src", "epochs=3", "pages=4096",
+                                  "batch-pages=1024", "--output", endpoint],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        received: list[Batch] = []
+        try:
+            while pull.poll(5000):
+                received.extend(Batch.bundle_from_frames(pull.recv_multipart()))
+                if received[-1].flags & Flag.END_OF_STREAM:
+                    break
+                time.sleep(0.1)     # slowly: the stage's last messages wait in its I/O thread
+            pull.close()
+            stage.wait(timeout=20)
+        finally:
+            stage.kill()
+            stage.wait()
+    assert stage.returncode == 0
+    assert received and received[-1].flags & Flag.END_OF_STREAM
+    assert sum(batch.npages for batch in received if not batch.is_control) == 3 * 4096
 
 
 def test_inspect_marks_required_properties(capsys):
