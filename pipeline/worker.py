@@ -34,6 +34,7 @@ convention), so a pipeline spread over hosts can choose who listens.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import select
 import signal
@@ -158,6 +159,22 @@ def attach(socket: zmq.Socket, endpoint: str, bind_by_default: bool) -> None:
     if endpoint[:1] in ("@", ">"):
         bind_by_default, endpoint = endpoint[0] == "@", endpoint[1:]
     (socket.bind if bind_by_default else socket.connect)(endpoint)
+
+
+def await_disconnect(monitor: zmq.Socket, deadline: float) -> bool:
+    """Wait until ``monitor`` (a socket monitor watching EVENT_DISCONNECTED) reports that the peer closed its
+    connection; False when ``deadline`` (time.monotonic) passes first.
+
+    ZeroMQ's linger covers only messages still queued in a socket: bytes its I/O thread has taken but not yet
+    written are dropped when the socket closes (libzmq issue 4660). A peer that closes only once it has the
+    end of the stream confirms, by closing, that everything before it arrived.
+    """
+    while True:
+        left_ms = math.ceil((deadline - time.monotonic()) * 1000)
+        if left_ms <= 0 or not monitor.poll(left_ms):
+            return False
+        if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+            return True
 
 
 def _frames_cost(frames: list) -> int:
@@ -354,19 +371,14 @@ class Worker:
         """After a clean end, wait (up to DOWNSTREAM_CLOSE_WAIT) until each downstream worker has closed its
         end of the link, which it does once it has taken the end of the stream.
 
-        ZeroMQ's linger covers only messages still queued in a socket: bytes its I/O thread has taken but not
-        yet written are dropped when the socket closes (libzmq issue 4660), so without this a worker's last
-        message (the end of the stream) could vanish as its process exits, seen between ``pagepipe stage``
-        processes over ipc://, and the downstream stage would wait for it forever.
+        Without this a worker's last message (the end of the stream) could vanish as its process exits
+        (``await_disconnect``), seen between ``pagepipe stage`` processes over ipc://, and the downstream stage
+        would wait for it forever.
         """
         deadline = time.monotonic() + DOWNSTREAM_CLOSE_WAIT
         for _, monitor in self._output_monitors:
-            while True:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0 or not monitor.poll(left_ms):
-                    return
-                if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
-                    break
+            if not await_disconnect(monitor, deadline):
+                return
 
     def _check_alive(self) -> None:
         if self.stop_event is not None and self.stop_event.is_set():

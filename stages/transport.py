@@ -33,12 +33,12 @@ from typing import Any, Iterable, Iterator, cast
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from pipeline.batch import ENCODED, PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, TransportError
 from pipeline.fusion import Fusion
 from pipeline.stage import Property, Stage, StageContext
+from pipeline.worker import await_disconnect
 
 from .classify import Classify
 from .xor_delta import XorDelta
@@ -249,23 +249,16 @@ class ZmqSink(_ZmqStage):
     def _await_receivers_closing(self) -> None:
         """Wait (up to ``timeout``) until each channel's receiver has closed its connection after the end.
 
-        ZeroMQ's linger only covers messages still queued in the socket: the bytes its I/O thread has taken
-        but not yet written are dropped when the socket closes (seen over ipc:// when the receiver's queue
-        is full; libzmq issue 4660), so the last messages of a stream could vanish after a clean exit.
-        zmq-src closes its connections as soon as it has the end message, so its disconnect confirms that
-        everything before it arrived.
+        Without this the last messages of a stream could vanish after a clean exit (``await_disconnect``;
+        seen over ipc:// when the receiver's queue is full). zmq-src closes its connections as soon as it has
+        the end message.
         """
         deadline = time.monotonic() + self.timeout
         for endpoint, monitor in zip(self._endpoints, self._monitors):
-            while True:
-                left_ms = math.ceil((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0 or not monitor.poll(left_ms):
-                    self.context.warn(f"{self.factory_name}: the receiver at {endpoint} did not close its "
-                                      f"connection within {self.timeout:g} s of the stream's end; it may have "
-                                      f"missed the last messages (a receiver should close once it has the end)")
-                    break
-                if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
-                    break
+            if not await_disconnect(monitor, deadline):
+                self.context.warn(f"{self.factory_name}: the receiver at {endpoint} did not close its "
+                                  f"connection within {self.timeout:g} s of the stream's end; it may have "
+                                  f"missed the last messages (a receiver should close once it has the end)")
 
     def stop(self) -> None:
         for sock, monitor in zip(getattr(self, "_sockets", ()), getattr(self, "_monitors", ())):
