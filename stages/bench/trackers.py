@@ -298,8 +298,10 @@ def start_redis(keys: int, value: int) -> tuple[subprocess.Popen, int]:
     return server, port
 
 
-def redis_load(port: int, value: int) -> subprocess.Popen:
-    return subprocess.Popen(["redis-benchmark", "-p", str(port), "-t", "set,incr", "-r", "1000000", "-d",
+def redis_load(port: int, value: int, key_space: int = 1_000_000) -> subprocess.Popen:
+    """redis-benchmark writing ``value``-byte SETs and INCRs over ``key_space`` random keys until killed; the
+    data set grows until every key exists (about ``key_space`` x ``value`` bytes)."""
+    return subprocess.Popen(["redis-benchmark", "-p", str(port), "-t", "set,incr", "-r", str(key_space), "-d",
                              str(value), "-P", "16", "-n", "100000000", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             preexec_fn=_die_with_us)
