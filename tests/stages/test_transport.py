@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -364,8 +365,11 @@ def test_zmq_sink_sends_a_large_batch_in_messages_any_receiver_accepts(tmp_path,
     sink = started(ZmqSink(endpoint=endpoint, timeout="10s", **(curve_keys.client() if keyed else {})))
     data = np.random.default_rng(3).integers(0, 256, (5 << 20) + 7, dtype=np.uint8)
     try:
-        feed(sink, [Batch(format=STREAM, payload=data), Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)])
-        received = list(source.produce())
+        with ThreadPoolExecutor(1) as sending:   # zmq-sink waits at the end until the receiver closes
+            sent = sending.submit(feed, sink, [Batch(format=STREAM, payload=data),
+                                               Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)])
+            received = list(source.produce())
+            sent.result()
     finally:
         sink.stop()
         source.stop()
@@ -876,7 +880,7 @@ def test_a_lane_sender_into_a_spread_receiver_and_the_reverse_are_refused(tmp_pa
         receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} {receiving} timeout=20s insecure=true ! deframe "
                                   f"! null-sink")
         sender = Pipeline.parse(f"test-src epochs=2 pages=8 ! {sending} ! zmq-sink endpoint={endpoint} channels=2 "
-                                f"timeout=5s insecure=true")
+                                f"timeout=2s insecure=true")
         with receiver.start(mode="process") as handle:
             try:
                 sender.run(mode="process", timeout=60)

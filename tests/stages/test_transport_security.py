@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,10 @@ def test_an_allowed_key_gets_through_encrypted(curve_keys):
     source = started(ZmqSource(endpoint=endpoint, timeout="20s", **curve_keys.server()))
     sink = started(ZmqSink(endpoint=endpoint, timeout="20s", **curve_keys.client()))
     try:
-        send_and_end(sink, b"checkpoint bytes")
-        received = list(source.produce())
+        with ThreadPoolExecutor(1) as sending:   # zmq-sink waits at the end until the receiver closes
+            sent = sending.submit(send_and_end, sink, b"checkpoint bytes")
+            received = list(source.produce())
+            sent.result()
     finally:
         sink.stop()
         source.stop()
@@ -205,9 +208,12 @@ def test_pagepipe_stage_processes_link_with_keys_and_refuse_every_other_peer(tmp
             for batch in (Batch(format=STREAM, payload=np.frombuffer(b"stream bytes", np.uint8)),
                           Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)):
                 push.send_multipart(batch.to_frames())
-            received = []
-            if pull.poll(20000 if sender_key == "client" else 2000):
-                received = Batch.bundle_from_frames(pull.recv_multipart())
+            received: list[Batch] = []
+            while pull.poll(20000 if sender_key == "client" else 2000):
+                received.extend(Batch.bundle_from_frames(pull.recv_multipart()))
+                if received[-1].flags & Flag.END_OF_STREAM:
+                    pull.close()    # a finished stage waits until its downstream has closed the link
+                    break
             receiver_output, _ = receiver.communicate(timeout=30)
             sender.communicate(timeout=30)
         finally:
