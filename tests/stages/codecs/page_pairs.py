@@ -35,7 +35,8 @@ def make_pair(pattern: str, page_size: int, npages: int, seed: int) -> tuple[np.
                 row[start] ^= 1
                 row[min(start + 1 + gap, page_size - 1)] ^= 2
         elif pattern == "counter":
-            row[rng.integers(0, page_size // 8) * 8] += 1
+            counter = rng.integers(0, page_size // 8) * 8
+            row[counter] = (int(row[counter]) + 1) & 0xFF   # a byte counter wraps
     if pattern == "zero_pages":
         cached[:] = 0
         current[:] = 0
