@@ -98,6 +98,7 @@ MAX_BATCH_RAW = 64 << 20   # largest payload one batch may decompress to (decode
 ENTRY_COST = 8 + 8 + 1 + 8  # per page entry held: page number, digest, kind, offset
 BATCH_COST = 2048          # per batch held: its arrays' and objects' bookkeeping
 STALE_INTERVALS = 5        # a followed stream silent this many resync intervals is stale
+REPEAT_LIMIT_INTERVALS = 32   # an unanswered resync request is repeated at doubling intervals up to this many
 SPILL = "epoch.spill"
 
 
@@ -242,7 +243,8 @@ class ReplicaSink(CurveProperties, Stage):
                          minimum=4096)
     max_pages = Property("int", DEFAULT_MAX_PAGES, "Largest layout accepted, in pages", minimum=1)
     verify_on_start = Property("bool", True, "Check every page of an existing replica before resuming from it")
-    resync_interval = Property("duration", "2s", "Repeat an unanswered resync request after this long")
+    resync_interval = Property("duration", "2s", "Repeat an unanswered resync request after this long (while "
+                               "nothing arrives: at doubling intervals, up to 32 times this)", minimum=0.001)
     force = Property("bool", False, "Write the replica into a non-empty directory that is not a replica "
                      "(by default refused: a replica is marked by its manifest and lock file)")
     on_failover = Property("str", "", "Shell command run once the sender is lost (zmq-src failover=true), with "
@@ -269,6 +271,8 @@ class ReplicaSink(CurveProperties, Stage):
         self._last_seen = -float("inf")             # when the followed stream last closed an epoch here
         self._followed_ended = False
         self._resync_pending = False
+        self._last_input = time.monotonic()         # when a batch last reached the sink (repeat_resync_request)
+        self._repeat_after = self.resync_interval   # how long an unanswered request waits before it is repeated
         self.layout: Layout | None = self.store.layout
         self.in_sync = not self.store.is_empty
         self.pending: PendingEpoch | None = None
@@ -306,6 +310,7 @@ class ReplicaSink(CurveProperties, Stage):
 
     # ---- data ----------------------------------------------------------
     def process(self, batch: Batch) -> Iterable[Batch]:
+        self._last_input = time.monotonic()
         if self.failed_over and self._fenced(batch):
             return ()
         pending = self._pending_for(batch.epoch)
@@ -438,6 +443,7 @@ class ReplicaSink(CurveProperties, Stage):
 
     # ---- control ---------------------------------------------------------
     def control(self, batch: Batch) -> Iterable[Batch]:
+        self._last_input = time.monotonic()
         if batch.flags & Flag.SENDER_LOST:
             self._fail_over(batch)
             return ()
@@ -529,6 +535,7 @@ class ReplicaSink(CurveProperties, Stage):
             self.stream_id, self._followed_ended = identity, False
         self._last_seen = time.monotonic()
         self._resync_pending = False
+        self._repeat_after = self.resync_interval
         self.in_sync = True
         if self.failed_over:
             self.failed_over = False
@@ -552,11 +559,27 @@ class ReplicaSink(CurveProperties, Stage):
             self._ack_dropped(f"acknowledgement of epoch {epoch}")
 
     def tick(self) -> Iterable[Batch]:
-        """Between inputs: finish the last commit's flushes (``settle=idle``) before the next epoch needs them.
-        The timer runs only while a commit is unsettled."""
+        """Between inputs: finish the last commit's flushes (``settle=idle``) before the next epoch needs them,
+        and repeat an unanswered resync request. The timer runs only while one of them waits."""
         self.store.settle()
-        self.tick_interval = 0.0
+        if self._awaits_resync():
+            self._repeat_resync_request()
+        self.tick_interval = self.resync_interval if self._awaits_resync() else 0.0
         return ()
+
+    def _awaits_resync(self) -> bool:
+        return self._resync_pending and self.acks is not None and not self.failed_over
+
+    def _repeat_resync_request(self) -> None:
+        """Ask again for a resync when nothing at all has arrived since asking: the answer may have vanished
+        with a connection the sender had not yet seen close, and a restarted receiver's ``deframe resume=true``
+        passes nothing on before a resync segment. Epochs that do arrive and are discarded ask by themselves
+        (``_discard``). The wait doubles with each repeat (a sender that is not running yet is not flooded)."""
+        waited = time.monotonic() - max(self._last_input, self._last_resync_request)
+        if waited < self._repeat_after:
+            return
+        self._repeat_after = min(2 * self._repeat_after, REPEAT_LIMIT_INTERVALS * self.resync_interval)
+        self._ask_resync(f"no resync arrived: nothing reached the receiver for {waited:.2f} s after asking")
 
     # ---- failover --------------------------------------------------------
     def _fail_over(self, marker: Batch) -> None:
@@ -632,6 +655,8 @@ class ReplicaSink(CurveProperties, Stage):
             return
         self._last_resync_request = now
         self._resync_pending = True
+        if self.acks is not None and not self.tick_interval:
+            self.tick_interval = self.resync_interval   # tick: repeat the request if nothing arrives
         self.counters["resyncs_requested"] += 1
         self.context.event("resync", f"replica-sink: asked the sender for a resync ({reason})")
         if not self.acks.request_resync(reason, epoch=self.store.epoch):

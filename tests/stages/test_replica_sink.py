@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -350,6 +351,51 @@ def test_a_starting_sink_asks_for_a_resync_naming_its_committed_epoch(tmp_path):
         assert restarted.counters["resyncs_requested"] == 1
         restarted.stop()
     finally:
+        listener.close()
+
+
+def run_timer(sink: ReplicaSink, seconds: float, between=lambda: None) -> None:
+    """Call the sink's timer as an executor does (every ``tick_interval`` while it is set), for ``seconds``;
+    ``between`` runs every 5 ms (inputs arriving)."""
+    next_tick, deadline = 0.0, time.monotonic() + seconds
+    while (now := time.monotonic()) < deadline:
+        if sink.tick_interval > 0 and now >= next_tick:
+            next_tick = now + sink.tick_interval
+            assert list(sink.tick()) == []
+        between()
+        time.sleep(0.005)
+
+
+def test_an_unanswered_resync_request_is_repeated_at_doubling_intervals_while_nothing_arrives(tmp_path):
+    """The answer to a resync request can vanish with a connection the sender had not yet seen close, and a
+    restarted receiver's deframe resume=true passes nothing on before a resync segment: the sink asks again."""
+    reasons: list[str] = []
+    listener = AckListener(f"ipc://{tmp_path}/acks", on_resync=reasons.append)
+    sender = Sender()
+    sink = started_sink(tmp_path / "replica", ack_endpoint=listener.endpoint, resync_interval="40ms")
+    try:
+        run_timer(sink, 0.75)
+        requests = sink.counters["resyncs_requested"]
+        assert 3 <= requests <= 5
+        deadline = time.monotonic() + 10
+        while len(reasons) < requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reasons[0].startswith("receiver started")
+        waits = [float(re.search(r"nothing reached the receiver for ([0-9.]+) s after asking", reason)[1])
+                 for reason in reasons[1:]]
+        assert all(wait >= 0.04 * 2 ** repeat - 0.005 for repeat, wait in enumerate(waits)), waits   # 40, 80, 160 ms
+
+        feed(sink, [sender.layout()] + sender.full_epoch(resync=True))     # the resync arrives: no more requests
+        run_timer(sink, 0.2)
+        assert sink.counters["resyncs_requested"] == requests and sink.tick_interval == 0
+
+        feed(sink, sender.epoch_batches(sender.dirty(2))[:1])              # half an epoch, then a gap: discarded,
+        feed(sink, sender.epoch_batches(sender.dirty(2)))                  # and a resync asked for
+        assert sink.counters["resyncs_requested"] == requests + 1
+        run_timer(sink, 0.3, between=lambda: feed(sink, [sender.layout()]))   # inputs keep arriving: no repeat
+        assert sink.counters["resyncs_requested"] == requests + 1
+    finally:
+        sink.stop()
         listener.close()
 
 
