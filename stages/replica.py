@@ -271,7 +271,7 @@ class ReplicaSink(CurveProperties, Stage):
         self._last_seen = -float("inf")             # when the followed stream last closed an epoch here
         self._followed_ended = False
         self._resync_pending = False
-        self._last_input = time.monotonic()         # when a batch last reached the sink (repeat_resync_request)
+        self._last_input = time.monotonic()         # when a batch last reached the sink (_repeat_resync_request)
         self._repeat_after = self.resync_interval   # how long an unanswered request waits before it is repeated
         self.layout: Layout | None = self.store.layout
         self.in_sync = not self.store.is_empty
