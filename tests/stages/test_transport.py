@@ -31,6 +31,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "stream-v1.pagepipe"
 FIXTURE_V2 = Path(__file__).parent / "fixtures" / "stream-v2.pagepipe"
 """The current wire format: deframe ! frame reproduces it byte for byte (its stream identity travels along)."""
 CORPUS = find_corpus()
+NO_HEARTBEAT = "heartbeat=0"
+"""For streams compared byte for byte: a heartbeat record is written whenever frame was idle for a while."""
 
 
 def started(stage):
@@ -554,7 +556,8 @@ def test_the_recorded_memcached_corpus_converts_and_replays_with_matching_digest
 @pytest.mark.parametrize("mode", ["inline", "process"])
 def test_file_src_deframe_frame_file_sink_copies_a_stream_byte_for_byte(tmp_path, mode):
     out = tmp_path / "copy"
-    Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=4096 ! deframe ! frame ! file-sink path={out}") \
+    Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=4096 ! deframe ! frame {NO_HEARTBEAT} "
+                   f"! file-sink path={out}") \
         .run(mode=mode, timeout=60)
     assert out.read_bytes() == FIXTURE_V2.read_bytes()
 
@@ -575,7 +578,7 @@ def test_a_stream_crosses_two_pipelines_over_zmq_with_keys(tmp_path, curve_keys)
     endpoint, out = free_tcp_endpoint(), tmp_path / "received"
     keys = curve_keys
     receiver = Pipeline.parse(f"zmq-src endpoint={endpoint} timeout=20s secret-key={keys.server_secret} "
-                              f"authorized-keys={keys.allowed} ! deframe ! frame ! file-sink path={out}")
+                              f"authorized-keys={keys.allowed} ! deframe ! frame {NO_HEARTBEAT} ! file-sink path={out}")
     sender = Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=8192 ! zmq-sink endpoint={endpoint} "
                             f"secret-key={keys.client_secret} server-key={keys.server_public}")
     with receiver.start(mode="process") as handle:
@@ -613,7 +616,8 @@ def test_trace_src_fuses_with_the_page_consumers_after_it_but_not_with_a_plain_h
 def test_trace_src_fused_with_the_sender_chain_writes_the_same_stream_as_unfused(tmp_path, mode):
     write_npz(tmp_path / "rec.npz", epochs=4)
     write_trace_from_npz(tmp_path / "rec.npz", tmp_path / "raw.trace")
-    chain = f"trace-src path={tmp_path / 'raw.trace'} batch-pages=7 ! classify ! xor-delta ! rle ! zstd ! frame"
+    chain = (f"trace-src path={tmp_path / 'raw.trace'} batch-pages=7 ! classify ! xor-delta ! rle ! zstd "
+             f"! frame {NO_HEARTBEAT}")
     fused = Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'fused'}")
     result = fused.run(mode=mode, timeout=60)
     apart = Pipeline.parse(f"{chain} ! file-sink path={tmp_path / 'apart'}").run(mode=mode, timeout=60, fuse=False)
@@ -715,7 +719,7 @@ def test_a_stream_spread_over_three_channels_with_keys_arrives_byte_for_byte(tmp
     out, keys = tmp_path / "received", curve_keys
     endpoints = ",".join(free_tcp_endpoint() for _ in range(3))
     receiver = Pipeline.parse(f"zmq-src endpoint={endpoints} channels=3 timeout=20s secret-key={keys.server_secret} "
-                              f"authorized-keys={keys.allowed} ! deframe ! frame ! file-sink path={out}")
+                              f"authorized-keys={keys.allowed} ! deframe ! frame {NO_HEARTBEAT} ! file-sink path={out}")
     sender = Pipeline.parse(f"file-src path={FIXTURE_V2} chunk-size=8192 ! zmq-sink endpoint={endpoints} channels=3 "
                             f"secret-key={keys.client_secret} server-key={keys.server_public}")
     with receiver.start(mode="process") as handle:
