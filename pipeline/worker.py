@@ -435,9 +435,7 @@ class Worker:
                 timeout = min(timeout, max(1, int(timer * 1000)))
             ready = dict(poller.poll(timeout))
             if not ready:
-                for index in range(len(self._inputs)):
-                    self._ack(index)
-                self._return_slots()
+                self._ack_all()
                 self._check_alive()
             if self._credit in ready:
                 self._collect_credit()
@@ -446,12 +444,10 @@ class Worker:
                     self._drain(index, socket)
             core.tick()
             self._flush()
-            self._return_slots(force=False)
+            self._return_slots()
             self._tick()
         self._flush()
-        for index in range(len(self._inputs)):
-            self._ack(index)
-        self._return_slots()
+        self._ack_all()
 
     def _drain(self, index: int, socket: zmq.Socket) -> None:
         core = self.core
@@ -476,7 +472,7 @@ class Worker:
                 self._ack(index)
             if not self._bundle_rounds:
                 self._flush()  # what this message made, one message per downstream worker
-            self._return_slots(force=False)
+            self._return_slots()
             if core.finished or core.fan_in.blocked(index):
                 break
         self._flush()  # what these messages made, one message per downstream worker
@@ -508,17 +504,23 @@ class Worker:
                 core.feed(index, batch)
 
     def _releaser(self, index: int, kind: int) -> Callable[[int], None]:
-        """Ring finalizer: only queues the release (it may run inside any call); ``_return_slots`` sends it."""
+        """Ring finalizer: only queues the release (it may run inside any call); ``_return_slots`` or
+        ``_ack_all`` sends it."""
         _, _, link = self._inputs[index]
         queue = self._released[index]
         worker = self.spec.worker_index
         return lambda offset: queue.append(RELEASE.pack(link, worker, offset, kind))
 
-    def _return_slots(self, force: bool = True) -> None:
-        """Send the queued ring releases of each input (with its credit), all or those with a batch's worth."""
+    def _return_slots(self) -> None:
+        """Send the queued ring releases (with the credit) of each input that has a batch's worth queued."""
         for index, queue in enumerate(self._released):
-            if queue and (force or len(queue) >= RELEASE_BATCH):
+            if len(queue) >= RELEASE_BATCH:
                 self._ack(index)
+
+    def _ack_all(self) -> None:
+        """Return every input's credit and queued ring releases (inputs fell quiet, or the stream ended)."""
+        for index in range(len(self._inputs)):
+            self._ack(index)
 
     def _ack(self, index: int) -> None:
         """Return the credit of input ``index`` and its queued ring releases, as one message."""
@@ -547,7 +549,7 @@ class Worker:
             for worker, part in ((0, batch),) if router.workers == 1 else router.route(batch):
                 origin = self._origin
                 if origin is not None and rings is not None and part is origin.batch and origin.unchanged():
-                    self._pass_on(index, worker, sockets[worker], origin)
+                    self._pass_on(index, worker, origin)
                     continue
                 frames = part.to_frames()
                 if len(frames) == 1:
@@ -569,7 +571,7 @@ class Worker:
                                      or self._pending_bytes >= BUNDLE_BYTES):
             self._flush()
 
-    def _pass_on(self, link: int, worker: int, socket: zmq.Socket, origin: "_Origin") -> None:
+    def _pass_on(self, link: int, worker: int, origin: "_Origin") -> None:
         """Send on an unchanged batch that came as a forward reference: the same reference under a token of
         this worker's, its arrays held until the downstream worker releases it (no new wire form to make)."""
         self._forward_tokens += 1
@@ -685,7 +687,9 @@ class Worker:
         if kind == FORWARDED:
             if self._forwarded.pop(offset, None) is None:
                 raise CorruptData(f"ring release of unknown forwarded batch {offset}")
-            return  # the held arrays may have been the last views of an upstream slot: _return_slots sends it
+            # the held arrays may have been the last views of an upstream slot: its release is queued and sent
+            # with the credit
+            return
         rings = self._send_rings[link] if link < len(self._send_rings) else None
         if kind != SLOT or rings is None or worker >= len(rings):
             raise CorruptData(f"ring release of kind {kind} for unknown link {link} worker {worker}")

@@ -493,12 +493,6 @@ class ZmqSource(_ZmqStage):
 
 # ---- framing and transport in one process -------------------------------------------
 
-def record_lane_bytes(context: StageContext, epoch: int, lane_bytes: int) -> None:
-    """Record the wire bytes one lane carried for ``epoch`` (the lanes' records add up to the epoch's
-    ``wire_bytes``; a lane is a fused node, so no wire link between elements is there to count them)."""
-    context.record_epoch(epoch, wire_bytes=lane_bytes)
-
-
 class FrameZmqSink(Stage):
     """``frame ! zmq-sink`` as one stage (``Frame.fuse``): the stream's bytes never cross a process boundary.
 
@@ -556,7 +550,9 @@ class FrameZmqSink(Stage):
             for _ in self._sink.handle(batch):
                 pass
             if batch.is_control and batch.flags & Flag.EPOCH_END:
-                record_lane_bytes(self.context, batch.epoch, self._lane_bytes)
+                # a lane's wire bytes: a fused node has no wire link to count them; the lanes' records add up
+                # to the epoch's wire_bytes
+                self.context.record_epoch(batch.epoch, wire_bytes=self._lane_bytes)
                 self._lane_bytes = 0
         return iter(())
 
@@ -615,7 +611,7 @@ class ZmqSourceDeframe(Stage):
             lane_bytes += batch.nbytes
             for checked in deframe.handle(batch):
                 if checked.is_control and checked.flags & Flag.EPOCH_END:
-                    record_lane_bytes(self.context, checked.epoch, lane_bytes)
+                    self.context.record_epoch(checked.epoch, wire_bytes=lane_bytes)   # as FrameZmqSink
                     lane_bytes = 0
                 yield checked
 
