@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ from pipeline.batch import PAGES, STREAM, Batch, Flag, PageKind
 from pipeline.errors import ConfigError, CorruptData, StageFailed, TransportError
 from pipeline.pipeline import Pipeline
 from pipeline.stage import StageContext
+from pipeline.worker import await_disconnect
 from stages.framer import Frame, deframe_stream
 from stages.common.pages import combine_digests, digest_pages
 from stages.transport import (FileSink, FileSource, TraceSource, TraceSourceInto, ZmqSink, ZmqSource,
@@ -51,10 +51,15 @@ def stream_batches(data: bytes, chunk: int = 5000) -> list[Batch]:
     return batches + [Batch.control(Flag.END_OF_STREAM, 0, format=STREAM)]
 
 
+def small_layout() -> Batch:
+    """The layout of the small synthetic tracker streams here: one region of 64 pages, from epoch 1."""
+    return Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])
+
+
 def framed_epochs(epochs: int, pages: int = 4) -> list[Batch]:
     """frame's output for a small synthetic tracker stream."""
     frame = started(Frame())
-    batches = [Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])]
+    batches = [small_layout()]
     for epoch in range(1, epochs + 1):
         numbers = np.arange(pages, dtype=np.uint64) + epoch
         data = np.full((pages, PAGE), epoch, dtype=np.uint8)
@@ -195,15 +200,20 @@ def receive_until(source: ZmqSource, deframe, epoch: int) -> list[Batch]:
     return got
 
 
+def await_receivers_gone(sink: ZmqSink) -> None:
+    """Wait until ``sink`` has seen the connection of each channel's receiver close (each must have connected:
+    it carried a message): what it sends from then on waits for a new receiver, while what it sent before would
+    have vanished with the old connections (the receivers that matter ask again for a resync; replica-sink
+    does)."""
+    deadline = time.monotonic() + 10
+    assert all(await_disconnect(monitor, deadline) for monitor in sink._monitors)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_path, channels):
-    """Messages sent before the sender notices the old receiver is gone vanish with its connection (a resync
-    among them too), so the sender here repeats resyncs, as a tracker does while the receiver's resync requests
-    go unanswered; the new receiver skips everything up to the first resync segment that reaches it."""
     from stages.framer import Deframe
     endpoint = f"ipc://{tmp_path}/restart.ipc"
     frame, sink = started(Frame()), started(ZmqSink(endpoint=endpoint, timeout="10s", channels=channels))
-    layout = Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])
 
     def send_epoch(epoch: int, flags: Flag = Flag.NONE) -> None:
         numbers = np.arange(4, dtype=np.uint64) + epoch
@@ -213,49 +223,25 @@ def test_a_restarted_receiver_resumes_at_the_senders_next_resync_segment(tmp_pat
 
     first, first_deframe = started(ZmqSource(endpoint=endpoint, timeout="10s", channels=channels)), started(Deframe())
     try:
-        feed(sink, feed(frame, [layout]))
-        send_epoch(1)
-        assert [b.epoch for b in receive_until(first, first_deframe, 1) if b.flags & Flag.EPOCH_END] == [1]
+        feed(sink, feed(frame, [small_layout()]))
+        for epoch in (1, 2, 3):     # a message on every channel: each connected (await_receivers_gone)
+            send_epoch(epoch)
+        assert [b.epoch for b in receive_until(first, first_deframe, 3) if b.flags & Flag.EPOCH_END] == [1, 2, 3]
     finally:
         first.stop()
     second = started(ZmqSource(endpoint=endpoint, timeout="10s", channels=channels))
     second_deframe = started(Deframe(resume=True))
-    received = threading.Event()
-    sender_errors: list[BaseException] = []
-
-    def keep_sending() -> None:
-        """Epoch 2 (no header, no layout: skipped), then a resync segment and a plain epoch every 50 ms: a
-        receiver joining spread channels starts once every channel has a message."""
-        try:
-            send_epoch(2)
-            epoch = 3
-            while not received.is_set() and epoch < 400:
-                send_epoch(epoch, Flag.RESYNC)
-                send_epoch(epoch + 1)
-                epoch += 2
-                received.wait(0.05)
-        except BaseException as exc:    # noqa: BLE001 - reported by the test's thread
-            sender_errors.append(exc)
-
-    sender = threading.Thread(target=keep_sending)
-    sender.start()
     try:
-        got = []
-        for message in second.produce():
-            got.extend(second_deframe.handle(message))
-            if any(b.flags & Flag.EPOCH_END for b in got):
-                break
+        await_receivers_gone(sink)
+        send_epoch(4)       # skipped by the new receiver: no header, no layout
+        send_epoch(5, Flag.RESYNC)                      # a new segment: header, layout, whole pages
+        send_epoch(6)     # more to come: a receiver joining spread channels starts once every channel has a message
+        got = receive_until(second, second_deframe, 5)
     finally:
-        received.set()
-        sender.join(15)
         second.stop()
         sink.stop()
-    assert not sender_errors
-    resync_epoch = got[-1].epoch
-    assert resync_epoch >= 3 and resync_epoch % 2 == 1
-    assert [(b.epoch, b.flags) for b in got] == [(1, Flag.LAYOUT), (resync_epoch, Flag.RESYNC),
-                                                 (resync_epoch, Flag.EPOCH_END | Flag.RESYNC)]
-    assert (got[1].data == resync_epoch).all() and got[0].meta["regions"][0]["npages"] == 64
+    assert [(b.epoch, b.flags) for b in got] == [(1, Flag.LAYOUT), (5, Flag.RESYNC), (5, Flag.EPOCH_END | Flag.RESYNC)]
+    assert (got[1].data == 5).all() and got[0].meta["regions"][0]["npages"] == 64
 
 
 def send_big_messages(endpoint: str, data: bytes) -> None:
@@ -802,13 +788,18 @@ def merged_until(receivers: list, epoch: int) -> list[Batch]:
     return got
 
 
+def open_lanes(lanes: int) -> tuple[str, list, list]:
+    """Endpoints, receivers and senders of ``lanes`` lanes over tcp, the layout sent on every lane."""
+    endpoint = ",".join(free_tcp_endpoint() for _ in range(lanes))
+    receivers, senders = lane_receivers(endpoint, lanes), lane_senders(endpoint, lanes, insecure=True)
+    for sender in senders:
+        feed(sender, [small_layout()])
+    return endpoint, receivers, senders
+
+
 def test_lanes_commit_an_epoch_only_once_every_lane_delivered_its_part(tmp_path):
-    endpoint = ",".join(free_tcp_endpoint() for _ in range(3))
-    layout = Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])
-    receivers, senders = lane_receivers(endpoint, 3), lane_senders(endpoint, 3, insecure=True)
+    _, receivers, senders = open_lanes(3)
     try:
-        for sender in senders:
-            feed(sender, [layout])
         lane_epoch(senders, 1)
         lane_epoch(senders, 2, pages=2)     # lanes 1 and 2 have nothing of epoch 2: they commit it empty
         got = merged_until(receivers, 2)
@@ -826,19 +817,17 @@ def test_lanes_commit_an_epoch_only_once_every_lane_delivered_its_part(tmp_path)
 
 
 def test_a_restarted_lane_receiver_resumes_at_the_senders_next_resync_segment(tmp_path):
-    endpoint = ",".join(free_tcp_endpoint() for _ in range(2))
-    layout = Batch.control(Flag.LAYOUT, 1, regions=[{"name": "r", "start": 0, "first_page": 0, "npages": 64}])
-    first, senders = lane_receivers(endpoint, 2), lane_senders(endpoint, 2, insecure=True)
+    endpoint, first, senders = open_lanes(2)
     try:
-        for sender in senders:
-            feed(sender, [layout])
         lane_epoch(senders, 1)
         assert [b.epoch for b in merged_until(first, 1) if b.flags & Flag.EPOCH_END] == [1]
         for receiver in first:
             receiver.stop()
         second = lane_receivers(endpoint, 2, resume=True)
         try:
-            lane_epoch(senders, 2)                   # lost with the old connections, or skipped by the new receivers
+            for sender in senders:
+                await_receivers_gone(sender._sink)
+            lane_epoch(senders, 2)                   # skipped by the new receivers: no header, no layout
             lane_epoch(senders, 3, Flag.RESYNC)      # a new segment on every lane: header, layout, pages
             got = merged_until(second, 3)
         finally:
